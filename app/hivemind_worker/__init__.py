@@ -1,0 +1,8 @@
+"""HiveMind Worker: donate spare compute to the HiveMind distributed computing platform."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("hivemind-worker")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
