@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""The project's task runner: bootstrap the venv, generate stubs, run the demo, run the tests."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PROTO_ROOT = ROOT / "proto"
+PROTO_FILE = Path("hivemind/nodepool/v1/nodepool.proto")
+PROTOCOL_DIR = ROOT / "app" / "hivemind_worker" / "protocol"
+STAMP = VENV / ".hivemind-installed"
+
+
+def venv_python() -> Path:
+    if os.name == "nt":
+        return VENV / "Scripts" / "python.exe"
+    return VENV / "bin" / "python"
+
+
+def tool(name: str) -> Path:
+    """An executable installed in the venv."""
+    if os.name == "nt":
+        return VENV / "Scripts" / f"{name}.exe"
+    return VENV / "bin" / name
+
+
+def run(cmd: list[str | Path], **kwargs: object) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT, **kwargs)  # type: ignore[call-overload]
+
+
+def bootstrap() -> None:
+    """Create .venv if missing and install the project with its dev extras when pyproject changes."""
+    if not venv_python().exists():
+        print(f"Creating virtual environment in {VENV}", flush=True)
+        run([sys.executable, "-m", "venv", VENV])
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text().strip() == wanted:
+        return
+    run([venv_python(), "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
+    run([venv_python(), "-m", "pip", "install", "--quiet", "-e", ".[dev]"])
+    STAMP.write_text(wanted)
+
+
+def generate_stubs(out_dir: Path) -> None:
+    """Run protoc (grpcio-tools) and make the generated imports package-relative."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [
+                str(venv_python()),
+                "-m",
+                "grpc_tools.protoc",
+                f"-I{PROTO_ROOT}",
+                f"--python_out={tmp}",
+                f"--grpc_python_out={tmp}",
+                # mypy-protobuf: typed .pyi for messages and for the gRPC stubs.
+                f"--plugin=protoc-gen-mypy={tool('protoc-gen-mypy')}",
+                f"--plugin=protoc-gen-mypy_grpc={tool('protoc-gen-mypy_grpc')}",
+                f"--mypy_out={tmp}",
+                f"--mypy_grpc_out={tmp}",
+                str(PROTO_ROOT / PROTO_FILE),
+            ],
+            check=True,
+        )
+        generated = Path(tmp) / PROTO_FILE.parent
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for src in sorted(generated.iterdir()):
+            text = src.read_text()
+            # protoc writes absolute imports from the proto path; the stubs live in our package.
+            text = re.sub(
+                r"^from hivemind\.nodepool\.v1 import (\w+)",
+                r"from . import \1",
+                text,
+                flags=re.MULTILINE,
+            )
+            text = re.sub(
+                r"^import hivemind\.nodepool\.v1\.(\w+)$",
+                r"from . import \1",
+                text,
+                flags=re.MULTILINE,
+            )
+            (out_dir / src.name).write_text(text)
+    init = out_dir / "__init__.py"
+    init.write_text('"""Generated gRPC and protobuf stubs for the Node Pool protocol (build.py proto)."""\n')
+
+
+def cmd_proto(_: argparse.Namespace) -> None:
+    bootstrap()
+    generate_stubs(PROTOCOL_DIR)
+    print(f"Stubs written to {PROTOCOL_DIR.relative_to(ROOT)}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    bootstrap()
+    generate_stubs(PROTOCOL_DIR)
+    run([venv_python(), "-m", "hivemind_worker", "demo", *args.rest])
+
+
+def cmd_test(args: argparse.Namespace) -> None:
+    bootstrap()
+    py = venv_python()
+    run([py, "-m", "ruff", "check", "app", "tests", "bench", "build.py"])
+    run([py, "-m", "ruff", "format", "--check", "app", "tests", "bench", "build.py"])
+    run([py, "-m", "mypy"])
+    run([py, "-m", "pytest", *args.rest])
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    bootstrap()
+    run([venv_python(), "bench/dispatch.py", *args.rest])
+
+
+def cmd_clean(_: argparse.Namespace) -> None:
+    for path in (ROOT / "build", ROOT / "dist", VENV):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, help_text in (
+        ("proto", cmd_proto, "regenerate the gRPC stubs from proto/"),
+        ("run", cmd_run, "set up and run the demo: a local pool and the worker"),
+        ("test", cmd_test, "set up and run lint, type checks and the whole test suite"),
+        ("bench", cmd_bench, "run the benchmarks and write docs/benchmarks.md"),
+        ("clean", cmd_clean, "remove .venv, build/ and dist/"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("rest", nargs=argparse.REMAINDER, help="passed on to the tool")
+        p.set_defaults(func=func)
+    args = parser.parse_args()
+    try:
+        args.func(args)
+    except subprocess.CalledProcessError as exc:
+        sys.exit(exc.returncode or 1)
+
+
+if __name__ == "__main__":
+    main()
