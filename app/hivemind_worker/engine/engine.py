@@ -1,0 +1,720 @@
+"""WorkerEngine: the Qt-free facade that connects to a pool, takes tasks, runs them and reports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from hivemind_worker import __version__
+from hivemind_worker.config import Settings
+from hivemind_worker.credentials import CredentialError, CredentialStore
+from hivemind_worker.engine.events import (
+    EngineState,
+    ErrorRaised,
+    Event,
+    EventHub,
+    MetricsSample,
+    ResultDelivered,
+    StateChanged,
+    Subscriber,
+    TaskFinished,
+    TaskOutput,
+    TaskStarted,
+)
+from hivemind_worker.engine.executors.base import Executor, ExecutorError
+from hivemind_worker.engine.monitor import HostMonitor
+from hivemind_worker.engine.pool_client import (
+    AuthError,
+    NodePoolClient,
+    NodeUnknownError,
+    PoolError,
+    PoolUnavailable,
+    StaleLeaseError,
+    file_sha256,
+)
+from hivemind_worker.engine.tasks import Resources, TaskResult, TaskSpec, TaskSpecError, TaskStatus
+from hivemind_worker.logs import task_context
+from hivemind_worker.protocol import nodepool_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+BACKOFF_INITIAL = 1.0
+BACKOFF_MAX = 60.0
+AUTH_RETRY_SECONDS = 60.0
+METRICS_INTERVAL = 1.0
+LOG_TAIL_REPORT_BYTES = 16 * 1024
+
+
+def backoff_delay(attempt: int, *, initial: float = BACKOFF_INITIAL, cap: float = BACKOFF_MAX) -> float:
+    """Exponential backoff with full jitter: uniform in [initial/2, min(cap, initial * 2**attempt)]."""
+    ceiling = min(cap, initial * (2 ** min(attempt, 16)))
+    return random.uniform(min(initial / 2, ceiling), ceiling)
+
+
+@dataclass
+class _Running:
+    spec: TaskSpec
+    started: float
+    task: asyncio.Task[None] | None = None
+    finished: bool = False  # execution over; the result may still be on its way to the pool
+
+
+class WorkerEngine:
+    """Start / pause / resume / drain / stop from any thread; `run()` is the engine's coroutine.
+
+    Commands are thread-safe: they hop onto the engine loop with call_soon_threadsafe, so the
+    GUI thread never waits on the engine.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        node_id: str,
+        credentials: CredentialStore,
+        executor: Executor,
+        outbox_dir: Path,
+    ) -> None:
+        self.settings = settings
+        self.node_id = node_id
+        self.credentials = credentials
+        self.executor = executor
+        self.outbox_dir = outbox_dir
+        self.monitor = HostMonitor(settings.work_dir)
+        self._hub = EventHub()
+        self._state = EngineState.STOPPED
+        self._state_message = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._want_running = False
+        self._paused = False
+        self._draining = False
+        self._shutdown = False
+        self._shutdown_after_drain = False
+        self._client: NodePoolClient | None = None
+        self._connected: asyncio.Event | None = None
+        self._changed: asyncio.Event | None = None  # capacity, commands or settings changed
+        self._running: dict[str, _Running] = {}
+        self._heartbeat_interval = float(settings.heartbeat_interval)
+        self._max_wait = 30
+        self.tasks_done = 0
+        self.tasks_failed = 0
+
+    # ------------------------------------------------------------------ public, any thread
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        return self._hub.subscribe(callback)
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def state_message(self) -> str:
+        return self._state_message
+
+    def start(self) -> None:
+        """Start contributing: connect, register and take tasks."""
+        self._call(self._do_start)
+
+    def pause(self) -> None:
+        """Freeze running tasks and take no new ones; nothing is lost."""
+        self._call(self._do_pause)
+
+    def resume(self) -> None:
+        self._call(self._do_resume)
+
+    def drain(self) -> None:
+        """Finish running tasks, take no new ones, then stop contributing."""
+        self._call(self._do_drain)
+
+    def stop(self) -> None:
+        """Stop contributing now: running tasks are killed and go back to the pool."""
+        self._call(self._do_stop)
+
+    def shutdown(self) -> None:
+        """End `run()`; running tasks are stopped."""
+        self._call(self._do_shutdown)
+
+    def drain_and_shutdown(self, timeout: float) -> None:
+        """Finish running tasks (at most `timeout` seconds), deliver their results, then end."""
+
+        def begin() -> None:
+            self._shutdown_after_drain = True
+            self._do_drain()
+            if not self._running or not self._want_running:
+                self._do_shutdown()
+            elif self._loop is not None:
+                self._loop.call_later(timeout, self._do_shutdown)
+
+        self._call(begin)
+
+    def apply_settings(self, settings: Settings) -> None:
+        """New caps and limits apply to new tasks at once; a new pool address reconnects."""
+        self._call(lambda: self._do_apply(settings))
+
+    async def run(self, *, autostart: bool = True) -> None:
+        """The engine's main coroutine; returns after shutdown()."""
+        self._loop = asyncio.get_running_loop()
+        self._connected = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._want_running = autostart or self._want_running
+        metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
+        attempt = 0
+        try:
+            while not self._shutdown:
+                if not self._want_running:
+                    self._set_state(EngineState.STOPPED)
+                    await self._wait_changed()
+                    continue
+                try:
+                    await self._session()
+                    attempt = 0
+                except _SessionOver:
+                    attempt = 0
+                except AuthError as exc:
+                    # No crash loop: a clear state, and a slow retry that picks up a new login.
+                    self._set_state(EngineState.ERROR, exc.message, time.time() + AUTH_RETRY_SECONDS)
+                    self._hub.publish(ErrorRaised(exc.title, exc.message))
+                    await self._wait_changed(AUTH_RETRY_SECONDS)
+                except (PoolUnavailable, NodeUnknownError, PoolError) as exc:
+                    delay = backoff_delay(attempt)
+                    attempt += 1
+                    self._set_state(
+                        EngineState.CONNECTING,
+                        f"{exc.message}; retrying in {delay:.0f} s",
+                        time.time() + delay,
+                    )
+                    log.warning("%s; retrying in %.1f s", exc, delay)
+                    await self._wait_changed(delay)
+        finally:
+            metrics.cancel()
+            await self._stop_all_tasks()
+            await self._close_client()
+            await self.executor.close()
+            self._set_state(EngineState.STOPPED)
+
+    # ------------------------------------------------------------------ commands, engine loop
+
+    def _call(self, fn: Callable[[], object]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            fn()  # not running yet: just record the wish
+            return
+        try:
+            running_loop = asyncio.get_running_loop()
+        except RuntimeError:
+            running_loop = None
+        if running_loop is loop:
+            fn()
+        else:
+            loop.call_soon_threadsafe(fn)
+
+    def _poke(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    def _do_start(self) -> None:
+        self._want_running = True
+        self._draining = False
+        self._poke()
+
+    def _do_pause(self) -> None:
+        if self._paused:
+            return
+        self._paused = True
+        self._spawn(self.executor.pause(), "pause")
+        self._refresh_state()
+        self._poke()
+
+    def _do_resume(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        self._spawn(self.executor.resume(), "resume")
+        self._refresh_state()
+        self._poke()
+
+    def _do_drain(self) -> None:
+        self._draining = True
+        self._refresh_state()
+        self._poke()
+
+    def _do_stop(self) -> None:
+        self._want_running = False
+        self._draining = False
+        for run in list(self._running.values()):
+            if not run.finished:
+                self._spawn(self.executor.cancel(run.spec.task_id), "cancel")
+        self._poke()
+
+    def _do_shutdown(self) -> None:
+        self._shutdown = True
+        self._want_running = False
+        self._poke()
+
+    def _do_apply(self, settings: Settings) -> None:
+        reconnect = (
+            settings.node_pool_address != self.settings.node_pool_address
+            or settings.account != self.settings.account
+            or settings.insecure != self.settings.insecure
+        )
+        self.settings = settings
+        if reconnect and self._client is not None:
+            self._spawn(self._close_client(), "reconnect")
+        self._poke()
+
+    def _spawn(self, coro: Awaitable[object], what: str) -> None:
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception:
+                log.exception("engine: %s failed", what)
+
+        asyncio.ensure_future(guarded())
+
+    # ------------------------------------------------------------------ state
+
+    def _set_state(self, state: EngineState, message: str = "", retry_at: float | None = None) -> None:
+        if state == self._state and message == self._state_message:
+            return
+        self._state = state
+        self._state_message = message
+        log.info("state: %s%s", state.value, f" ({message})" if message else "")
+        self._hub.publish(StateChanged(state, message, retry_at))
+
+    def _refresh_state(self) -> None:
+        if self._client is None or self._connected is None or not self._connected.is_set():
+            return
+        active = sum(1 for r in self._running.values() if not r.finished)
+        if self._paused:
+            self._set_state(EngineState.PAUSED)
+        elif self._draining:
+            self._set_state(EngineState.DRAINING, f"{active} task(s) to finish")
+        elif active:
+            self._set_state(EngineState.BUSY, f"{active} task(s) running")
+        else:
+            self._set_state(EngineState.IDLE)
+
+    async def _wait_changed(self, timeout: float | None = None) -> None:
+        assert self._changed is not None
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    # ------------------------------------------------------------------ session
+
+    def _caps(self) -> Resources:
+        return Resources(
+            cpus=self.settings.cpu_cap(),
+            memory_bytes=self.settings.memory_cap_bytes(),
+            disk_bytes=self.settings.disk_cap_bytes(),
+            gpus=0,
+        )
+
+    def _in_use(self) -> Resources:
+        total = Resources()
+        for run in self._running.values():
+            if not run.finished:
+                total = total + run.spec.resources
+        return total
+
+    async def _session(self) -> None:
+        """Connect, register and work until the connection fails or we stop contributing."""
+        self._set_state(EngineState.CONNECTING, f"connecting to {self.settings.node_pool_address}")
+        address = self.settings.node_pool_address
+        account = self.settings.account or await asyncio.to_thread(
+            self.credentials.last_account, address
+        )
+        try:
+            token = (
+                await asyncio.to_thread(self.credentials.get_token, address, account)
+                if account
+                else None
+            )
+        except CredentialError as exc:
+            raise AuthError("Keyring unavailable", str(exc)) from None
+        if not token:
+            raise AuthError(
+                "Not logged in",
+                f"no login for the pool at {address}. Run `hivemind-worker login` first.",
+            )
+        client = NodePoolClient(address, token=token, insecure=self.settings.insecure)
+        self._client = client
+        try:
+            await self._register(client)
+            assert self._connected is not None
+            self._connected.set()
+            self._refresh_state()
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._heartbeat_loop(client), name="heartbeat")
+                group.create_task(self._poll_loop(client), name="poll")
+                group.create_task(self._watch_stop(), name="watch-stop")
+        except* PoolError as group_exc:
+            raise group_exc.exceptions[0] from None
+        finally:
+            if self._connected is not None:
+                self._connected.clear()
+            if self._client is client:
+                self._client = None
+            await client.close()
+
+    async def _register(self, client: NodePoolClient) -> None:
+        info = await asyncio.to_thread(self.monitor.info)
+        caps = self._caps()
+        reply = await client.register(
+            pb.RegisterNodeRequest(
+                node_id=self.node_id,
+                hostname=info.hostname,
+                cpu_cores=info.cpu_cores,
+                memory_bytes=info.memory_bytes,
+                disk_bytes=info.disk_bytes,
+                capabilities=[self.executor.capability],
+                agent_version=__version__,
+                platform=info.platform,
+                caps=caps.to_proto(),
+                max_concurrent_tasks=self.settings.max_concurrent_tasks,
+            )
+        )
+        if not reply.accepted:
+            raise PoolError("Registration refused", reply.message or "the pool refused this node")
+        if reply.heartbeat_interval_seconds:
+            self._heartbeat_interval = float(reply.heartbeat_interval_seconds)
+        if reply.max_wait_seconds:
+            self._max_wait = int(reply.max_wait_seconds)
+        log.info(
+            "registered node %s with %s (heartbeat every %.0f s)",
+            self.node_id,
+            client.address,
+            self._heartbeat_interval,
+        )
+
+    async def _watch_stop(self) -> None:
+        """Ends the session when the person stops contributing, or when draining is done."""
+        while True:
+            if self._shutdown or not self._want_running:
+                break
+            if self._draining and not self._running:  # finished and delivered
+                log.info("drained: no task left running")
+                self._want_running = False
+                self._draining = False
+                if self._shutdown_after_drain:
+                    self._shutdown = True
+                break
+            if self._client is None:  # apply_settings asked for a reconnect
+                raise PoolUnavailable("Reconnecting", "settings changed")
+            await self._wait_changed(1.0)
+        raise _SessionOver()
+
+    async def _heartbeat_loop(self, client: NodePoolClient) -> None:
+        while True:
+            await self._send_heartbeat(client)
+            await asyncio.sleep(self._heartbeat_interval)
+
+    async def _send_heartbeat(self, client: NodePoolClient) -> None:
+        usage = self.executor.usage()
+        running = [
+            pb.RunningTask(
+                task_id=r.spec.task_id,
+                lease_id=r.spec.lease_id,
+                usage=pb.ResourceUsage(
+                    cpu_percent=usage[r.spec.task_id].cpu_percent,
+                    memory_bytes=usage[r.spec.task_id].memory_bytes,
+                    cpu_seconds=usage[r.spec.task_id].cpu_seconds,
+                )
+                if r.spec.task_id in usage
+                else None,
+            )
+            for r in self._running.values()
+        ]
+        status = (
+            pb.NODE_STATUS_PAUSED
+            if self._paused
+            else pb.NODE_STATUS_DRAINING
+            if self._draining
+            else pb.NODE_STATUS_BUSY
+            if running
+            else pb.NODE_STATUS_IDLE
+        )
+        host = await asyncio.to_thread(self.monitor.sample)
+        reply = await client.heartbeat(
+            pb.UpdateNodeStatusRequest(
+                node_id=self.node_id,
+                status=status,
+                timestamp_unix_ms=int(time.time() * 1000),
+                metrics=host.to_proto(),
+                running=running,
+            )
+        )
+        for task_id in reply.cancel_task_ids:
+            if task_id in self._running and not self._running[task_id].finished:
+                log.info("pool cancelled task %s", task_id)
+                await self.executor.cancel(task_id)
+        lost = set(reply.lost_lease_ids)
+        for run in list(self._running.values()):
+            if run.spec.lease_id in lost and not run.finished:
+                log.warning("pool no longer honours lease %s; stopping task", run.spec.lease_id)
+                await self.executor.cancel(run.spec.task_id)
+        if reply.drain and not self._draining:
+            log.info("pool asked this node to drain")
+            self._do_drain()
+
+    async def _poll_loop(self, client: NodePoolClient) -> None:
+        while True:
+            if self._paused or self._draining or not self._want_running:
+                await self._wait_changed(5.0)
+                continue
+            active = sum(1 for r in self._running.values() if not r.finished)
+            slots = self.settings.max_concurrent_tasks - active
+            free = (self._caps() - self._in_use()).clamp_at_zero()
+            if slots <= 0 or free.cpus <= 0 or free.memory_bytes <= 0:
+                await self._wait_changed(5.0)
+                continue
+            specs = await client.get_tasks(
+                pb.GetAssignedTasksRequest(
+                    node_id=self.node_id,
+                    free=free.to_proto(),
+                    max_tasks=slots,
+                    wait_seconds=self._max_wait,
+                    capabilities=[self.executor.capability],
+                )
+            )
+            for spec in specs:
+                self._accept(spec)
+
+    # ------------------------------------------------------------------ tasks
+
+    def _accept(self, wire: pb.TaskSpec) -> None:
+        try:
+            spec = TaskSpec.from_proto(wire, require_lease=True)
+        except TaskSpecError as exc:
+            log.warning("refusing task %s: %s", wire.task_id[:128], exc)
+            if wire.task_id and wire.lease_id:
+                self._spawn(self._reject(wire.task_id, wire.lease_id, str(exc)), "reject")
+            return
+        if spec.task_id in self._running:
+            log.warning("task %s handed out twice; ignoring the second lease", spec.task_id)
+            return
+        problem = self._check_fits(spec)
+        if problem:
+            log.warning("refusing task %s: %s", spec.task_id, problem)
+            self._spawn(self._reject(spec.task_id, spec.lease_id, problem), "reject")
+            return
+        run = _Running(spec=spec, started=time.time())
+        self._running[spec.task_id] = run
+        run.task = asyncio.create_task(self._run_task(run), name=f"task-{spec.task_id}")
+        self._refresh_state()
+
+    def _check_fits(self, spec: TaskSpec) -> str:
+        if spec.timeout_seconds > self.settings.task_timeout:
+            return (
+                f"timeout {spec.timeout_seconds} s is over this worker's limit of "
+                f"{self.settings.task_timeout} s"
+            )
+        if spec.network != "none" and spec.network != self.settings.docker_network:
+            return f"network '{spec.network}' is not allowed on this worker"
+        free = self._caps() - self._in_use()
+        if not spec.resources.fits_in(free):
+            r = spec.resources
+            return (
+                f"asks for {r.cpus:g} CPU, {r.memory_bytes >> 20} MiB memory, "
+                f"{r.disk_bytes >> 20} MiB disk; only {max(free.cpus, 0):g} CPU, "
+                f"{max(free.memory_bytes, 0) >> 20} MiB, {max(free.disk_bytes, 0) >> 20} MiB free"
+            )
+        return ""
+
+    async def _reject(self, task_id: str, lease_id: str, reason: str) -> None:
+        result = TaskResult(task_id, lease_id, TaskStatus.REJECTED, exit_code=-1, error=reason)
+        await self._deliver(result)
+
+    async def _run_task(self, run: _Running) -> None:
+        spec = run.spec
+        with task_context(spec.task_id):
+            log.info("starting %s (attempt %d)", spec.label, spec.attempt)
+            self._hub.publish(
+                TaskStarted(
+                    spec.task_id,
+                    spec.lease_id,
+                    spec.label,
+                    spec.kind.value,
+                    spec.image,
+                    spec.resources,
+                    spec.attempt,
+                )
+            )
+            result = await self._execute(spec)
+            run.finished = True
+            self._refresh_state()
+            self._poke()
+            if result.status is TaskStatus.SUCCEEDED:
+                self.tasks_done += 1
+            else:
+                self.tasks_failed += 1
+            duration = (result.finished_at or time.time()) - (result.started_at or run.started)
+            log.info(
+                "finished %s: %s%s", spec.label, result.status.value,
+                f" ({result.error})" if result.error else "",
+            )  # fmt: skip
+            self._hub.publish(
+                TaskFinished(
+                    spec.task_id,
+                    spec.lease_id,
+                    spec.label,
+                    result.status,
+                    result.exit_code,
+                    result.error,
+                    duration,
+                    result.archive_size,
+                )
+            )
+            try:
+                await self._deliver(result)
+            finally:
+                if result.archive is not None:
+                    result.archive.unlink(missing_ok=True)
+                with contextlib.suppress(Exception):
+                    await self.executor.cleanup(spec.task_id)
+                self._running.pop(spec.task_id, None)
+                self._refresh_state()
+                self._poke()
+
+    async def _execute(self, spec: TaskSpec) -> TaskResult:
+        def on_log(task_id: str, chunk: bytes) -> None:
+            self._hub.publish(TaskOutput(task_id, chunk.decode("utf-8", "replace")))
+
+        started = time.time()
+        try:
+            await self.executor.prepare(spec)
+            return await self.executor.run(spec, spec.resources, on_log)
+        except TaskSpecError as exc:
+            return TaskResult(spec.task_id, spec.lease_id, TaskStatus.REJECTED, -1, str(exc),
+                              started_at=started, finished_at=time.time())  # fmt: skip
+        except ExecutorError as exc:
+            return TaskResult(spec.task_id, spec.lease_id, TaskStatus.FAILED, -1, str(exc),
+                              started_at=started, finished_at=time.time())  # fmt: skip
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # an executor bug must not take the engine down
+            log.exception("executor failed on %s", spec.task_id)
+            return TaskResult(spec.task_id, spec.lease_id, TaskStatus.FAILED, -1,
+                              f"worker error: {exc}", started_at=started,
+                              finished_at=time.time())  # fmt: skip
+
+    async def _deliver(self, result: TaskResult) -> None:
+        """Upload the archive and report, until the pool has it or refuses the lease."""
+        sha, size = result.archive_sha256, result.archive_size
+        if result.archive is not None and not sha:
+            sha, size = await asyncio.to_thread(file_sha256, result.archive)
+        request = pb.ReportTaskResultRequest(
+            node_id=self.node_id,
+            task_id=result.task_id,
+            lease_id=result.lease_id,
+            status=result.status.to_proto(),
+            exit_code=result.exit_code,
+            error=result.error[:4000],
+            log_tail=result.log_tail[-LOG_TAIL_REPORT_BYTES:],
+            result_sha256=sha if result.archive is not None else "",
+            result_size=size if result.archive is not None else 0,
+            started_unix_ms=int(result.started_at * 1000),
+            finished_unix_ms=int(result.finished_at * 1000),
+            usage=pb.ResourceUsage(
+                cpu_seconds=result.cpu_seconds, max_memory_bytes=result.max_memory_bytes
+            ),
+        )
+        attempt = 0
+        while True:
+            client = await self._wait_connected()
+            if client is None:
+                # Stopped or shut down: the lease expires and the pool hands the task out again.
+                log.warning("stopped before the result of %s was delivered", result.task_id)
+                return
+            try:
+                if result.archive is not None:
+                    await client.upload(
+                        pb.UploadHeader(
+                            node_id=self.node_id,
+                            task_id=result.task_id,
+                            lease_id=result.lease_id,
+                            total_size=size,
+                            sha256=sha,
+                        ),
+                        result.archive,
+                    )
+                await client.report(request)
+            except StaleLeaseError as exc:
+                log.warning("result of %s dropped: %s", result.task_id, exc.message)
+                self._hub.publish(ResultDelivered(result.task_id, result.lease_id, False, exc.message))
+                return
+            except PoolError as exc:
+                delay = backoff_delay(attempt)
+                attempt += 1
+                log.warning("could not deliver %s (%s); retrying in %.1f s", result.task_id, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            log.info("result of %s delivered", result.task_id)
+            self._hub.publish(ResultDelivered(result.task_id, result.lease_id, True))
+            return
+
+    async def _wait_connected(self) -> NodePoolClient | None:
+        assert self._connected is not None
+        while not self._shutdown and self._want_running:
+            if self._client is not None and self._connected.is_set():
+                return self._client
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), 1.0)
+        return None
+
+    async def _stop_all_tasks(self) -> None:
+        runs = [r for r in self._running.values() if r.task is not None]
+        for run in runs:
+            if not run.finished:
+                with contextlib.suppress(Exception):
+                    await self.executor.cancel(run.spec.task_id)
+        for run in runs:
+            assert run.task is not None
+            run.task.cancel()
+        await asyncio.gather(*(r.task for r in runs if r.task is not None), return_exceptions=True)
+        for run in runs:
+            with contextlib.suppress(Exception):
+                await self.executor.cleanup(run.spec.task_id)
+        self._running.clear()
+
+    async def _close_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    async def wait_idle_or_timeout(self, timeout: float) -> bool:
+        """Wait until no task runs or its result is on its way; True when all finished in time."""
+        deadline = time.monotonic() + timeout
+        while self._running and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return not self._running
+
+    # ------------------------------------------------------------------ metrics
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            try:
+                host = await asyncio.to_thread(self.monitor.sample)
+                self._hub.publish(MetricsSample(host, self.executor.usage()))
+            except Exception:
+                log.exception("metrics sample failed")
+            await asyncio.sleep(METRICS_INTERVAL)
+
+    def publish(self, event: Event) -> None:
+        """For collaborators (executors, CLI) that want to add to the event stream."""
+        self._hub.publish(event)
+
+
+class _SessionOver(PoolError):
+    """The session ended on purpose (stop, drain finished, shutdown)."""
+
+    def __init__(self) -> None:
+        super().__init__("Stopped", "session over")
+

@@ -1,0 +1,113 @@
+"""Plain dataclass events the engine publishes to its subscribers (the GUI bridge, the CLI)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from threading import Lock
+
+from hivemind_worker.engine.executors.base import Usage
+from hivemind_worker.engine.monitor import HostSample
+from hivemind_worker.engine.tasks import Resources, TaskStatus
+
+log = logging.getLogger(__name__)
+
+
+class EngineState(StrEnum):
+    STOPPED = "stopped"
+    CONNECTING = "connecting"
+    IDLE = "idle"
+    BUSY = "busy"
+    PAUSED = "paused"
+    DRAINING = "draining"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    state: EngineState
+    message: str = ""
+    retry_at: float | None = None  # epoch seconds of the next attempt, in CONNECTING or ERROR
+
+
+@dataclass(frozen=True)
+class MetricsSample:
+    host: HostSample
+    tasks: dict[str, Usage] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskStarted:
+    task_id: str
+    lease_id: str
+    name: str
+    kind: str
+    image: str
+    resources: Resources
+    attempt: int
+
+
+@dataclass(frozen=True)
+class TaskOutput:
+    task_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class TaskFinished:
+    task_id: str
+    lease_id: str
+    name: str
+    status: TaskStatus
+    exit_code: int
+    error: str
+    duration: float
+    result_size: int
+
+
+@dataclass(frozen=True)
+class ResultDelivered:
+    task_id: str
+    lease_id: str
+    accepted: bool  # False: the pool refused it (stale lease) and it was dropped
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ErrorRaised:
+    title: str
+    message: str
+
+
+Event = StateChanged | MetricsSample | TaskStarted | TaskOutput | TaskFinished | ResultDelivered | ErrorRaised
+Subscriber = Callable[[Event], None]
+
+
+class EventHub:
+    """Calls every subscriber in turn; a subscriber's exception is logged, never propagated."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[Subscriber] = []
+        self._lock = Lock()
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        with self._lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def publish(self, event: Event) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for callback in subscribers:
+            try:
+                callback(event)
+            except Exception:
+                log.exception("event subscriber %r failed on %s", callback, type(event).__name__)

@@ -1,0 +1,241 @@
+"""NodePoolClient: the worker's one gRPC channel to a Node Pool, with deadlines, retries and error mapping."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import grpc.aio
+
+from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.protocol import nodepool_pb2_grpc as pb_grpc
+
+CHUNK_BYTES = 1024 * 1024
+DEFAULT_TIMEOUT = 10.0
+UPLOAD_TIMEOUT = 300.0
+
+# Retries for transient UNAVAILABLE live in the channel's service config (gRPC examples). Only
+# calls that are safe to repeat are listed: Ping and heartbeats carry no state change beyond
+# renewal, and ReportTaskResult is idempotent per lease. GetAssignedTasks is not retried here:
+# a lost reply could strand a lease, so the engine's own loop re-polls instead.
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": "hivemind.nodepool.v1.NodeManager", "method": "Ping"},
+                    {"service": "hivemind.nodepool.v1.NodeManager", "method": "UpdateNodeStatus"},
+                    {"service": "hivemind.nodepool.v1.NodeManager", "method": "ReportTaskResult"},
+                    {"service": "hivemind.nodepool.v1.NodeManager", "method": "RegisterNode"},
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+_CHANNEL_OPTIONS: list[tuple[str, str | int]] = [
+    ("grpc.service_config", _SERVICE_CONFIG),
+    ("grpc.enable_retries", 1),
+    ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+    ("grpc.max_send_message_length", 32 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+
+class PoolError(Exception):
+    """A failed call to the pool, as the person should read it."""
+
+    retryable = False
+
+    def __init__(self, title: str, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(f"{title}: {message}")
+        self.title = title
+        self.message = message
+        self.code = code
+
+
+class PoolUnavailable(PoolError):
+    """The pool cannot be reached right now; try again later."""
+
+    retryable = True
+
+
+class AuthError(PoolError):
+    """The pool refused our credentials; the person has to log in again."""
+
+
+class StaleLeaseError(PoolError):
+    """The pool no longer honours this lease; the result must be dropped, not retried."""
+
+
+class NodeUnknownError(PoolError):
+    """The pool has forgotten this node (restarted with a new database); register again."""
+
+    retryable = True
+
+
+class BadRequestError(PoolError):
+    """The pool refused what we sent as invalid."""
+
+
+class InsecureAddressError(PoolError):
+    """A plaintext channel to a non-loopback address was asked for without --insecure."""
+
+
+def map_rpc_error(exc: grpc.RpcError, doing: str, address: str) -> PoolError:
+    """Translate a gRPC error into the app's taxonomy, at this one boundary."""
+    code = exc.code() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else None
+    details = (exc.details() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else "") or ""
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return PoolUnavailable(
+            "Node Pool unreachable",
+            f"could not {doing}: the pool at {address} did not answer ({details or code})",
+            code,
+        )
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return AuthError(
+            "Login needed",
+            f"the pool at {address} refused our login ({details}). "
+            "Run `hivemind-worker login` to sign in again.",
+            code,
+        )
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return AuthError("Not allowed", f"could not {doing}: {details}", code)
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        return StaleLeaseError("Lease no longer valid", details, code)
+    if code is grpc.StatusCode.NOT_FOUND:
+        return NodeUnknownError("Unknown to the pool", f"could not {doing}: {details}", code)
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+        return BadRequestError("Request refused", f"could not {doing}: {details}", code)
+    if code is grpc.StatusCode.CANCELLED:
+        return PoolUnavailable("Call cancelled", f"could not {doing}: {details}", code)
+    return PoolError("Node Pool error", f"could not {doing}: {code}: {details}", code)
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class NodePoolClient:
+    """One channel to one pool, with a bearer token on every call but Login and Ping."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str = "",
+        insecure: bool = False,
+        ca_file: Path | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.address = address
+        self.token = token
+        self.timeout = timeout
+        if is_loopback(address) or insecure:
+            self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        else:
+            root = ca_file.read_bytes() if ca_file else None
+            creds = grpc.ssl_channel_credentials(root_certificates=root)
+            self._channel = grpc.aio.secure_channel(address, creds, options=_CHANNEL_OPTIONS)
+        self._stub = pb_grpc.NodeManagerStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close(grace=None)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),)
+
+    async def ping(self) -> pb.PingResponse:
+        try:
+            return await self._stub.Ping(pb.PingRequest(), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, "reach the pool", self.address) from None
+
+    async def login(self, username: str, password: str) -> pb.LoginResponse:
+        try:
+            return await self._stub.Login(
+                pb.LoginRequest(username=username, password=password), timeout=self.timeout
+            )
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, "log in", self.address) from None
+
+    async def register(self, request: pb.RegisterNodeRequest) -> pb.RegisterNodeResponse:
+        try:
+            return await self._stub.RegisterNode(
+                request, timeout=self.timeout, metadata=self._metadata()
+            )
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, "register this node", self.address) from None
+
+    async def heartbeat(self, request: pb.UpdateNodeStatusRequest) -> pb.UpdateNodeStatusResponse:
+        try:
+            return await self._stub.UpdateNodeStatus(
+                request, timeout=self.timeout, metadata=self._metadata()
+            )
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, "send a heartbeat", self.address) from None
+
+    async def get_tasks(self, request: pb.GetAssignedTasksRequest) -> list[pb.TaskSpec]:
+        # The deadline covers the long-poll the pool may hold, plus the usual margin.
+        deadline = request.wait_seconds + self.timeout
+        try:
+            reply = await self._stub.GetAssignedTasks(
+                request, timeout=deadline, metadata=self._metadata()
+            )
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, "ask for tasks", self.address) from None
+        return list(reply.tasks)
+
+    async def report(self, request: pb.ReportTaskResultRequest) -> pb.ReportTaskResultResponse:
+        try:
+            return await self._stub.ReportTaskResult(
+                request, timeout=self.timeout, metadata=self._metadata()
+            )
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, f"report task {request.task_id}", self.address) from None
+
+    async def upload(
+        self, header: pb.UploadHeader, archive: Path
+    ) -> pb.UploadTaskResultResponse:
+        """Stream a result archive in 1 MiB chunks; the pool checks the sha256 in the header."""
+
+        async def parts() -> AsyncIterator[pb.UploadTaskResultRequest]:
+            yield pb.UploadTaskResultRequest(header=header)
+            with archive.open("rb") as fh:
+                while chunk := fh.read(CHUNK_BYTES):
+                    yield pb.UploadTaskResultRequest(data=chunk)
+
+        try:
+            return await self._stub.UploadTaskResult(
+                parts(), timeout=UPLOAD_TIMEOUT, metadata=self._metadata()
+            )
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, f"upload the result of {header.task_id}", self.address) from None
+
+
+def file_sha256(path: Path) -> tuple[str, int]:
+    """Hex sha256 and size of a file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
