@@ -335,8 +335,12 @@ def settings_table() -> list[SettingSpec]:
     return list(_SPECS)
 
 
+# Flags whose names are shorter than their keys, kept from the original worker's CLI.
+_FLAG_NAMES = {"node_pool_address": "--node-pool", "docker_enabled": "--no-docker"}
+
+
 def flag_name(key: str) -> str:
-    return "--" + key.replace("_", "-")
+    return _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
 
 
 def _convert(spec: SettingSpec, raw: object, parse_text: bool, paths: Paths) -> Any:

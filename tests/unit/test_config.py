@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from hivemind_worker.config import (
     GIB,
     SCHEMA_VERSION,

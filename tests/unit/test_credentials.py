@@ -12,10 +12,11 @@ import keyring
 import keyring.backends.fail
 import keyring.errors
 import pytest
-from hivemind_worker.credentials import SERVICE, CredentialError, CredentialStore
-from hivemind_worker.paths import Paths, default_paths
 from keyring.backend import KeyringBackend
 from keyrings.alt.file import PlaintextKeyring
+
+from hivemind_worker.credentials import SERVICE, CredentialError, CredentialStore
+from hivemind_worker.paths import Paths, default_paths
 
 POOL = "pool.example.org:443"
 

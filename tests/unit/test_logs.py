@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from hivemind_worker import logs
 from hivemind_worker.logs import set_node_id, setup_logging, task_context
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from hivemind_worker.paths import Paths, default_paths
 
 
