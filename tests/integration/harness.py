@@ -1,0 +1,179 @@
+"""Test harness: a real reference pool on 127.0.0.1:0 and real engines, on the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hivemind_worker.pool.client import TaskQueueClient
+
+from hivemind_worker.config import Settings, load_settings
+from hivemind_worker.credentials import CredentialStore
+from hivemind_worker.engine.engine import WorkerEngine
+from hivemind_worker.engine.events import Event, StateChanged
+from hivemind_worker.engine.executors.process import ProcessExecutor
+from hivemind_worker.paths import Paths, default_paths
+from hivemind_worker.pool.server import PoolConfig, PoolServer
+from hivemind_worker.pool.store import PoolStore
+from hivemind_worker.protocol import nodepool_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[2]
+USER = "alice"
+PASSWORD = "correct horse battery staple"
+
+
+async def start_pool(db: Path, *, listen: str = "127.0.0.1:0", **config: object) -> PoolServer:
+    """A pool with user alice; short lease timings unless the test says otherwise."""
+    store = PoolStore(db)
+    store.add_user(USER, PASSWORD)
+    store.close()
+    options: dict[str, object] = {
+        "heartbeat_interval": 1,
+        "lease_timeout": 10,
+        "max_wait": 20,
+        "reaper_interval": 0.2,
+    }
+    options.update(config)
+    server = PoolServer(PoolConfig(db_path=db, listen=listen, **options))  # type: ignore[arg-type]
+    await server.start()
+    return server
+
+
+@dataclass
+class Worker:
+    engine: WorkerEngine
+    paths: Paths
+    events: list[Event] = field(default_factory=list)
+    runner: asyncio.Task[None] | None = None
+
+    def states(self) -> list[str]:
+        return [e.state.value for e in self.events if isinstance(e, StateChanged)]
+
+    async def stop(self) -> None:
+        self.engine.shutdown()
+        if self.runner is not None:
+            await asyncio.wait_for(self.runner, 30)
+
+
+async def login_token(address: str) -> str:
+    from hivemind_worker.engine.pool_client import NodePoolClient
+
+    client = NodePoolClient(address)
+    try:
+        return (await client.login(USER, PASSWORD)).token
+    finally:
+        await client.close()
+
+
+def worker_settings(home: Path, address: str, **overrides: object) -> tuple[Settings, Paths]:
+    paths = default_paths(home)
+    paths.ensure()
+    values: dict[str, object] = {
+        "node_pool_address": address,
+        "account": USER,
+        "max_concurrent_tasks": 4,
+        "max_cpu_cores": 2,
+        "max_memory_gb": 4,
+        "node_id": home.name,
+    }
+    values.update(overrides)
+    return load_settings(paths, env={}, overrides=values), paths
+
+
+async def start_worker(
+    home: Path, address: str, *, token: str | None = None, **overrides: object
+) -> Worker:
+    """An engine with the process executor, logged in through the (in-memory) keyring."""
+    settings, paths = worker_settings(home, address, **overrides)
+    credentials = CredentialStore(paths)
+    credentials.set_token(address, USER, token if token is not None else await login_token(address))
+    engine = WorkerEngine(
+        settings,
+        node_id=settings.node_id,
+        credentials=credentials,
+        executor=ProcessExecutor(settings.work_dir),
+        outbox_dir=paths.outbox_dir,
+    )
+    worker = Worker(engine, paths)
+    engine.subscribe(worker.events.append)
+    worker.runner = asyncio.create_task(engine.run())
+    return worker
+
+
+@contextlib.asynccontextmanager
+async def queue_client(address: str) -> AsyncIterator[TaskQueueClient]:
+    client = TaskQueueClient(address)
+    await client.login(USER, PASSWORD)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def python_task(source: str, *argv: str, **fields: object) -> pb.TaskSpec:
+    return pb.TaskSpec(
+        kind=pb.TASK_KIND_PYTHON,
+        source=textwrap.dedent(source).lstrip(),
+        argv=list(argv),
+        resources=pb.Resources(cpus=0.5, memory_bytes=256 << 20, disk_bytes=64 << 20),
+        timeout_seconds=120,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
+    """Poll a condition every 50 ms; a hang guard, not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.05)
+
+
+def archive_files(archive: bytes) -> dict[str, bytes]:
+    """Regular files of a result archive, by name."""
+    files: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        for member in tar.getmembers():
+            if member.isfile():
+                fh = tar.extractfile(member)
+                assert fh is not None
+                files[member.name] = fh.read()
+    return files
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def worker_subprocess(home: Path, address: str, *extra: str) -> subprocess.Popen[bytes]:
+    """`hivemind-worker run --headless` as its own process, logged in with `login`."""
+    env = {**os.environ, "HIVEMIND_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env.pop("NODE_ID", None)
+    base = [sys.executable, "-m", "hivemind_worker"]
+    subprocess.run(
+        [*base, "login", "--node-pool", address, "--account", USER, "--password-stdin"],
+        input=(PASSWORD + "\n").encode(),
+        env=env,
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
+    log = (home / "stderr.log").open("wb")
+    return subprocess.Popen(
+        [*base, "run", "--headless", "--node-pool", address, "--node-id", home.name, *extra],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )

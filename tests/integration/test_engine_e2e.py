@@ -1,0 +1,276 @@
+"""The worker engine against the real reference pool: registration to results, and the faults between."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+from harness import (
+    archive_files,
+    login_token,
+    python_task,
+    queue_client,
+    start_pool,
+    start_worker,
+    wait_for,
+    worker_subprocess,
+)
+
+from hivemind_worker.engine.events import (
+    EngineState,
+    ResultDelivered,
+    StateChanged,
+    TaskFinished,
+    TaskStarted,
+)
+from hivemind_worker.pool.store import PoolStore
+from hivemind_worker.protocol import nodepool_pb2 as pb
+
+pytestmark = [pytest.mark.usefixtures("memory_keyring"), pytest.mark.timeout(120)]
+
+# Each task derives its payload from its index and an input file, so every result is distinct.
+BATCH_SOURCE = """
+    import hashlib, sys
+    index = int(sys.argv[1])
+    seed = open("input/seed.bin", "rb").read()
+    payload = b"".join(hashlib.sha256(seed + bytes([index % 256, i % 256])).digest() for i in range(index * 40 + 1))
+    with open("results/payload.bin", "wb") as fh:
+        fh.write(payload)
+    print(f"task {index}: {len(payload)} bytes")
+"""
+
+
+def expected_payload(index: int, seed: bytes) -> bytes:
+    import hashlib
+
+    return b"".join(
+        hashlib.sha256(seed + bytes([index % 256, i % 256])).digest() for i in range(index * 40 + 1)
+    )
+
+
+async def test_batch_of_tasks_end_to_end(tmp_path: Path) -> None:
+    pool = await start_pool(tmp_path / "pool.db")
+    worker = await start_worker(tmp_path / "node-a", pool.address)
+    try:
+        async with queue_client(pool.address) as queue:
+            ids = []
+            for index in range(24):
+                seed = f"seed-{index}".encode()
+                spec = python_task(
+                    BATCH_SOURCE,
+                    str(index),
+                    name=f"batch {index}",
+                    input_files=[pb.InputFile(path="input/seed.bin", content=seed)],
+                )
+                ids.append((index, seed, await queue.submit(spec)))
+            infos = await queue.wait_done([i for _, _, i in ids], timeout=90)
+            for index, seed, task_id in ids:
+                info = infos[task_id]
+                assert info.status == pb.TASK_STATUS_SUCCEEDED, (index, info.error)
+                assert info.node_id == "node-a"
+                files = archive_files(await queue.download(task_id))
+                assert files["results/payload.bin"] == expected_payload(index, seed)
+                assert f"task {index}:".encode() in info.log_tail
+        # Registration and heartbeats reached the pool's database.
+        store = PoolStore(tmp_path / "pool.db")
+        try:
+            node = store.get_node("node-a", "alice")
+            assert "process" in node.capabilities
+            assert store.counters().get("heartbeats", 0) >= 1
+        finally:
+            store.close()
+        finished = [e for e in worker.events if isinstance(e, TaskFinished)]
+        assert len(finished) == 24
+        delivered = [e for e in worker.events if isinstance(e, ResultDelivered)]
+        assert len(delivered) == 24 and all(e.accepted for e in delivered)
+        assert {"connecting", "idle", "busy"} <= set(worker.states())
+    finally:
+        await worker.stop()
+        await pool.stop()
+
+
+async def test_long_poll_picks_up_a_task_without_a_new_poll(tmp_path: Path) -> None:
+    pool = await start_pool(tmp_path / "pool.db", max_wait=60)
+    worker = await start_worker(tmp_path / "node-a", pool.address)
+    try:
+        await wait_for(lambda: pool.stats.get_assigned_calls.get("node-a", 0) == 1, what="poll")
+        await asyncio.sleep(0.3)  # the call is now parked in the pool
+        polls_before = pool.stats.get_assigned_calls["node-a"]
+        async with queue_client(pool.address) as queue:
+            task_id = await queue.submit(python_task("print('hello')"))
+            await wait_for(
+                lambda: any(isinstance(e, TaskStarted) for e in worker.events), what="start"
+            )
+            # The task arrived on the call that was already waiting: no second poll was made.
+            assert pool.stats.get_assigned_calls["node-a"] == polls_before == 1
+            info = (await queue.wait_done([task_id], timeout=30))[task_id]
+            assert info.status == pb.TASK_STATUS_SUCCEEDED
+    finally:
+        await worker.stop()
+        await pool.stop()
+
+
+@pytest.mark.slow
+async def test_killed_worker_loses_its_lease_and_another_finishes(tmp_path: Path) -> None:
+    pool = await start_pool(tmp_path / "pool.db", lease_timeout=3)
+    proc = worker_subprocess(tmp_path / "node-a", pool.address)
+    other = None
+    try:
+        async with queue_client(pool.address) as queue:
+            marker = tmp_path / "attempts.txt"
+            source = f"""
+                import os, time
+                with open({str(marker)!r}, "a") as fh:
+                    fh.write(os.environ["HIVEMIND_TASK_ID"] + "\\n")
+                time.sleep(3)
+                open("results/done.txt", "w").write("finished")
+            """
+            task_id = await queue.submit(python_task(source, name="survivor"))
+
+            async def running_on_a() -> bool:
+                info = await queue.get(task_id)
+                return info.status == pb.TASK_STATUS_RUNNING and info.node_id == "node-a"
+
+            for _ in range(600):
+                if await running_on_a() and marker.exists():
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("worker A never started the task")
+            first = await queue.get(task_id)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+            other = await start_worker(tmp_path / "node-b", pool.address)
+            info = (await queue.wait_done([task_id], timeout=60))[task_id]
+            assert info.status == pb.TASK_STATUS_SUCCEEDED
+            assert info.node_id == "node-b"
+            assert info.attempt == first.attempt + 1
+            assert archive_files(await queue.download(task_id)) == {"results/done.txt": b"finished"}
+            # Exactly one result: the killed worker never reported, the survivor once.
+            assert pool.stats.reports_by_lease.get(first.spec.lease_id, 0) == 0
+            delivered = [e for e in other.events if isinstance(e, ResultDelivered)]
+            assert [e.task_id for e in delivered] == [task_id]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if other is not None:
+            await other.stop()
+        await pool.stop()
+
+
+async def test_stale_lease_report_is_dropped_not_retried(tmp_path: Path) -> None:
+    # Heartbeats far apart and a one-second lease: the lease expires while the task runs.
+    pool = await start_pool(tmp_path / "pool.db", heartbeat_interval=60, lease_timeout=1)
+    worker = await start_worker(tmp_path / "node-a", pool.address)
+    try:
+        async with queue_client(pool.address) as queue:
+            task_id = await queue.submit(
+                python_task("import time; time.sleep(3)", max_attempts=1, name="too slow")
+            )
+            await wait_for(
+                lambda: any(isinstance(e, ResultDelivered) for e in worker.events),
+                timeout=60,
+                what="delivery attempt",
+            )
+            dropped = [e for e in worker.events if isinstance(e, ResultDelivered)]
+            assert dropped[0].task_id == task_id and not dropped[0].accepted
+            assert "no longer current" in dropped[0].message
+            lease = next(e.lease_id for e in worker.events if isinstance(e, TaskStarted))
+            await asyncio.sleep(2)  # room for any retry to show up
+            assert pool.stats.reports_by_lease[lease] == 1
+            info = await queue.get(task_id)
+            assert info.status == pb.TASK_STATUS_FAILED  # the pool gave up at max_attempts
+            assert worker.engine.state in (EngineState.IDLE, EngineState.BUSY)
+    finally:
+        await worker.stop()
+        await pool.stop()
+
+
+async def test_cancel_running_task(tmp_path: Path) -> None:
+    pool = await start_pool(tmp_path / "pool.db")
+    worker = await start_worker(tmp_path / "node-a", pool.address)
+    pid_file = tmp_path / "pid"
+    try:
+        async with queue_client(pool.address) as queue:
+            source = f"""
+                import os, time
+                open({str(pid_file)!r}, "w").write(str(os.getpid()))
+                while True:
+                    time.sleep(0.1)
+            """
+            task_id = await queue.submit(python_task(source, name="forever"))
+            await wait_for(lambda: pid_file.exists() and pid_file.read_text() != "", what="pid")
+            pid = int(pid_file.read_text())
+            assert psutil.pid_exists(pid)
+            await queue.cancel(task_id)
+            info = (await queue.wait_done([task_id], timeout=30))[task_id]
+            assert info.status == pb.TASK_STATUS_CANCELLED
+            await wait_for(lambda: not psutil.pid_exists(pid), timeout=10, what="process gone")
+            finished = [e for e in worker.events if isinstance(e, TaskFinished)]
+            assert finished[0].status.value == "cancelled"
+    finally:
+        await worker.stop()
+        await pool.stop()
+
+
+@pytest.mark.slow
+async def test_pool_restart_while_worker_runs(tmp_path: Path) -> None:
+    db = tmp_path / "pool.db"
+    pool = await start_pool(db)
+    listen = pool.address
+    worker = await start_worker(tmp_path / "node-a", pool.address)
+    try:
+        async with queue_client(pool.address) as queue:
+            task_id = await queue.submit(
+                python_task(
+                    "import time; time.sleep(2); open('results/r.txt','w').write('kept')",
+                    name="across restart",
+                )
+            )
+            await wait_for(
+                lambda: any(isinstance(e, TaskStarted) for e in worker.events), what="start"
+            )
+        await pool.stop()
+        await wait_for(
+            lambda: worker.engine.state is EngineState.CONNECTING, timeout=30, what="noticed"
+        )
+        await asyncio.sleep(1)
+        pool = await start_pool(db, listen=listen)
+        async with queue_client(pool.address) as queue:
+            later = await queue.submit(python_task("print('after restart')", name="later"))
+            infos = await queue.wait_done([task_id, later], timeout=90)
+            assert infos[task_id].status == pb.TASK_STATUS_SUCCEEDED
+            assert infos[task_id].attempt == 1  # the lease survived the restart
+            assert archive_files(await queue.download(task_id)) == {"results/r.txt": b"kept"}
+            assert infos[later].status == pb.TASK_STATUS_SUCCEEDED
+    finally:
+        await worker.stop()
+        await pool.stop()
+
+
+async def test_bad_token_gives_a_clear_error_state_not_a_crash_loop(tmp_path: Path) -> None:
+    pool = await start_pool(tmp_path / "pool.db")
+    worker = await start_worker(tmp_path / "node-a", pool.address, token="not-a-real-token")
+    try:
+        await wait_for(lambda: worker.engine.state is EngineState.ERROR, what="error state")
+        assert "hivemind-worker login" in worker.engine.state_message
+        await asyncio.sleep(3)
+        errors = [
+            e for e in worker.events if isinstance(e, StateChanged) and e.state is EngineState.ERROR
+        ]
+        assert len(errors) == 1  # it waits in the error state instead of retrying in a loop
+        assert errors[0].retry_at is not None
+        assert not worker.runner.done()  # type: ignore[union-attr]
+
+        # Logging in again (another process would write the keyring) and pressing start recovers.
+        worker.engine.credentials.set_token(pool.address, "alice", await login_token(pool.address))
+        worker.engine.start()
+        await wait_for(lambda: worker.engine.state is EngineState.IDLE, what="recovered")
+    finally:
+        await worker.stop()
+        await pool.stop()
