@@ -1,4 +1,4 @@
-"""The worker engine against the real reference pool: registration to results, and the faults between."""
+"""The worker engine against the real reference pool: from registration to results, and faults."""
 
 from __future__ import annotations
 
@@ -37,7 +37,10 @@ BATCH_SOURCE = """
     import hashlib, sys
     index = int(sys.argv[1])
     seed = open("input/seed.bin", "rb").read()
-    payload = b"".join(hashlib.sha256(seed + bytes([index % 256, i % 256])).digest() for i in range(index * 40 + 1))
+    payload = b"".join(
+        hashlib.sha256(seed + bytes([index % 256, i % 256])).digest()
+        for i in range(index * 40 + 1)
+    )
     with open("results/payload.bin", "wb") as fh:
         fh.write(payload)
     print(f"task {index}: {len(payload)} bytes")
