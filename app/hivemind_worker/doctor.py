@@ -45,8 +45,13 @@ async def _pool_checks(settings: Settings, credentials: CredentialStore) -> list
             ]
         checks.append(Check("pool", "ok", f"{address} answers (pool {pong.server_version})"))
         try:
-            account = settings.account or await asyncio.to_thread(credentials.last_account, address)
-            token = await asyncio.to_thread(credentials.get_token, address, account) if account else None
+            last: str | None = await asyncio.to_thread(credentials.last_account, address)
+            account = settings.account or last or ""
+            token = (
+                await asyncio.to_thread(credentials.get_token, address, account)
+                if account
+                else None
+            )
         except CredentialError as exc:
             return [*checks, Check("login", "fail", f"keyring: {exc}")]
         if not token:

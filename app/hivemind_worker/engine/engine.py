@@ -328,9 +328,8 @@ class WorkerEngine:
         """Connect, register and work until the connection fails or we stop contributing."""
         self._set_state(EngineState.CONNECTING, f"connecting to {self.settings.node_pool_address}")
         address = self.settings.node_pool_address
-        account = self.settings.account or await asyncio.to_thread(
-            self.credentials.last_account, address
-        )
+        last: str | None = await asyncio.to_thread(self.credentials.last_account, address)
+        account = self.settings.account or last or ""
         try:
             token = (
                 await asyncio.to_thread(self.credentials.get_token, address, account)

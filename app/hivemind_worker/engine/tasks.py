@@ -87,7 +87,7 @@ class TaskStatus(StrEnum):
     @classmethod
     def from_proto(cls, value: int) -> TaskStatus:
         try:
-            return _PB_TO_STATUS[value]
+            return _PB_TO_STATUS[pb.TaskStatus.ValueType(value)]
         except KeyError:
             raise TaskSpecError("status", f"unknown task status {value}") from None
 
