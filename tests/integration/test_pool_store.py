@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+
 from hivemind_worker.engine.tasks import MiB, Resources, TaskSpec, TaskStatus
 from hivemind_worker.pool.store import (
     PoolStore,

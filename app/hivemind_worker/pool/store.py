@@ -348,7 +348,7 @@ class PoolStore:
         )
 
     def counters(self) -> dict[str, int]:
-        """Lifetime totals (submitted, leased, expired, reports, stale_reports, uploads...)."""
+        """Lifetime totals by name: submitted, leased, expired, heartbeats, reports, uploads..."""
         rows = self._db.execute("SELECT name, value FROM counters").fetchall()
         return {str(r["name"]): int(r["value"]) for r in rows}
 
@@ -422,6 +422,7 @@ class PoolStore:
                 " registered_ms = excluded.registered_ms, last_seen_ms = excluded.last_seen_ms",
                 (node_id, owner, info_json, caps_json, now, now),
             )
+            self._bump(db, "registrations")
 
     def get_node(self, node_id: str, owner: str) -> NodeRecord:
         """The node, checked to belong to `owner`; NodeNotFound / NodeOwnedByOther otherwise."""
@@ -438,20 +439,14 @@ class PoolStore:
             status=int(row["status"]),
         )
 
-    def touch_node(
-        self, node_id: str, status: int | None = None, metrics: dict[str, float] | None = None
-    ) -> None:
-        sets = ["last_seen_ms = ?"]
-        args: list[object] = [now_ms()]
-        if status is not None:
-            sets.append("status = ?")
-            args.append(status)
-        if metrics is not None:
-            sets.append("metrics = ?")
-            args.append(json.dumps(metrics))
-        args.append(node_id)
+    def record_heartbeat(self, node_id: str, status: int, metrics: dict[str, float]) -> None:
+        """Note that the node is alive, with its status and host metrics."""
         with self._tx() as db:
-            db.execute(f"UPDATE nodes SET {', '.join(sets)} WHERE node_id = ?", args)
+            db.execute(
+                "UPDATE nodes SET last_seen_ms = ?, status = ?, metrics = ? WHERE node_id = ?",
+                (now_ms(), status, json.dumps(metrics), node_id),
+            )
+            self._bump(db, "heartbeats")
 
     # -------------------------------------------------------------------- tasks
 
