@@ -1,0 +1,1 @@
+"""The reference Node Pool: gRPC server, SQLite store and a small client, for LANs and tests."""
