@@ -1,4 +1,4 @@
-"""Shared fixtures for the unit tier: no network, Docker, Qt or real keyring."""
+"""Shared fixtures: an in-memory keyring for tests that must not touch the real one."""
 
 from __future__ import annotations
 

@@ -72,8 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Donate your computer's spare compute to the HiveMind platform.",
     )
     parser.add_argument("--version", action="version", version=f"hivemind-worker {__version__}")
-    parser.add_argument("--data-dir", type=Path, metavar="DIR",
-                        help="keep settings, data and logs under DIR (also HIVEMIND_HOME)")  # fmt: skip
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep settings, data and logs under DIR (also HIVEMIND_HOME)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the worker")
@@ -232,9 +236,7 @@ async def login_to_pool(
         raise CliError(exc.message) from None
     finally:
         await client.close()
-    await asyncio.to_thread(
-        credentials.set_token, settings.node_pool_address, account, reply.token
-    )
+    await asyncio.to_thread(credentials.set_token, settings.node_pool_address, account, reply.token)
 
 
 def cmd_login(args: argparse.Namespace, settings: Settings, paths: Paths) -> int:
@@ -431,4 +433,3 @@ def _summary(archive: bytes) -> str:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

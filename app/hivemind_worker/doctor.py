@@ -66,7 +66,10 @@ async def _pool_checks(settings: Settings, credentials: CredentialStore) -> list
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.UNAUTHENTICATED:
-                return [*checks, Check("login", "fail", f"{exc.details()}: run `hivemind-worker login`")]
+                return [
+                    *checks,
+                    Check("login", "fail", f"{exc.details()}: run `hivemind-worker login`"),
+                ]
             return [*checks, Check("login", "warn", f"could not verify: {exc.details()}")]
         checks.append(Check("login", "ok", f"logged in as {account} ({credentials.backend_name})"))
         return checks

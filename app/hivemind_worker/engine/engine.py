@@ -51,8 +51,10 @@ METRICS_INTERVAL = 1.0
 LOG_TAIL_REPORT_BYTES = 16 * 1024
 
 
-def backoff_delay(attempt: int, *, initial: float = BACKOFF_INITIAL, cap: float = BACKOFF_MAX) -> float:
-    """Exponential backoff with full jitter: uniform in [initial/2, min(cap, initial * 2**attempt)]."""
+def backoff_delay(
+    attempt: int, *, initial: float = BACKOFF_INITIAL, cap: float = BACKOFF_MAX
+) -> float:
+    """Exponential backoff with jitter: uniform in [initial/2, min(cap, initial * 2**attempt)]."""
     ceiling = min(cap, initial * (2 ** min(attempt, 16)))
     return random.uniform(min(initial / 2, ceiling), ceiling)
 
@@ -100,6 +102,7 @@ class WorkerEngine:
         self._connected: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None  # capacity, commands or settings changed
         self._running: dict[str, _Running] = {}
+        self._background: set[asyncio.Future[None]] = set()
         self._heartbeat_interval = float(settings.heartbeat_interval)
         self._max_wait = 30
         self.tasks_done = 0
@@ -179,7 +182,9 @@ class WorkerEngine:
                     attempt = 0
                 except AuthError as exc:
                     # No crash loop: a clear state, and a slow retry that picks up a new login.
-                    self._set_state(EngineState.ERROR, exc.message, time.time() + AUTH_RETRY_SECONDS)
+                    self._set_state(
+                        EngineState.ERROR, exc.message, time.time() + AUTH_RETRY_SECONDS
+                    )
                     self._hub.publish(ErrorRaised(exc.title, exc.message))
                     await self._wait_changed(AUTH_RETRY_SECONDS)
                 except (PoolUnavailable, NodeUnknownError, PoolError) as exc:
@@ -276,11 +281,16 @@ class WorkerEngine:
             except Exception:
                 log.exception("engine: %s failed", what)
 
-        asyncio.ensure_future(guarded())
+        # Keep a reference until done: the loop holds only weak ones to tasks.
+        task = asyncio.ensure_future(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------ state
 
-    def _set_state(self, state: EngineState, message: str = "", retry_at: float | None = None) -> None:
+    def _set_state(
+        self, state: EngineState, message: str = "", retry_at: float | None = None
+    ) -> None:
         if state == self._state and message == self._state_message:
             return
         self._state = state
@@ -515,7 +525,7 @@ class WorkerEngine:
                 f"timeout {spec.timeout_seconds} s is over this worker's limit of "
                 f"{self.settings.task_timeout} s"
             )
-        if spec.network != "none" and spec.network != self.settings.docker_network:
+        if spec.network not in ("none", self.settings.docker_network):
             return f"network '{spec.network}' is not allowed on this worker"
         free = self._caps() - self._in_use()
         if not spec.resources.fits_in(free):
@@ -647,12 +657,16 @@ class WorkerEngine:
                 await client.report(request)
             except StaleLeaseError as exc:
                 log.warning("result of %s dropped: %s", result.task_id, exc.message)
-                self._hub.publish(ResultDelivered(result.task_id, result.lease_id, False, exc.message))
+                self._hub.publish(
+                    ResultDelivered(result.task_id, result.lease_id, False, exc.message)
+                )
                 return
             except PoolError as exc:
                 delay = backoff_delay(attempt)
                 attempt += 1
-                log.warning("could not deliver %s (%s); retrying in %.1f s", result.task_id, exc, delay)
+                log.warning(
+                    "could not deliver %s (%s); retrying in %.1f s", result.task_id, exc, delay
+                )
                 await asyncio.sleep(delay)
                 continue
             log.info("result of %s delivered", result.task_id)
@@ -688,13 +702,6 @@ class WorkerEngine:
         if client is not None:
             await client.close()
 
-    async def wait_idle_or_timeout(self, timeout: float) -> bool:
-        """Wait until no task runs or its result is on its way; True when all finished in time."""
-        deadline = time.monotonic() + timeout
-        while self._running and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        return not self._running
-
     # ------------------------------------------------------------------ metrics
 
     async def _metrics_loop(self) -> None:
@@ -716,4 +723,3 @@ class _SessionOver(PoolError):
 
     def __init__(self) -> None:
         super().__init__("Stopped", "session over")
-

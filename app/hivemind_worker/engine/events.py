@@ -81,7 +81,15 @@ class ErrorRaised:
     message: str
 
 
-Event = StateChanged | MetricsSample | TaskStarted | TaskOutput | TaskFinished | ResultDelivered | ErrorRaised
+Event = (
+    StateChanged
+    | MetricsSample
+    | TaskStarted
+    | TaskOutput
+    | TaskFinished
+    | ResultDelivered
+    | ErrorRaised
+)
 Subscriber = Callable[[Event], None]
 
 

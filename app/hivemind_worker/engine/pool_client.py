@@ -1,4 +1,4 @@
-"""NodePoolClient: the worker's one gRPC channel to a Node Pool, with deadlines, retries and error mapping."""
+"""NodePoolClient: the gRPC channel to a Node Pool, with deadlines, retries and error mapping."""
 
 from __future__ import annotations
 
@@ -211,9 +211,7 @@ class NodePoolClient:
         except grpc.RpcError as exc:
             raise map_rpc_error(exc, f"report task {request.task_id}", self.address) from None
 
-    async def upload(
-        self, header: pb.UploadHeader, archive: Path
-    ) -> pb.UploadTaskResultResponse:
+    async def upload(self, header: pb.UploadHeader, archive: Path) -> pb.UploadTaskResultResponse:
         """Stream a result archive in 1 MiB chunks; the pool checks the sha256 in the header."""
 
         async def parts() -> AsyncIterator[pb.UploadTaskResultRequest]:
@@ -227,7 +225,9 @@ class NodePoolClient:
                 parts(), timeout=UPLOAD_TIMEOUT, metadata=self._metadata()
             )
         except grpc.RpcError as exc:
-            raise map_rpc_error(exc, f"upload the result of {header.task_id}", self.address) from None
+            raise map_rpc_error(
+                exc, f"upload the result of {header.task_id}", self.address
+            ) from None
 
 
 def file_sha256(path: Path) -> tuple[str, int]:

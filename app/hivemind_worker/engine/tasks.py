@@ -180,7 +180,7 @@ class TaskSpec:
     input_files: tuple[InputFile, ...] = ()
     input_archive: bytes = b""
     network: str = "none"
-    result_path: PurePosixPath = PurePosixPath(DEFAULT_RESULT_PATH)
+    result_path: PurePosixPath = PurePosixPath(DEFAULT_RESULT_PATH)  # noqa: RUF009 - immutable
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
     source: str = ""
     requirements: tuple[str, ...] = ()
@@ -201,9 +201,7 @@ class TaskSpec:
         task_id = msg.task_id
         if task_id or require_id:
             _check_id("task_id", task_id)
-        if require_lease:
-            _check_id("lease_id", msg.lease_id)
-        elif msg.lease_id:
+        if require_lease or msg.lease_id:
             _check_id("lease_id", msg.lease_id)
         kind = _KIND_FROM_PB.get(msg.kind)
         if kind is None:
@@ -235,9 +233,8 @@ class TaskSpec:
                 raise TaskSpecError("source", f"larger than {MAX_SOURCE_BYTES} bytes")
             if "\x00" in source:
                 raise TaskSpecError("source", "contains a NUL character")
-        if image:
-            if len(image) > MAX_IMAGE_LEN or not _IMAGE_RE.match(image):
-                raise TaskSpecError("image", f"{image[:80]!r} is not a valid image reference")
+        if image and (len(image) > MAX_IMAGE_LEN or not _IMAGE_RE.match(image)):
+            raise TaskSpecError("image", f"{image[:80]!r} is not a valid image reference")
 
         requirements = tuple(msg.requirements)
         if len(requirements) > MAX_REQUIREMENTS:

@@ -26,7 +26,7 @@ class ExecutorError(Exception):
 
 
 class Executor(abc.ABC):
-    """Runs tasks in some sandbox. One instance per engine; methods are called on the engine loop."""
+    """Runs tasks in a sandbox; one instance per engine, called on the engine's loop."""
 
     #: The capability advertised to the pool: "docker" or "process".
     capability: str
@@ -36,7 +36,9 @@ class Executor(abc.ABC):
         """Make the workspace and inputs ready; raise TaskSpecError or ExecutorError to refuse."""
 
     @abc.abstractmethod
-    async def run(self, task: TaskSpec, caps: Resources, on_log: LogSink | None = None) -> TaskResult:
+    async def run(
+        self, task: TaskSpec, caps: Resources, on_log: LogSink | None = None
+    ) -> TaskResult:
         """Run a prepared task to its end and return its result; never raises for task failures.
 
         `caps` are the limits this task gets: its request, already checked to fit the

@@ -107,7 +107,7 @@ class _Running:
 
 
 class ProcessExecutor(Executor):
-    """Runs TaskKind.PYTHON tasks as `python -I main.py *argv` in a private workspace.
+    """Runs TaskKind.PYTHON tasks as `python -E -s main.py *argv` in a private workspace.
 
     Lower trust than Docker: the task runs as the worker's user, with a scrubbed
     environment, its own session and process group, rlimits (address space = memory cap
@@ -274,7 +274,10 @@ class ProcessExecutor(Executor):
         try:
             proc = await asyncio.create_subprocess_exec(
                 self._python,
-                "-I",
+                # -E -s: ignore PYTHON* variables and the user's site-packages, but keep the
+                # workspace on sys.path (unlike -I) so a task can import its own input modules.
+                "-E",
+                "-s",
                 "main.py",
                 *task.argv,
                 cwd=workspace,
@@ -522,7 +525,7 @@ def _task_environment(task: TaskSpec, workspace: Path, results_dir: Path) -> dic
         "HOME": str(workspace),
         "TMPDIR": str(workspace / TMP_DIR),
         "LANG": "C.UTF-8",
-        # `-I` makes the task's own interpreter ignore PYTHON* variables; this one reaches
+        # `-E` makes the task's own interpreter ignore PYTHON* variables; this one reaches
         # the Python processes the task starts without -I/-E.
         "PYTHONDONTWRITEBYTECODE": "1",
     }
