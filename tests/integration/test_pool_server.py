@@ -298,7 +298,8 @@ async def test_submit_lease_upload_report_download(
     assert spec.task_id == task_id and spec.lease_id and spec.attempt == 1
     # The pool hands out the spec with defaults applied.
     assert spec.resources.memory_bytes == 512 * MiB and spec.network == "none"
-    assert (await pool_client.get(task_id)).status == pb.TASK_STATUS_RUNNING
+    running = await pool_client.get(task_id)
+    assert running.status == pb.TASK_STATUS_RUNNING and running.spec.lease_id == spec.lease_id
 
     data = bytes(range(256)) * (10 * 1024) + b"tail"  # ~2.5 MiB: three chunks
     up = await worker.upload(spec, data)

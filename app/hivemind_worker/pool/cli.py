@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import stat
 import sys
 import tarfile
@@ -329,9 +330,7 @@ def _add_user(args: argparse.Namespace) -> int:
             created = store.add_user(name, password)
         finally:
             store.close()
-    except (StoreError, OSError) as exc:
-        raise CliError(f"cannot update {args.db}: {exc}") from None
-    except Exception as exc:  # sqlite3.Error: a locked or damaged database file
+    except (StoreError, sqlite3.Error, OSError) as exc:
         raise CliError(f"cannot update {args.db}: {exc}") from None
     if created:
         print(f"added user {name}")

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import math
 import re
+import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -604,7 +605,10 @@ class PoolServer:
                 "address: give a TLS certificate and key, or --insecure on a trusted network"
             )
 
-        store = PoolStore(config.db_path, default_max_attempts=config.default_max_attempts)
+        try:
+            store = PoolStore(config.db_path, default_max_attempts=config.default_max_attempts)
+        except (sqlite3.Error, OSError) as exc:
+            raise PoolStartError(f"cannot open the database {config.db_path}: {exc}") from None
         # Workers could not heartbeat while the pool was down: give each running lease a
         # full timeout from now to reconnect before the reaper may expire it.
         extended = store.extend_running_leases(now_ms() + config.lease_timeout * 1000)

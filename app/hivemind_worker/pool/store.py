@@ -191,6 +191,7 @@ class TaskRecord:
         spec = pb.TaskSpec()
         spec.CopyFrom(self.spec)
         spec.attempt = self.attempt
+        spec.lease_id = self.lease_id  # the current (or last) lease: lets a submitter correlate
         if not with_contents:
             for f in spec.input_files:
                 f.content = b""
