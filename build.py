@@ -91,7 +91,9 @@ def generate_stubs(out_dir: Path) -> None:
             )
             (out_dir / src.name).write_text(text)
     init = out_dir / "__init__.py"
-    init.write_text('"""Generated gRPC and protobuf stubs for the Node Pool protocol (build.py proto)."""\n')
+    init.write_text(
+        '"""Generated gRPC and protobuf stubs for the Node Pool protocol (build.py proto)."""\n'
+    )
 
 
 def cmd_proto(_: argparse.Namespace) -> None:

@@ -1,6 +1,11 @@
 """HiveMind Worker: donate spare compute to the HiveMind distributed computing platform."""
 
+import os
 from importlib.metadata import PackageNotFoundError, version
+
+# Tasks are started with fork+exec and never use gRPC in a forked child, so gRPC's fork
+# handlers are only noise ("skipping fork() handlers") and risk; grpc reads this on import.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 try:
     __version__ = version("hivemind-worker")

@@ -16,14 +16,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hivemind_worker.pool.client import TaskQueueClient
-
 from hivemind_worker.config import Settings, load_settings
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.engine.engine import WorkerEngine
 from hivemind_worker.engine.events import Event, StateChanged
 from hivemind_worker.engine.executors.process import ProcessExecutor
 from hivemind_worker.paths import Paths, default_paths
+from hivemind_worker.pool.client import TaskQueueClient
 from hivemind_worker.pool.server import PoolConfig, PoolServer
 from hivemind_worker.pool.store import PoolStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
@@ -36,7 +35,8 @@ PASSWORD = "correct horse battery staple"
 async def start_pool(db: Path, *, listen: str = "127.0.0.1:0", **config: object) -> PoolServer:
     """A pool with user alice; short lease timings unless the test says otherwise."""
     store = PoolStore(db)
-    store.add_user(USER, PASSWORD)
+    if store.password_hash(USER) is None:  # add_user on a restart would revoke tokens
+        store.add_user(USER, PASSWORD)
     store.close()
     options: dict[str, object] = {
         "heartbeat_interval": 1,
@@ -157,19 +157,20 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def worker_subprocess(home: Path, address: str, *extra: str) -> subprocess.Popen[bytes]:
-    """`hivemind-worker run --headless` as its own process, logged in with `login`."""
+async def worker_subprocess(home: Path, address: str, *extra: str) -> subprocess.Popen[bytes]:
+    """`hivemind-worker run --headless` as its own process, logged in with `login`.
+
+    Async because the pool answering `login` runs on the caller's event loop.
+    """
     env = {**os.environ, "HIVEMIND_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     env.pop("NODE_ID", None)
     base = [sys.executable, "-m", "hivemind_worker"]
-    subprocess.run(
-        [*base, "login", "--node-pool", address, "--account", USER, "--password-stdin"],
-        input=(PASSWORD + "\n").encode(),
-        env=env,
-        check=True,
-        timeout=60,
-        capture_output=True,
-    )
+    login = await asyncio.create_subprocess_exec(
+        *base, "login", "--node-pool", address, "--account", USER, "--password-stdin",
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(login.communicate((PASSWORD + "\n").encode()), 60)
+    assert login.returncode == 0, out.decode()
     log = (home / "stderr.log").open("wb")
     return subprocess.Popen(
         [*base, "run", "--headless", "--node-pool", address, "--node-id", home.name, *extra],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -38,44 +37,51 @@ def unsupported_reason() -> str:
     )
 
 
-def posix_preexec(limits: ProcessLimits) -> Callable[[], None]:
-    """A preexec_fn for subprocess that applies `limits` in the child before exec.
+# Runs as `python -E -s -c LAUNCHER CONFIG main.py ARGS...` in the task's workspace: it applies
+# the limits to itself and then runs main.py in the same interpreter. Limits are applied here,
+# after exec, rather than in a preexec_fn between fork and exec: the worker has gRPC threads,
+# and Python code in a forked child of a threaded process can deadlock or crash (it did:
+# at-fork handlers segfaulted under load).
+LAUNCHER = """\
+import json, os, resource, runpy, sys
+cfg = json.loads(sys.argv[1])
+for name, value in cfg["rlimits"]:
+    which = getattr(resource, name)
+    hard = resource.getrlimit(which)[1]
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(which, (value, value))
+if cfg["nice"]:
+    os.nice(cfg["nice"])
+if sys.platform.startswith("linux"):
+    import ctypes, signal
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the worker
+    if os.getppid() != cfg["parent"]:
+        os._exit(137)
+sys.argv = sys.argv[2:]
+del json, resource, cfg
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
-    Everything that could take a lock (the import, reading the current hard limits) is done
-    here, in the parent: the returned function runs between fork and exec, where another
-    thread of the worker (grpc, asyncio.to_thread) may have held a lock at fork time.
-    """
-    import resource
 
-    settings: list[tuple[int, int, int]] = []
+def launch_argv(
+    python: str, limits: ProcessLimits, script: str, argv: tuple[str, ...]
+) -> list[str]:
+    """The command that runs `script` under `limits` (see LAUNCHER)."""
+    import json
 
-    def add(which: int, value: int) -> None:
-        # Never ask for more than the worker's own hard limit: raising it needs privileges
-        # and would make setrlimit fail in the child.
-        _, hard = resource.getrlimit(which)
-        value = max(value, 0)
-        if hard != resource.RLIM_INFINITY:
-            value = min(value, hard)
-        settings.append((which, value, value))
-
+    rlimits: list[tuple[str, int]] = []
     if limits.address_space_bytes is not None:
-        add(resource.RLIMIT_AS, limits.address_space_bytes)
+        rlimits.append(("RLIMIT_AS", max(limits.address_space_bytes, 0)))
     if limits.cpu_seconds is not None:
-        add(resource.RLIMIT_CPU, limits.cpu_seconds)
+        rlimits.append(("RLIMIT_CPU", max(limits.cpu_seconds, 0)))
     if limits.file_size_bytes is not None:
-        add(resource.RLIMIT_FSIZE, limits.file_size_bytes)
-    add(resource.RLIMIT_CORE, limits.core_bytes)
+        rlimits.append(("RLIMIT_FSIZE", max(limits.file_size_bytes, 0)))
+    rlimits.append(("RLIMIT_CORE", limits.core_bytes))
     # RLIMIT_NPROC is deliberately not used: it counts every process of the user, so when the
     # worker and its tasks share a uid it would count (and starve) the worker's own threads
     # and processes, and it does nothing at all for root.
-    nice = limits.nice
-    setrlimit = resource.setrlimit
-    set_nice = os.nice
-
-    def apply() -> None:
-        for which, soft, hard in settings:
-            setrlimit(which, (soft, hard))
-        if nice:
-            set_nice(nice)
-
-    return apply
+    config = json.dumps({"rlimits": rlimits, "nice": limits.nice, "parent": os.getpid()})
+    # -E -s: ignore PYTHON* variables and the user's site-packages; with -c the workspace
+    # (the current directory) stays first on sys.path, so a task can import its own modules.
+    return [python, "-E", "-s", "-c", LAUNCHER, config, script, *argv]

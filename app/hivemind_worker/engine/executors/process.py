@@ -273,20 +273,13 @@ class ProcessExecutor(Executor):
         )
         try:
             proc = await asyncio.create_subprocess_exec(
-                self._python,
-                # -E -s: ignore PYTHON* variables and the user's site-packages, but keep the
-                # workspace on sys.path (unlike -I) so a task can import its own input modules.
-                "-E",
-                "-s",
-                "main.py",
-                *task.argv,
+                *plimits.launch_argv(self._python, limits, "main.py", task.argv),
                 cwd=workspace,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=_task_environment(task, workspace, results_dir),
-                preexec_fn=plimits.posix_preexec(limits),
                 limit=READ_CHUNK,
             )
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
