@@ -40,7 +40,7 @@ def run(cmd: list[str | Path], **kwargs: object) -> None:
 
 
 def bootstrap() -> None:
-    """Create .venv if missing and install the project with its dev extras when pyproject changes."""
+    """Create .venv if missing; install the project and dev extras when pyproject changes."""
     if not venv_python().exists():
         print(f"Creating virtual environment in {VENV}", flush=True)
         run([sys.executable, "-m", "venv", VENV])
@@ -91,9 +91,7 @@ def generate_stubs(out_dir: Path) -> None:
             )
             (out_dir / src.name).write_text(text)
     init = out_dir / "__init__.py"
-    init.write_text(
-        '"""Generated gRPC and protobuf stubs for the Node Pool protocol (build.py proto)."""\n'
-    )
+    init.write_text('"""Generated gRPC and protobuf stubs for the Node Pool protocol."""\n')
 
 
 def cmd_proto(_: argparse.Namespace) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Dispatch benchmark: task pick-up latency, and the worker's per-task overhead against bare subprocess.
+"""Dispatch benchmark: task pick-up latency and per-task overhead against a bare subprocess.
 
 Everything runs in this one process on loopback: the reference pool, the engine with the
 process executor, and the baseline (the same trivial program started with `subprocess`).
@@ -174,7 +174,7 @@ def main() -> None:
             f"{lat_med / base_med:.2f} |",
             f"| worker total: submit → result stored at the pool | {total_med * 1000:.1f} ms | "
             f"{ratio:.2f} |",
-            f"| worker overhead per task (total − baseline) | "
+            f"| worker overhead per task (total - baseline) | "
             f"{(total_med - base_med) * 1000:.1f} ms | {ratio - 1:.2f} |",
             "",
             "Pick-up is immediate because the worker's `GetAssignedTasks` long-poll is parked in "

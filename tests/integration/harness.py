@@ -172,7 +172,7 @@ async def worker_subprocess(home: Path, address: str, *extra: str) -> subprocess
     out, _ = await asyncio.wait_for(login.communicate((PASSWORD + "\n").encode()), 60)
     assert login.returncode == 0, out.decode()
     log = (home / "stderr.log").open("wb")
-    return subprocess.Popen(
+    return subprocess.Popen(  # noqa: ASYNC220 - killed by pid with SIGKILL in the test
         [*base, "run", "--headless", "--node-pool", address, "--node-id", home.name, *extra],
         env=env,
         stdout=log,

@@ -1,1 +1,1 @@
-"""Generated gRPC and protobuf stubs for the Node Pool protocol (build.py proto)."""
+"""Generated gRPC and protobuf stubs for the Node Pool protocol."""
