@@ -132,7 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from hivemind_worker.logs import setup_logging
 
-    setup_logging(settings.log_dir, level=settings.log_level, console=args.command != "doctor")
+    setup_logging(
+        settings.log_dir,
+        level=settings.log_level,
+        console=args.command != "doctor",
+        # The demo prints its own progress; the console gets only what needs attention.
+        console_level="warning" if args.command == "demo" else None,
+    )
     commands = {
         "run": cmd_run,
         "login": cmd_login,
@@ -295,6 +301,7 @@ class LocalPool:
 
     def __init__(self, db: Path, *, heartbeat_interval: int = 2, lease_timeout: int = 30) -> None:
         self.db = db
+        self.log = db.with_suffix(".log")
         self.heartbeat_interval = heartbeat_interval
         self.lease_timeout = lease_timeout
         self.process: subprocess.Popen[str] | None = None
@@ -309,12 +316,14 @@ class LocalPool:
             raise CliError(f"could not create the demo account: {done.stderr.strip()}")
 
     def start(self, timeout: float = 30.0) -> str:
-        self.process = subprocess.Popen(
-            [*self_command(), "pool", "serve", "--db", str(self.db), "--listen", "127.0.0.1:0",
-             "--heartbeat-interval", str(self.heartbeat_interval),
-             "--lease-timeout", str(self.lease_timeout)],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        with self.log.open("a") as log_file:  # the child keeps its own copy of the handle
+            self.process = subprocess.Popen(
+                [*self_command(), "pool", "serve", "--db", str(self.db),
+                 "--listen", "127.0.0.1:0",
+                 "--heartbeat-interval", str(self.heartbeat_interval),
+                 "--lease-timeout", str(self.lease_timeout)],
+                stdout=subprocess.PIPE, stderr=log_file, text=True,
+            )  # fmt: skip
         assert self.process.stdout is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -325,7 +334,7 @@ class LocalPool:
                 self.address = line.split()[-1]
                 return self.address
         self.stop()
-        raise CliError("the local pool did not start; see the log above")
+        raise CliError(f"the local pool did not start; see {self.log}")
 
     def stop(self) -> None:
         if self.process is None:
@@ -354,7 +363,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, paths: Paths) -> int:
     password = secrets.token_urlsafe(16)
     pool.add_user("demo", password)
     address = pool.start()
-    print(f"Local pool running at {address} (database {db})")
+    print(f"Local pool running at {address} (database {db}, log {pool.log})")
     try:
         settings = replace(settings, node_pool_address=address, account="demo")
         credentials = CredentialStore(paths)
@@ -418,6 +427,7 @@ async def _demo(
         print(f"  {names[task_id]}: {summary}")
     await queue.close()
     print(f"\nDone: {len(ids) - failures} of {len(ids)} tasks succeeded.")
+    print(f"Worker log: {settings.log_dir / 'worker.jsonl'}")
     return EXIT_OK if failures == 0 else EXIT_ERROR
 
 

@@ -81,6 +81,7 @@ def setup_logging(
     *,
     level: str = "info",
     console: bool = True,
+    console_level: str | None = None,
     node_id: str | None = None,
     max_bytes: int = MAX_BYTES,
 ) -> None:
@@ -106,6 +107,8 @@ def setup_logging(
     if console and sys.stderr is not None:  # a windowed (GUI) executable has no stderr
         console_handler = logging.StreamHandler(sys.stderr)
         console_handler.setFormatter(_ConsoleFormatter())
+        if console_level is not None:
+            console_handler.setLevel(console_level.upper())
         _handlers.append(console_handler)
     for handler in _handlers:
         handler.addFilter(_ContextFilter())
