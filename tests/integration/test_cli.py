@@ -1,0 +1,151 @@
+"""The command line as a person uses it: version, bad settings, login, doctor, demo, Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import PASSWORD, USER, python_task, queue_client, start_pool, worker_subprocess
+
+from hivemind_worker import __version__
+from hivemind_worker.cli import LocalPool
+from hivemind_worker.protocol import nodepool_pb2 as pb
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def cli(home: Path, *args: str, stdin: str = "", env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    full_env = {**os.environ, "HIVEMIND_HOME": str(home), **(env or {})}
+    for name in ("NODE_ID", "NODE_POOL_ADDRESS", "MAX_CPU_CORES", "HIVEMIND_ACCOUNT"):
+        if name not in (env or {}):
+            full_env.pop(name, None)
+    return subprocess.run(
+        [sys.executable, "-m", "hivemind_worker", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=150,
+        check=False,
+    )
+
+
+@pytest.fixture
+def local_pool(tmp_path: Path) -> Iterator[LocalPool]:
+    pool = LocalPool(tmp_path / "pool" / "pool.db")
+    pool.db.parent.mkdir()
+    pool.add_user(USER, PASSWORD)
+    pool.start()
+    try:
+        yield pool
+    finally:
+        pool.stop()
+
+
+def test_version(tmp_path: Path) -> None:
+    done = cli(tmp_path, "--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"hivemind-worker {__version__}"
+
+
+def test_bad_setting_from_the_environment_names_key_source_and_range(tmp_path: Path) -> None:
+    done = cli(tmp_path, "run", "--headless", env={"MAX_CPU_CORES": "lots"})
+    assert done.returncode == 2
+    message = done.stderr.strip()
+    assert "max_cpu_cores" in message and "environment variable MAX_CPU_CORES" in message
+    assert "expected a number from 0 to" in message
+    assert len(message.splitlines()) == 1  # one clear line, no traceback
+
+
+def test_bad_setting_from_a_flag_and_from_the_file(tmp_path: Path) -> None:
+    done = cli(tmp_path, "run", "--headless", "--node-pool", "no-port-here")
+    assert done.returncode == 2
+    assert "command-line flag --node-pool" in done.stderr
+    settings = tmp_path / "config" / "settings.toml"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text("max_concurrent_tasks = 0\n")
+    done = cli(tmp_path, "run", "--headless")
+    assert done.returncode == 2
+    assert "max_concurrent_tasks" in done.stderr and str(settings) in done.stderr
+
+
+def test_login_then_doctor_is_healthy(tmp_path: Path, local_pool: LocalPool) -> None:
+    home = tmp_path / "home"
+    pool_flag = ["--node-pool", local_pool.address]
+    done = cli(home, "doctor", *pool_flag, "--account", USER)
+    assert done.returncode == 1
+    assert "not logged in" in done.stdout
+
+    done = cli(home, "login", *pool_flag, "--account", USER, "--password-stdin", stdin="wrong\n")
+    assert done.returncode == 1
+    assert "wrong username or password" in done.stderr
+
+    done = cli(
+        home, "login", *pool_flag, "--account", USER, "--password-stdin", stdin=PASSWORD + "\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"Logged in to {local_pool.address} as {USER}" in done.stdout
+    # The token is in the keyring (here the explicit plaintext fallback); never the password.
+    assert PASSWORD not in "".join(p.read_text(errors="replace") for p in home.rglob("*.cfg"))
+
+    done = cli(home, "doctor", *pool_flag)  # the account is remembered from the login
+    assert done.returncode == 0, done.stdout
+    assert "healthy" in done.stdout.splitlines()[-1]
+    assert f"logged in as {USER}" in done.stdout
+
+
+def test_doctor_reports_an_unreachable_pool(tmp_path: Path) -> None:
+    done = cli(tmp_path, "doctor", "--node-pool", "127.0.0.1:9")
+    assert done.returncode == 1
+    assert "FAIL" in done.stdout and "127.0.0.1:9" in done.stdout
+    assert "unhealthy: pool" in done.stdout
+
+
+@pytest.mark.slow
+def test_demo_completes_every_task(tmp_path: Path) -> None:
+    done = cli(tmp_path, "demo", "--tasks", "4")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Done: 4 of 4 tasks succeeded." in done.stdout
+    assert "17984 primes up to 200000" in done.stdout
+    assert "[4/4]" in done.stdout
+
+
+@pytest.mark.slow
+async def test_ctrl_c_finishes_the_running_task_then_exits(
+    tmp_path: Path, memory_keyring: object
+) -> None:
+    pool = await start_pool(tmp_path / "pool.db")
+    proc = await worker_subprocess(tmp_path / "node-a", pool.address)
+    try:
+        async with queue_client(pool.address) as queue:
+            task_id = await queue.submit(
+                python_task(
+                    "import time; time.sleep(2); open('results/r.txt', 'w').write('done')",
+                    name="finish me",
+                )
+            )
+            for _ in range(300):
+                if (await queue.get(task_id)).status == pb.TASK_STATUS_RUNNING:
+                    break
+                await asyncio.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            for _ in range(300):  # bounded wait for the process to drain and exit
+                if proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.1)
+            assert proc.returncode == 0
+            info = await queue.get(task_id)
+            assert info.status == pb.TASK_STATUS_SUCCEEDED  # finished and delivered, not requeued
+            assert info.attempt == 1
+        log = (tmp_path / "node-a" / "stderr.log").read_text()
+        assert "finishing running tasks" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await pool.stop()
