@@ -24,7 +24,7 @@ from keyring.backend import KeyringBackend
 from hivemind_worker.config import load_settings
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.engine.engine import WorkerEngine
-from hivemind_worker.engine.events import Event, TaskStarted
+from hivemind_worker.engine.events import Event, ResultDelivered, TaskFinished, TaskStarted
 from hivemind_worker.engine.executors.process import ProcessExecutor
 from hivemind_worker.engine.pool_client import NodePoolClient
 from hivemind_worker.paths import default_paths
@@ -70,8 +70,9 @@ def baseline_runs(n: int) -> list[float]:
     return times
 
 
-async def worker_runs(n: int, home: Path) -> tuple[list[float], list[float]]:
-    """Per task: submit → started (pick-up latency) and submit → done at the pool (total)."""
+async def worker_runs(n: int, home: Path) -> dict[str, list[float]]:
+    """Per task, seconds: submit → started (pick-up), started → finished (execution),
+    finished → delivered (archive upload and report), and submit → done at the pool (total)."""
     db = home / "pool.db"
     store = PoolStore(db)
     store.add_user("bench", "bench-password")
@@ -99,17 +100,17 @@ async def worker_runs(n: int, home: Path) -> tuple[list[float], list[float]]:
         executor=ProcessExecutor(settings.work_dir),
         outbox_dir=paths.outbox_dir,
     )
-    started: dict[str, float] = {}
+    seen: dict[tuple[type, str], float] = {}
 
     def on_event(event: Event) -> None:
-        if isinstance(event, TaskStarted):
-            started[event.task_id] = time.perf_counter()
+        if isinstance(event, TaskStarted | TaskFinished | ResultDelivered):
+            seen[type(event), event.task_id] = time.perf_counter()
 
     engine.subscribe(on_event)
     runner = asyncio.create_task(engine.run())
     queue = TaskQueueClient(pool.address)
     await queue.login("bench", "bench-password")
-    latencies, totals = [], []
+    phases: dict[str, list[float]] = {"pickup": [], "execute": [], "deliver": [], "total": []}
     spec = pb.TaskSpec(
         kind=pb.TASK_KIND_PYTHON,
         source=SOURCE,
@@ -122,14 +123,18 @@ async def worker_runs(n: int, home: Path) -> tuple[list[float], list[float]]:
             t0 = time.perf_counter()
             task_id = await queue.submit(spec)
             await queue.wait_done([task_id], timeout=60, poll_interval=0.005)
-            totals.append(time.perf_counter() - t0)
-            latencies.append(started[task_id] - t0)
+            phases["total"].append(time.perf_counter() - t0)
+            started = seen[TaskStarted, task_id]
+            finished = seen[TaskFinished, task_id]
+            phases["pickup"].append(started - t0)
+            phases["execute"].append(finished - started)
+            phases["deliver"].append(seen[ResultDelivered, task_id] - finished)
     finally:
         await queue.close()
         engine.shutdown()
         await runner
         await pool.stop()
-    return latencies, totals
+    return phases
 
 
 def write_report(section: str) -> None:
@@ -153,10 +158,10 @@ def main() -> None:
 
     base = baseline_runs(args.n)
     with tempfile.TemporaryDirectory() as tmp:
-        latencies, totals = asyncio.run(worker_runs(args.n, Path(tmp)))
+        phases = asyncio.run(worker_runs(args.n, Path(tmp)))
     base_med = statistics.median(base)
-    total_med = statistics.median(totals)
-    lat_med = statistics.median(latencies)
+    med = {name: statistics.median(values) for name, values in phases.items()}
+    total_med = med["total"]
     ratio = total_med / base_med
     section = "\n".join(
         [
@@ -170,8 +175,12 @@ def main() -> None:
             "| measure | median | vs. baseline |",
             "|---|---|---|",
             f"| baseline: `subprocess.run(python main.py)` | {base_med * 1000:.1f} ms | 1.00 |",
-            f"| pick-up latency: submit → task started | {lat_med * 1000:.1f} ms | "
-            f"{lat_med / base_med:.2f} |",
+            f"| pick-up latency: submit → task started | {med['pickup'] * 1000:.1f} ms | "
+            f"{med['pickup'] / base_med:.2f} |",
+            f"| execution in the process sandbox: started → finished | "
+            f"{med['execute'] * 1000:.1f} ms | {med['execute'] / base_med:.2f} |",
+            f"| delivery: archive upload and report | {med['deliver'] * 1000:.1f} ms | "
+            f"{med['deliver'] / base_med:.2f} |",
             f"| worker total: submit → result stored at the pool | {total_med * 1000:.1f} ms | "
             f"{ratio:.2f} |",
             f"| worker overhead per task (total - baseline) | "

@@ -104,13 +104,19 @@ async def test_long_poll_picks_up_a_task_without_a_new_poll(tmp_path: Path) -> N
         await wait_for(lambda: pool.stats.get_assigned_calls.get("node-a", 0) == 1, what="poll")
         await asyncio.sleep(0.3)  # the call is now parked in the pool
         polls_before = pool.stats.get_assigned_calls["node-a"]
+        polls_at_start: list[int] = []
+        worker.engine.subscribe(
+            lambda e: (
+                polls_at_start.append(pool.stats.get_assigned_calls["node-a"])
+                if isinstance(e, TaskStarted)
+                else None
+            )
+        )
         async with queue_client(pool.address) as queue:
             task_id = await queue.submit(python_task("print('hello')"))
-            await wait_for(
-                lambda: any(isinstance(e, TaskStarted) for e in worker.events), what="start"
-            )
+            await wait_for(lambda: bool(polls_at_start), what="start")
             # The task arrived on the call that was already waiting: no second poll was made.
-            assert pool.stats.get_assigned_calls["node-a"] == polls_before == 1
+            assert polls_at_start == [polls_before] == [1]
             info = (await queue.wait_done([task_id], timeout=30))[task_id]
             assert info.status == pb.TASK_STATUS_SUCCEEDED
     finally:

@@ -52,6 +52,7 @@ CPU_LIMIT_SLACK_SECONDS = 5
 TERM_GRACE_SECONDS = 2.0
 SAMPLE_INTERVAL = 1.0
 POLL_INTERVAL = 0.1
+EXIT_POLL_INTERVAL = 0.005
 DRAIN_SECONDS = 5.0
 READ_CHUNK = 64 * 1024
 MAX_ARCHIVE_MEMBERS = 10_000
@@ -294,7 +295,7 @@ class ProcessExecutor(Executor):
         reader = asyncio.create_task(self._pump(run, on_log))
         try:
             run.leader = await asyncio.to_thread(_psutil_process, proc.pid)
-            await self._supervise(run)
+            await self._supervise(run, reader)
         finally:
             # However the run ends (exit, timeout, cancel, or this coroutine being cancelled),
             # nothing the task started may outlive it.
@@ -337,9 +338,10 @@ class ProcessExecutor(Executor):
             return
         result.archive, result.archive_sha256, result.archive_size = archive, digest, size
 
-    async def _supervise(self, run: _Running) -> None:
+    async def _supervise(self, run: _Running, reader: asyncio.Task[None]) -> None:
         # asyncio's Process.wait() only returns once the stdout pipe is closed too, which a
         # grandchild holding it can delay forever; returncode is set at the exit itself.
+        # The end of output usually comes with the exit, so it cuts the polling short.
         proc = run.proc
         timeout = run.task.timeout_seconds
         while proc.returncode is None:
@@ -352,7 +354,10 @@ class ProcessExecutor(Executor):
                 run.timed_out = True
                 await self._terminate(run)
                 return
-            await asyncio.sleep(POLL_INTERVAL)
+            if reader.done():
+                await asyncio.sleep(EXIT_POLL_INTERVAL)  # output closed: the exit is near
+            else:
+                await asyncio.wait({reader}, timeout=POLL_INTERVAL)
         await asyncio.to_thread(_sample, run)
 
     async def _terminate(self, run: _Running) -> None:
