@@ -64,7 +64,9 @@ class CredentialStore:
             if self._plaintext_path is not None:
                 return f"PlaintextKeyring (file {self._plaintext_path})"
             if isinstance(backend, keyring.backends.chainer.ChainerBackend):
-                return ", ".join(chained.name for chained in backend.backends)
+                # Name what stores secrets: keyring also chains low-priority fallbacks.
+                real = [b for b in backend.backends if _is_recommended(b)] or backend.backends
+                return ", ".join(b.name for b in real)
             return str(backend.name)
 
     @property
