@@ -57,6 +57,9 @@ class Settings:
     log_dir: Path
     log_level: str
     drain_timeout: int
+    start_at_login: bool
+    start_on_launch: bool
+    close_to_tray: bool
 
     def cpu_cap(self) -> float:
         return self.max_cpu_cores or float(_cpu_count())
@@ -324,6 +327,20 @@ _SPECS: tuple[SettingSpec, ...] = (
         60,
         "Seconds to let running tasks finish when stopping.",
         _Range(0, 86400, integer=True),
+    ),
+    # Desktop app only: the settings dialog writes them, the headless worker ignores them.
+    _spec("start_at_login", None, False, "Start the desktop app when you log in (file only)."),
+    _spec(
+        "start_on_launch",
+        None,
+        False,
+        "Start contributing as soon as the desktop app starts (file only).",
+    ),
+    _spec(
+        "close_to_tray",
+        None,
+        True,
+        "Closing the window keeps the app running in the tray (file only).",
     ),
 )
 _BY_KEY: dict[str, SettingSpec] = {spec.key: spec for spec in _SPECS}

@@ -140,6 +140,16 @@ class WorkerEngine:
         """Stop contributing now: running tasks are killed and go back to the pool."""
         self._call(self._do_stop)
 
+    def cancel_task(self, task_id: str) -> None:
+        """Stop one running task; it is reported CANCELLED and the pool hands it out again."""
+
+        def cancel() -> None:
+            run = self._running.get(task_id)
+            if run is not None and not run.finished:
+                self._spawn(self.executor.cancel(task_id), "cancel")
+
+        self._call(cancel)
+
     def shutdown(self) -> None:
         """End `run()`; running tasks are stopped."""
         self._call(self._do_shutdown)
@@ -579,6 +589,7 @@ class WorkerEngine:
                     result.error,
                     duration,
                     result.archive_size,
+                    result.cpu_seconds,
                 )
             )
             try:

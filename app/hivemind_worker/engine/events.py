@@ -65,6 +65,7 @@ class TaskFinished:
     error: str
     duration: float
     result_size: int
+    cpu_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
