@@ -1,0 +1,194 @@
+"""EngineThread hosts the engine's event loop; Bridge re-emits engine events as Qt signals."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import sys
+import threading
+import traceback
+from collections.abc import Awaitable, Callable, Coroutine
+from types import TracebackType
+from typing import Any
+
+from PySide6.QtCore import QObject, QThread, Signal
+
+from hivemind_worker.engine.engine import WorkerEngine
+from hivemind_worker.engine.events import (
+    ErrorRaised,
+    Event,
+    MetricsSample,
+    ResultDelivered,
+    StateChanged,
+    TaskFinished,
+    TaskOutput,
+    TaskStarted,
+)
+
+log = logging.getLogger(__name__)
+
+Hook = Callable[[], Awaitable[None]]
+
+
+class Bridge(QObject):
+    """Lives on the GUI thread; the engine calls `publish` on its own thread.
+
+    Emitting a signal of a GUI-thread object from another thread queues the call, so every
+    slot connected here runs on the GUI thread (the Electrum pattern).
+    """
+
+    stateChanged = Signal(object)  # StateChanged
+    metrics = Signal(object)  # MetricsSample
+    taskStarted = Signal(object)  # TaskStarted
+    taskOutput = Signal(object)  # TaskOutput
+    taskFinished = Signal(object)  # TaskFinished
+    resultDelivered = Signal(object)  # ResultDelivered
+    error = Signal(object)  # ErrorRaised
+    crashed = Signal(str, str)  # title, details: an uncaught exception anywhere
+    engineStopped = Signal()  # engine.run() returned: the thread is about to end
+
+    def publish(self, event: Event) -> None:
+        match event:
+            case StateChanged():
+                self.stateChanged.emit(event)
+            case MetricsSample():
+                self.metrics.emit(event)
+            case TaskStarted():
+                self.taskStarted.emit(event)
+            case TaskOutput():
+                self.taskOutput.emit(event)
+            case TaskFinished():
+                self.taskFinished.emit(event)
+            case ResultDelivered():
+                self.resultDelivered.emit(event)
+            case ErrorRaised():
+                self.error.emit(event)
+
+
+class EngineThread(QThread):
+    """Runs `engine.run()` under its own asyncio loop; the GUI thread never awaits anything.
+
+    `before` runs on the loop ahead of the engine (the demo starts its pool and submits tasks
+    there), `after` once the engine has stopped. Both share the engine's loop because grpc.aio
+    objects belong to the loop that made them.
+    """
+
+    def __init__(
+        self,
+        engine: WorkerEngine,
+        bridge: Bridge,
+        *,
+        autostart: bool,
+        before: Hook | None = None,
+        after: Hook | None = None,
+    ) -> None:
+        super().__init__()
+        self.setObjectName("engine")
+        self.engine = engine
+        self.bridge = bridge
+        self.autostart = autostart
+        self._before = before
+        self._after = after
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._unsubscribe = engine.subscribe(bridge.publish)
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException:
+            exc_type, exc, tb = sys.exc_info()
+            assert exc_type is not None and exc is not None
+            log.critical("the engine thread failed", exc_info=(exc_type, exc, tb))
+            self.bridge.crashed.emit(
+                "The worker engine stopped", "".join(traceback.format_exception(exc))
+            )
+        finally:
+            self._unsubscribe()
+            self._loop = None
+            self._ready.set()
+            self.bridge.engineStopped.emit()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._ready.set()
+        try:
+            if self._before is not None:
+                await self._before()
+            await self.engine.run(autostart=self.autostart)
+        finally:
+            if self._after is not None:
+                await self._after()
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+        """Schedule a coroutine on the engine's loop (pool calls, keyring via to_thread)."""
+        self._ready.wait(10)  # only ever waits in the instant between start() and the loop
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            coro.close()
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            future.set_exception(RuntimeError("the worker engine is not running"))
+            return future
+        return asyncio.run_coroutine_threadsafe(coro, loop)
+
+
+class Call(QObject):
+    """The outcome of work done off the GUI thread, delivered as a signal on the GUI thread."""
+
+    succeeded = Signal(object)
+    failed = Signal(str)
+
+    def __init__(self, future: concurrent.futures.Future[Any], parent: QObject | None = None):
+        super().__init__(parent)
+        self.future = future
+        # The callback runs on whichever thread finishes the future; the signal queues it here.
+        future.add_done_callback(self._done)
+
+    def _done(self, future: concurrent.futures.Future[Any]) -> None:
+        if future.cancelled():
+            self.failed.emit("cancelled")
+            return
+        exc = future.exception()
+        if exc is None:
+            self.succeeded.emit(future.result())
+        else:
+            self.failed.emit(str(exc) or type(exc).__name__)
+
+
+class CrashReporter(QObject):
+    """Receives uncaught exceptions from any thread and shows them on the GUI thread."""
+
+    crashed = Signal(str, str)
+
+
+_reporter: CrashReporter | None = None
+
+
+def install_excepthooks(reporter: CrashReporter) -> None:
+    """Chain onto the logging hooks (logs.setup_logging): log as before, then tell the person."""
+    global _reporter  # noqa: PLW0603 - one per process, like sys.excepthook itself
+    _reporter = reporter
+    previous_sys = sys.excepthook
+    previous_thread = threading.excepthook
+
+    def on_exception(
+        exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+    ) -> None:
+        previous_sys(exc_type, exc, tb)
+        if not issubclass(exc_type, KeyboardInterrupt) and _reporter is not None:
+            text = "".join(traceback.format_exception(exc_type, exc, tb))
+            _reporter.crashed.emit(f"Unexpected error: {exc_type.__name__}", text)
+
+    def on_thread_exception(args: threading.ExceptHookArgs) -> None:
+        previous_thread(args)
+        if issubclass(args.exc_type, SystemExit) or _reporter is None:
+            return
+        text = "".join(
+            traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)
+        )
+        name = args.thread.name if args.thread is not None else "a thread"
+        _reporter.crashed.emit(f"Unexpected error in {name}", text)
+
+    sys.excepthook = on_exception
+    threading.excepthook = on_thread_exception

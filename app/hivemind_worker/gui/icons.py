@@ -1,0 +1,137 @@
+"""Tray and window icons drawn with QPainter at every size, so they stay crisp at any DPI."""
+
+from __future__ import annotations
+
+import math
+import sys
+from enum import StrEnum
+from pathlib import Path
+
+from PySide6.QtCore import QPointF, QRectF, Qt
+from PySide6.QtGui import QBrush, QColor, QIcon, QImage, QPainter, QPainterPath, QPen, QPixmap
+
+from hivemind_worker.engine.events import EngineState
+
+SIZES = (16, 20, 22, 24, 32, 40, 48, 64, 128, 256)
+
+
+class Look(StrEnum):
+    """What the tray shows; several engine states share one look."""
+
+    CONTRIBUTING = "contributing"
+    IDLE = "idle"
+    PAUSED = "paused"
+    ERROR = "error"
+    DISCONNECTED = "disconnected"
+
+
+def look_for(state: EngineState) -> Look:
+    return {
+        EngineState.BUSY: Look.CONTRIBUTING,
+        EngineState.DRAINING: Look.CONTRIBUTING,
+        EngineState.IDLE: Look.IDLE,
+        EngineState.PAUSED: Look.PAUSED,
+        EngineState.ERROR: Look.ERROR,
+        EngineState.CONNECTING: Look.DISCONNECTED,
+        EngineState.STOPPED: Look.DISCONNECTED,
+    }[state]
+
+
+# Mid-tone colours with a dark outline read on both light and dark panels.
+_FILL = {
+    Look.CONTRIBUTING: QColor("#f2a900"),  # honey: working
+    Look.IDLE: QColor("#3fa66b"),  # green: connected, waiting for work
+    Look.PAUSED: QColor("#4a8fd8"),
+    Look.ERROR: QColor("#d64541"),
+    Look.DISCONNECTED: QColor("#9aa0a6"),
+}
+_OUTLINE = QColor("#2b2b2b")
+_MARK = QColor("#ffffff")
+
+
+def _hexagon(center: QPointF, radius: float) -> QPainterPath:
+    path = QPainterPath()
+    for i in range(6):
+        angle = math.radians(60 * i - 30)
+        point = QPointF(center.x() + radius * math.cos(angle), center.y() + radius * math.sin(angle))
+        if i == 0:
+            path.moveTo(point)
+        else:
+            path.lineTo(point)
+    path.closeSubpath()
+    return path
+
+
+def draw(look: Look, size: int) -> QImage:
+    """One icon image: a hexagon in the state's colour with a mark for the state."""
+    image = QImage(size, size, QImage.Format.Format_ARGB32_Premultiplied)
+    image.fill(Qt.GlobalColor.transparent)
+    p = QPainter(image)
+    p.setRenderHint(QPainter.RenderHint.Antialiasing)
+    c = QPointF(size / 2, size / 2)
+    r = size * 0.47
+    pen_width = max(1.0, size / 16)
+    p.setPen(QPen(_OUTLINE, pen_width))
+    p.setBrush(QBrush(_FILL[look]))
+    p.drawPath(_hexagon(c, r - pen_width / 2))
+    mark_pen = QPen(_MARK, max(1.5, size / 9), Qt.PenStyle.SolidLine, Qt.PenCapStyle.RoundCap)
+    s = size / 32  # marks are designed on a 32 px grid
+    if look is Look.CONTRIBUTING:
+        # Three small cells: the hive at work.
+        p.setPen(Qt.PenStyle.NoPen)
+        p.setBrush(_MARK)
+        for dx, dy in ((-5, 4), (5, 4), (0, -4.5)):
+            p.drawPath(_hexagon(QPointF(c.x() + dx * s, c.y() + dy * s), 4.6 * s))
+    elif look is Look.IDLE:
+        p.setPen(Qt.PenStyle.NoPen)
+        p.setBrush(_MARK)
+        p.drawEllipse(c, 5 * s, 5 * s)
+    elif look is Look.PAUSED:
+        p.setPen(Qt.PenStyle.NoPen)
+        p.setBrush(_MARK)
+        p.drawRoundedRect(QRectF(c.x() - 7 * s, c.y() - 8 * s, 5 * s, 16 * s), s, s)
+        p.drawRoundedRect(QRectF(c.x() + 2 * s, c.y() - 8 * s, 5 * s, 16 * s), s, s)
+    elif look is Look.ERROR:
+        p.setPen(mark_pen)
+        p.drawLine(QPointF(c.x(), c.y() - 8 * s), QPointF(c.x(), c.y() + 2 * s))
+        p.drawPoint(QPointF(c.x(), c.y() + 8 * s))
+    else:  # disconnected: a gap in a ring
+        p.setPen(mark_pen)
+        p.setBrush(Qt.BrushStyle.NoBrush)
+        p.drawArc(QRectF(c.x() - 7 * s, c.y() - 7 * s, 14 * s, 14 * s), 120 * 16, 300 * 16)
+    p.end()
+    return image
+
+
+def state_icon(look: Look) -> QIcon:
+    icon = QIcon()
+    for size in SIZES:
+        icon.addPixmap(QPixmap.fromImage(draw(look, size)))
+    return icon
+
+
+def app_icon() -> QIcon:
+    return state_icon(Look.CONTRIBUTING)
+
+
+def write_icon_files(out_dir: Path) -> list[Path]:
+    """PNG files of the app icon at each size (for file.ico and the .desktop entry)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for size in SIZES:
+        path = out_dir / f"hivemind-worker-{size}.png"
+        draw(Look.CONTRIBUTING, size).save(str(path))
+        written.append(path)
+    for look in Look:
+        path = out_dir / f"tray-{look.value}.png"
+        draw(look, 64).save(str(path))
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    from PySide6.QtGui import QGuiApplication
+
+    _app = QGuiApplication(sys.argv[:1])
+    for written in write_icon_files(Path(sys.argv[1] if len(sys.argv) > 1 else "resources")):
+        print(written)
