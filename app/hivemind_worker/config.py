@@ -52,6 +52,9 @@ class Settings:
     heartbeat_interval: int
     docker_enabled: bool
     docker_network: str
+    docker_python_image: str
+    docker_pull_policy: str
+    docker_image_allowlist: str
     work_dir: Path
     temp_dir: Path
     log_dir: Path
@@ -311,6 +314,33 @@ _SPECS: tuple[SettingSpec, ...] = (
     ),
     _spec("docker_network", "DOCKER_NETWORK", "none", "Docker network for task containers."),
     _spec(
+        "docker_python_image",
+        "DOCKER_PYTHON_IMAGE",
+        "python:3.12-slim",
+        "Docker image that runs python tasks.",
+        _Pattern(
+            r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}", "an image reference like python:3.12-slim"
+        ),
+    ),
+    _spec(
+        "docker_pull_policy",
+        "DOCKER_PULL_POLICY",
+        "if-not-present",
+        "When to pull task images.",
+        _Choice(("if-not-present", "always", "never")),
+    ),
+    _spec(
+        "docker_image_allowlist",
+        "DOCKER_IMAGE_ALLOWLIST",
+        "",
+        "Comma-separated registry prefixes (docker.io/library/) or digests (sha256:...) "
+        "task images must match; empty allows any image.",
+        _Pattern(
+            r"[A-Za-z0-9._/:@, -]{0,4000}",
+            "comma-separated registry prefixes or sha256: digests",
+        ),
+    ),
+    _spec(
         "work_dir",
         "WORK_DIR",
         "",
@@ -394,6 +424,14 @@ def _checked(spec: SettingSpec, raw: object, source: str, parse_text: bool, path
         raise ConfigError(
             f"Invalid setting {spec.key} = {raw!r} ({source}): expected {spec.allowed()}"
         ) from None
+
+
+def check_setting(paths: Paths, key: str, raw: object, source: str = "as entered") -> Any:
+    """The typed, allowed value of one setting; ConfigError (one line) if not allowed.
+
+    Text is parsed as the environment's is, so a dialog can pass what the person typed.
+    """
+    return _checked(_BY_KEY[key], raw, source, isinstance(raw, str), paths)
 
 
 def _read_settings_file(paths: Paths) -> dict[str, Any]:
