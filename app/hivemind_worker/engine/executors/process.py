@@ -4,38 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import io
 import logging
 import math
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
-import tarfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from pathlib import Path
 
 import psutil
 
 from hivemind_worker.engine.executors import limits as plimits
 from hivemind_worker.engine.executors.base import Executor, ExecutorError, LogSink, Usage
+from hivemind_worker.engine.executors.workspace import (
+    ARCHIVES_DIR,
+    TMP_DIR,
+    ResultError,
+    pack_results,
+    prepare_workspace,
+    rmtree,
+    workspace_path,
+)
 from hivemind_worker.engine.tasks import (
-    MAX_INPUT_BYTES,
     MiB,
     Resources,
     TaskKind,
     TaskResult,
     TaskSpec,
-    TaskSpecError,
     TaskStatus,
-    safe_relative_path,
 )
 
 log = logging.getLogger(__name__)
@@ -55,26 +55,11 @@ POLL_INTERVAL = 0.1
 EXIT_POLL_INTERVAL = 0.005
 DRAIN_SECONDS = 5.0
 READ_CHUNK = 64 * 1024
-MAX_ARCHIVE_MEMBERS = 10_000
-MAX_ARCHIVE_BYTES = MAX_INPUT_BYTES
-MAX_RESULT_DEPTH = 100
-ARCHIVES_DIR = "_archives"
-TMP_DIR = "tmp"
 # A failed allocation shows up at the end of the output: a Python traceback ending in
 # MemoryError, or a C++ library's bad_alloc. Only the end is looked at, so a task that
 # caught a MemoryError earlier and failed later for another reason is not called OOM.
 _OOM_MARKERS = (b"MemoryError", b"std::bad_alloc")
 _OOM_SCAN_BYTES = 4096
-
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-_DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
-
-
-class _ResultError(Exception):
-    """The results folder holds something the worker will not send back."""
 
 
 @dataclass(eq=False)
@@ -189,45 +174,19 @@ class ProcessExecutor(Executor):
             raise ExecutorError(plimits.unsupported_reason())
         if task.task_id in self._running:
             raise ExecutorError(f"task {task.task_id} is already running")
-        workspace = self._work_dir / f"{task.task_id}-{task.lease_id or 'nolease'}"
+        workspace = workspace_path(self._work_dir, task)
         previous = self._workspaces.get(task.task_id)
         if previous is not None and previous != workspace:
             # Prepared again under a new lease without a cleanup in between.
-            await asyncio.to_thread(_rmtree, previous)
+            await asyncio.to_thread(rmtree, previous)
         self._workspaces[task.task_id] = workspace
         self._cancel_requested.discard(task.task_id)
         try:
-            await asyncio.to_thread(self._prepare_sync, task, workspace)
+            await asyncio.to_thread(prepare_workspace, task, workspace, self._work_dir)
         except BaseException:
             with contextlib.suppress(OSError):
-                await asyncio.to_thread(_rmtree, workspace)
+                await asyncio.to_thread(rmtree, workspace)
             raise
-
-    def _prepare_sync(self, task: TaskSpec, workspace: Path) -> None:
-        try:
-            self._work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if workspace.exists() or workspace.is_symlink():
-                _rmtree(workspace)
-            os.mkdir(workspace, 0o700)
-        except OSError as exc:
-            raise ExecutorError(f"cannot create the task workspace {workspace}: {exc}") from exc
-        root = os.open(workspace, _DIR_FLAGS)
-        try:
-            if task.input_archive:
-                _unpack_archive(task.input_archive, workspace)
-            for f in task.input_files:
-                _write_file(
-                    root, workspace, str(f.path), f.content, mode=f.mode, field_name="input_files"
-                )
-            _write_file(
-                root, workspace, "main.py", task.source.encode(), mode=0o644, field_name="source"
-            )
-            _make_dirs(root, workspace, str(task.result_path), "result_path")
-            _make_dirs(root, workspace, TMP_DIR, "input_files")
-        except OSError as exc:
-            raise ExecutorError(f"cannot write the task inputs: {exc}") from exc
-        finally:
-            os.close(root)
 
     # ---------------------------------------------------------------- run
 
@@ -327,9 +286,11 @@ class ProcessExecutor(Executor):
         if result.status is TaskStatus.CANCELLED:
             return
         try:
-            archive, digest, size = await asyncio.to_thread(self._collect, task, workspace)
-        except (_ResultError, OSError) as exc:
-            reason = str(exc) if isinstance(exc, _ResultError) else f"cannot pack results: {exc}"
+            archive, digest, size = await asyncio.to_thread(
+                pack_results, task, workspace, self.archive_dir, self._max_result_files
+            )
+        except (ResultError, OSError) as exc:
+            reason = str(exc) if isinstance(exc, ResultError) else f"cannot pack results: {exc}"
             if result.status is TaskStatus.SUCCEEDED:
                 result.status = TaskStatus.FAILED
                 result.error = reason
@@ -419,34 +380,6 @@ class ProcessExecutor(Executor):
             with contextlib.suppress(psutil.Error, OSError):
                 p.send_signal(sig)
 
-    # ---------------------------------------------------------------- results
-
-    def _collect(self, task: TaskSpec, workspace: Path) -> tuple[Path, str, int]:
-        archive_dir = self.archive_dir
-        archive_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        archive = archive_dir / f"{task.task_id}-{task.lease_id or 'nolease'}.tar.gz"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(archive)
-        fd = os.open(
-            archive, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600
-        )
-        try:
-            with (
-                os.fdopen(fd, "wb") as raw,
-                tarfile.open(fileobj=raw, mode="w:gz", format=tarfile.PAX_FORMAT) as tar,
-            ):
-                walker = _ResultWalker(tar, task.max_result_bytes, self._max_result_files)
-                walker.pack(workspace, task.result_path)
-            digest = hashlib.sha256()
-            with open(archive, "rb") as f:
-                while block := f.read(1024 * 1024):
-                    digest.update(block)
-            return archive, digest.hexdigest(), archive.stat().st_size
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(archive)
-            raise
-
     # ---------------------------------------------------------------- control
 
     async def cancel(self, task_id: str) -> None:
@@ -486,7 +419,7 @@ class ProcessExecutor(Executor):
         self._cancel_requested.discard(task_id)
         workspace = self._workspaces.pop(task_id, None)
         if workspace is not None:
-            await asyncio.to_thread(_rmtree, workspace)
+            await asyncio.to_thread(rmtree, workspace)
 
     def usage(self) -> dict[str, Usage]:
         return {task_id: run.usage for task_id, run in self._running.items()}
@@ -591,277 +524,3 @@ def _signal_name(number: int) -> str:
         return str(number)
     hint = {"SIGXCPU": " (CPU time limit)", "SIGXFSZ": " (file size limit)"}.get(name, "")
     return name + hint
-
-
-def _check_inside(workspace: Path, rel: str, field_name: str) -> PurePosixPath:
-    """Validate `rel` again (a TaskSpec may be built without from_proto) and resolve it."""
-    path = safe_relative_path(rel, field_name)
-    target = (workspace / Path(*path.parts)).resolve()
-    if not target.is_relative_to(workspace.resolve()):
-        raise TaskSpecError(field_name, f"{rel!r} resolves outside the workspace")
-    return path
-
-
-def _open_parent(root: int, path: PurePosixPath, field_name: str) -> int:
-    """An fd of `path`'s parent folder, made as needed, never following a symlink."""
-    fd = os.dup(root)
-    try:
-        for part in path.parts[:-1]:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(part, 0o755, dir_fd=fd)
-            try:
-                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            except OSError as exc:
-                raise TaskSpecError(
-                    field_name, f"{str(path)!r}: {part!r} is not a folder ({exc.strerror})"
-                ) from exc
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _write_file(
-    root: int, workspace: Path, rel: str, content: bytes, *, mode: int, field_name: str
-) -> None:
-    path = _check_inside(workspace, rel, field_name)
-    parent = _open_parent(root, path, field_name)
-    try:
-        try:
-            fd = os.open(
-                path.name,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
-                0o600,
-                dir_fd=parent,
-            )
-        except FileExistsError:
-            raise TaskSpecError(
-                field_name, f"{rel!r} is given twice (inline, in the archive, or as main.py)"
-            ) from None
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            os.fchmod(f.fileno(), mode & 0o777)
-    finally:
-        os.close(parent)
-
-
-def _make_dirs(root: int, workspace: Path, rel: str, field_name: str) -> None:
-    path = _check_inside(workspace, rel, field_name)
-    parent = _open_parent(root, path, field_name)
-    try:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path.name, 0o755, dir_fd=parent)
-        st = os.stat(path.name, dir_fd=parent, follow_symlinks=False)
-        if not stat.S_ISDIR(st.st_mode):
-            raise TaskSpecError(field_name, f"{rel!r} exists and is not a folder")
-    finally:
-        os.close(parent)
-
-
-def _unpack_archive(data: bytes, workspace: Path) -> None:
-    """Unpack a tar (gzip allowed) of regular files and folders only, within the caps."""
-    field_name = "input_archive"
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-            members: list[tarfile.TarInfo] = []
-            files: set[str] = set()
-            total = 0
-            for member in tar:
-                if len(members) >= MAX_ARCHIVE_MEMBERS:
-                    raise TaskSpecError(field_name, f"more than {MAX_ARCHIVE_MEMBERS} entries")
-                raw = member.name
-                if member.issym() or member.islnk():
-                    raise TaskSpecError(
-                        field_name, f"{raw!r} is a link; only files and folders are allowed"
-                    )
-                if member.issparse() or not (member.isreg() or member.isdir()):
-                    raise TaskSpecError(
-                        field_name,
-                        f"{raw!r} is a device, fifo or other special entry; "
-                        "only files and folders are allowed",
-                    )
-                name = raw
-                while name.startswith("./"):
-                    name = name[2:]
-                name = name.rstrip("/") if member.isdir() else name
-                if name in ("", ".") and member.isdir():
-                    continue  # the archive's own root, as `tar -C dir .` writes it
-                rel = str(safe_relative_path(name, field_name))
-                if member.isreg():
-                    if rel in files:
-                        raise TaskSpecError(field_name, f"{raw!r} appears twice")
-                    files.add(rel)
-                total += member.size
-                if total > MAX_ARCHIVE_BYTES:
-                    raise TaskSpecError(
-                        field_name, f"unpacks to more than {MAX_ARCHIVE_BYTES} bytes"
-                    )
-                member.name = rel
-                members.append(member)
-            tar.extractall(workspace, members=members, filter="data")
-    except tarfile.TarError as exc:
-        raise TaskSpecError(field_name, f"cannot unpack: {exc}") from exc
-    except (OSError, EOFError) as exc:
-        raise TaskSpecError(field_name, f"cannot unpack: {exc}") from exc
-
-
-class _ResultWalker:
-    """Packs a results folder into a tar, entry by entry, never following a symlink."""
-
-    def __init__(self, tar: tarfile.TarFile, max_bytes: int, max_entries: int) -> None:
-        self._tar = tar
-        self._max_bytes = max_bytes
-        self._max_entries = max_entries
-        self._bytes = 0
-        self._entries = 0
-
-    def pack(self, workspace: Path, result_path: PurePosixPath) -> None:
-        fd = os.open(workspace, _DIR_FLAGS)
-        try:
-            for i, part in enumerate(result_path.parts):
-                name = PurePosixPath(*result_path.parts[: i + 1])
-                try:
-                    st = os.stat(part, dir_fd=fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    return  # the task removed its results folder: an archive with no entries
-                if i == len(result_path.parts) - 1:
-                    child = self._open_dir(fd, part, name, st)
-                    os.close(fd)
-                    fd = child
-                    self._add_dir(name, os.fstat(fd))
-                    self._walk(fd, name, 1)
-                else:
-                    child = self._open_dir(fd, part, name, st)
-                    os.close(fd)
-                    fd = child
-        finally:
-            os.close(fd)
-
-    def _open_dir(self, parent: int, part: str, name: PurePosixPath, st: os.stat_result) -> int:
-        if not stat.S_ISDIR(st.st_mode):
-            raise _ResultError(f"{name} is {_kind(st.st_mode)}, not a folder")
-        try:
-            return os.open(part, _DIR_FLAGS, dir_fd=parent)
-        except OSError as exc:
-            raise _ResultError(f"{name} cannot be opened as a folder: {exc.strerror}") from exc
-
-    def _count(self, name: PurePosixPath) -> None:
-        self._entries += 1
-        if self._entries > self._max_entries:
-            raise _ResultError(
-                f"results hold more than {self._max_entries} files and folders (at {name})"
-            )
-
-    def _add_dir(self, name: PurePosixPath, st: os.stat_result) -> None:
-        self._count(name)
-        info = tarfile.TarInfo(str(name))
-        info.type = tarfile.DIRTYPE
-        info.mode = 0o755
-        info.mtime = int(st.st_mtime)
-        self._tar.addfile(info)
-
-    def _walk(self, dir_fd: int, prefix: PurePosixPath, depth: int) -> None:
-        if depth > MAX_RESULT_DEPTH:
-            raise _ResultError(f"results are nested more than {MAX_RESULT_DEPTH} folders deep")
-        with os.scandir(dir_fd) as it:
-            names = sorted(entry.name for entry in it)
-        for entry_name in names:
-            name = prefix / entry_name
-            try:
-                st = os.stat(entry_name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # removed since the listing (by nothing of the task's: it is dead)
-            if stat.S_ISDIR(st.st_mode):
-                child = self._open_dir(dir_fd, entry_name, name, st)
-                try:
-                    self._add_dir(name, os.fstat(child))
-                    self._walk(child, name, depth + 1)
-                finally:
-                    os.close(child)
-            elif stat.S_ISREG(st.st_mode):
-                self._add_file(dir_fd, entry_name, name)
-            else:
-                raise _ResultError(
-                    f"{name} is {_kind(st.st_mode)}; results may hold only regular files "
-                    "and folders"
-                )
-
-    def _add_file(self, dir_fd: int, entry_name: str, name: PurePosixPath) -> None:
-        self._count(name)
-        try:
-            fd = os.open(
-                entry_name, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC, dir_fd=dir_fd
-            )
-        except OSError as exc:
-            raise _ResultError(f"{name} cannot be read: {exc.strerror}") from exc
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise _ResultError(f"{name} is {_kind(st.st_mode)}, not a regular file")
-            self._bytes += st.st_size
-            if self._bytes > self._max_bytes:
-                raise _ResultError(
-                    f"results are larger than the task's limit of {self._max_bytes} bytes "
-                    f"(at {name})"
-                )
-            info = tarfile.TarInfo(str(name))
-            info.size = st.st_size
-            info.mode = 0o755 if st.st_mode & 0o111 else 0o644
-            info.mtime = int(st.st_mtime)
-            _add_fileobj(self._tar, info, f)
-
-
-def _add_fileobj(tar: tarfile.TarFile, info: tarfile.TarInfo, f: BinaryIO) -> None:
-    try:
-        tar.addfile(info, f)
-    except OSError as exc:  # e.g. the file shrank while being read
-        raise _ResultError(f"{info.name} cannot be read: {exc}") from exc
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISFIFO(mode):
-        return "a fifo"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    return "a special file"
-
-
-def _rmtree(path: Path) -> None:
-    """Remove a workspace; read-only files and folders are made writable and retried."""
-
-    def retry(func: Callable[..., object], name: str, exc: BaseException) -> None:
-        if isinstance(exc, FileNotFoundError):
-            return
-        with contextlib.suppress(OSError):
-            parent = os.path.dirname(name)
-            if stat.S_ISDIR(os.lstat(parent).st_mode):
-                os.chmod(parent, 0o700)
-        try:
-            st = os.lstat(name)
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(st.st_mode):  # lstat: never chmod through a symlink
-            os.chmod(name, 0o700)
-            shutil.rmtree(name)
-        else:
-            os.unlink(name)
-
-    if not (path.exists() or path.is_symlink()):
-        return
-    if path.is_symlink():
-        path.unlink()
-        return
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=retry)
-    else:
-        shutil.rmtree(path, onerror=lambda func, name, info: retry(func, name, info[1]))
