@@ -169,7 +169,7 @@ def make_engine(settings: Settings, paths: Paths, credentials: CredentialStore) 
 
     node_id = resolve_node_id(settings, paths)
     set_node_id(node_id)
-    executor = select_executor(settings)
+    executor = select_executor(settings, node_id)
     return WorkerEngine(
         settings,
         node_id=node_id,

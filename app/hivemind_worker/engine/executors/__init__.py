@@ -13,10 +13,57 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def select_executor(settings: Settings) -> Executor:
-    """The process sandbox; the Docker executor takes over here once it is built (issue 3)."""
+def select_executor(settings: Settings, node_id: str = "") -> Executor:
+    """Docker when it is enabled and its engine answers; else the process sandbox, with why.
+
+    Blocking (it pings the engine and removes containers an earlier run of this node left),
+    so it is called before the engine's loop starts.
+    """
     from hivemind_worker.engine.executors.process import ProcessExecutor
 
-    if settings.docker_enabled:
-        log.info("Docker execution is not part of this build; tasks run in the process sandbox")
-    return ProcessExecutor(settings.work_dir)
+    if not settings.docker_enabled:
+        log.info("Docker is disabled in the settings; tasks run in the process sandbox")
+        return ProcessExecutor(settings.work_dir)
+    try:
+        return _docker_executor(settings, node_id or settings.node_id)
+    except Exception as exc:  # docker-py raises DockerException, requests and OS errors alike
+        log.warning(
+            "Docker is not usable (%s); tasks run in the process sandbox. "
+            "Run `hivemind-worker doctor` for the fix.",
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
+        return ProcessExecutor(settings.work_dir)
+
+
+def _docker_executor(settings: Settings, node_id: str) -> Executor:
+    from hivemind_worker.engine.executors import docker as dockerx
+
+    client = dockerx.connect()
+    try:
+        client.ping()
+        info = client.info()
+        parent, why = dockerx.courtesy_cgroup_parent(
+            str(info.get("CgroupDriver", "")), str(info.get("CgroupVersion", "1"))
+        )
+        log.info(
+            "Docker %s: task containers %s",
+            info.get("ServerVersion", "?"),
+            f"under {why}" if parent else f"at the lowest CPU weight only ({why})",
+        )
+        executor = dockerx.DockerExecutor(
+            client,
+            settings.work_dir,
+            node_id,
+            python_image=settings.docker_python_image,
+            pull_policy=settings.docker_pull_policy,
+            allowlist=dockerx.parse_allowlist(settings.docker_image_allowlist),
+            network=settings.docker_network,
+            cgroup_parent=parent,
+        )
+        removed = executor.remove_leftovers()
+        if removed:
+            log.info("removed %d container(s) left by an earlier run", removed)
+    except BaseException:
+        client.close()
+        raise
+    return executor

@@ -1,0 +1,785 @@
+"""DockerExecutor: tasks in locked-down containers through the Docker engine's API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.models.containers import Container
+from docker.types import LogConfig, Mount
+
+from hivemind_worker.engine.executors.base import Executor, ExecutorError, LogSink, Usage
+from hivemind_worker.engine.executors.workspace import (
+    ARCHIVES_DIR,
+    ResultError,
+    prepare_workspace,
+    repack_results,
+    rmtree,
+    workspace_path,
+    write_archive,
+)
+from hivemind_worker.engine.tasks import (
+    MiB,
+    Resources,
+    TaskKind,
+    TaskResult,
+    TaskSpec,
+    TaskStatus,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+LABEL_NODE = "hivemind.node"
+LABEL_TASK = "hivemind.task"
+LABEL_LEASE = "hivemind.lease"
+WORKSPACE_MOUNT = "/workspace"
+# The unprivileged user tasks run as when the worker itself runs as root.
+NOBODY = "65534:65534"
+PIDS_LIMIT = 256
+# Docker's smallest CPU weight: a task only gets the CPU the person's programs leave idle.
+CPU_SHARES = 2
+# /tmp is the one writable place besides the workspace; tmpfs pages count against the
+# container's memory limit, so it is capped well below it.
+TMPFS_MAX_BYTES = 256 * MiB
+LOG_MAX_SIZE = "10m"
+SAMPLE_INTERVAL = 1.0
+POLL_INTERVAL = 0.1
+DRAIN_SECONDS = 5.0
+API_TIMEOUT = 60
+# Output waiting for the engine loop; beyond this the oldest is dropped, so a task printing
+# faster than the log sink consumes cannot grow the worker.
+PENDING_OUTPUT_CAP = 256 * 1024
+PULL_POLICIES = ("if-not-present", "always", "never")
+
+_DockerErrors = (docker.errors.DockerException, requests.exceptions.RequestException)
+
+
+def connect(timeout: int = API_TIMEOUT) -> docker.DockerClient:
+    """A client for the local engine (DOCKER_HOST, the socket, or Docker Desktop's pipe).
+
+    The pool is sized for three long-lived streams per running container (wait, logs,
+    stats) so requests never queue behind them.
+    """
+    return docker.from_env(version="auto", timeout=timeout, max_pool_size=64)
+
+
+def worker_user() -> str:
+    """uid:gid for task containers: the worker's own, or nobody's when it runs as root."""
+    getuid = getattr(os, "getuid", None)
+    getgid = getattr(os, "getgid", None)
+    if getuid is None or getgid is None or getuid() == 0:
+        return NOBODY
+    return f"{getuid()}:{getgid()}"
+
+
+def normalize_image(image: str) -> str:
+    """The full reference Docker uses: 'python:3.12' is 'docker.io/library/python:3.12'."""
+    first, sep, _ = image.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return image
+    return "docker.io/" + (image if sep else "library/" + image)
+
+
+def image_allowed(image: str, allowlist: Iterable[str]) -> bool:
+    """Whether `image` matches a registry prefix or digest of the allowlist (empty: any)."""
+    entries = [e.strip() for e in allowlist if e.strip()]
+    if not entries:
+        return True
+    ref = normalize_image(image)
+    for entry in entries:
+        if entry.startswith("sha256:"):
+            if image.endswith("@" + entry):
+                return True
+            continue
+        # A prefix matches at a path boundary ("ghcr.io/org/" or "ghcr.io/org"), or a whole
+        # repository with any tag or digest ("docker.io/library/python").
+        if entry.endswith("/"):
+            if ref.startswith(entry):
+                return True
+        elif ref == entry or (ref.startswith(entry) and ref[len(entry)] in "/:@"):
+            return True
+    return False
+
+
+def parse_allowlist(text: str) -> tuple[str, ...]:
+    return tuple(e.strip() for e in text.split(",") if e.strip())
+
+
+@dataclass(eq=False)
+class _Running:
+    task: TaskSpec
+    container: Container
+    started: float  # time.monotonic()
+    paused_at: float | None = None
+    paused_total: float = 0.0
+    cancelled: bool = False
+    timed_out: bool = False
+    exited: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+    logs_done: threading.Event = field(default_factory=threading.Event)
+    usage: Usage = field(default_factory=Usage)
+    cpu_seconds: float = 0.0
+    max_memory: int = 0
+    tail: bytearray = field(default_factory=bytearray)
+    output_bytes: int = 0
+    pending: bytearray = field(default_factory=bytearray)
+    dropped: int = 0
+    flush_scheduled: bool = False
+
+    def active_seconds(self, now: float) -> float:
+        """Wall-clock seconds the task has run, not counting time spent paused."""
+        paused = self.paused_total
+        if self.paused_at is not None:
+            paused += now - self.paused_at
+        return now - self.started - paused
+
+
+class DockerExecutor(Executor):
+    """Runs container tasks (image + argv) and python tasks (`python3 main.py *argv` in the
+    configured Python image) in containers locked down by default:
+
+    all capabilities dropped, no-new-privileges, read-only root filesystem with a size-capped
+    tmpfs /tmp, a non-root user (the worker's uid:gid, or 65534:65534 when it runs as root),
+    a pids limit, memory limit equal to the memory+swap limit, nano_cpus, the lowest CPU
+    weight, network `none` unless the task asks for the one network the settings allow, only
+    the task workspace bind-mounted at /workspace (the working folder), labels naming the
+    node, task and lease, and a size-capped json-file log. Never privileged, never a host
+    path other than the workspace, no devices, never the Docker socket.
+
+    Results are copied out of /workspace/<result_path> with get_archive and re-packed entry
+    by entry (regular files and folders only, no absolute names or '..', under the file-count
+    and byte caps) into the same archive format as the process executor.
+
+    Status: exit 0 is SUCCEEDED; killed by the kernel's OOM killer is OUT_OF_MEMORY; past
+    the timeout (paused time not counted) is TIMED_OUT; cancel() is CANCELLED; any other exit
+    is FAILED. Usage is sampled from the stats API at 1 Hz in a thread per container.
+    """
+
+    capability = "docker"
+
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        work_dir: Path,
+        node_id: str,
+        *,
+        python_image: str = "python:3.12-slim",
+        pull_policy: str = "if-not-present",
+        allowlist: Iterable[str] = (),
+        network: str = "none",
+        cgroup_parent: str = "",
+        user: str | None = None,
+        pids_limit: int = PIDS_LIMIT,
+        log_tail_bytes: int = 64 * 1024,
+        max_result_files: int = 10_000,
+    ) -> None:
+        if pull_policy not in PULL_POLICIES:
+            raise ValueError(f"pull policy must be one of {', '.join(PULL_POLICIES)}")
+        self._client = client
+        self._work_dir = Path(work_dir)
+        self._node_id = node_id
+        self._python_image = python_image
+        self._pull_policy = pull_policy
+        self._allowlist = tuple(allowlist)
+        self._network = network
+        self._cgroup_parent = cgroup_parent
+        self._user = user or worker_user()
+        self._pids_limit = pids_limit
+        self._log_tail_bytes = max(int(log_tail_bytes), 0)
+        self._max_result_files = max_result_files
+        self._workspaces: dict[str, Path] = {}
+        self._containers: dict[str, Container] = {}
+        self._running: dict[str, _Running] = {}
+        self._cancel_requested: set[str] = set()
+        self._paused = False
+
+    @property
+    def client(self) -> docker.DockerClient:
+        return self._client
+
+    @property
+    def archive_dir(self) -> Path:
+        """Where result archives are written (the engine deletes them)."""
+        return self._work_dir / ARCHIVES_DIR
+
+    @property
+    def cgroup_parent(self) -> str:
+        return self._cgroup_parent
+
+    def workspace(self, task_id: str) -> Path | None:
+        """The workspace of a prepared task, until cleanup."""
+        return self._workspaces.get(task_id)
+
+    def container(self, task_id: str) -> Container | None:
+        """The container of a task that has started, until cleanup."""
+        return self._containers.get(task_id)
+
+    # ---------------------------------------------------------------- housekeeping
+
+    def remove_leftovers(self) -> int:
+        """Remove containers (and their workspaces) an earlier run of this node left behind.
+
+        Blocking; called once at start, before any task runs.
+        """
+        found = self._client.containers.list(
+            all=True, filters={"label": f"{LABEL_NODE}={self._node_id}"}
+        )
+        for container in found:
+            sources = [m.get("Source", "") for m in container.attrs.get("Mounts", [])]
+            log.info("removing container %s left by an earlier run", container.short_id)
+            with contextlib.suppress(docker.errors.NotFound):
+                container.remove(force=True, v=True)
+            work_dir = self._work_dir.resolve()
+            for source in sources:
+                path = Path(source)
+                # Only a workspace of ours: a direct child of the work folder.
+                if source and path.parent == work_dir and path.name != ARCHIVES_DIR:
+                    rmtree(path)
+        return len(found)
+
+    # ---------------------------------------------------------------- prepare
+
+    def image_for(self, task: TaskSpec) -> str:
+        return task.image if task.kind is TaskKind.CONTAINER else self._python_image
+
+    async def prepare(self, task: TaskSpec) -> None:
+        if task.task_id in self._running:
+            raise ExecutorError(f"task {task.task_id} is already running")
+        if task.kind is TaskKind.PYTHON and task.requirements:
+            raise ExecutorError(
+                "python tasks with pip requirements are not supported by this worker yet"
+            )
+        image = self.image_for(task)
+        # The Python image is the person's own choice; only images a task names are checked.
+        if task.kind is TaskKind.CONTAINER and not image_allowed(image, self._allowlist):
+            raise ExecutorError(f"image {image} is not in this worker's image allowlist")
+        if task.network not in ("none", self._network):
+            raise ExecutorError(f"network '{task.network}' is not allowed on this worker")
+        await asyncio.to_thread(self._ensure_image, image)
+
+        workspace = workspace_path(self._work_dir, task)
+        previous = self._workspaces.get(task.task_id)
+        if previous is not None and previous != workspace:
+            await self._remove_container(task.task_id)
+            await asyncio.to_thread(rmtree, previous)
+        self._workspaces[task.task_id] = workspace
+        self._cancel_requested.discard(task.task_id)
+        try:
+            await asyncio.to_thread(self._prepare_sync, task, workspace)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(rmtree, workspace)
+            raise
+
+    def _prepare_sync(self, task: TaskSpec, workspace: Path) -> None:
+        prepare_workspace(task, workspace, self._work_dir)
+        if self._user == NOBODY and hasattr(os, "lchown"):
+            # The worker is root and the task is not: hand it the workspace it must write.
+            try:
+                _chown_tree(workspace, 65534, 65534)
+            except OSError as exc:
+                raise ExecutorError(f"cannot hand the workspace to the task user: {exc}") from exc
+
+    def _ensure_image(self, image: str) -> None:
+        """Apply the pull policy; a failed pull fails the task with the registry's message."""
+        if self._pull_policy != "always":
+            try:
+                self._client.images.get(image)
+                return
+            except docker.errors.ImageNotFound:
+                if self._pull_policy == "never":
+                    raise ExecutorError(
+                        f"image {image} is not on this machine and the pull policy is 'never'"
+                    ) from None
+            except _DockerErrors as exc:
+                raise ExecutorError(f"cannot look up image {image}: {_reason(exc)}") from exc
+        repository, tag = docker.utils.parse_repository_tag(image)
+        log.info("pulling image %s", image)
+        try:
+            # A reference without a tag would pull every tag of the repository.
+            for event in self._client.api.pull(
+                repository, tag=tag or "latest", stream=True, decode=True
+            ):
+                if isinstance(event, dict) and event.get("error"):
+                    raise ExecutorError(f"cannot pull image {image}: {event['error']}")
+        except _DockerErrors as exc:
+            raise ExecutorError(f"cannot pull image {image}: {_reason(exc)}") from exc
+
+    # ---------------------------------------------------------------- run
+
+    def container_config(self, task: TaskSpec, caps: Resources, workspace: Path) -> dict[str, Any]:
+        """The keyword arguments of containers.create() for a task: the lockdown lives here."""
+        memory = caps.memory_bytes if caps.memory_bytes > 0 else task.resources.memory_bytes
+        disk = caps.disk_bytes if caps.disk_bytes > 0 else task.resources.disk_bytes
+        cpus = caps.cpus if caps.cpus > 0 else task.resources.cpus
+        tmpfs_bytes = max(min(disk, TMPFS_MAX_BYTES, memory // 2), MiB)
+        if task.kind is TaskKind.PYTHON:
+            command = ["python3", "main.py", *task.argv]
+        else:
+            command = list(task.argv)
+        results_dir = PurePosixPath(WORKSPACE_MOUNT, *task.result_path.parts)
+        env = {
+            "HOME": "/tmp",
+            "TMPDIR": "/tmp",
+            "LANG": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1",  # the root filesystem is read-only anyway
+        }
+        env.update({k: v for k, v in task.env.items() if not k.startswith("HIVEMIND_")})
+        env["HIVEMIND_TASK_ID"] = task.task_id
+        env["HIVEMIND_RESULTS_DIR"] = str(results_dir)
+        config: dict[str, Any] = {
+            "image": self.image_for(task),
+            "command": command,
+            "name": f"hivemind-{task.task_id}-{(task.lease_id or 'nolease')[:12]}",
+            "labels": {
+                LABEL_NODE: self._node_id,
+                LABEL_TASK: task.task_id,
+                LABEL_LEASE: task.lease_id,
+            },
+            "user": self._user,
+            "working_dir": WORKSPACE_MOUNT,
+            "environment": env,
+            "entrypoint": [],
+            "network_mode": task.network if task.network == self._network else "none",
+            "read_only": True,
+            "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={tmpfs_bytes}"},
+            "mounts": [
+                Mount(target=WORKSPACE_MOUNT, source=str(workspace), type="bind", read_only=False)
+            ],
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "privileged": False,
+            "pids_limit": self._pids_limit,
+            "mem_limit": memory,
+            "memswap_limit": memory,
+            "nano_cpus": max(int(cpus * 1e9), 1),
+            "cpu_shares": CPU_SHARES,
+            "ipc_mode": "private",
+            "log_config": LogConfig(
+                type=LogConfig.types.JSON, config={"max-size": LOG_MAX_SIZE, "max-file": "1"}
+            ),
+            "stdin_open": False,
+            "tty": False,
+        }
+        if self._cgroup_parent:
+            config["cgroup_parent"] = self._cgroup_parent
+        return config
+
+    async def run(
+        self, task: TaskSpec, caps: Resources, on_log: LogSink | None = None
+    ) -> TaskResult:
+        workspace = self._workspaces.get(task.task_id)
+        if workspace is None:
+            raise ExecutorError(f"task {task.task_id} was not prepared")
+        result = TaskResult(task.task_id, task.lease_id, TaskStatus.FAILED, started_at=time.time())
+        if task.task_id in self._cancel_requested:
+            result.status = TaskStatus.CANCELLED
+            result.error = "cancelled before it started"
+            result.finished_at = time.time()
+            return result
+        try:
+            await self._run(task, caps, on_log, workspace, result)
+        except Exception as exc:  # run() never raises for what a task does
+            log.exception("docker executor failed on task %s", task.task_id)
+            result.status = TaskStatus.FAILED
+            result.error = f"worker error while running the task: {_reason(exc)}"
+            result.archive = None
+        if not result.finished_at:
+            result.finished_at = time.time()
+        return result
+
+    async def _run(
+        self,
+        task: TaskSpec,
+        caps: Resources,
+        on_log: LogSink | None,
+        workspace: Path,
+        result: TaskResult,
+    ) -> None:
+        config = self.container_config(task, caps, workspace)
+        try:
+            container = await asyncio.to_thread(self._create, config)
+        except _DockerErrors as exc:
+            result.error = f"could not create the container: {_reason(exc)}"
+            return
+        self._containers[task.task_id] = container
+        run = _Running(task, container, started=time.monotonic())
+        # Registered before the start, so cancel() and pause() from here on reach it.
+        self._running[task.task_id] = run
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                await asyncio.to_thread(container.start)
+            except _DockerErrors as exc:
+                result.error = f"could not start the task: {_reason(exc)}"
+                return
+            run.started = time.monotonic()
+            if self._paused or run.cancelled:
+                run.paused_at = run.started if self._paused else None
+                await asyncio.to_thread(self._freeze_or_kill, run)
+            waiter = _in_thread(loop, container.wait, f"wait-{task.task_id}")
+            _start_thread(self._read_logs, f"logs-{task.task_id}", run, loop, on_log)
+            _start_thread(self._sample_stats, f"stats-{task.task_id}", run)
+            await self._supervise(run, waiter)
+        finally:
+            run.stop.set()
+            if not run.exited:
+                # Cancelled from outside (engine shutdown), or a worker error: the
+                # container must not outlive the run, whatever interrupted it.
+                await asyncio.shield(asyncio.to_thread(_kill, container))
+            self._running.pop(task.task_id, None)
+            await asyncio.to_thread(run.logs_done.wait, DRAIN_SECONDS)
+            self._flush(run, on_log)
+
+        result.finished_at = time.time()
+        state = await asyncio.to_thread(_state, container)
+        code = int(state.get("ExitCode", -1))
+        result.exit_code = code
+        result.log_tail = bytes(run.tail)
+        result.cpu_seconds = run.cpu_seconds
+        result.max_memory_bytes = run.max_memory
+        memory = int(config["mem_limit"])
+        if run.cancelled:
+            result.status = TaskStatus.CANCELLED
+            result.error = "cancelled"
+        elif run.timed_out:
+            result.status = TaskStatus.TIMED_OUT
+            result.error = f"killed after {task.timeout_seconds} s timeout"
+        elif state.get("OOMKilled"):
+            result.status = TaskStatus.OUT_OF_MEMORY
+            result.error = f"ran out of memory (limit {memory // MiB} MiB)"
+        elif code == 0:
+            result.status = TaskStatus.SUCCEEDED
+        elif code > 128:
+            result.error = f"killed by signal {code - 128}"
+        else:
+            result.error = f"exited with code {code}"
+        if result.status is TaskStatus.CANCELLED:
+            return
+        try:
+            archive, digest, size = await asyncio.to_thread(self._collect, task, container)
+        except (ResultError, OSError, *_DockerErrors) as exc:
+            reason = str(exc) if isinstance(exc, ResultError) else f"cannot copy results: {exc}"
+            if result.status is TaskStatus.SUCCEEDED:
+                result.status = TaskStatus.FAILED
+                result.error = reason
+            else:
+                result.error = f"{result.error}; results not collected: {reason}"
+            return
+        result.archive, result.archive_sha256, result.archive_size = archive, digest, size
+
+    def _create(self, config: dict[str, Any]) -> Container:
+        try:
+            return self._client.containers.create(**config)
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:
+                raise
+        # A container of the same name is left from an earlier attempt of this lease.
+        with contextlib.suppress(docker.errors.NotFound):
+            self._client.containers.get(config["name"]).remove(force=True, v=True)
+        return self._client.containers.create(**config)
+
+    def _freeze_or_kill(self, run: _Running) -> None:
+        if run.cancelled:
+            _kill(run.container)
+        else:
+            with contextlib.suppress(*_DockerErrors):
+                run.container.pause()
+
+    async def _supervise(self, run: _Running, waiter: asyncio.Future[object]) -> None:
+        timeout = run.task.timeout_seconds
+        while not waiter.done():
+            now = time.monotonic()
+            if not run.cancelled and run.paused_at is None and run.active_seconds(now) >= timeout:
+                run.timed_out = True
+                await asyncio.to_thread(_kill, run.container)
+                break
+            await asyncio.wait({waiter}, timeout=POLL_INTERVAL)
+        with contextlib.suppress(*_DockerErrors):
+            await waiter  # the exit itself; errors mean the container is gone already
+        run.exited = True
+
+    def _read_logs(
+        self, run: _Running, loop: asyncio.AbstractEventLoop, on_log: LogSink | None
+    ) -> None:
+        """Follow the container's output (in a thread): keep the tail, hand chunks to the loop."""
+        cap = self._log_tail_bytes
+        try:
+            stream: Iterator[bytes] = run.container.logs(stream=True, follow=True)
+            for chunk in stream:
+                with run.lock:
+                    run.output_bytes += len(chunk)
+                    # Only the tail is kept: a task printing gigabytes must not grow the worker.
+                    run.tail += chunk
+                    if len(run.tail) > cap:
+                        del run.tail[: len(run.tail) - cap]
+                    if on_log is None:
+                        continue
+                    run.pending += chunk
+                    if len(run.pending) > PENDING_OUTPUT_CAP:
+                        extra = len(run.pending) - PENDING_OUTPUT_CAP
+                        run.dropped += extra
+                        del run.pending[:extra]
+                    if run.flush_scheduled:
+                        continue
+                    run.flush_scheduled = True
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+                    loop.call_soon_threadsafe(self._flush, run, on_log)
+                if run.stop.is_set() and run.exited:
+                    break
+        except _DockerErrors as exc:
+            log.debug("output of task %s ended: %s", run.task.task_id, exc)
+        finally:
+            run.logs_done.set()
+
+    def _flush(self, run: _Running, on_log: LogSink | None) -> None:
+        with run.lock:
+            data, dropped = bytes(run.pending), run.dropped
+            run.pending.clear()
+            run.dropped = 0
+            run.flush_scheduled = False
+        if on_log is None or not (data or dropped):
+            return
+        if dropped:
+            data = f"\n[... {dropped} bytes of output skipped ...]\n".encode() + data
+        try:
+            on_log(run.task.task_id, data)
+        except Exception:
+            log.exception("log sink failed for task %s", run.task.task_id)
+
+    def _sample_stats(self, run: _Running) -> None:
+        """Sample CPU and memory once a second (in a thread) until the run ends."""
+        previous: tuple[float, float] | None = None  # (monotonic, cpu seconds)
+        while not run.stop.is_set():
+            try:
+                stats = run.container.stats(stream=False, one_shot=True)
+            except docker.errors.NotFound:
+                return
+            except _DockerErrors as exc:
+                log.debug("stats of task %s: %s", run.task.task_id, exc)
+                stats = None
+            if stats is not None and stats.get("cpu_stats"):
+                now = time.monotonic()
+                cpu = stats["cpu_stats"].get("cpu_usage", {}).get("total_usage", 0) / 1e9
+                memory_stats = stats.get("memory_stats") or {}
+                inner = memory_stats.get("stats") or {}
+                # v1 counts page cache in usage ("cache"), v2 as "inactive_file".
+                memory = int(memory_stats.get("usage", 0)) - int(
+                    inner.get("cache", inner.get("inactive_file", 0))
+                )
+                memory = max(memory, 0)
+                percent = 0.0
+                if previous is not None and now > previous[0]:
+                    percent = max(cpu - previous[1], 0.0) / (now - previous[0]) * 100
+                if cpu > 0 or previous is None:
+                    previous = (now, cpu)
+                run.cpu_seconds = max(run.cpu_seconds, cpu)
+                run.max_memory = max(run.max_memory, memory, int(memory_stats.get("max_usage", 0)))
+                run.usage = Usage(
+                    cpu_percent=percent, memory_bytes=memory, cpu_seconds=run.cpu_seconds
+                )
+            run.stop.wait(SAMPLE_INTERVAL)
+
+    # ---------------------------------------------------------------- results
+
+    def _collect(self, task: TaskSpec, container: Container) -> tuple[Path, str, int]:
+        path = str(PurePosixPath(WORKSPACE_MOUNT, *task.result_path.parts))
+        try:
+            chunks, stat = container.get_archive(path)
+        except docker.errors.NotFound:
+            # The task removed its results folder: an archive with no entries.
+            return write_archive(task, self.archive_dir, lambda tar: None)
+        # get_archive follows a symlink at the path itself; the tar would hold its target.
+        mode = int(stat.get("mode", 0))
+        if stat.get("linkTarget") or not mode & (1 << 31):  # Go's os.ModeDir bit
+            raise ResultError(
+                f"{task.result_path} is not a folder (a link or a file); results are refused"
+            )
+        return repack_results(chunks, task, self.archive_dir, self._max_result_files)
+
+    # ---------------------------------------------------------------- control
+
+    async def cancel(self, task_id: str) -> None:
+        run = self._running.get(task_id)
+        if run is None:
+            if task_id in self._workspaces:
+                self._cancel_requested.add(task_id)
+            return
+        if not run.timed_out:
+            run.cancelled = True
+        await asyncio.to_thread(_kill, run.container)
+
+    async def pause(self) -> None:
+        self._paused = True
+        now = time.monotonic()
+        runs = [r for r in self._running.values() if r.paused_at is None and not r.exited]
+        for run in runs:
+            run.paused_at = now
+        await asyncio.gather(*(asyncio.to_thread(_pause, r.container) for r in runs))
+
+    async def resume(self) -> None:
+        self._paused = False
+        runs = [r for r in self._running.values() if r.paused_at is not None]
+        await asyncio.gather(*(asyncio.to_thread(_unpause, r.container) for r in runs))
+        now = time.monotonic()
+        for run in runs:
+            if run.paused_at is not None:
+                # The paused time is not counted against the task's timeout.
+                run.paused_total += now - run.paused_at
+                run.paused_at = None
+
+    async def cleanup(self, task_id: str) -> None:
+        run = self._running.get(task_id)
+        if run is not None:
+            if not run.timed_out:
+                run.cancelled = True
+            await asyncio.to_thread(_kill, run.container)
+        self._cancel_requested.discard(task_id)
+        await self._remove_container(task_id)
+        workspace = self._workspaces.pop(task_id, None)
+        if workspace is not None:
+            await asyncio.to_thread(rmtree, workspace)
+
+    async def _remove_container(self, task_id: str) -> None:
+        container = self._containers.pop(task_id, None)
+        if container is not None:
+            await asyncio.to_thread(_remove, container)
+
+    def usage(self) -> dict[str, Usage]:
+        return {task_id: run.usage for task_id, run in self._running.items()}
+
+    async def close(self) -> None:
+        runs = list(self._running.values())
+        for run in runs:
+            if not run.timed_out:
+                run.cancelled = True
+        await asyncio.gather(*(asyncio.to_thread(_kill, r.container) for r in runs))
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def _reason(exc: BaseException) -> str:
+    """The engine's own words for a Docker error, without the HTTP wrapping."""
+    if isinstance(exc, docker.errors.APIError) and exc.explanation:
+        return str(exc.explanation)
+    return str(exc) or type(exc).__name__
+
+
+def _state(container: Container) -> dict[str, Any]:
+    container.reload()
+    state: dict[str, Any] = container.attrs.get("State", {})
+    return state
+
+
+def _kill(container: Container) -> None:
+    """SIGKILL the container; a frozen one is thawed so that the kill lands at once."""
+    with contextlib.suppress(*_DockerErrors):
+        container.kill()
+    with contextlib.suppress(*_DockerErrors):
+        container.unpause()
+
+
+def _pause(container: Container) -> None:
+    with contextlib.suppress(*_DockerErrors):  # it may have exited meanwhile
+        container.pause()
+
+
+def _unpause(container: Container) -> None:
+    with contextlib.suppress(*_DockerErrors):
+        container.unpause()
+
+
+def _remove(container: Container) -> None:
+    with contextlib.suppress(docker.errors.NotFound):
+        try:
+            container.remove(force=True, v=True)
+        except _DockerErrors as exc:
+            log.warning("cannot remove container %s: %s", container.short_id, _reason(exc))
+
+
+def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    os.lchown(root, uid, gid)
+    for folder, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            os.lchown(os.path.join(folder, name), uid, gid)
+
+
+def _start_thread(target: Callable[..., None], name: str, *args: object) -> threading.Thread:
+    # Daemon threads: a stuck Docker stream must never keep the worker from exiting.
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def _in_thread(
+    loop: asyncio.AbstractEventLoop, fn: Callable[[], T], name: str
+) -> asyncio.Future[T]:
+    """Run a long blocking call in its own thread (not the loop's small default pool)."""
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            value = fn()
+        except BaseException as exc:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, None, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, value, None)
+
+    _start_thread(target, name)
+    return future
+
+
+# -------------------------------------------------------------------- courtesy
+
+
+def courtesy_cgroup_parent(cgroup_driver: str, cgroup_version: str) -> tuple[str, str]:
+    """A parent cgroup of minimal CPU weight for task containers, made when this process can.
+
+    Returns (cgroup_parent, reason); an empty parent means containers sit under Docker's
+    default parent with only their own low cpu_shares (and `reason` says why).
+    With the cgroupfs driver and cgroup v1 the worker (as root) makes /hivemind under the
+    cpu controller with cpu.shares=2; with cgroup v2 it makes /hivemind with cpu.weight=1.
+    With the systemd driver the parent is a slice, whose weight systemd owns: see the docs.
+    """
+    if not sys.platform.startswith("linux"):
+        return "", "not Linux: Docker Desktop's VM has its own scheduler (see the docs)"
+    if cgroup_driver != "cgroupfs":
+        return "", f"cgroup driver {cgroup_driver}: make hivemind.slice with CPUWeight=1"
+    if str(cgroup_version) == "2":
+        base = Path("/sys/fs/cgroup/hivemind")
+        setting, value = "cpu.weight", "1"
+    else:
+        base = Path("/sys/fs/cgroup/cpu/hivemind")
+        setting, value = "cpu.shares", "2"
+    try:
+        base.mkdir(exist_ok=True)
+        (base / setting).write_text(value)
+    except OSError as exc:
+        return "", f"cannot make {base}: {exc.strerror or exc}"
+    return "/hivemind", f"{base} with {setting}={value}"
