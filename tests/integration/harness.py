@@ -20,6 +20,7 @@ from hivemind_worker.config import Settings, load_settings
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.engine.engine import WorkerEngine
 from hivemind_worker.engine.events import Event, StateChanged
+from hivemind_worker.engine.executors.base import Executor
 from hivemind_worker.engine.executors.process import ProcessExecutor
 from hivemind_worker.paths import Paths, default_paths
 from hivemind_worker.pool.client import TaskQueueClient
@@ -92,9 +93,15 @@ def worker_settings(home: Path, address: str, **overrides: object) -> tuple[Sett
 
 
 async def start_worker(
-    home: Path, address: str, *, token: str | None = None, **overrides: object
+    home: Path,
+    address: str,
+    *,
+    token: str | None = None,
+    executor: Callable[[Settings], Executor] | None = None,
+    **overrides: object,
 ) -> Worker:
-    """An engine with the process executor, logged in through the (in-memory) keyring."""
+    """An engine, logged in through the (in-memory) keyring; the process executor unless
+    `executor` makes another from the worker's settings."""
     settings, paths = worker_settings(home, address, **overrides)
     credentials = CredentialStore(paths)
     credentials.set_token(address, USER, token if token is not None else await login_token(address))
@@ -102,7 +109,7 @@ async def start_worker(
         settings,
         node_id=settings.node_id,
         credentials=credentials,
-        executor=ProcessExecutor(settings.work_dir),
+        executor=executor(settings) if executor else ProcessExecutor(settings.work_dir),
         outbox_dir=paths.outbox_dir,
     )
     worker = Worker(engine, paths)
