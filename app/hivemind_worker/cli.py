@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    p = sub.add_parser("gui", help="the desktop app (the default when no command is given)")
+    p.add_argument("--hidden", action="store_true", help="start in the tray, window closed")
+    _settings_flags(p)
+
     p = sub.add_parser("run", help="run the worker")
     p.add_argument("--headless", action="store_true", help="no window: log to the console")
     _settings_flags(p)
@@ -96,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run a local pool and the worker on sample tasks")
     p.add_argument("--tasks", type=int, default=6, metavar="N", help="how many sample tasks")
+    p.add_argument("--headless", action="store_true", help="console only, even with a display")
     _settings_flags(p)
 
     sub.add_parser("pool", help="the reference Node Pool (see `hivemind-worker pool --help`)",
@@ -117,8 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return EXIT_USAGE
+        args.command = "gui"
     paths = default_paths(args.data_dir)
     try:
         paths.ensure()
@@ -140,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console_level="warning" if args.command == "demo" else None,
     )
     commands = {
+        "gui": cmd_gui,
         "run": cmd_run,
         "login": cmd_login,
         "logout": cmd_logout,
@@ -203,11 +208,26 @@ async def run_headless(engine: WorkerEngine, drain_timeout: float) -> None:
     await engine.run()
 
 
+def cmd_gui(args: argparse.Namespace, settings: Settings, paths: Paths) -> int:
+    from hivemind_worker.gui import has_display
+
+    if not has_display():
+        raise CliError(
+            "no display to open the desktop app on (DISPLAY and WAYLAND_DISPLAY are unset); "
+            "run the worker without a window with `hivemind-worker run --headless`"
+        )
+    try:
+        from hivemind_worker.gui.app import run_gui
+    except ImportError as exc:  # a Qt library missing from the system
+        raise CliError(
+            f"the desktop app cannot start ({exc}); use `hivemind-worker run --headless`"
+        ) from None
+    return run_gui(settings, paths, hidden=getattr(args, "hidden", False))
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings, paths: Paths) -> int:
     if not args.headless:
-        raise CliError(
-            "the desktop app is not part of this build yet; use `hivemind-worker run --headless`"
-        )
+        return cmd_gui(args, settings, paths)
     engine = make_engine(settings, paths, CredentialStore(paths))
     log.info(
         "hivemind-worker %s: node %s, pool %s, %s sandbox",
@@ -354,6 +374,12 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, paths: Paths) -> int:
 
     if args.tasks < 1 or args.tasks > 1000:
         raise CliError("--tasks must be between 1 and 1000")
+    from hivemind_worker.gui import has_display
+
+    if not args.headless and has_display():
+        from hivemind_worker.gui.app import run_gui
+
+        return run_gui(settings, paths, demo_tasks=args.tasks)
     demo_dir = paths.data_dir / "demo"
     demo_dir.mkdir(parents=True, exist_ok=True)
     db = demo_dir / "pool.db"

@@ -109,7 +109,7 @@ def test_doctor_reports_an_unreachable_pool(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_completes_every_task(tmp_path: Path) -> None:
-    done = cli(tmp_path, "demo", "--tasks", "4")
+    done = cli(tmp_path, "demo", "--headless", "--tasks", "4")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Done: 4 of 4 tasks succeeded." in done.stdout
     assert "17984 primes up to 200000" in done.stdout

@@ -53,7 +53,9 @@ def _hexagon(center: QPointF, radius: float) -> QPainterPath:
     path = QPainterPath()
     for i in range(6):
         angle = math.radians(60 * i - 30)
-        point = QPointF(center.x() + radius * math.cos(angle), center.y() + radius * math.sin(angle))
+        point = QPointF(
+            center.x() + radius * math.cos(angle), center.y() + radius * math.sin(angle)
+        )
         if i == 0:
             path.moveTo(point)
         else:

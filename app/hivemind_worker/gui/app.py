@@ -1,0 +1,449 @@
+"""The desktop app: one instance per user, the engine on its thread, tray, dashboard, settings."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import getpass
+import hashlib
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from PySide6.QtCore import QByteArray, QObject, Qt, QTimer, Signal
+from PySide6.QtNetwork import QLocalServer, QLocalSocket
+from PySide6.QtWidgets import QApplication, QMessageBox, QProgressDialog, QSystemTrayIcon
+
+from hivemind_worker import __version__
+from hivemind_worker.config import Settings, read_state, update_state
+from hivemind_worker.credentials import CredentialStore
+from hivemind_worker.engine.engine import WorkerEngine
+from hivemind_worker.engine.events import EngineState, ErrorRaised
+from hivemind_worker.gui.autostart import autostart
+from hivemind_worker.gui.dashboard import Dashboard
+from hivemind_worker.gui.engine_thread import (
+    Bridge,
+    CrashReporter,
+    EngineThread,
+    install_excepthooks,
+)
+from hivemind_worker.gui.icons import app_icon
+from hivemind_worker.gui.model import WorkerModel
+from hivemind_worker.gui.settings_dialog import SettingsDialog
+from hivemind_worker.gui.tray import Tray, needs_person
+from hivemind_worker.paths import Paths
+
+log = logging.getLogger(__name__)
+
+SHOW_MESSAGE = b"show\n"
+SNOOZE_CHECK_MS = 15_000
+
+
+def instance_name(paths: Paths) -> str:
+    """One name per user and data folder, so test runs with their own folders don't collide."""
+    digest = hashlib.sha256(str(paths.data_dir).encode()).hexdigest()[:10]
+    user = "".join(c for c in getpass.getuser() if c.isalnum()) or "user"
+    return f"hivemind-worker-{user}-{digest}"
+
+
+class SingleInstance(QObject):
+    """The first instance listens on a local socket; later ones ask it to show its window."""
+
+    activated = Signal()
+
+    def __init__(self, name: str, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.name = name
+        self.server: QLocalServer | None = None
+
+    def forward_to_running(self, timeout_ms: int = 1000) -> bool:
+        """True if another instance answered (and was asked to show itself)."""
+        socket = QLocalSocket()
+        socket.connectToServer(self.name)
+        if not socket.waitForConnected(timeout_ms):
+            return False
+        socket.write(SHOW_MESSAGE)
+        socket.waitForBytesWritten(timeout_ms)
+        socket.disconnectFromServer()
+        return True
+
+    def listen(self) -> bool:
+        server = QLocalServer(self)
+        server.setSocketOptions(QLocalServer.SocketOption.UserAccessOption)
+        if not server.listen(self.name):
+            # A socket left by a crashed instance: nobody answered forward_to_running.
+            QLocalServer.removeServer(self.name)
+            if not server.listen(self.name):
+                log.warning("single-instance socket unavailable: %s", server.errorString())
+                return False
+        server.newConnection.connect(self._on_connection)
+        self.server = server
+        return True
+
+    def _on_connection(self) -> None:
+        assert self.server is not None
+        while (socket := self.server.nextPendingConnection()) is not None:
+            socket.readyRead.connect(lambda s=socket: self._on_ready(s))
+            socket.disconnected.connect(socket.deleteLater)
+
+    def _on_ready(self, socket: QLocalSocket) -> None:
+        if bytes(socket.readAll().data()).startswith(SHOW_MESSAGE.strip()):
+            self.activated.emit()
+
+
+class WorkerApp(QObject):
+    """Wires the engine thread, the model and the windows; routes every command."""
+
+    quitFinished = Signal()
+    settingsChangedOnLoop = Signal(object)  # Settings, from a hook running on the engine loop
+
+    def __init__(
+        self,
+        settings: Settings,
+        paths: Paths,
+        credentials: CredentialStore,
+        engine: WorkerEngine,
+        *,
+        autostart_engine: bool,
+        before: Callable[[], Awaitable[None]] | None = None,
+        after: Callable[[], Awaitable[None]] | None = None,
+        show_tray: bool = True,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.paths = paths
+        self.credentials = credentials
+        self.engine = engine
+        self.bridge = Bridge()
+        self.reporter = CrashReporter()
+        self.reporter.crashed.connect(self.show_crash)
+        self.bridge.crashed.connect(self.show_crash)
+        self.model = WorkerModel(self.bridge, paths)
+        self.engine_thread = EngineThread(
+            engine, self.bridge, autostart=autostart_engine, before=before, after=after
+        )
+        self.dashboard = Dashboard(self.model, close_to_tray=self._close_to_tray)
+        self.tray = Tray(self.model)
+        self.show_tray = show_tray and QSystemTrayIcon.isSystemTrayAvailable()
+        self.settings_dialog: SettingsDialog | None = None
+        self.progress: QProgressDialog | None = None
+        self.quitting = False
+        self.snooze_until: float | None = None
+        self._snooze_timer = QTimer(self)
+        self._snooze_timer.setInterval(SNOOZE_CHECK_MS)  # wall clock: survives suspend
+        self._snooze_timer.timeout.connect(self._check_snooze)
+        self._connect()
+        self._restore_geometry()
+        self._update_connection()
+
+    def _connect(self) -> None:
+        d, t = self.dashboard, self.tray
+        for signal, slot in (
+            (d.startRequested, self.start),
+            (t.startRequested, self.start),
+            (d.pauseRequested, self.pause),
+            (t.pauseRequested, self.pause),
+            (d.resumeRequested, self.resume),
+            (t.resumeRequested, self.resume),
+            (d.stopRequested, self.stop),
+            (d.settingsRequested, self.open_settings),
+            (t.settingsRequested, self.open_settings),
+            (d.quitRequested, self.quit),
+            (t.quitRequested, self.quit),
+            (t.dashboardRequested, self.dashboard.show_and_raise),
+            (t.toggleDashboard, self.toggle_dashboard),
+        ):
+            signal.connect(slot)
+        d.cancelRequested.connect(self.cancel_task)
+        d.geometryChanged.connect(self._save_geometry)
+        t.snoozeRequested.connect(self.snooze)
+        self.bridge.error.connect(self._on_error)
+        self.bridge.engineStopped.connect(self._on_engine_stopped)
+        self.model.stateChanged.connect(self._update_connection)
+        self.settingsChangedOnLoop.connect(self._on_settings_from_loop)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start_engine(self, *, show_dashboard: bool = True) -> None:
+        install_excepthooks(self.reporter)
+        self.engine_thread.start()
+        if self.show_tray:
+            self.tray.show()
+        if show_dashboard or not self.show_tray:
+            self.dashboard.show_and_raise()
+
+    def toggle_dashboard(self) -> None:
+        if self.dashboard.isVisible() and not self.dashboard.isMinimized():
+            self._save_geometry(self.dashboard.saveGeometry())
+            self.dashboard.hide()
+        else:
+            self.dashboard.show_and_raise()
+
+    def _close_to_tray(self) -> bool:
+        return self.settings.close_to_tray and self.show_tray and not self.quitting
+
+    def quit(self) -> None:
+        """Drain with a visible progress dialog and a time limit, then end the app."""
+        if self.quitting:
+            return
+        self.quitting = True
+        self._save_geometry(self.dashboard.saveGeometry())
+        if not self.engine_thread.isRunning():
+            self._finish_quit()
+            return
+        limit = max(1, self.settings.drain_timeout)
+        running = len(self.model.running)
+        self.progress = QProgressDialog(
+            f"Finishing {running} running task(s) before quitting…"
+            if running
+            else "Disconnecting from the pool…",
+            "Stop &now",
+            0,
+            limit,
+            self.dashboard if self.dashboard.isVisible() else None,
+        )
+        self.progress.setWindowTitle("Quitting HiveMind Worker")
+        self.progress.setWindowModality(Qt.WindowModality.ApplicationModal)
+        self.progress.setMinimumDuration(0)
+        self.progress.setAutoClose(False)
+        self.progress.setAutoReset(False)
+        self.progress.canceled.connect(self.engine.shutdown)
+        self.progress.show()
+        started = time.monotonic()
+
+        def tick() -> None:
+            if self.progress is None:
+                return
+            elapsed = time.monotonic() - started
+            self.progress.setValue(min(limit, int(elapsed)))
+            left = len(self.model.running)
+            if left:
+                self.progress.setLabelText(
+                    f"Finishing {left} running task(s) before quitting… "
+                    f"({max(0, limit - int(elapsed))} s left)"
+                )
+            # A stuck engine must not keep the app alive forever.
+            if elapsed > limit + 20:
+                log.error("the engine did not stop in time; quitting anyway")
+                self._finish_quit()
+
+        self._progress_timer = QTimer(self)
+        self._progress_timer.timeout.connect(tick)
+        self._progress_timer.start(250)
+        self.engine.drain_and_shutdown(limit)
+
+    def _on_engine_stopped(self) -> None:
+        if self.quitting:
+            self._finish_quit()
+        else:
+            self.model.add_log("error", "The worker engine stopped.")
+
+    def _finish_quit(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+        self.engine_thread.wait(5000)
+        self.tray.hide()
+        self.model.flush()
+        self.quitFinished.emit()
+        app = QApplication.instance()
+        if app is not None:
+            app.quit()
+
+    # ------------------------------------------------------------------ commands
+
+    def start(self) -> None:
+        self.snooze_until = None
+        self.engine.start()
+        if self.model.state is EngineState.PAUSED:
+            self.engine.resume()
+
+    def pause(self) -> None:
+        self.engine.pause()
+
+    def resume(self) -> None:
+        self.snooze_until = None
+        self._snooze_timer.stop()
+        self.engine.resume()
+
+    def stop(self) -> None:
+        self.snooze_until = None
+        self.engine.stop()
+
+    def cancel_task(self, task_id: str) -> None:
+        self.model.add_log("task", f"Cancelling {task_id}")
+        self.engine.cancel_task(task_id)
+
+    def snooze(self, seconds: float) -> None:
+        self.snooze_until = time.time() + seconds
+        self.engine.pause()
+        self._snooze_timer.start()
+        until = time.strftime("%H:%M", time.localtime(self.snooze_until))
+        self.model.add_log("state", f"Snoozed until {until}")
+
+    def _check_snooze(self) -> None:
+        if self.snooze_until is not None and time.time() >= self.snooze_until:
+            self.model.add_log("state", "Snooze over")
+            self.resume()
+
+    def open_settings(self) -> None:
+        if self.settings_dialog is None:
+            self.settings_dialog = SettingsDialog(
+                self.settings,
+                self.paths,
+                self.credentials,
+                self.engine_thread,
+                set_autostart=lambda on: autostart().set_enabled(on),
+                parent=self.dashboard,
+            )
+            self.settings_dialog.applied.connect(self.apply_settings)
+            self.settings_dialog.loginChanged.connect(self._on_login_changed)
+            self.settings_dialog.finished.connect(self._forget_settings_dialog)
+        else:
+            self.settings_dialog.load(self.settings)
+        self.settings_dialog.show()
+        self.settings_dialog.raise_()
+        self.settings_dialog.activateWindow()
+
+    def _forget_settings_dialog(self) -> None:
+        if self.settings_dialog is not None:
+            self.settings_dialog.deleteLater()
+            self.settings_dialog = None
+
+    def apply_settings(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine.apply_settings(settings)
+        self._update_connection()
+        self.model.add_log("state", "Settings applied")
+
+    def _on_login_changed(self, account: str) -> None:
+        if account:
+            self.apply_settings(dataclasses.replace(self.settings, account=account))
+
+    def _on_settings_from_loop(self, settings: Settings) -> None:
+        self.settings = settings
+        self._update_connection()
+
+    def set_settings_from_loop(self, settings: Settings) -> None:
+        """For hooks on the engine loop (the demo's pool): the engine and the GUI both learn it."""
+        self.engine.apply_settings(settings)
+        self.settingsChangedOnLoop.emit(settings)
+
+    # ------------------------------------------------------------------ feedback
+
+    def _update_connection(self) -> None:
+        s = self.settings
+        account = s.account or "no account set"
+        connected = self.model.state in (
+            EngineState.IDLE,
+            EngineState.BUSY,
+            EngineState.PAUSED,
+            EngineState.DRAINING,
+        )
+        self.dashboard.set_connection(
+            f"Pool {s.node_pool_address} ({'connected' if connected else 'not connected'}) · "
+            f"account {account} · node {self.engine.node_id} · "
+            f"{self.engine.executor.capability} sandbox · v{__version__}"
+        )
+
+    def _on_error(self, event: ErrorRaised) -> None:
+        if needs_person(event):
+            self.tray.notify(event.title, event.message)
+
+    def show_crash(self, title: str, details: str) -> None:
+        self.model.add_log("error", f"{title}: {details.strip().splitlines()[-1]}")
+        self.tray.notify(title, "Details are in the event log and the log file.")
+        box = QMessageBox(QMessageBox.Icon.Critical, "HiveMind Worker", title, parent=None)
+        box.setInformativeText("The error was written to the log file. The app keeps running.")
+        box.setDetailedText(details)
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.show()  # not exec(): a crash report must not block the GUI thread
+
+    # ------------------------------------------------------------------ geometry
+
+    def _restore_geometry(self) -> None:
+        raw = read_state(self.paths).get("gui", {})
+        geometry = raw.get("geometry") if isinstance(raw, dict) else None
+        if isinstance(geometry, str):
+            with contextlib.suppress(ValueError):
+                self.dashboard.restoreGeometry(QByteArray(base64.b64decode(geometry)))
+
+    def _save_geometry(self, geometry: QByteArray) -> None:
+        encoded = base64.b64encode(bytes(geometry.data())).decode("ascii")
+
+        def put(state: dict[str, Any]) -> None:
+            gui = state.get("gui")
+            state["gui"] = {**(gui if isinstance(gui, dict) else {}), "geometry": encoded}
+
+        try:
+            self.model._writer.submit(update_state, self.paths, put)
+        except RuntimeError:  # writer already shut down at quit
+            update_state(self.paths, put)
+
+
+def make_qapplication(argv: list[str] | None = None) -> QApplication:
+    app = QApplication.instance()
+    if isinstance(app, QApplication):
+        return app
+    # High-DPI: Qt 6 scales by default; pass fractional factors through instead of rounding.
+    QApplication.setHighDpiScaleFactorRoundingPolicy(
+        Qt.HighDpiScaleFactorRoundingPolicy.PassThrough
+    )
+    app = QApplication(argv or [sys.argv[0]])
+    app.setApplicationName("HiveMind Worker")
+    app.setOrganizationName("HiveMind")
+    app.setDesktopFileName("hivemind-worker")
+    app.setWindowIcon(app_icon())
+    app.setQuitOnLastWindowClosed(False)  # the tray keeps the app alive
+    return app
+
+
+def run_gui(
+    settings: Settings,
+    paths: Paths,
+    *,
+    hidden: bool = False,
+    demo_tasks: int | None = None,
+) -> int:
+    """The desktop app's main loop; returns the exit code."""
+    from hivemind_worker.cli import make_engine
+
+    app = make_qapplication()
+    single = SingleInstance(instance_name(paths))
+    if single.forward_to_running():
+        print("HiveMind Worker is already running; its window was brought forward.")
+        return 0
+    single.listen()
+    credentials = CredentialStore(paths)
+    engine = make_engine(settings, paths, credentials)
+    before = after = None
+    autostart_engine = settings.start_on_launch
+    window: list[WorkerApp] = []
+    if demo_tasks is not None:
+        from hivemind_worker.gui.demo import DemoPool
+
+        demo = DemoPool(paths, demo_tasks)
+        autostart_engine = True
+
+        async def before() -> None:
+            window[0].set_settings_from_loop(await demo.start(settings, credentials))
+
+        async def after() -> None:
+            await demo.stop()
+
+    worker_app = WorkerApp(
+        settings,
+        paths,
+        credentials,
+        engine,
+        autostart_engine=autostart_engine,
+        before=before,
+        after=after,
+    )
+    window.append(worker_app)
+    single.activated.connect(worker_app.dashboard.show_and_raise)
+    worker_app.start_engine(show_dashboard=not hidden)
+    return app.exec()

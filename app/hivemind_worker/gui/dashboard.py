@@ -1,0 +1,484 @@
+"""The dashboard window: live charts, running tasks, recent results, totals and the event log."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+import pyqtgraph as pg
+from PySide6.QtCore import QByteArray, Qt, QTimer, Signal
+from PySide6.QtGui import QAction, QCloseEvent, QColor, QFont, QKeySequence, QPalette
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QFrame,
+    QGridLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QMainWindow,
+    QPlainTextEdit,
+    QPushButton,
+    QSizePolicy,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from hivemind_worker.engine.events import EngineState
+from hivemind_worker.engine.tasks import TaskStatus
+from hivemind_worker.gui.icons import look_for, state_icon
+from hivemind_worker.gui.model import HISTORY_SECONDS, LogEntry, WorkerModel
+
+GIB = 1024**3
+# Distinguishable on light and dark backgrounds (Okabe-Ito, colour-blind safe).
+SERIES_COLORS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
+LOG_FILTERS = {
+    "All events": None,
+    "Errors": {"error"},
+    "Tasks": {"task", "error"},
+    "State changes": {"state", "error"},
+    "Task output": {"output"},
+}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class _Stat(QFrame):
+    """A number with a caption, for the totals row."""
+
+    def __init__(self, caption: str) -> None:
+        super().__init__()
+        self.setFrameShape(QFrame.Shape.StyledPanel)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(12, 6, 12, 6)
+        self.value = QLabel("0")
+        font = self.value.font()
+        font.setPointSizeF(font.pointSizeF() * 1.6)
+        font.setBold(True)
+        self.value.setFont(font)
+        self.value.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        label = QLabel(caption)
+        label.setForegroundRole(QPalette.ColorRole.PlaceholderText)
+        layout.addWidget(self.value)
+        layout.addWidget(label)
+
+
+class _Chart(pg.PlotWidget):  # type: ignore[misc]
+    """A time chart of the last minutes; colours follow the window palette (light or dark)."""
+
+    def __init__(self, title: str, unit: str, y_max: float | None) -> None:
+        super().__init__()
+        palette = self.palette()
+        self.setBackground(palette.color(QPalette.ColorRole.Base))
+        text = palette.color(QPalette.ColorRole.Text)
+        self.setTitle(title, color=text.name())
+        item = self.getPlotItem()
+        for axis in ("left", "bottom"):
+            item.getAxis(axis).setPen(text)
+            item.getAxis(axis).setTextPen(text)
+        item.setLabel("bottom", "seconds ago")
+        item.setLabel("left", unit)
+        item.showGrid(x=True, y=True, alpha=0.2)
+        item.setXRange(-HISTORY_SECONDS, 0, padding=0)
+        if y_max is not None:
+            item.setYRange(0, y_max, padding=0.02)
+        item.setMouseEnabled(x=False, y=False)
+        item.hideButtons()
+        item.setMenuEnabled(False)
+        self.legend = item.addLegend(offset=(8, 8), labelTextColor=text)
+        self.lines: dict[str, pg.PlotDataItem] = {}
+        self.setMinimumHeight(160)
+
+    def line(self, key: str, name: str, color: str, width: float = 2.0) -> pg.PlotDataItem:
+        if key not in self.lines:
+            self.lines[key] = self.plot([], [], name=name, pen=pg.mkPen(color, width=width))
+        return self.lines[key]
+
+    def drop_except(self, keep: set[str]) -> None:
+        for key in list(self.lines):
+            if key not in keep:
+                item = self.lines.pop(key)
+                self.legend.removeItem(item)
+                self.removeItem(item)
+
+
+class Dashboard(QMainWindow):
+    """The main window; closing it hides it (the app lives in the tray)."""
+
+    startRequested = Signal()
+    pauseRequested = Signal()
+    resumeRequested = Signal()
+    stopRequested = Signal()
+    cancelRequested = Signal(str)  # task id
+    settingsRequested = Signal()
+    quitRequested = Signal()
+    geometryChanged = Signal(QByteArray)
+
+    def __init__(self, model: WorkerModel, *, close_to_tray: Callable[[], bool]) -> None:
+        super().__init__()
+        self.model = model
+        self._close_to_tray = close_to_tray
+        self.setWindowTitle("HiveMind Worker")
+        self.setWindowIcon(state_icon(look_for(EngineState.BUSY)))
+        self.resize(1040, 760)
+        self._build()
+        model.stateChanged.connect(self._update_state)
+        model.metricsChanged.connect(self._update_charts)
+        model.tasksChanged.connect(self._update_tasks)
+        model.metricsChanged.connect(self._update_tasks)
+        model.resultsChanged.connect(self._update_results)
+        model.totalsChanged.connect(self._update_totals)
+        model.logAdded.connect(self._append_log)
+        # Elapsed times tick even when no metrics arrive (engine stopped, paused).
+        self._tick = QTimer(self)
+        self._tick.timeout.connect(self._update_tasks)
+        self._tick.start(1000)
+        self._update_state()
+        self._update_totals()
+        self._update_results()
+        self._update_tasks()
+
+    # ------------------------------------------------------------------ layout
+
+    def _build(self) -> None:
+        central = QWidget()
+        outer = QVBoxLayout(central)
+
+        # The big control and the status line.
+        top = QHBoxLayout()
+        self.state_icon = QLabel()
+        self.state_icon.setFixedSize(40, 40)
+        self.state_label = QLabel()
+        font = self.state_label.font()
+        font.setPointSizeF(font.pointSizeF() * 1.5)
+        font.setBold(True)
+        self.state_label.setFont(font)
+        self.state_detail = QLabel()
+        self.state_detail.setWordWrap(True)
+        self.connection_label = QLabel()
+        self.connection_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        status = QVBoxLayout()
+        status.addWidget(self.state_label)
+        status.addWidget(self.state_detail)
+        status.addWidget(self.connection_label)
+        self.main_button = QPushButton("Start contributing")
+        self.main_button.setMinimumSize(220, 56)
+        big = self.main_button.font()
+        big.setPointSizeF(big.pointSizeF() * 1.3)
+        big.setBold(True)
+        self.main_button.setFont(big)
+        self.main_button.setDefault(True)
+        self.main_button.clicked.connect(self._on_main_button)
+        self.stop_button = QPushButton("&Stop")
+        self.stop_button.setToolTip("Stop contributing now; running tasks go back to the pool")
+        self.stop_button.clicked.connect(self.stopRequested)
+        settings_button = QPushButton("Se&ttings…")
+        settings_button.clicked.connect(self.settingsRequested)
+        top.addWidget(self.state_icon)
+        top.addLayout(status, 1)
+        top.addWidget(settings_button)
+        top.addWidget(self.stop_button)
+        top.addWidget(self.main_button)
+        outer.addLayout(top)
+
+        # Totals.
+        totals = QHBoxLayout()
+        self.stat_done = _Stat("tasks done")
+        self.stat_failed = _Stat("tasks failed")
+        self.stat_cpu = _Stat("CPU-hours contributed")
+        self.stat_host = _Stat("this computer now")
+        for stat in (self.stat_done, self.stat_failed, self.stat_cpu, self.stat_host):
+            totals.addWidget(stat)
+        outer.addLayout(totals)
+
+        # Charts above, tables and log below, with a splitter the person can move.
+        splitter = QSplitter(Qt.Orientation.Vertical)
+        charts = QWidget()
+        grid = QGridLayout(charts)
+        grid.setContentsMargins(0, 0, 0, 0)
+        self.cpu_chart = _Chart("CPU", "%", 100)
+        total_gb = (self.model.host.memory_total_bytes / GIB) if self.model.host else None
+        self.mem_chart = _Chart("Memory", "GiB", total_gb)
+        grid.addWidget(self.cpu_chart, 0, 0)
+        grid.addWidget(self.mem_chart, 0, 1)
+        splitter.addWidget(charts)
+
+        self.tabs = QTabWidget()
+        self.tasks_table = self._table(
+            ["Task", "Image / kind", "State", "Elapsed", "CPU", "Memory"]
+        )
+        self.tasks_table.itemSelectionChanged.connect(self._update_cancel_button)
+        cancel_action = QAction("Cancel task", self.tasks_table)
+        cancel_action.setShortcut(QKeySequence.StandardKey.Delete)
+        cancel_action.triggered.connect(self._cancel_selected)
+        self.tasks_table.addAction(cancel_action)
+        self.tasks_table.setContextMenuPolicy(Qt.ContextMenuPolicy.ActionsContextMenu)
+        self.cancel_button = QPushButton("&Cancel selected task")
+        self.cancel_button.clicked.connect(self._cancel_selected)
+        tasks_page = QWidget()
+        tasks_layout = QVBoxLayout(tasks_page)
+        tasks_layout.addWidget(self.tasks_table)
+        row = QHBoxLayout()
+        row.addStretch(1)
+        row.addWidget(self.cancel_button)
+        tasks_layout.addLayout(row)
+        self.tabs.addTab(tasks_page, "&Running tasks")
+
+        self.results_table = self._table(
+            ["Task", "Status", "Duration", "Exit", "Result", "Delivered", "Finished", "Error"]
+        )
+        self.tabs.addTab(self.results_table, "Recent r&esults")
+
+        log_page = QWidget()
+        log_layout = QVBoxLayout(log_page)
+        filters = QHBoxLayout()
+        self.log_filter = QComboBox()
+        self.log_filter.addItems(list(LOG_FILTERS))
+        self.log_filter.currentIndexChanged.connect(self._refill_log)
+        self.log_search = QLineEdit()
+        self.log_search.setPlaceholderText("Filter text…")
+        self.log_search.setClearButtonEnabled(True)
+        self.log_search.textChanged.connect(self._refill_log)
+        show = QLabel("&Show:")
+        show.setBuddy(self.log_filter)
+        filters.addWidget(show)
+        filters.addWidget(self.log_filter)
+        filters.addWidget(self.log_search, 1)
+        self.log_view = QPlainTextEdit()
+        self.log_view.setReadOnly(True)
+        self.log_view.setMaximumBlockCount(5000)
+        mono = QFont("monospace")
+        mono.setStyleHint(QFont.StyleHint.Monospace)
+        self.log_view.setFont(mono)
+        log_layout.addLayout(filters)
+        log_layout.addWidget(self.log_view)
+        self.tabs.addTab(log_page, "Event &log")
+        splitter.addWidget(self.tabs)
+        splitter.setStretchFactor(0, 3)
+        splitter.setStretchFactor(1, 2)
+        outer.addWidget(splitter, 1)
+        self.setCentralWidget(central)
+
+        menu = self.menuBar().addMenu("&Worker")
+        for text, signal, shortcut in (
+            ("&Settings…", self.settingsRequested, QKeySequence.StandardKey.Preferences),
+            ("&Quit", self.quitRequested, QKeySequence.StandardKey.Quit),
+        ):
+            action = QAction(text, self)
+            action.setShortcut(shortcut)
+            action.triggered.connect(signal)
+            menu.addAction(action)
+        close = QAction("&Close window", self)
+        close.setShortcut(QKeySequence.StandardKey.Close)
+        close.triggered.connect(self.close)
+        menu.addAction(close)
+
+    def _table(self, headers: list[str]) -> QTableWidget:
+        table = QTableWidget(0, len(headers))
+        table.setHorizontalHeaderLabels(headers)
+        table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        table.verticalHeader().setVisible(False)
+        table.setAlternatingRowColors(True)
+        header = table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setStretchLastSection(True)
+        table.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        return table
+
+    # ------------------------------------------------------------------ updates
+
+    def _on_main_button(self) -> None:
+        state = self.model.state
+        if state in (EngineState.STOPPED, EngineState.ERROR):
+            self.startRequested.emit()
+        elif state is EngineState.PAUSED:
+            self.resumeRequested.emit()
+        else:
+            self.pauseRequested.emit()
+
+    def _update_state(self) -> None:
+        model = self.model
+        state = model.state
+        self.state_icon.setPixmap(state_icon(look_for(state)).pixmap(40, 40))
+        self.state_label.setText(model.state_text)
+        detail = model.state_message
+        if model.retry_at and state in (EngineState.CONNECTING, EngineState.ERROR):
+            detail += f" (next try at {datetime.fromtimestamp(model.retry_at):%H:%M:%S})"
+        self.state_detail.setText(detail)
+        self.state_detail.setVisible(bool(detail))
+        labels = {
+            EngineState.STOPPED: "Start contributing",
+            EngineState.ERROR: "Try again",
+            EngineState.PAUSED: "Resume",
+            EngineState.DRAINING: "Finishing…",
+        }
+        self.main_button.setText(labels.get(state, "Pause"))
+        self.main_button.setEnabled(state is not EngineState.DRAINING)
+        self.stop_button.setEnabled(state not in (EngineState.STOPPED, EngineState.ERROR))
+
+    def set_connection(self, text: str) -> None:
+        self.connection_label.setText(text)
+
+    def _update_totals(self) -> None:
+        totals = self.model.totals
+        self.stat_done.value.setText(f"{totals.done:,}")
+        self.stat_failed.value.setText(f"{totals.failed:,}")
+        self.stat_cpu.value.setText(f"{totals.cpu_hours:,.2f}")
+
+    def _update_charts(self) -> None:
+        model = self.model
+        now = time.time()
+        host = list(model.host_history)
+        if model.host is not None:
+            self.stat_host.value.setText(
+                f"{model.host.cpu_percent:.0f}% CPU · {human_bytes(model.host.memory_used_bytes)}"
+            )
+            self.mem_chart.getPlotItem().setYRange(
+                0, model.host.memory_total_bytes / GIB, padding=0.02
+            )
+        xs = [t - now for t, _, _ in host]
+        text = self.palette().color(QPalette.ColorRole.Text).name()
+        self.cpu_chart.line("host", "this computer", text).setData(xs, [c for _, c, _ in host])
+        self.mem_chart.line("host", "this computer", text).setData(
+            xs, [m / GIB for _, _, m in host]
+        )
+        keep = {"host"}
+        for i, task in enumerate(model.running.values()):
+            keep.add(task.task_id)
+            color = SERIES_COLORS[i % len(SERIES_COLORS)]
+            txs = [t - now for t, _, _ in task.history]
+            self.cpu_chart.line(task.task_id, task.name, color).setData(
+                txs, [c for _, c, _ in task.history]
+            )
+            self.mem_chart.line(task.task_id, task.name, color).setData(
+                txs, [m / GIB for _, _, m in task.history]
+            )
+        self.cpu_chart.drop_except(keep)
+        self.mem_chart.drop_except(keep)
+
+    def _update_tasks(self) -> None:
+        model = self.model
+        table = self.tasks_table
+        selected = self.selected_task_id()
+        tasks = list(model.running.values())
+        table.setRowCount(len(tasks))
+        now = time.time()
+        paused = model.state is EngineState.PAUSED
+        for row, task in enumerate(tasks):
+            values = [
+                task.name,
+                task.image or task.kind,
+                "paused" if paused else "running",
+                human_duration(now - task.started),
+                f"{task.usage.cpu_percent:.0f}%",
+                human_bytes(task.usage.memory_bytes),
+            ]
+            for col, value in enumerate(values):
+                item = QTableWidgetItem(value)
+                item.setData(Qt.ItemDataRole.UserRole, task.task_id)
+                if col >= 3:
+                    item.setTextAlignment(
+                        Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter
+                    )
+                table.setItem(row, col, item)
+            if task.task_id == selected:
+                table.selectRow(row)
+        self._update_cancel_button()
+        self.tabs.setTabText(0, f"&Running tasks ({len(tasks)})")
+
+    def selected_task_id(self) -> str | None:
+        rows = self.tasks_table.selectionModel().selectedRows()
+        if not rows:
+            return None
+        item = self.tasks_table.item(rows[0].row(), 0)
+        return str(item.data(Qt.ItemDataRole.UserRole)) if item is not None else None
+
+    def _update_cancel_button(self) -> None:
+        self.cancel_button.setEnabled(self.selected_task_id() is not None)
+
+    def _cancel_selected(self) -> None:
+        task_id = self.selected_task_id()
+        if task_id is not None:
+            self.cancelRequested.emit(task_id)
+
+    def _update_results(self) -> None:
+        rows = list(self.model.results)
+        table = self.results_table
+        table.setRowCount(len(rows))
+        for r, result in enumerate(rows):
+            delivered = {None: "sending…", True: "yes", False: "refused"}[result.delivered]
+            values = [
+                result.name,
+                result.status.value,
+                human_duration(result.duration),
+                str(result.exit_code),
+                human_bytes(result.result_size) if result.result_size else "",
+                delivered,
+                f"{datetime.fromtimestamp(result.finished):%H:%M:%S}",
+                result.error,
+            ]
+            for c, value in enumerate(values):
+                item = QTableWidgetItem(value)
+                if c == 1 and result.status is not TaskStatus.SUCCEEDED:
+                    item.setForeground(QColor("#d64541"))
+                table.setItem(r, c, item)
+
+    def _matches(self, entry: LogEntry) -> bool:
+        wanted = LOG_FILTERS[self.log_filter.currentText()]
+        if wanted is not None and entry.category not in wanted:
+            return False
+        needle = self.log_search.text().strip().lower()
+        return not needle or needle in entry.text.lower()
+
+    @staticmethod
+    def _format(entry: LogEntry) -> str:
+        return f"{datetime.fromtimestamp(entry.when):%H:%M:%S}  {entry.text}"
+
+    def _append_log(self, entry: LogEntry) -> None:
+        if self._matches(entry):
+            self.log_view.appendPlainText(self._format(entry))
+
+    def _refill_log(self) -> None:
+        lines = [self._format(e) for e in self.model.log if self._matches(e)]
+        self.log_view.setPlainText("\n".join(lines))
+        bar = self.log_view.verticalScrollBar()
+        bar.setValue(bar.maximum())
+
+    # ------------------------------------------------------------------ window
+
+    def show_and_raise(self) -> None:
+        if self.isMinimized():
+            self.showNormal()
+        self.show()
+        self.raise_()
+        self.activateWindow()
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        self.geometryChanged.emit(self.saveGeometry())
+        if self._close_to_tray():
+            event.ignore()
+            self.hide()
+        else:
+            event.ignore()
+            self.quitRequested.emit()
