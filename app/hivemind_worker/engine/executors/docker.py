@@ -129,6 +129,7 @@ class _Running:
     cancelled: bool = False
     timed_out: bool = False
     exited: bool = False
+    closed: bool = False  # the run has returned; output threads stop
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
     logs_done: threading.Event = field(default_factory=threading.Event)
@@ -371,7 +372,7 @@ class DockerExecutor(Executor):
             "cpu_shares": CPU_SHARES,
             "ipc_mode": "private",
             "log_config": LogConfig(
-                type=LogConfig.types.JSON, config={"max-size": LOG_MAX_SIZE, "max-file": "1"}
+                type=LogConfig.types.JSON, config={"max-size": LOG_MAX_SIZE, "max-file": "2"}
             ),
             "stdin_open": False,
             "tty": False,
@@ -444,13 +445,17 @@ class DockerExecutor(Executor):
                 await asyncio.shield(asyncio.to_thread(_kill, container))
             self._running.pop(task.task_id, None)
             await asyncio.to_thread(run.logs_done.wait, DRAIN_SECONDS)
+            run.closed = True
             self._flush(run, on_log)
 
         result.finished_at = time.time()
         state = await asyncio.to_thread(_state, container)
         code = int(state.get("ExitCode", -1))
         result.exit_code = code
-        result.log_tail = bytes(run.tail)
+        # The followed stream can miss output when the log file rotates under it; the file
+        # itself (capped by max-size) holds the authoritative end.
+        tail = await asyncio.to_thread(_log_tail, container, self._log_tail_bytes)
+        result.log_tail = tail if tail is not None else bytes(run.tail)
         result.cpu_seconds = run.cpu_seconds
         result.max_memory_bytes = run.max_memory
         memory = int(config["mem_limit"])
@@ -522,6 +527,8 @@ class DockerExecutor(Executor):
         try:
             stream: Iterator[bytes] = run.container.logs(stream=True, follow=True)
             for chunk in stream:
+                if run.closed:
+                    break  # the result is out; what still trickles in has no reader
                 with run.lock:
                     run.output_bytes += len(chunk)
                     # Only the tail is kept: a task printing gigabytes must not grow the worker.
@@ -540,8 +547,6 @@ class DockerExecutor(Executor):
                     run.flush_scheduled = True
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
                     loop.call_soon_threadsafe(self._flush, run, on_log)
-                if run.stop.is_set() and run.exited:
-                    break
         except _DockerErrors as exc:
             log.debug("output of task %s ended: %s", run.task.task_id, exc)
         finally:
@@ -685,6 +690,20 @@ def _state(container: Container) -> dict[str, Any]:
     container.reload()
     state: dict[str, Any] = container.attrs.get("State", {})
     return state
+
+
+def _log_tail(container: Container, cap: int) -> bytes | None:
+    """The last `cap` bytes of a stopped container's output, read as a stream."""
+    tail = bytearray()
+    try:
+        for chunk in container.logs(stream=True, follow=False):
+            tail += chunk
+            if len(tail) > 2 * cap:
+                del tail[: len(tail) - cap]
+    except _DockerErrors as exc:
+        log.debug("cannot read the output of %s: %s", container.short_id, exc)
+        return None
+    return bytes(tail[-cap:]) if cap else b""
 
 
 def _kill(container: Container) -> None:

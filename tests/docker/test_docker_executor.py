@@ -1,0 +1,393 @@
+"""DockerExecutor on a real engine: lockdown, limits, output cap, results, pause, housekeeping."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+import docker
+import docker.errors
+import psutil
+import pytest
+from harness import archive_files, wait_for
+
+from conftest import TEST_IMAGE
+from hivemind_worker.config import load_settings
+from hivemind_worker.engine.executors import docker as dockerx
+from hivemind_worker.engine.executors import select_executor
+from hivemind_worker.engine.executors.base import ExecutorError
+from hivemind_worker.engine.tasks import (
+    InputFile,
+    MiB,
+    Resources,
+    TaskKind,
+    TaskResult,
+    TaskSpec,
+    TaskStatus,
+)
+from hivemind_worker.paths import default_paths
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(120)]
+
+MakeExecutor = Callable[..., dockerx.DockerExecutor]
+
+
+def make_task(
+    source: str,
+    task_id: str = "t1",
+    *,
+    timeout: int = 60,
+    resources: Resources | None = None,
+    **fields: object,
+) -> TaskSpec:
+    return TaskSpec(
+        task_id=task_id,
+        lease_id="lease-1",
+        kind=TaskKind.PYTHON,
+        resources=resources or Resources(0.5, 128 * MiB, 64 * MiB),
+        timeout_seconds=timeout,
+        source=source,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def run_task(executor: dockerx.DockerExecutor, task: TaskSpec) -> tuple[TaskResult, bytes]:
+    await executor.prepare(task)
+    output = bytearray()
+    result = await executor.run(task, task.resources, lambda _id, chunk: output.extend(chunk))
+    return result, bytes(output)
+
+
+def tree(root: Path) -> set[Path]:
+    return set(root.rglob("*"))
+
+
+def cpu_seconds(client: docker.DockerClient, container_id: str) -> float:
+    stats = client.api.stats(container_id, stream=False, one_shot=True)
+    return float(stats["cpu_stats"]["cpu_usage"]["total_usage"]) / 1e9
+
+
+# What a task can see of its own sandbox, written where the test can read it while it runs.
+PROBE = """
+import os, time
+facts = {"uid": os.getuid(), "gid": os.getgid(), "cwd": os.getcwd()}
+try:
+    open("/probe", "w")
+    facts["root_writable"] = True
+except OSError:
+    facts["root_writable"] = False
+with open("/tmp/probe", "w") as fh:
+    fh.write("ok")
+facts["tmp_writable"] = True
+status = dict(line.split(":\\t", 1) for line in open("/proc/self/status").read().splitlines())
+facts["cap_eff"] = status["CapEff"].strip()
+facts["no_new_privs"] = status["NoNewPrivs"].strip()
+facts["interfaces"] = sorted(os.listdir("/sys/class/net"))
+facts["docker_sock"] = os.path.exists("/var/run/docker.sock") or os.path.exists("/run/docker.sock")
+facts["input"] = open("in/data.txt").read()
+with open("results/facts.txt", "w") as fh:  # python3-minimal has no json
+    fh.write(repr(facts))
+time.sleep(60)
+"""
+
+
+async def test_running_container_shows_every_default(
+    make_executor: MakeExecutor, docker_client: docker.DockerClient, node_id: str
+) -> None:
+    executor = make_executor()
+    task = make_task(
+        PROBE,
+        resources=Resources(0.5, 96 * MiB, 32 * MiB),
+        input_files=(InputFile(PurePosixPath("in/data.txt"), b"hello"),),
+    )
+    await executor.prepare(task)
+    workspace = executor.workspace("t1")
+    assert workspace is not None
+    running = asyncio.create_task(executor.run(task, task.resources))
+    facts_file = workspace / "results" / "facts.txt"
+    await wait_for(lambda: facts_file.exists() or running.done(), 30, "the probe's facts")
+    assert not running.done(), running.result()
+    container = executor.container("t1")
+    assert container is not None
+    attrs = docker_client.api.inspect_container(container.id)
+    host, config = attrs["HostConfig"], attrs["Config"]
+
+    assert attrs["State"]["Running"] is True
+    assert host["CapDrop"] == ["ALL"]
+    assert not host["CapAdd"]
+    assert host["SecurityOpt"] == ["no-new-privileges"]
+    assert host["Privileged"] is False
+    assert host["ReadonlyRootfs"] is True
+    assert list(host["Tmpfs"]) == ["/tmp"]
+    assert f"size={32 * MiB}" in host["Tmpfs"]["/tmp"]
+    assert config["User"] == dockerx.worker_user()
+    assert host["PidsLimit"] == dockerx.PIDS_LIMIT
+    assert host["Memory"] == host["MemorySwap"] == 96 * MiB
+    assert host["NanoCpus"] == 500_000_000
+    assert host["CpuShares"] == dockerx.CPU_SHARES
+    assert host["NetworkMode"] == "none"
+    assert not host["Binds"]
+    assert not host["Devices"]
+    assert not host["VolumesFrom"]
+    mounts = attrs["Mounts"]
+    assert [(m["Type"], m["Source"], m["Destination"], m["RW"]) for m in mounts] == [
+        ("bind", str(workspace), "/workspace", True)
+    ]
+    assert config["WorkingDir"] == "/workspace"
+    assert config["Labels"][dockerx.LABEL_NODE] == node_id
+    assert config["Labels"][dockerx.LABEL_TASK] == "t1"
+    assert config["Labels"][dockerx.LABEL_LEASE] == "lease-1"
+    assert host["LogConfig"]["Type"] == "json-file"
+    assert host["LogConfig"]["Config"]["max-size"] == dockerx.LOG_MAX_SIZE
+
+    # The same lockdown seen from inside.
+    facts = ast.literal_eval(facts_file.read_text())
+    if dockerx.worker_user() == dockerx.NOBODY:
+        assert (facts["uid"], facts["gid"]) == (65534, 65534)
+    assert facts["uid"] != 0
+    assert facts["cwd"] == "/workspace"
+    assert facts["root_writable"] is False
+    assert facts["tmp_writable"] is True
+    assert facts["cap_eff"] == "0000000000000000"
+    assert facts["no_new_privs"] == "1"
+    assert facts["interfaces"] == ["lo"]
+    assert facts["docker_sock"] is False
+    assert facts["input"] == "hello"
+
+    await executor.cancel("t1")
+    result = await asyncio.wait_for(running, 30)
+    assert result.status is TaskStatus.CANCELLED
+    await executor.cleanup("t1")
+    assert not workspace.exists()
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(container.id)
+
+
+async def test_container_task_runs_image_and_argv(make_executor: MakeExecutor) -> None:
+    executor = make_executor()
+    task = TaskSpec(
+        task_id="c1",
+        lease_id="lease-1",
+        kind=TaskKind.CONTAINER,
+        image=TEST_IMAGE,
+        argv=("sh", "-c", "echo made > results/out.txt; echo done $HIVEMIND_TASK_ID"),
+        resources=Resources(0.5, 64 * MiB, 16 * MiB),
+        timeout_seconds=60,
+    )
+    result, output = await run_task(executor, task)
+    assert result.status is TaskStatus.SUCCEEDED, result.error
+    assert output == b"done c1\n"
+    assert result.archive is not None
+    assert archive_files(result.archive.read_bytes()) == {"results/out.txt": b"made\n"}
+
+
+async def test_fork_bomb_is_held_by_the_pids_limit(make_executor: MakeExecutor) -> None:
+    executor = make_executor(pids_limit=64)
+    source = (
+        "import os, time\n"
+        "children = 0\n"
+        "try:\n"
+        "    while True:\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(30)\n"
+        "            os._exit(0)\n"
+        "        children += 1\n"
+        "except OSError as exc:\n"
+        "    print('held at', children, exc.strerror)\n"
+    )
+    result, output = await run_task(executor, make_task(source))
+    assert result.status is TaskStatus.SUCCEEDED
+    held_at = int(output.split()[2])
+    assert 0 < held_at < 64
+
+
+async def test_memory_hog_is_reported_out_of_memory(make_executor: MakeExecutor) -> None:
+    executor = make_executor()
+    source = "chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))\n"
+    result, _ = await run_task(
+        executor, make_task(source, resources=Resources(0.5, 64 * MiB, 16 * MiB))
+    )
+    assert result.status is TaskStatus.OUT_OF_MEMORY
+    assert "64 MiB" in result.error
+
+
+async def test_busy_loop_past_timeout_is_killed(make_executor: MakeExecutor) -> None:
+    executor = make_executor()
+    started = time.monotonic()
+    result, _ = await run_task(executor, make_task("while True:\n    pass\n", timeout=2))
+    assert result.status is TaskStatus.TIMED_OUT
+    assert time.monotonic() - started < 20
+    # and the executor takes the next task
+    result, output = await run_task(executor, make_task("print('next')", "t2"))
+    assert result.status is TaskStatus.SUCCEEDED
+    assert output == b"next\n"
+
+
+@pytest.mark.timeout(300)
+async def test_gigabyte_of_output_keeps_worker_memory_bounded(make_executor: MakeExecutor) -> None:
+    executor = make_executor(log_tail_bytes=64 * 1024)
+    source = (
+        "import sys\n"
+        "line = b'x' * 1023 + b'\\n'\n"
+        "write = sys.stdout.buffer.write\n"
+        "for _ in range(1024 * 1024):\n"
+        "    write(line)\n"
+        "print('THE END')\n"
+    )
+    task = make_task(source, timeout=240, resources=Resources(1, 128 * MiB, 16 * MiB))
+    await executor.prepare(task)
+    me = psutil.Process()
+    baseline = me.memory_info().rss
+    peak = baseline
+    received = 0
+
+    def sink(_task_id: str, chunk: bytes) -> None:
+        nonlocal received
+        received += len(chunk)
+
+    running = asyncio.create_task(executor.run(task, task.resources, sink))
+    while not running.done():
+        peak = max(peak, me.memory_info().rss)
+        await asyncio.sleep(0.05)
+    result = running.result()
+    assert result.status is TaskStatus.SUCCEEDED, result.error
+    assert len(result.log_tail) == 64 * 1024
+    assert result.log_tail.endswith(b"THE END\n")
+    assert 0 < received < 1024 * MiB  # the live stream is thinned, not buffered
+    assert peak - baseline < 64 * MiB, f"worker grew by {(peak - baseline) / MiB:.0f} MiB"
+
+
+SYMLINK_RESULT = "import os\nos.symlink('/etc/passwd', 'results/passwd')\n"
+HARDLINK_RESULT = (
+    "import os\nopen('results/a', 'w').write('a')\nos.link('results/a', 'results/b')\n"
+)
+RESULTS_IS_LINK = "import os\nos.rmdir('results')\nos.symlink('/etc', 'results')\n"
+
+
+@pytest.mark.parametrize(
+    ("source", "reason"),
+    [(SYMLINK_RESULT, "link"), (HARDLINK_RESULT, "link"), (RESULTS_IS_LINK, "not a folder")],
+    ids=["symlink", "hardlink", "results-folder-is-a-link"],
+)
+async def test_links_in_results_are_refused(
+    make_executor: MakeExecutor, tmp_path: Path, source: str, reason: str
+) -> None:
+    executor = make_executor()
+    before = tree(tmp_path)
+    result, _ = await run_task(executor, make_task(source))
+    assert result.status is TaskStatus.FAILED
+    assert reason in result.error
+    assert result.archive is None
+    workspace = executor.workspace("t1")
+    assert workspace is not None
+    # Nothing new outside the workspace: no archive, no unpacked file.
+    new = {p for p in tree(tmp_path) - before if workspace not in (p, *p.parents)}
+    assert new <= {tmp_path / "work", executor.archive_dir}
+
+
+async def test_pause_freezes_cpu_and_resume_finishes(
+    make_executor: MakeExecutor, docker_client: docker.DockerClient
+) -> None:
+    executor = make_executor()
+    source = (
+        "import time\n"
+        "open('results/started', 'w').close()\n"
+        "total, deadline = 0, time.process_time() + 1.5\n"
+        "while time.process_time() < deadline:\n"
+        "    total += 1\n"
+        "open('results/answer.txt', 'w').write(str(sum(range(1000))))\n"
+    )
+    task = make_task(source, timeout=30, resources=Resources(1, 128 * MiB, 16 * MiB))
+    await executor.prepare(task)
+    workspace = executor.workspace("t1")
+    assert workspace is not None
+    running = asyncio.create_task(executor.run(task, task.resources))
+    await wait_for((workspace / "results" / "started").exists, 30, "the task to start")
+    container = executor.container("t1")
+    assert container is not None
+
+    await executor.pause()
+    assert docker_client.api.inspect_container(container.id)["State"]["Status"] == "paused"
+    frozen = cpu_seconds(docker_client, container.id)
+    await asyncio.sleep(1.0)  # long enough for a running loop to burn ~1 s of CPU
+    assert cpu_seconds(docker_client, container.id) - frozen < 0.05
+    assert not running.done()
+
+    resumed = time.monotonic()
+    await executor.resume()
+    result = await asyncio.wait_for(running, 30)
+    assert result.status is TaskStatus.SUCCEEDED, result.error
+    assert time.monotonic() - resumed < 10
+    assert result.archive is not None
+    assert archive_files(result.archive.read_bytes())["results/answer.txt"] == b"499500"
+
+
+async def test_pull_policy_never_and_allowlist_refuse_with_reasons(
+    make_executor: MakeExecutor,
+) -> None:
+    executor = make_executor(allowlist=("ghcr.io/hivemind/",))
+    task = TaskSpec(
+        task_id="c1",
+        lease_id="lease-1",
+        kind=TaskKind.CONTAINER,
+        image=TEST_IMAGE,
+        argv=("true",),
+        resources=Resources(0.5, 64 * MiB, 16 * MiB),
+        timeout_seconds=60,
+    )
+    with pytest.raises(ExecutorError, match="not in this worker's image allowlist"):
+        await executor.prepare(task)
+    missing = TaskSpec(
+        task_id="c2",
+        lease_id="lease-1",
+        kind=TaskKind.CONTAINER,
+        image="ghcr.io/hivemind/not-here:1",
+        argv=("true",),
+        resources=Resources(0.5, 64 * MiB, 16 * MiB),
+        timeout_seconds=60,
+    )
+    with pytest.raises(ExecutorError, match="not on this machine and the pull policy is 'never'"):
+        await executor.prepare(missing)
+
+
+async def test_leftover_containers_are_removed_at_start(
+    docker_client: docker.DockerClient, tmp_path: Path, node_id: str
+) -> None:
+    work_dir = tmp_path / "work"
+    stale = work_dir / "old-task-lease"
+    stale.mkdir(parents=True)
+    (stale / "main.py").write_text("pass\n")
+
+    def leftover(node: str, **extra: object) -> str:
+        container = docker_client.containers.create(
+            TEST_IMAGE,
+            ["sleep", "60"],
+            labels={dockerx.LABEL_NODE: node, dockerx.LABEL_TASK: "old", dockerx.LABEL_LEASE: "x"},
+            network_mode="none",
+            **extra,  # type: ignore[arg-type]
+        )
+        container.start()
+        return str(container.id)
+
+    ours = leftover(node_id, volumes={str(stale): {"bind": "/workspace", "mode": "rw"}})
+    theirs = leftover(node_id + "-other")
+    try:
+        paths = default_paths(tmp_path / "home")
+        settings = load_settings(
+            paths, env={}, overrides={"work_dir": str(work_dir), "docker_python_image": TEST_IMAGE}
+        )
+        executor = await asyncio.to_thread(select_executor, settings, node_id)
+        assert isinstance(executor, dockerx.DockerExecutor)
+        assert executor.capability == "docker"
+        with pytest.raises(docker.errors.NotFound):
+            docker_client.containers.get(ours)
+        assert not stale.exists()
+        assert docker_client.containers.get(theirs).status == "running"
+    finally:
+        for cid in (ours, theirs):
+            with contextlib.suppress(docker.errors.NotFound):
+                docker_client.containers.get(cid).remove(force=True)
