@@ -120,6 +120,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run([venv_python(), "bench/dispatch.py", *args.rest])
 
 
+def cmd_package(args: argparse.Namespace) -> None:
+    """exe, deb, tarball, nsis: installer/packaging.py does the work with the venv's tools."""
+    bootstrap()
+    if args.command == "exe":
+        generate_stubs(PROTOCOL_DIR)  # the binary carries the stubs of this proto/
+    run([venv_python(), ROOT / "installer" / "packaging.py", args.command, *args.rest])
+
+
 def cmd_clean(_: argparse.Namespace) -> None:
     for path in (ROOT / "build", ROOT / "dist", VENV):
         shutil.rmtree(path, ignore_errors=True)
@@ -133,6 +141,10 @@ def main() -> None:
         ("run", cmd_run, "set up and run the demo: a local pool and the worker"),
         ("test", cmd_test, "set up and run lint, type checks and the whole test suite"),
         ("bench", cmd_bench, "run the benchmarks and write docs/benchmarks.md"),
+        ("exe", cmd_package, "build the one-file executable dist/hivemind-worker"),
+        ("deb", cmd_package, "build the Linux .deb from dist/hivemind-worker"),
+        ("tarball", cmd_package, "build the Linux tarball (install.sh, uninstall.sh)"),
+        ("nsis", cmd_package, "build the Windows installer with makensis"),
         ("clean", cmd_clean, "remove .venv, build/ and dist/"),
     ):
         p = sub.add_parser(name, help=help_text)
