@@ -1,0 +1,202 @@
+"""The worker engine with the Docker executor against the real pool: hostile tasks, caps, batch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import docker
+import pytest
+from harness import (
+    archive_files,
+    python_task,
+    queue_client,
+    start_pool,
+    start_worker,
+    wait_for,
+)
+from test_engine_e2e import BATCH_SOURCE, expected_payload
+
+from conftest import TEST_IMAGE
+from hivemind_worker.config import Settings
+from hivemind_worker.engine.events import ResultDelivered, TaskFinished
+from hivemind_worker.engine.executors import docker as dockerx
+from hivemind_worker.pool.store import PoolStore
+from hivemind_worker.protocol import nodepool_pb2 as pb
+
+pytestmark = [
+    pytest.mark.docker,
+    pytest.mark.usefixtures("memory_keyring"),
+    pytest.mark.timeout(180),
+]
+
+MiB = 1 << 20
+
+
+def docker_executor(
+    client: docker.DockerClient, **options: object
+) -> Callable[[Settings], dockerx.DockerExecutor]:
+    def make(settings: Settings) -> dockerx.DockerExecutor:
+        return dockerx.DockerExecutor(
+            client,
+            settings.work_dir,
+            settings.node_id,
+            python_image=TEST_IMAGE,
+            pull_policy="never",
+            **options,  # type: ignore[arg-type]
+        )
+
+    return make
+
+
+def task(source: str, *, timeout: int = 0, memory: int = 0, cpus: float = 0.0) -> pb.TaskSpec:
+    """The harness's python task with its own timeout and resources."""
+    spec = python_task(source)
+    if timeout:
+        spec.timeout_seconds = timeout
+    if memory:
+        spec.resources.memory_bytes = memory
+    if cpus:
+        spec.resources.cpus = cpus
+    return spec
+
+
+def labelled(client: docker.DockerClient, node: str, *, running: bool = False) -> list[dict]:  # type: ignore[type-arg]
+    filters: dict[str, object] = {"label": f"{dockerx.LABEL_NODE}={node}"}
+    if running:
+        filters["status"] = "running"
+    return list(client.api.containers(all=not running, filters=filters))
+
+
+async def test_worker_survives_hostile_tasks_and_takes_the_next(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    pool = await start_pool(tmp_path / "pool.db")
+    worker = await start_worker(
+        tmp_path / "node-h",
+        pool.address,
+        executor=docker_executor(docker_client, pids_limit=64),
+    )
+    try:
+        async with queue_client(pool.address) as queue:
+            fork_bomb = await queue.submit(
+                task("import os\nwhile True:\n    os.fork()\n", timeout=20)
+            )
+            hog = await queue.submit(
+                task(
+                    "chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))\n",
+                    memory=64 * MiB,
+                )
+            )
+            busy = await queue.submit(task("while True:\n    pass\n", timeout=3))
+            infos = await queue.wait_done([fork_bomb, hog, busy], timeout=90)
+            # The fork bomb hits the pids limit and dies of its own BlockingIOError.
+            assert infos[fork_bomb].status == pb.TASK_STATUS_FAILED
+            assert b"Resource temporarily unavailable" in infos[fork_bomb].log_tail
+            assert infos[hog].status == pb.TASK_STATUS_OUT_OF_MEMORY
+            assert infos[busy].status == pb.TASK_STATUS_TIMED_OUT
+
+            after = await queue.submit(
+                python_task("open('results/ok.txt', 'w').write('still here')\n")
+            )
+            info = (await queue.wait_done([after], timeout=60))[after]
+            assert info.status == pb.TASK_STATUS_SUCCEEDED, info.error
+            assert info.node_id == "node-h"
+            assert archive_files(await queue.download(after)) == {"results/ok.txt": b"still here"}
+        # Every container is removed once its result is delivered.
+        await wait_for(lambda: not labelled(docker_client, "node-h"), 30, "containers removed")
+    finally:
+        await worker.stop()
+        await pool.stop()
+
+
+async def test_running_tasks_never_exceed_the_memory_cap(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    pool = await start_pool(tmp_path / "pool.db")
+    # 512 MiB for all tasks: at most two of the 200 MiB tasks fit at once.
+    worker = await start_worker(
+        tmp_path / "node-c",
+        pool.address,
+        executor=docker_executor(docker_client),
+        max_memory_gb=0.5,
+        max_concurrent_tasks=4,
+    )
+    seen: list[int] = []
+    limits: set[int] = set()
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        while not stop.is_set():
+            running = await asyncio.to_thread(labelled, docker_client, "node-c", running=True)
+            seen.append(len(running))
+            for item in running:
+                attrs = await asyncio.to_thread(docker_client.api.inspect_container, item["Id"])
+                limits.add(attrs["HostConfig"]["Memory"])
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async with queue_client(pool.address) as queue:
+            ids = [
+                await queue.submit(
+                    task("import time\ntime.sleep(2)\n", cpus=0.25, memory=200 * MiB)
+                )
+                for _ in range(6)
+            ]
+            infos = await queue.wait_done(ids, timeout=120)
+            assert all(i.status == pb.TASK_STATUS_SUCCEEDED for i in infos.values())
+    finally:
+        stop.set()
+        await watcher
+        await worker.stop()
+        await pool.stop()
+    assert limits == {200 * MiB}
+    assert max(seen) * 200 * MiB <= 512 * MiB
+    assert max(seen) == 2  # the cap was used, not just respected
+
+
+async def test_batch_of_tasks_end_to_end_through_docker(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    pool = await start_pool(tmp_path / "pool.db")
+    worker = await start_worker(
+        tmp_path / "node-d", pool.address, executor=docker_executor(docker_client)
+    )
+    try:
+        async with queue_client(pool.address) as queue:
+            ids = []
+            for index in range(24):
+                seed = f"seed-{index}".encode()
+                spec = python_task(
+                    BATCH_SOURCE,
+                    str(index),
+                    name=f"batch {index}",
+                    input_files=[pb.InputFile(path="input/seed.bin", content=seed)],
+                )
+                ids.append((index, seed, await queue.submit(spec)))
+            infos = await queue.wait_done([i for _, _, i in ids], timeout=150)
+            for index, seed, task_id in ids:
+                info = infos[task_id]
+                assert info.status == pb.TASK_STATUS_SUCCEEDED, (index, info.error)
+                assert info.node_id == "node-d"
+                files = archive_files(await queue.download(task_id))
+                assert files["results/payload.bin"] == expected_payload(index, seed)
+                assert f"task {index}:".encode() in info.log_tail
+        store = PoolStore(tmp_path / "pool.db")
+        try:
+            assert store.get_node("node-d", "alice").capabilities == frozenset({"docker"})
+        finally:
+            store.close()
+        finished = [e for e in worker.events if isinstance(e, TaskFinished)]
+        assert len(finished) == 24
+        await wait_for(
+            lambda: len([e for e in worker.events if isinstance(e, ResultDelivered)]) == 24,
+            30,
+            "deliveries",
+        )
+        await wait_for(lambda: not labelled(docker_client, "node-d"), 30, "containers removed")
+    finally:
+        await worker.stop()
+        await pool.stop()
