@@ -169,7 +169,14 @@ async def worker_subprocess(home: Path, address: str, *extra: str) -> subprocess
 
     Async because the pool answering `login` runs on the caller's event loop.
     """
-    env = {**os.environ, "HIVEMIND_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    # The process sandbox: these tests are about the protocol, and with Docker present the
+    # worker would try to pull its Python image from a registry (no traffic may leave here).
+    env = {
+        **os.environ,
+        "HIVEMIND_HOME": str(home),
+        "PYTHONUNBUFFERED": "1",
+        "DOCKER_ENABLED": "false",
+    }
     env.pop("NODE_ID", None)
     base = [sys.executable, "-m", "hivemind_worker"]
     login = await asyncio.create_subprocess_exec(

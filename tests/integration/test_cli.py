@@ -21,7 +21,13 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def cli(home: Path, *args: str, stdin: str = "", env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
-    full_env = {**os.environ, "HIVEMIND_HOME": str(home), **(env or {})}
+    # DOCKER_ENABLED=false: the demo's Python image would otherwise be pulled from a registry.
+    full_env = {
+        **os.environ,
+        "HIVEMIND_HOME": str(home),
+        "DOCKER_ENABLED": "false",
+        **(env or {}),
+    }
     for name in ("NODE_ID", "NODE_POOL_ADDRESS", "MAX_CPU_CORES", "HIVEMIND_ACCOUNT"):
         if name not in (env or {}):
             full_env.pop(name, None)

@@ -286,3 +286,69 @@ async def test_bad_token_gives_a_clear_error_state_not_a_crash_loop(tmp_path: Pa
     finally:
         await worker.stop()
         await pool.stop()
+
+
+async def test_result_too_large_when_packed_fails_the_task_instead_of_hanging(
+    tmp_path: Path,
+) -> None:
+    pool = await start_pool(tmp_path / "pool.db")
+    worker = await start_worker(tmp_path / "node-a", pool.address)
+    try:
+        async with queue_client(pool.address) as queue:
+            # Random bytes do not compress: just under the limit unpacked, over it packed.
+            source = "import os; open('results/noise.bin', 'wb').write(os.urandom(99_990))"
+            task_id = await queue.submit(python_task(source, max_result_bytes=100_000))
+            info = (await queue.wait_done([task_id], timeout=60))[task_id]
+            assert info.status == pb.TASK_STATUS_FAILED
+            assert "over the task's limit of 100000 bytes" in info.error
+    finally:
+        await worker.stop()
+        await pool.stop()
+
+
+async def test_stop_gives_running_tasks_back_at_once(tmp_path: Path) -> None:
+    # A long lease: only the worker's own CANCELLED report can requeue the task in time.
+    pool = await start_pool(tmp_path / "pool.db", lease_timeout=300)
+    worker = await start_worker(tmp_path / "node-a", pool.address)
+    try:
+        async with queue_client(pool.address) as queue:
+            task_id = await queue.submit(python_task("import time; time.sleep(60)"))
+            await wait_for(
+                lambda: any(isinstance(e, TaskStarted) for e in worker.events), what="start"
+            )
+            worker.engine.stop()
+            for _ in range(200):
+                info = await queue.get(task_id)
+                if info.status == pb.TASK_STATUS_QUEUED:
+                    break
+                await asyncio.sleep(0.1)
+            assert info.status == pb.TASK_STATUS_QUEUED
+            assert info.attempt == 2
+            await wait_for(lambda: worker.engine.state is EngineState.STOPPED, what="stopped")
+    finally:
+        await worker.stop()
+        await pool.stop()
+
+
+async def test_drain_takes_no_new_work_from_the_poll_in_flight(tmp_path: Path) -> None:
+    pool = await start_pool(tmp_path / "pool.db", max_wait=60)
+    worker = await start_worker(tmp_path / "node-a", pool.address, max_concurrent_tasks=2)
+    try:
+        async with queue_client(pool.address) as queue:
+            first = await queue.submit(python_task("import time; time.sleep(2)", name="first"))
+            await wait_for(
+                lambda: any(isinstance(e, TaskStarted) for e in worker.events), what="start"
+            )
+            # A second slot is free, so a long-poll is parked in the pool right now.
+            await wait_for(lambda: pool.stats.get_assigned_calls["node-a"] >= 2, what="poll")
+            worker.engine.drain()
+            await asyncio.sleep(0.2)
+            second = await queue.submit(python_task("print('not here')", name="second"))
+            await wait_for(lambda: worker.engine.state is EngineState.STOPPED, what="drained")
+            assert (await queue.get(first)).status == pb.TASK_STATUS_SUCCEEDED
+            assert (await queue.get(second)).status == pb.TASK_STATUS_QUEUED
+            started = [e.name for e in worker.events if isinstance(e, TaskStarted)]
+            assert started == ["first"]
+    finally:
+        await worker.stop()
+        await pool.stop()

@@ -48,6 +48,8 @@ BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 60.0
 AUTH_RETRY_SECONDS = 60.0
 METRICS_INTERVAL = 1.0
+GIVE_BACK_SECONDS = 5.0
+MAX_UNEXPECTED_DELIVERY_ERRORS = 10
 LOG_TAIL_REPORT_BYTES = 16 * 1024
 
 
@@ -65,6 +67,7 @@ class _Running:
     started: float
     task: asyncio.Task[None] | None = None
     finished: bool = False  # execution over; the result may still be on its way to the pool
+    cancel_requested: bool = False  # checked after prepare(), so an early cancel is not lost
 
 
 class WorkerEngine:
@@ -104,7 +107,10 @@ class WorkerEngine:
         self._running: dict[str, _Running] = {}
         self._background: set[asyncio.Future[None]] = set()
         self._heartbeat_interval = float(settings.heartbeat_interval)
+        self._lease_timeout = 60.0
         self._max_wait = 30
+        self._attempt = 0  # reconnect attempts since the last successful registration
+        self._poll_call: asyncio.Task[list[pb.TaskSpec]] | None = None
         self.tasks_done = 0
         self.tasks_failed = 0
 
@@ -145,7 +151,8 @@ class WorkerEngine:
 
         def cancel() -> None:
             run = self._running.get(task_id)
-            if run is not None and not run.finished:
+            if run is not None and not run.finished and not run.cancel_requested:
+                run.cancel_requested = True
                 self._spawn(self.executor.cancel(task_id), "cancel")
 
         self._call(cancel)
@@ -178,7 +185,6 @@ class WorkerEngine:
         self._changed = asyncio.Event()
         self._want_running = autostart or self._want_running
         metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
-        attempt = 0
         try:
             while not self._shutdown:
                 if not self._want_running:
@@ -187,9 +193,8 @@ class WorkerEngine:
                     continue
                 try:
                     await self._session()
-                    attempt = 0
                 except _SessionOver:
-                    attempt = 0
+                    self._attempt = 0
                 except AuthError as exc:
                     # No crash loop: a clear state, and a slow retry that picks up a new login.
                     self._set_state(
@@ -197,9 +202,8 @@ class WorkerEngine:
                     )
                     self._hub.publish(ErrorRaised(exc.title, exc.message))
                     await self._wait_changed(AUTH_RETRY_SECONDS)
-                except (PoolUnavailable, NodeUnknownError, PoolError) as exc:
-                    delay = backoff_delay(attempt)
-                    attempt += 1
+                except PoolError as exc:
+                    delay = self._reconnect_delay()
                     self._set_state(
                         EngineState.CONNECTING,
                         f"{exc.message}; retrying in {delay:.0f} s",
@@ -243,6 +247,7 @@ class WorkerEngine:
         if self._paused:
             return
         self._paused = True
+        self._withdraw_poll()
         self._spawn(self.executor.pause(), "pause")
         self._refresh_state()
         self._poke()
@@ -257,21 +262,35 @@ class WorkerEngine:
 
     def _do_drain(self) -> None:
         self._draining = True
+        self._withdraw_poll()
         self._refresh_state()
         self._poke()
+
+    def _withdraw_poll(self) -> None:
+        """Cancel a long-poll in flight; the pool leases nothing on a cancelled call."""
+        if self._poll_call is not None and not self._poll_call.done():
+            self._poll_call.cancel()
 
     def _do_stop(self) -> None:
         self._want_running = False
         self._draining = False
-        for run in list(self._running.values()):
-            if not run.finished:
-                self._spawn(self.executor.cancel(run.spec.task_id), "cancel")
+        self._withdraw_poll()
+        self._cancel_running()
         self._poke()
 
     def _do_shutdown(self) -> None:
         self._shutdown = True
         self._want_running = False
+        self._withdraw_poll()
+        self._cancel_running()
         self._poke()
+
+    def _cancel_running(self) -> None:
+        """Kill running tasks; their CANCELLED reports tell the pool to hand them out again."""
+        for run in list(self._running.values()):
+            if not run.finished and not run.cancel_requested:
+                run.cancel_requested = True
+                self._spawn(self.executor.cancel(run.spec.task_id), "cancel")
 
     def _do_apply(self, settings: Settings) -> None:
         reconnect = (
@@ -321,6 +340,19 @@ class WorkerEngine:
         else:
             self._set_state(EngineState.IDLE)
 
+    def _reconnect_delay(self) -> float:
+        """Backoff for the next connection attempt.
+
+        While tasks hold leases the wait stays well inside the lease timeout, so a short
+        outage does not cost their results.
+        """
+        cap = BACKOFF_MAX
+        if self._running:
+            cap = max(2.0, min(cap, self._lease_timeout - 2 * self._heartbeat_interval))
+        delay = backoff_delay(self._attempt, cap=cap)
+        self._attempt += 1
+        return delay
+
     async def _wait_changed(self, timeout: float | None = None) -> None:
         assert self._changed is not None
         self._changed.clear()
@@ -366,7 +398,16 @@ class WorkerEngine:
         client = NodePoolClient(address, token=token, insecure=self.settings.insecure)
         self._client = client
         try:
-            await self._register(client)
+            try:
+                await self._register(client)
+            except asyncio.CancelledError:
+                # apply_settings closed the channel under this call (a new pool address);
+                # grpc.aio reports that as CancelledError although this task was not cancelled.
+                current = asyncio.current_task()
+                if current is None or current.cancelling():
+                    raise
+                raise PoolUnavailable("Reconnecting", "settings changed") from None
+            self._attempt = 0
             assert self._connected is not None
             self._connected.set()
             self._refresh_state()
@@ -374,8 +415,15 @@ class WorkerEngine:
                 group.create_task(self._heartbeat_loop(client), name="heartbeat")
                 group.create_task(self._poll_loop(client), name="poll")
                 group.create_task(self._watch_stop(), name="watch-stop")
-        except* PoolError as group_exc:
-            raise group_exc.exceptions[0] from None
+        except BaseExceptionGroup as group_exc:
+            first = _first_leaf(group_exc)
+            if isinstance(first, PoolError):
+                raise first from None
+            if not isinstance(first, Exception):
+                raise
+            # A bug or an odd library error must not end the engine: log it, reconnect.
+            log.error("session failed", exc_info=first)
+            raise PoolError("Internal error", f"{type(first).__name__}: {first}") from first
         finally:
             if self._connected is not None:
                 self._connected.clear()
@@ -406,6 +454,8 @@ class WorkerEngine:
             self._heartbeat_interval = float(reply.heartbeat_interval_seconds)
         if reply.max_wait_seconds:
             self._max_wait = int(reply.max_wait_seconds)
+        if reply.lease_timeout_seconds:
+            self._lease_timeout = float(reply.lease_timeout_seconds)
         log.info(
             "registered node %s with %s (heartbeat every %.0f s)",
             self.node_id,
@@ -417,6 +467,11 @@ class WorkerEngine:
         """Ends the session when the person stops contributing, or when draining is done."""
         while True:
             if self._shutdown or not self._want_running:
+                # Stopped tasks report CANCELLED (given back) while we are still connected;
+                # a bounded wait, so an unresponsive pool cannot hold up the stop.
+                deadline = time.monotonic() + GIVE_BACK_SECONDS
+                while self._running and time.monotonic() < deadline:
+                    await self._wait_changed(0.2)
                 break
             if self._draining and not self._running:  # finished and delivered
                 log.info("drained: no task left running")
@@ -494,16 +549,29 @@ class WorkerEngine:
             if slots <= 0 or free.cpus <= 0 or free.memory_bytes <= 0:
                 await self._wait_changed(5.0)
                 continue
-            specs = await client.get_tasks(
-                pb.GetAssignedTasksRequest(
-                    node_id=self.node_id,
-                    free=free.to_proto(),
-                    max_tasks=slots,
-                    wait_seconds=self._max_wait,
-                    capabilities=[self.executor.capability],
+            call = asyncio.ensure_future(
+                client.get_tasks(
+                    pb.GetAssignedTasksRequest(
+                        node_id=self.node_id,
+                        free=free.to_proto(),
+                        max_tasks=slots,
+                        wait_seconds=self._max_wait,
+                        capabilities=[self.executor.capability],
+                        max_timeout_seconds=self.settings.task_timeout,
+                        networks=sorted({"none", self.settings.docker_network}),
+                    )
                 )
             )
-            for spec in specs:
+            self._poll_call = call
+            try:
+                await asyncio.wait({call})
+            finally:
+                if not call.done():  # this loop itself was cancelled
+                    call.cancel()
+                self._poll_call = None
+            if call.cancelled():  # withdrawn by pause, drain or stop
+                continue
+            for spec in call.result():
                 self._accept(spec)
 
     # ------------------------------------------------------------------ tasks
@@ -519,10 +587,15 @@ class WorkerEngine:
         if spec.task_id in self._running:
             log.warning("task %s handed out twice; ignoring the second lease", spec.task_id)
             return
-        problem = self._check_fits(spec)
+        if self._paused or self._draining or not self._want_running or self._shutdown:
+            problem = "this worker has just paused or is stopping"
+        else:
+            problem = self._check_fits(spec)
         if problem:
-            log.warning("refusing task %s: %s", spec.task_id, problem)
-            self._spawn(self._reject(spec.task_id, spec.lease_id, problem), "reject")
+            # Not the task's fault: give it back (CANCELLED) so the pool hands it to another
+            # worker, instead of REJECTED, which ends it.
+            log.warning("giving task %s back: %s", spec.task_id, problem)
+            self._spawn(self._give_back(spec.task_id, spec.lease_id, problem), "give back")
             return
         run = _Running(spec=spec, started=time.time())
         self._running[spec.task_id] = run
@@ -548,7 +621,14 @@ class WorkerEngine:
         return ""
 
     async def _reject(self, task_id: str, lease_id: str, reason: str) -> None:
+        """A spec this worker refuses to run anywhere: REJECTED ends the task at the pool."""
         result = TaskResult(task_id, lease_id, TaskStatus.REJECTED, exit_code=-1, error=reason)
+        await self._deliver(result)
+
+    async def _give_back(self, task_id: str, lease_id: str, reason: str) -> None:
+        result = TaskResult(
+            task_id, lease_id, TaskStatus.CANCELLED, exit_code=-1, error=f"declined: {reason}"
+        )
         await self._deliver(result)
 
     async def _run_task(self, run: _Running) -> None:
@@ -592,11 +672,12 @@ class WorkerEngine:
                     result.cpu_seconds,
                 )
             )
+            archive = result.archive  # _deliver may drop it from the result
             try:
-                await self._deliver(result)
+                await self._deliver(result, spec.max_result_bytes)
             finally:
-                if result.archive is not None:
-                    result.archive.unlink(missing_ok=True)
+                if archive is not None:
+                    archive.unlink(missing_ok=True)
                 with contextlib.suppress(Exception):
                     await self.executor.cleanup(spec.task_id)
                 self._running.pop(spec.task_id, None)
@@ -610,6 +691,11 @@ class WorkerEngine:
         started = time.time()
         try:
             await self.executor.prepare(spec)
+            run = self._running.get(spec.task_id)
+            if run is not None and run.cancel_requested:
+                return TaskResult(spec.task_id, spec.lease_id, TaskStatus.CANCELLED, -1,
+                                  "cancelled before it started", started_at=started,
+                                  finished_at=time.time())  # fmt: skip
             return await self.executor.run(spec, spec.resources, on_log)
         except TaskSpecError as exc:
             return TaskResult(spec.task_id, spec.lease_id, TaskStatus.REJECTED, -1, str(exc),
@@ -625,54 +711,46 @@ class WorkerEngine:
                               f"worker error: {exc}", started_at=started,
                               finished_at=time.time())  # fmt: skip
 
-    async def _deliver(self, result: TaskResult) -> None:
-        """Upload the archive and report, until the pool has it or refuses the lease."""
-        sha, size = result.archive_sha256, result.archive_size
-        if result.archive is not None and not sha:
-            sha, size = await asyncio.to_thread(file_sha256, result.archive)
-        request = pb.ReportTaskResultRequest(
-            node_id=self.node_id,
-            task_id=result.task_id,
-            lease_id=result.lease_id,
-            status=result.status.to_proto(),
-            exit_code=result.exit_code,
-            error=result.error[:4000],
-            log_tail=result.log_tail[-LOG_TAIL_REPORT_BYTES:],
-            result_sha256=sha if result.archive is not None else "",
-            result_size=size if result.archive is not None else 0,
-            started_unix_ms=int(result.started_at * 1000),
-            finished_unix_ms=int(result.finished_at * 1000),
-            usage=pb.ResourceUsage(
-                cpu_seconds=result.cpu_seconds, max_memory_bytes=result.max_memory_bytes
-            ),
-        )
+    async def _deliver(self, result: TaskResult, max_result_bytes: int = 0) -> None:
+        """Upload the archive and report, until the pool has it or refuses it.
+
+        Transient failures (pool unreachable, node forgotten, login expired) wait for the
+        session to come back. A stale lease drops the result. Any other refusal is reported
+        once as FAILED without the archive, so the task ends instead of holding its lease
+        forever.
+        """
+        if result.archive is not None and not result.archive_sha256:
+            result.archive_sha256, result.archive_size = await asyncio.to_thread(
+                file_sha256, result.archive
+            )
+        if (
+            max_result_bytes
+            and result.archive is not None
+            and result.archive_size > max_result_bytes
+        ):
+            result.status = TaskStatus.FAILED
+            result.error = (
+                f"results are {result.archive_size} bytes packed, over the task's limit of "
+                f"{max_result_bytes} bytes"
+            )
+            result.archive = None
+        unexpected = 0
         attempt = 0
         while True:
             client = await self._wait_connected()
             if client is None:
-                # Stopped or shut down: the lease expires and the pool hands the task out again.
+                # Stopped: the lease expires and the pool hands the task out again.
                 log.warning("stopped before the result of %s was delivered", result.task_id)
                 return
             try:
-                if result.archive is not None:
-                    await client.upload(
-                        pb.UploadHeader(
-                            node_id=self.node_id,
-                            task_id=result.task_id,
-                            lease_id=result.lease_id,
-                            total_size=size,
-                            sha256=sha,
-                        ),
-                        result.archive,
-                    )
-                await client.report(request)
+                await self._send_result(client, result)
             except StaleLeaseError as exc:
                 log.warning("result of %s dropped: %s", result.task_id, exc.message)
                 self._hub.publish(
                     ResultDelivered(result.task_id, result.lease_id, False, exc.message)
                 )
                 return
-            except PoolError as exc:
+            except (PoolUnavailable, NodeUnknownError, AuthError) as exc:
                 delay = backoff_delay(attempt)
                 attempt += 1
                 log.warning(
@@ -680,18 +758,75 @@ class WorkerEngine:
                 )
                 await asyncio.sleep(delay)
                 continue
+            except PoolError as exc:
+                if result.archive is None and result.status is TaskStatus.FAILED:
+                    log.error("the pool refused the report of %s: %s", result.task_id, exc)
+                    self._hub.publish(
+                        ResultDelivered(result.task_id, result.lease_id, False, exc.message)
+                    )
+                    return
+                log.error("the pool refused the result of %s: %s", result.task_id, exc)
+                result.status = TaskStatus.FAILED
+                result.error = f"result refused by the pool: {exc.message}"[:4000]
+                result.archive = None
+                continue
+            except Exception as exc:  # e.g. the channel closed under us at a reconnect
+                unexpected += 1
+                if unexpected > MAX_UNEXPECTED_DELIVERY_ERRORS:
+                    log.exception("giving up delivering %s", result.task_id)
+                    self._hub.publish(
+                        ResultDelivered(result.task_id, result.lease_id, False, str(exc))
+                    )
+                    return
+                log.warning("delivering %s failed (%r); retrying", result.task_id, exc)
+                await asyncio.sleep(backoff_delay(unexpected))
+                continue
             log.info("result of %s delivered", result.task_id)
             self._hub.publish(ResultDelivered(result.task_id, result.lease_id, True))
             return
 
+    async def _send_result(self, client: NodePoolClient, result: TaskResult) -> None:
+        archive = result.archive
+        if archive is not None:
+            await client.upload(
+                pb.UploadHeader(
+                    node_id=self.node_id,
+                    task_id=result.task_id,
+                    lease_id=result.lease_id,
+                    total_size=result.archive_size,
+                    sha256=result.archive_sha256,
+                ),
+                archive,
+            )
+        await client.report(
+            pb.ReportTaskResultRequest(
+                node_id=self.node_id,
+                task_id=result.task_id,
+                lease_id=result.lease_id,
+                status=result.status.to_proto(),
+                exit_code=result.exit_code,
+                error=result.error[:4000],
+                log_tail=result.log_tail[-LOG_TAIL_REPORT_BYTES:],
+                result_sha256=result.archive_sha256 if archive is not None else "",
+                result_size=result.archive_size if archive is not None else 0,
+                started_unix_ms=int(result.started_at * 1000),
+                finished_unix_ms=int(result.finished_at * 1000),
+                usage=pb.ResourceUsage(
+                    cpu_seconds=result.cpu_seconds, max_memory_bytes=result.max_memory_bytes
+                ),
+            )
+        )
+
     async def _wait_connected(self) -> NodePoolClient | None:
+        """The live client; None once we are stopping and the session is gone."""
         assert self._connected is not None
-        while not self._shutdown and self._want_running:
+        while True:
             if self._client is not None and self._connected.is_set():
                 return self._client
+            if self._shutdown or not self._want_running:
+                return None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._connected.wait(), 1.0)
-        return None
 
     async def _stop_all_tasks(self) -> None:
         runs = [r for r in self._running.values() if r.task is not None]
@@ -727,6 +862,24 @@ class WorkerEngine:
     def publish(self, event: Event) -> None:
         """For collaborators (executors, CLI) that want to add to the event stream."""
         self._hub.publish(event)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception in a (possibly nested) exception group, preferring _SessionOver."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for leaf in leaves:
+        if not isinstance(leaf, _SessionOver):
+            return leaf
+    return leaves[0]
 
 
 class _SessionOver(PoolError):

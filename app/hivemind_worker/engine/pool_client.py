@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
 import json
@@ -216,8 +217,8 @@ class NodePoolClient:
 
         async def parts() -> AsyncIterator[pb.UploadTaskResultRequest]:
             yield pb.UploadTaskResultRequest(header=header)
-            with archive.open("rb") as fh:
-                while chunk := fh.read(CHUNK_BYTES):
+            with archive.open("rb") as fh:  # reads go to a thread: never block the loop on disk
+                while chunk := await asyncio.to_thread(fh.read, CHUNK_BYTES):
                     yield pb.UploadTaskResultRequest(data=chunk)
 
         try:

@@ -588,15 +588,23 @@ class GetAssignedTasksRequest(_message.Message):
     MAX_TASKS_FIELD_NUMBER: _builtins.int
     WAIT_SECONDS_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
+    MAX_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    NETWORKS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     max_tasks: _builtins.int
     wait_seconds: _builtins.int
+    max_timeout_seconds: _builtins.int
+    """the longest task timeout this worker accepts; 0: any"""
     @_builtins.property
     def free(self) -> Global___Resources:
         """what still fits within the person's caps"""
 
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def networks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """networks a task may ask for here; empty: only "none" """
+
     def __init__(
         self,
         *,
@@ -605,10 +613,12 @@ class GetAssignedTasksRequest(_message.Message):
         max_tasks: _builtins.int = ...,
         wait_seconds: _builtins.int = ...,
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        max_timeout_seconds: _builtins.int = ...,
+        networks: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["free", b"free"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "free", b"free", "max_tasks", b"max_tasks", "node_id", b"node_id", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "free", b"free", "max_tasks", b"max_tasks", "max_timeout_seconds", b"max_timeout_seconds", "networks", b"networks", "node_id", b"node_id", "wait_seconds", b"wait_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
