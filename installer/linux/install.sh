@@ -66,7 +66,11 @@ entry="$here/hivemind-worker.desktop.tmp"
 sed "s|^Exec=.*|Exec=$app_dir/hivemind-worker|" "$here/hivemind-worker.desktop" > "$entry"
 put "$entry" "$data_home/applications/hivemind-worker.desktop" 644
 if [ "$autostart" = 1 ]; then
-  put "$entry" "$config_home/autostart/hivemind-worker.desktop" 644
+  # The same entry the app's own "Start at login" setting writes (gui/autostart.py).
+  sed -e "s|^Exec=.*|Exec=$app_dir/hivemind-worker gui --hidden|" \
+      -e '$a X-GNOME-Autostart-enabled=true' "$entry" > "$entry.auto"
+  put "$entry.auto" "$config_home/autostart/hivemind-worker.desktop" 644
+  rm -f "$entry.auto"
 fi
 rm -f "$entry"
 

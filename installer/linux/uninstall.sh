@@ -29,5 +29,11 @@ done
 printf '%s\n' "$entries" | grep '^dir ' | cut -c5- | sort -r | while IFS= read -r d; do
   rmdir -- "$d" 2>/dev/null || true
 done
+# The app's "Start at login" setting may have written an autostart entry since; it would
+# now point at nothing.
+autostart="${XDG_CONFIG_HOME:-$HOME/.config}/autostart/hivemind-worker.desktop"
+if [ -f "$autostart" ] && grep -q "^Exec=$here/hivemind-worker" "$autostart"; then
+  rm -f -- "$autostart"
+fi
 echo "Removed HiveMind Worker. Your settings and data are kept (~/.config/hivemind-worker,"
 echo "~/.local/share/hivemind-worker); delete them yourself if you want them gone."
