@@ -115,6 +115,40 @@ def cmd_test(args: argparse.Namespace) -> None:
     run([py, "-m", "pytest", *args.rest])
 
 
+TEST_IMAGE = "hivemind-test-python:bookworm"
+CI_CACHE = Path(os.environ.get("HIVEMIND_CI_CACHE", "/var/cache/hivemind-ci"))
+
+
+def cmd_test_image(args: argparse.Namespace) -> None:
+    """Import the Docker tests' image from a debootstrap rootfs (no registry needed).
+
+    The rootfs tarball is cached in CI_CACHE/rootfs.tar, so only the first run pays for
+    debootstrap; `--force` rebuilds both.
+    """
+    force = "--force" in args.rest
+    have = subprocess.run(
+        ["docker", "image", "inspect", TEST_IMAGE], capture_output=True, check=False
+    )
+    if have.returncode == 0 and not force:
+        print(f"{TEST_IMAGE} is present")
+        return
+    tarball = CI_CACHE / "rootfs.tar"
+    if force or not tarball.exists():
+        if shutil.which("debootstrap") is None:
+            sys.exit("debootstrap is missing: apt-get install debootstrap (and run as root)")
+        CI_CACHE.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=CI_CACHE) as tmp:
+            rootfs = Path(tmp) / "rootfs"
+            mirror = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
+            run(["debootstrap", "--variant=minbase", "--include=python3-minimal",
+                 "bookworm", rootfs, mirror])  # fmt: skip
+            partial = tarball.with_suffix(".tar.partial")
+            with partial.open("wb") as out:
+                subprocess.run(["tar", "-C", rootfs, "-c", "."], stdout=out, check=True)
+            partial.replace(tarball)  # only a complete tarball is ever cached
+    run(["docker", "import", tarball, TEST_IMAGE])
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     bootstrap()
     run([venv_python(), "bench/dispatch.py", *args.rest])
@@ -141,6 +175,7 @@ def main() -> None:
         ("run", cmd_run, "set up and run the demo: a local pool and the worker"),
         ("test", cmd_test, "set up and run lint, type checks and the whole test suite"),
         ("bench", cmd_bench, "run the benchmarks and write docs/benchmarks.md"),
+        ("test-image", cmd_test_image, "build the Docker tests' image (debootstrap, cached)"),
         ("exe", cmd_package, "build the one-file executable dist/hivemind-worker"),
         ("deb", cmd_package, "build the Linux .deb from dist/hivemind-worker"),
         ("tarball", cmd_package, "build the Linux tarball (install.sh, uninstall.sh)"),

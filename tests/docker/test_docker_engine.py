@@ -114,7 +114,9 @@ async def test_worker_survives_hostile_tasks_and_takes_the_next(
 async def test_running_tasks_never_exceed_the_memory_cap(
     tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
-    pool = await start_pool(tmp_path / "pool.db")
+    # A short long-poll: the engine's parked GetAssignedTasks call carries the free capacity
+    # of when it was made, so freed room is only offered when the call returns.
+    pool = await start_pool(tmp_path / "pool.db", max_wait=1)
     # 512 MiB for all tasks: at most two of the 200 MiB tasks fit at once.
     worker = await start_worker(
         tmp_path / "node-c",
