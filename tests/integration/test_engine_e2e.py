@@ -211,7 +211,7 @@ async def test_cancel_running_task(tmp_path: Path) -> None:
         async with queue_client(pool.address) as queue:
             source = f"""
                 import os, time
-                open({str(pid_file)!r}, "w").write(str(os.getpid()))
+                open({str(pid_file)!r}, "w").write(os.readlink("/proc/self"))  # host pid
                 while True:
                     time.sleep(0.1)
             """

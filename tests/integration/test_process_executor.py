@@ -338,10 +338,15 @@ async def test_bad_results_fail_the_task(work_dir: Path, source: str, message: s
 # ------------------------------------------------------------------------- stopping tasks
 
 
+# Tasks run in their own PID namespace, where os.getpid() is not the host's pid; each
+# process reports its host pid through /proc/self (the host's procfs).
 GRANDCHILD = (
-    "import os, subprocess, sys\n"
-    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-    "open('pids.tmp', 'w').write(f'{os.getpid()} {child.pid}')\n"
+    "import os, subprocess, sys, time\n"
+    "child = subprocess.Popen([sys.executable, '-c', \"import os, time; "
+    "open('child.tmp', 'w').write(os.readlink('/proc/self')); "
+    "os.rename('child.tmp', 'child.pid'); time.sleep(60)\"])\n"
+    "while not os.path.exists('child.pid'): time.sleep(0.01)\n"
+    "open('pids.tmp', 'w').write(os.readlink('/proc/self') + ' ' + open('child.pid').read())\n"
     "os.rename('pids.tmp', 'pids.txt')\n"
 )
 
@@ -370,9 +375,11 @@ async def test_processes_left_behind_are_killed_at_exit(
     # with setsid. Neither may outlive the task, nor keep run() waiting.
     source = GRANDCHILD + (
         "import time\n"
-        "escaped = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "escaped = subprocess.Popen([sys.executable, '-c', \"import os, time; "
+        "open('escaped.tmp', 'w').write(os.readlink('/proc/self')); "
+        "os.rename('escaped.tmp', 'escaped.txt'); time.sleep(60)\"],\n"
         "                           start_new_session=True, stdout=subprocess.DEVNULL)\n"
-        "open('escaped.txt', 'w').write(str(escaped.pid))\n"
+        "while not os.path.exists('escaped.txt'): time.sleep(0.01)\n"
         "time.sleep(2.5)  # long enough for a usage sample to see it\n"
     )
     started = time.monotonic()
@@ -519,7 +526,7 @@ async def test_pause_freezes_and_resume_finishes(executor: ProcessExecutor, work
     loops = 30_000_000
     source = (
         "import os\n"
-        "open('pid.tmp', 'w').write(str(os.getpid())); os.rename('pid.tmp', 'pid.txt')\n"
+        "open('pid.tmp', 'w').write(os.readlink('/proc/self')); os.rename('pid.tmp', 'pid.txt')\n"
         "n = 0\n"
         f"for _ in range({loops}):\n"
         "    n += 1\n"
@@ -554,7 +561,7 @@ async def test_paused_time_does_not_count_against_the_timeout(
 ) -> None:
     source = (
         "import os, time\n"
-        "open('pid.tmp', 'w').write(str(os.getpid())); os.rename('pid.tmp', 'pid.txt')\n"
+        "open('pid.tmp', 'w').write(os.readlink('/proc/self')); os.rename('pid.tmp', 'pid.txt')\n"
         "for _ in range(15):\n"
         "    time.sleep(0.1)\n"
     )
@@ -641,3 +648,49 @@ async def test_platform_without_limits_refuses_tasks(
     monkeypatch.setattr(limits, "supported", lambda: False)
     with pytest.raises(ExecutorError, match="cannot enforce task memory and CPU limits"):
         await executor.prepare(make_task("pass"))
+
+
+@pytest.mark.timeout(60)
+async def test_task_has_no_network_not_even_loopback(executor: ProcessExecutor) -> None:
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    source = (
+        "import socket\n"
+        "try:\n"
+        f"    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+        "    print('CONNECTED')\n"
+        "except OSError as exc:\n"
+        "    print('blocked:', exc)\n"
+    )
+    try:
+        result = await run_task(executor, make_task(source))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert result.status is TaskStatus.SUCCEEDED, result
+    assert b"blocked:" in result.log_tail and b"CONNECTED" not in result.log_tail
+
+
+@pytest.mark.timeout(60)
+async def test_double_forked_daemon_dies_with_the_task(
+    executor: ProcessExecutor, work_dir: Path
+) -> None:
+    source = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        open('daemon.tmp', 'w').write(os.readlink('/proc/self'))\n"
+        "        os.rename('daemon.tmp', 'daemon.pid')\n"
+        "        time.sleep(120)\n"
+        "    os._exit(0)\n"
+        "while not os.path.exists('daemon.pid'): time.sleep(0.01)\n"
+    )
+    result = await run_task(executor, make_task(source))
+    assert result.status is TaskStatus.SUCCEEDED, result
+    daemon = int((work_dir / "t1-l1" / "daemon.pid").read_text())
+    for _ in range(100):  # the kernel tears the namespace down right after the task's exit
+        if is_gone(daemon):
+            break
+        await asyncio.sleep(0.05)
+    assert is_gone(daemon)

@@ -58,14 +58,68 @@ if int(sys.argv[2]):
     os.nice(int(sys.argv[2]))
 if sys.platform.startswith("linux"):
     import ctypes
-    ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL: die with the worker
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL: die with the worker
     if os.getppid() != int(sys.argv[3]):
         os._exit(137)
-    del ctypes
+    # New user, network and PID namespaces: no network at all (an empty namespace, not even
+    # the host's loopback), and the task's program becomes PID 1 of its own namespace, so
+    # when it ends the kernel ends every process it left behind, daemonised or not.
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(0x10000000 | 0x40000000 | 0x20000000) != 0:
+        err = os.strerror(ctypes.get_errno())
+        sys.stderr.write(f"hivemind: cannot isolate the task (unshare: {err})\\n")
+        os._exit(125)
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                       ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as _f:
+            _f.write(text)
+    # The launcher waits outside; inside, a small init (PID 1) waits for the task and then
+    # exits, which ends the namespace. The task itself is not PID 1, so it keeps ordinary
+    # signal semantics (a task may kill itself). The verdict comes back through a pipe.
+    r, w = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(w)
+        while True:
+            try:
+                os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                break
+        verdict = os.read(r, 16).decode() or "E125"
+        if verdict[0] == "S":
+            import signal
+            try:
+                signal.signal(int(verdict[1:]), signal.SIG_DFL)
+            except (OSError, ValueError):  # SIGKILL and SIGSTOP keep their default anyway
+                pass
+            os.kill(os.getpid(), int(verdict[1:]))  # die the same death as the task
+        os._exit(int(verdict[1:]) if verdict[0] == "E" else 128 + int(verdict[1:]))
+    os.close(r)
+    libc.prctl(1, 9)
+    task = os.fork()
+    if task:
+        while True:
+            try:
+                _, status = os.waitpid(task, 0)
+                break
+            except InterruptedError:
+                continue
+        if os.WIFSIGNALED(status):
+            os.write(w, b"S%d" % os.WTERMSIG(status))
+        else:
+            os.write(w, b"E%d" % os.WEXITSTATUS(status))
+        os._exit(0)
+    os.close(w)
+    libc.prctl(1, 9)  # the task dies with its init too
+    del libc, ctypes, uid, gid, child, task, r, w, text, _f
 sys.argv = sys.argv[4:]
 with open(sys.argv[0], "rb") as _f:
     _code = compile(_f.read(), sys.argv[0], "exec")
-del os, resource, sys, item, name, value, which, hard, _f
+del os, resource, sys, item, name, value, which, hard
 __file__ = "main.py"
 exec(_code)
 """
