@@ -45,6 +45,9 @@ def unsupported_reason() -> str:
 # Arguments: pairs of (rlimit name, value) as one comma-separated list, nice, parent pid,
 # then the script and its argv. Plain text rather than JSON: importing json (and runpy) would
 # add ~15 ms to every task's start.
+ISOLATION_FAILED = 125
+ISOLATION_MARKER = b"hivemind: cannot isolate the task"
+
 LAUNCHER = """\
 import os, resource, sys
 for item in sys.argv[1].split(","):

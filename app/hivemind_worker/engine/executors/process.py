@@ -281,6 +281,11 @@ class ProcessExecutor(Executor):
             result.error = f"ran out of memory (limit {memory // MiB} MiB)"
         elif rc < 0:
             result.error = f"killed by signal {_signal_name(-rc)}"
+        elif rc == plimits.ISOLATION_FAILED and plimits.ISOLATION_MARKER in run.tail:
+            result.error = (
+                "this computer does not allow the process sandbox's isolation (unprivileged "
+                "user namespaces are off); install Docker, or enable user namespaces"
+            )
         else:
             result.error = f"exited with code {rc}"
         if result.status is TaskStatus.CANCELLED:
