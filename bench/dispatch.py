@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import keyring
+from _report import write_section
 from keyring.backend import KeyringBackend
 
 from hivemind_worker.config import load_settings
@@ -35,7 +36,6 @@ from hivemind_worker.protocol import nodepool_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- dispatch:begin -->", "<!-- dispatch:end -->"
 SOURCE = "open('results/out.txt', 'w').write('ok')\n"
 
 
@@ -138,15 +138,7 @@ async def worker_runs(n: int, home: Path) -> dict[str, list[float]]:
 
 
 def write_report(section: str) -> None:
-    DOC.parent.mkdir(exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    write_section("dispatch", section, DOC)
 
 
 def main() -> None:

@@ -186,6 +186,7 @@ class DockerExecutor(Executor):
         cgroup_parent: str = "",
         user: str | None = None,
         pids_limit: int = PIDS_LIMIT,
+        cpu_shares: int = CPU_SHARES,
         log_tail_bytes: int = 64 * 1024,
         max_result_files: int = 10_000,
     ) -> None:
@@ -201,6 +202,7 @@ class DockerExecutor(Executor):
         self._cgroup_parent = cgroup_parent
         self._user = user or worker_user()
         self._pids_limit = pids_limit
+        self._cpu_shares = cpu_shares
         self._log_tail_bytes = max(int(log_tail_bytes), 0)
         self._max_result_files = max_result_files
         self._workspaces: dict[str, Path] = {}
@@ -369,7 +371,7 @@ class DockerExecutor(Executor):
             "mem_limit": memory,
             "memswap_limit": memory,
             "nano_cpus": max(int(cpus * 1e9), 1),
-            "cpu_shares": CPU_SHARES,
+            "cpu_shares": self._cpu_shares,
             "ipc_mode": "private",
             "log_config": LogConfig(
                 type=LogConfig.types.JSON, config={"max-size": LOG_MAX_SIZE, "max-file": "2"}
