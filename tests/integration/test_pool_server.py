@@ -13,8 +13,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hivemind_worker.engine.tasks import GiB, MiB
+from hivemind_worker.pool import server as pool_server
 from hivemind_worker.pool.client import TaskQueueClient
-from hivemind_worker.pool.server import PoolConfig, PoolServer, PoolStartError
+from hivemind_worker.pool.server import PoolConfig, PoolServer, PoolStartError, RecentCounter
+from hivemind_worker.pool.store import verify_password
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.protocol import nodepool_pb2_grpc as pb_grpc
 
@@ -242,6 +244,48 @@ async def test_login_and_bearer_tokens(pool_factory: PoolFactory) -> None:
         grpc.StatusCode.UNAUTHENTICATED,
         "token expired; log in again",
     )
+
+
+async def test_failed_logins_are_throttled(
+    pool_factory: PoolFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    window = 1.5
+    pool = await pool_factory(login_failure_window=window)
+    checks = 0
+
+    def counting_verify(password: str, stored: str | None) -> bool:
+        nonlocal checks
+        checks += 1
+        return verify_password(password, stored)
+
+    monkeypatch.setattr(pool_server, "verify_password", counting_verify)
+    channel = grpc.aio.insecure_channel(pool.address)
+    stub = pb_grpc.NodeManagerStub(channel)
+
+    def login(user: str, password: str) -> Awaitable[pb.LoginResponse]:
+        return stub.Login(pb.LoginRequest(username=user, password=password), timeout=GUARD)
+
+    for _ in range(5):
+        err = await rpc_error(login(USER, "wrong"))
+        assert err.details() == "wrong username or password"
+    assert checks == 5
+    # The right password is refused too while the window lasts, without a password check.
+    err = await rpc_error(login(USER, PASSWORD))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert err.details() == "too many failed logins; try again in 2 s"
+    # So is any login from the same peer address (5 failures from 127.0.0.1).
+    err = await rpc_error(login("bob", PASSWORD))
+    assert (err.details() or "").startswith("too many failed logins; try again in")
+    assert checks == 5
+
+    await asyncio.sleep(window + 0.2)
+    assert (await login(USER, PASSWORD)).username == USER
+    assert checks == 6
+    # A success clears the user's failures; the peer's failures start afresh after the block.
+    for _ in range(4):
+        await rpc_error(login("mallory", "guess"))
+    assert (await login(USER, PASSWORD)).token
+    await channel.close()
 
 
 async def test_health_service_serving(pool: PoolServer) -> None:
@@ -511,6 +555,28 @@ async def test_stale_lease_is_refused(pool_factory: PoolFactory) -> None:
     await w.close()
 
 
+async def test_lease_counters_ignore_invalid_ids(
+    pool: PoolServer, pool_client: TaskQueueClient, worker: Worker
+) -> None:
+    await pool_client.submit(py_spec())
+    (spec,) = await worker.poll()
+    for bad in ("not an id!", "x" * 100_000, ""):
+        err = await rpc_error(worker.report(pb.TaskSpec(task_id=spec.task_id, lease_id=bad)))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        err = await rpc_error(
+            worker.upload(pb.TaskSpec(task_id=spec.task_id, lease_id=bad), b"data")
+        )
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    stats = pool.stats
+    assert not stats.reports_by_lease and not stats.uploads_by_lease
+    assert not stats.refused_uploads_by_lease
+
+    counter = RecentCounter(maxlen=3)
+    for key in ("a", "b", "a", "c", "d", "e"):
+        counter[key] += 1
+    assert dict(counter) == {"c": 1, "d": 1, "e": 1}
+
+
 # ---------------------------------------------------------------------- uploads
 
 
@@ -549,6 +615,202 @@ async def test_upload_checks(pool_client: TaskQueueClient, worker: Worker) -> No
     ok = b"z" * (3 * MiB)
     assert (await worker.upload(spec, ok)).size == len(ok)
     assert (await worker.report(spec, data=ok)).ack
+
+
+def upload_messages(
+    w: Worker, spec: pb.TaskSpec, data: bytes, hold_at: int, release: asyncio.Event
+) -> AsyncIterator[pb.UploadTaskResultRequest]:
+    """An upload of `data` in 1 MiB chunks that waits for `release` after `hold_at` bytes."""
+
+    async def messages() -> AsyncIterator[pb.UploadTaskResultRequest]:
+        yield pb.UploadTaskResultRequest(
+            header=pb.UploadHeader(
+                node_id=w.node_id,
+                task_id=spec.task_id,
+                lease_id=spec.lease_id,
+                total_size=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+            )
+        )
+        for i in range(0, len(data), MiB):
+            if i == hold_at:
+                await release.wait()
+            yield pb.UploadTaskResultRequest(data=data[i : i + MiB])
+
+    return messages()
+
+
+def spool_files(pool: PoolServer) -> list[Path]:
+    return sorted(pool.config.spool_path.glob("*"))
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    async def check_async() -> bool:
+        return check()
+
+    await eventually(check_async, what)
+
+
+async def test_one_upload_per_lease_at_a_time(
+    pool: PoolServer, pool_client: TaskQueueClient, worker: Worker
+) -> None:
+    task_id = await pool_client.submit(py_spec())
+    (spec,) = await worker.poll()
+    data = bytes(range(256)) * (12 * 1024)  # 3 MiB
+    release = asyncio.Event()
+    first = asyncio.ensure_future(
+        worker.stub.UploadTaskResult(
+            upload_messages(worker, spec, data, 2 * MiB, release), metadata=worker.md, timeout=GUARD
+        )
+    )
+    # The first upload is being spooled (two chunks written) and waits for its last chunk.
+    await until(
+        lambda: any(f.stat().st_size >= 2 * MiB for f in spool_files(pool)), "the first upload"
+    )
+
+    err = await rpc_error(worker.upload(spec, b"second"))
+    assert (err.code(), err.details()) == (
+        grpc.StatusCode.ABORTED,
+        "an upload for this lease is already in progress",
+    )
+    assert not first.done()
+    release.set()
+    up = await asyncio.wait_for(first, GUARD)
+    assert (up.size, up.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert (await worker.report(spec, data=data)).ack
+    assert await pool_client.download(task_id) == data
+    assert pool.stats.uploads_by_lease[spec.lease_id] == 2
+    assert pool.stats.refused_uploads_by_lease[spec.lease_id] == 1
+    assert spool_files(pool) == []
+
+
+async def test_upload_bytes_in_flight_are_capped(
+    pool_factory: PoolFactory,
+) -> None:
+    pool = await pool_factory(max_upload_bytes_in_flight=3 * MiB)
+    client = TaskQueueClient(pool.address, timeout=GUARD)
+    await client.login(USER, PASSWORD)
+    w = Worker(pool.address)
+    await w.start()
+    for _ in range(2):
+        await client.submit(py_spec())
+    one, two = await w.poll()
+    data = b"a" * (2 * MiB)
+    release = asyncio.Event()
+    first = asyncio.ensure_future(
+        w.stub.UploadTaskResult(
+            upload_messages(w, one, data, MiB, release), metadata=w.md, timeout=GUARD
+        )
+    )
+    await until(lambda: bool(spool_files(pool)), "the first upload to start")
+
+    err = await rpc_error(w.upload(two, data))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = err.details() or ""
+    assert "retry later" in details and str(3 * MiB) in details
+    assert pool.stats.refused_uploads_by_lease[two.lease_id] == 1
+    err = await rpc_error(w.upload(two, b"x" * (3 * MiB + 1)))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (
+        err.details() == f"{3 * MiB + 1} bytes is more than this pool receives at once ({3 * MiB})"
+    )
+    release.set()
+    assert (await asyncio.wait_for(first, GUARD)).size == len(data)
+    # The first upload's reservation is released: the second fits now.
+    assert (await w.upload(two, data)).size == len(data)
+    assert pool.stats.refused_uploads_by_lease[one.lease_id] == 0
+    assert pool.stats.refused_uploads_by_lease[two.lease_id] == 2
+    assert spool_files(pool) == []
+    await client.close()
+    await w.close()
+
+
+async def test_cancelled_upload_leaves_nothing_behind(
+    pool: PoolServer, pool_client: TaskQueueClient, worker: Worker
+) -> None:
+    await pool_client.submit(py_spec())
+    (spec,) = await worker.poll()
+    data = b"c" * (3 * MiB)
+
+    # Cancelled while receiving: the spool file goes, the lease can upload again.
+    never = asyncio.Event()
+    call = worker.stub.UploadTaskResult(
+        upload_messages(worker, spec, data, 2 * MiB, never), metadata=worker.md, timeout=GUARD
+    )
+    await until(lambda: any(f.stat().st_size >= 2 * MiB for f in spool_files(pool)), "spooled data")
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(call, GUARD)
+    await until(lambda: spool_files(pool) == [], "the spool file to be removed")
+    assert pool.stats.refused_uploads_by_lease[spec.lease_id] == 0
+
+    # Cancelled while the spooled data is moved into the database: the spool file and the
+    # chunks already written go too.
+    storing = asyncio.Event()
+
+    async def hook(lease_id: str, seq: int) -> None:
+        if seq == 1:
+            storing.set()
+            await asyncio.sleep(GUARD)  # until the cancel arrives
+
+    assert pool._core is not None
+    pool._core.before_result_chunk = hook
+    call = worker.stub.UploadTaskResult(
+        upload_messages(worker, spec, data, -1, never), metadata=worker.md, timeout=GUARD
+    )
+    await asyncio.wait_for(storing.wait(), GUARD)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(call, GUARD)
+    await until(lambda: spool_files(pool) == [], "the spool file to be removed")
+
+    def chunks_left() -> int:
+        return int(pool.store._db.execute("SELECT count(*) FROM blob_chunks").fetchone()[0])
+
+    await until(lambda: chunks_left() == 0, "the reaper to free the partial result")
+    pool._core.before_result_chunk = None
+    assert pool.stats.refused_uploads_by_lease[spec.lease_id] == 0
+
+    up = await worker.upload(spec, data)
+    assert up.size == len(data)
+    assert (await worker.report(spec, data=data)).ack
+    assert pool.store.result_bytes(spec.task_id) == data
+
+
+async def test_large_upload_does_not_stall_heartbeats(
+    pool: PoolServer, pool_client: TaskQueueClient, worker: Worker
+) -> None:
+    other = Worker(pool.address, node_id="node-2")
+    await other.start()
+    task_id = await pool_client.submit(py_spec())
+    (spec,) = await worker.poll()
+    data = hashlib.sha256(b"seed").digest() * (20 * MiB // 32) + b"odd tail"  # 20 MiB + 8
+    storing, heartbeat_done = asyncio.Event(), asyncio.Event()
+
+    async def hook(lease_id: str, seq: int) -> None:
+        if seq == 0:
+            storing.set()
+        if seq == 15:  # keep the store from finishing before the heartbeat could answer
+            await asyncio.wait_for(heartbeat_done.wait(), GUARD)
+
+    assert pool._core is not None
+    pool._core.before_result_chunk = hook
+    upload = asyncio.ensure_future(worker.upload(spec, data))
+    await asyncio.wait_for(storing.wait(), GUARD)
+    reply = await asyncio.wait_for(other.heartbeat(), GUARD)
+    assert reply.ack
+    assert not upload.done()  # the heartbeat was answered while the result was being stored
+    heartbeat_done.set()
+    up = await asyncio.wait_for(upload, GUARD)
+    digest = hashlib.sha256(data).hexdigest()
+    assert (up.size, up.sha256) == (len(data), digest)
+    assert (await worker.report(spec, data=data)).ack
+    stored = pool.store.result_bytes(task_id)
+    assert stored is not None and hashlib.sha256(stored).hexdigest() == digest
+    assert stored == data
+    assert await pool_client.download(task_id) == data
+    assert spool_files(pool) == []
+    await other.close()
 
 
 # ---------------------------------------------------------------------- cancel

@@ -150,3 +150,120 @@ def test_state_survives_reopen(tmp_path: Path) -> None:
     after = again.get_task(tid)
     assert after == before
     assert again.renew("n1", [spec.lease_id, "gone"], 60) == ["gone"]
+
+
+def _garbage(store: PoolStore) -> tuple[int, int]:
+    """(blobs queued for collection, chunks stored in all)."""
+    queued = store._db.execute("SELECT count(*) FROM garbage_blobs").fetchone()[0]
+    chunks = store._db.execute("SELECT count(*) FROM blob_chunks").fetchone()[0]
+    return int(queued), int(chunks)
+
+
+def test_results_are_swapped_in_and_freed_in_batches(tmp_path: Path) -> None:
+    store = PoolStore(tmp_path / "pool.db")
+    store.add_user("alice", "pw")
+    tid = store.submit(py_task(), "alice")
+    (spec,) = store.lease_tasks("n1", BIG, 1, ["process"], lease_seconds=60)
+    first = b"1" * (3 * MiB)
+    store.store_result(
+        tid,
+        spec.lease_id,
+        "n1",
+        sha256=hashlib.sha256(first).hexdigest(),
+        size=len(first),
+        chunks=[first[i : i + MiB] for i in range(0, len(first), MiB)],
+    )
+    assert _garbage(store) == (0, 3)
+
+    # A second upload for the lease replaces the first, whose chunks are freed a few at a time.
+    second = b"2" * MiB
+    sha = hashlib.sha256(second).hexdigest()
+    blob = store.new_blob()
+    store.add_blob_chunk(blob, 0, second)
+    assert store.commit_result(
+        tid, spec.lease_id, "n1", sha256=sha, size=len(second), blob_id=blob, chunks=1
+    )
+    assert _garbage(store) == (1, 4)
+    assert store.collect_garbage(max_chunks=2) == 2
+    assert _garbage(store) == (1, 2)
+    assert store.collect_garbage(max_chunks=2) == 1
+    assert _garbage(store) == (0, 1)
+    assert store.collect_garbage() == 0
+
+    # A commit for a lease that is no longer current is refused and its blob discarded.
+    stale = store.new_blob()
+    store.add_blob_chunk(stale, 0, b"late")
+    with pytest.raises(StaleLease):
+        store.commit_result(tid, "other-lease", "n1", sha256=sha, size=4, blob_id=stale, chunks=1)
+    assert _garbage(store) == (1, 2)
+    store.collect_garbage()
+
+    # Chunks a crash left half written are found on open and freed.
+    orphan = store.new_blob()
+    store.add_blob_chunk(orphan, 0, b"crash")
+    store.close()
+    store = PoolStore(tmp_path / "pool.db")
+    assert _garbage(store) == (1, 2)
+    store.collect_garbage()
+    assert _garbage(store) == (0, 1)
+
+    store.record_report(
+        node_id="n1",
+        task_id=tid,
+        lease_id=spec.lease_id,
+        status=TaskStatus.SUCCEEDED,
+        result_sha256=sha,
+        result_size=len(second),
+    )
+    assert store.result_bytes(tid) == second
+    store.close()
+
+
+def test_migrates_a_version_1_database(tmp_path: Path) -> None:
+    path = tmp_path / "pool.db"
+    store = PoolStore(path)
+    store.add_user("alice", "pw")
+    tid = store.submit(py_task(), "alice")
+    (spec,) = store.lease_tasks("n1", BIG, 1, ["process"], lease_seconds=60)
+    data = b"v1 result " * (MiB // 5)
+    sha = hashlib.sha256(data).hexdigest()
+    store.store_result(
+        tid, spec.lease_id, "n1", sha256=sha, size=len(data), chunks=[data[:MiB], data[MiB:]]
+    )
+    store.record_report(
+        node_id="n1",
+        task_id=tid,
+        lease_id=spec.lease_id,
+        status=TaskStatus.SUCCEEDED,
+        result_sha256=sha,
+        result_size=len(data),
+    )
+    # Turn the file back into what version 1 wrote: chunks in result_chunks by task id.
+    db = store._db
+    db.executescript(
+        """
+        BEGIN;
+        CREATE TABLE result_chunks (
+            task_id TEXT NOT NULL REFERENCES results(task_id) ON DELETE CASCADE,
+            seq     INTEGER NOT NULL,
+            data    BLOB NOT NULL,
+            PRIMARY KEY (task_id, seq)
+        );
+        INSERT INTO result_chunks(task_id, seq, data)
+            SELECT r.task_id, c.seq, c.data FROM results r JOIN blob_chunks c USING (blob_id);
+        DROP TRIGGER results_free_on_delete;
+        DROP TRIGGER results_free_on_replace;
+        DROP TABLE blob_chunks;
+        DROP TABLE garbage_blobs;
+        ALTER TABLE results DROP COLUMN blob_id;
+        PRAGMA user_version = 1;
+        COMMIT;
+        """
+    )
+    store.close()
+
+    migrated = PoolStore(path)
+    assert int(migrated._db.execute("PRAGMA user_version").fetchone()[0]) == 2
+    assert migrated.result_bytes(tid) == data
+    assert _garbage(migrated) == (0, 2)
+    migrated.close()

@@ -10,11 +10,13 @@ import logging
 import math
 import re
 import sqlite3
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from hivemind_worker import __version__
 from hivemind_worker.engine.tasks import (
     MAX_ID_LEN,
+    GiB,
     MiB,
     Resources,
     TaskSpec,
@@ -82,14 +85,48 @@ class PoolConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     insecure: bool = False
+    # Uploads are spooled to files here (default: `<db file>.spool` next to the database);
+    # at most this many bytes (declared sizes) may be in flight over all uploads at once.
+    spool_dir: Path | None = None
+    max_upload_bytes_in_flight: int = 2 * GiB
+    # Logins: at most this many password checks (16 MiB of scrypt each) at once; after
+    # `login_max_failures` failures within `login_failure_window` seconds for one username, or
+    # from one peer address, logins for it are refused without a check for that long.
+    login_concurrency: int = 2
+    login_max_failures: int = 5
+    login_failure_window: float = 60.0
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool_dir or self.db_path.with_name(f"{self.db_path.name}.spool")
+
+
+class RecentCounter(Counter[str]):
+    """A Counter that keeps only the `maxlen` keys most recently added (insertion order)."""
+
+    def __init__(self, maxlen: int = 10_000) -> None:
+        super().__init__()
+        self.maxlen = maxlen
+
+    def __setitem__(self, key: str, value: int) -> None:
+        if key not in self:
+            while len(self) >= self.maxlen:
+                del self[next(iter(self))]
+        super().__setitem__(key, value)
 
 
 @dataclass
 class PoolStats:
-    """In-memory counters since start, for tests and observability (lifetime totals: store)."""
+    """In-memory counters since start, for tests and observability (lifetime totals: store).
+
+    The per-lease counters count calls with a well-formed lease id, refused ones too, and
+    keep the last 10,000 leases.
+    """
 
     get_assigned_calls: Counter[str] = field(default_factory=Counter)  # by node id
-    reports_by_lease: Counter[str] = field(default_factory=Counter)  # every call, refused too
+    reports_by_lease: RecentCounter = field(default_factory=RecentCounter)
+    uploads_by_lease: RecentCounter = field(default_factory=RecentCounter)
+    refused_uploads_by_lease: RecentCounter = field(default_factory=RecentCounter)
     submitted: int = 0
     leased: int = 0
     requeued: int = 0
@@ -189,6 +226,71 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _peer_host(peer: str) -> str:
+    """'ipv4:1.2.3.4:5678' -> '1.2.3.4', 'ipv6:[::1]:5678' -> '[::1]'; others as they are."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        host, sep, port = rest.rpartition(":")
+        if sep and port.isdigit():
+            return host
+    return peer
+
+
+class LoginThrottle:
+    """Failed logins by key (a username or a peer address) in a sliding window.
+
+    After `limit` failures within `window` seconds a key is blocked for `window` seconds:
+    logins for it are refused before any password check. Only failures that ran a password
+    check are counted, so the entries grow at most as fast as the checks can run.
+    """
+
+    def __init__(
+        self, limit: int, window: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.limit = max(limit, 1)
+        self.window = window
+        self._clock = clock
+        self._failures: dict[str, deque[float]] = {}
+        self._blocked: dict[str, float] = {}
+
+    def retry_after(self, keys: Iterable[str]) -> float:
+        """Seconds until every key may try again; 0 when none is blocked."""
+        now = self._clock()
+        wait = 0.0
+        for key in keys:
+            until = self._blocked.get(key)
+            if until is None:
+                continue
+            if until <= now:
+                del self._blocked[key]
+            else:
+                wait = max(wait, until - now)
+        return wait
+
+    def failed(self, keys: Iterable[str]) -> None:
+        now = self._clock()
+        for key in keys:
+            times = self._failures.setdefault(key, deque())
+            times.append(now)
+            while times and times[0] <= now - self.window:
+                times.popleft()
+            if len(times) >= self.limit:
+                self._blocked[key] = now + self.window
+                del self._failures[key]
+        if len(self._failures) > 10_000:
+            self._sweep(now)
+
+    def succeeded(self, key: str) -> None:
+        self._failures.pop(key, None)
+
+    def _sweep(self, now: float) -> None:
+        stale = [k for k, t in self._failures.items() if not t or t[-1] <= now - self.window]
+        for key in stale:
+            del self._failures[key]
+        for key in [k for k, until in self._blocked.items() if until <= now]:
+            del self._blocked[key]
+
+
 class _Core:
     """What both services share: config, store, stats, auth and the long-poll wake-up."""
 
@@ -197,6 +299,13 @@ class _Core:
         self.store = store
         self.stats = stats
         self._wakeup = asyncio.Event()
+        self.login_slots = asyncio.Semaphore(max(config.login_concurrency, 1))
+        self.login_throttle = LoginThrottle(config.login_max_failures, config.login_failure_window)
+        self.spool = config.spool_path
+        self.uploading: set[str] = set()  # lease ids with an upload in flight
+        self.upload_bytes = 0  # declared sizes of the uploads in flight
+        # A test seam: awaited before each chunk of an upload is moved into the database.
+        self.before_result_chunk: Callable[[str, int], Awaitable[None]] | None = None
 
     def notify(self) -> None:
         """Wake every long-poll waiting for work; each then tries to lease again."""
@@ -238,15 +347,34 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
     async def Login(self, request: pb.LoginRequest, context: Context) -> pb.LoginResponse:
         if not request.username:
             raise _invalid("username", "is empty")
-        store = self._core.store
-        stored = store.password_hash(request.username)
-        # scrypt takes tens of milliseconds and releases the GIL: keep it off the loop.
-        if not await asyncio.to_thread(verify_password, request.password, stored):
-            log.info("login refused for %r", request.username)
+        core = self._core
+        store = core.store
+        user_key = f"user:{request.username[:MAX_ID_LEN]}"
+        keys = (user_key, f"peer:{_peer_host(context.peer() or '')}")
+        throttle = core.login_throttle
+        self._refuse_if_throttled(keys)
+        # scrypt costs 16 MiB and tens of milliseconds and releases the GIL: keep it off the
+        # loop, and run only a few at once.
+        async with core.login_slots:
+            self._refuse_if_throttled(keys)  # failures recorded while this call waited
+            stored = store.password_hash(request.username)
+            ok = await asyncio.to_thread(verify_password, request.password, stored)
+        if not ok:
+            throttle.failed(keys)
+            log.info("login refused for %r from %s", request.username[:80], context.peer())
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "wrong username or password")
+        throttle.succeeded(user_key)
         token, expires = store.issue_token(request.username, self._core.config.token_ttl)
         log.info("login: %s", request.username)
         return pb.LoginResponse(token=token, expires_unix_ms=expires, username=request.username)
+
+    def _refuse_if_throttled(self, keys: Iterable[str]) -> None:
+        wait = self._core.login_throttle.retry_after(keys)
+        if wait > 0:
+            raise _Refused(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"too many failed logins; try again in {math.ceil(wait)} s",
+            )
 
     @_rpc
     async def RegisterNode(
@@ -358,10 +486,10 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
     ) -> pb.ReportTaskResultResponse:
         core = self._core
         user = core.user(context)
-        core.stats.reports_by_lease[request.lease_id] += 1
         node_id = _require_id("node_id", request.node_id)
         task_id = _require_id("task_id", request.task_id)
         lease_id = _require_id("lease_id", request.lease_id)
+        core.stats.reports_by_lease[lease_id] += 1
         status = TaskStatus.from_proto(request.status)
         if not status.is_final:
             raise _invalid("status", f"must be a final status, not {status.value}")
@@ -418,21 +546,107 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
         node_id = _require_id("header.node_id", head.node_id)
         task_id = _require_id("header.task_id", head.task_id)
         lease_id = _require_id("header.lease_id", head.lease_id)
+        core.stats.uploads_by_lease[lease_id] += 1
+        try:
+            return await self._upload(user, node_id, task_id, lease_id, head, messages)
+        except (_Refused, TaskSpecError, StoreError):
+            # A client that cancels ends the request stream early, which looks like a short
+            # upload here: that is not a refusal the client ever sees.
+            if not context.cancelled():
+                core.stats.refused_uploads_by_lease[lease_id] += 1
+            raise
+
+    async def _upload(
+        self,
+        user: str,
+        node_id: str,
+        task_id: str,
+        lease_id: str,
+        head: pb.UploadHeader,
+        messages: AsyncIterator[pb.UploadTaskResultRequest],
+    ) -> pb.UploadTaskResultResponse:
+        core = self._core
         expected_sha = _require_sha256("header.sha256", head.sha256)
-        if head.total_size < 0:
+        total = head.total_size
+        if total < 0:
             raise _invalid("header.total_size", "is negative")
         core.store.get_node(node_id, user)
         task = core.store.get_task(task_id)
         if task is None or not core.store.lease_is_current(task_id, lease_id, node_id):
             raise StaleLease(lease_id, task_id)
         limit = task.spec.max_result_bytes
-        if head.total_size > limit:
+        if total > limit:
             raise _invalid(
                 "header.total_size",
-                f"{head.total_size} bytes is more than the task's max_result_bytes ({limit})",
+                f"{total} bytes is more than the task's max_result_bytes ({limit})",
             )
+        if lease_id in core.uploading:
+            raise _Refused(
+                grpc.StatusCode.ABORTED, "an upload for this lease is already in progress"
+            )
+        cap = core.config.max_upload_bytes_in_flight
+        if total > cap:
+            raise _Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{total} bytes is more than this pool receives at once ({cap})",
+            )
+        if core.upload_bytes + total > cap:
+            raise _Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the pool is receiving {core.upload_bytes} bytes of other uploads and takes "
+                f"at most {cap} at once; {total} more do not fit now: retry later",
+            )
+        # Reserved until this call ends, however it ends (a client cancel included).
+        core.uploading.add(lease_id)
+        core.upload_bytes += total
+        path = core.spool / f"upload-{uuid.uuid4().hex}.part"
+        spool: IO[bytes] | None = None
+        try:
+            # Creating the file is quick; doing it here means no thread can create it after
+            # the cleanup below ran. Writes, which may be slow, go to a thread.
+            spool = path.open("xb+")
+            size, digest = await self._receive(spool, messages, total)
+            # Also a moment for a client's cancel, which ends the stream like this, to arrive.
+            await asyncio.to_thread(spool.flush)
+            if size != total:
+                raise _Refused(
+                    grpc.StatusCode.DATA_LOSS,
+                    f"received {size} bytes but header.total_size is {total}",
+                )
+            if digest != expected_sha:
+                raise _Refused(
+                    grpc.StatusCode.DATA_LOSS,
+                    f"received data has sha256 {digest}, not header.sha256 {expected_sha}",
+                )
+            await self._store_spooled(spool, task_id, lease_id, node_id, digest, size)
+        except OSError as exc:  # the spool folder is full or gone: not the caller's fault
+            log.exception("upload for lease %s: spool file %s failed", lease_id, path)
+            raise _Refused(
+                grpc.StatusCode.INTERNAL, f"the pool cannot spool the upload: {exc.strerror}"
+            ) from None
+        finally:
+            core.uploading.discard(lease_id)
+            core.upload_bytes -= total
+            try:
+                if spool is not None:
+                    spool.close()  # waits for a write still running in its thread, if any
+            finally:
+                path.unlink(missing_ok=True)
+        core.stats.uploads += 1
+        log.info("stored result of task %s (%d bytes, lease %s)", task_id, size, lease_id)
+        return pb.UploadTaskResultResponse(sha256=digest, size=size)
+
+    @staticmethod
+    async def _receive(
+        spool: IO[bytes], messages: AsyncIterator[pb.UploadTaskResultRequest], total: int
+    ) -> tuple[int, str]:
+        """Write the data messages to `spool`; their size and sha256."""
         hasher = hashlib.sha256()
-        chunks: list[bytes] = []
+
+        def write(data: bytes) -> None:
+            spool.write(data)
+            hasher.update(data)  # releases the GIL for big buffers, like the write
+
         size = 0
         async for msg in messages:
             if msg.WhichOneof("part") != "data":
@@ -441,27 +655,47 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
             if len(data) > CHUNK_BYTES:
                 raise _invalid("data", f"a chunk of {len(data)} bytes is larger than 1 MiB")
             size += len(data)
-            if size > head.total_size:
-                raise _invalid(
-                    "data", f"more than header.total_size ({head.total_size}) bytes were sent"
-                )
-            hasher.update(data)
-            chunks.append(data)
-        if size != head.total_size:
-            raise _Refused(
-                grpc.StatusCode.DATA_LOSS,
-                f"received {size} bytes but header.total_size is {head.total_size}",
-            )
-        digest = hasher.hexdigest()
-        if digest != expected_sha:
-            raise _Refused(
-                grpc.StatusCode.DATA_LOSS,
-                f"received data has sha256 {digest}, not header.sha256 {expected_sha}",
-            )
-        core.store.store_result(task_id, lease_id, node_id, sha256=digest, size=size, chunks=chunks)
-        core.stats.uploads += 1
-        log.info("stored result of task %s (%d bytes, lease %s)", task_id, size, lease_id)
-        return pb.UploadTaskResultResponse(sha256=digest, size=size)
+            if size > total:
+                raise _invalid("data", f"more than header.total_size ({total}) bytes were sent")
+            if data:
+                await asyncio.to_thread(write, data)
+        return size, hasher.hexdigest()
+
+    async def _store_spooled(
+        self, spool: IO[bytes], task_id: str, lease_id: str, node_id: str, digest: str, size: int
+    ) -> None:
+        """Move the spooled upload into the store chunk by chunk, then commit it as the result.
+
+        Each chunk is read in a thread and written in its own short transaction, with the loop
+        free in between; the commit re-checks the lease in the transaction that swaps the
+        result in, so a lease lost meanwhile is refused.
+        """
+        core = self._core
+        store = core.store
+
+        def read() -> bytes:
+            return spool.read(CHUNK_BYTES)
+
+        if not store.lease_is_current(task_id, lease_id, node_id):
+            raise StaleLease(lease_id, task_id)  # lost while receiving: store nothing
+        await asyncio.to_thread(spool.seek, 0)
+        blob_id = store.new_blob()
+        seq = 0
+        try:
+            while True:
+                data = await asyncio.to_thread(read)
+                if not data:
+                    break
+                if core.before_result_chunk is not None:
+                    await core.before_result_chunk(lease_id, seq)
+                store.add_blob_chunk(blob_id, seq, data)
+                seq += 1
+        except BaseException:
+            store.discard_blob(blob_id)
+            raise
+        store.commit_result(
+            task_id, lease_id, node_id, sha256=digest, size=size, blob_id=blob_id, chunks=seq
+        )
 
     async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingResponse:
         return pb.PingResponse(server_version=__version__, server_time_unix_ms=now_ms())
@@ -551,6 +785,13 @@ class TaskQueueService(pb_grpc.TaskQueueServicer):
                 yield pb.ResultChunk(data=data)
 
 
+def _prepare_spool(spool: Path) -> None:
+    """Create the spool folder and remove uploads a previous run left behind (a crash)."""
+    spool.mkdir(parents=True, exist_ok=True)
+    for leftover in spool.glob("upload-*.part"):
+        leftover.unlink(missing_ok=True)
+
+
 class PoolServer:
     """A running reference pool: gRPC server, SQLite store and lease reaper on one loop."""
 
@@ -609,6 +850,13 @@ class PoolServer:
             store = PoolStore(config.db_path, default_max_attempts=config.default_max_attempts)
         except (sqlite3.Error, OSError) as exc:
             raise PoolStartError(f"cannot open the database {config.db_path}: {exc}") from None
+        try:
+            _prepare_spool(config.spool_path)
+        except OSError as exc:
+            store.close()
+            raise PoolStartError(
+                f"cannot use the spool folder {config.spool_path}: {exc}"
+            ) from None
         # Workers could not heartbeat while the pool was down: give each running lease a
         # full timeout from now to reconnect before the reaper may expire it.
         extended = store.extend_running_leases(now_ms() + config.lease_timeout * 1000)
@@ -677,6 +925,8 @@ class PoolServer:
                 return
             try:
                 out = core.store.expire_leases()
+                # Free discarded result blobs a few MiB per pass, never in one long transaction.
+                core.store.collect_garbage()
             except Exception:  # the reaper must outlive one bad pass; the next one retries
                 log.exception("lease reaper pass failed")
                 continue

@@ -19,7 +19,7 @@ from google.protobuf import json_format
 from hivemind_worker.engine.tasks import Resources, TaskKind, TaskSpec, TaskStatus
 from hivemind_worker.protocol import nodepool_pb2 as pb
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: What a Python task can run on, and what a container task can run on.
 KIND_CAPABILITIES: dict[TaskKind, frozenset[str]] = {
@@ -36,7 +36,9 @@ _SCRYPT_R = 8
 _SCRYPT_P = 1
 _SCRYPT_LEN = 32
 
-_SCHEMA = """
+# Version 1, as first released; a new database is created at version 1 and migrated, so every
+# database takes the same path.
+_SCHEMA_V1 = """
 CREATE TABLE users (
     username    TEXT PRIMARY KEY,
     password    TEXT NOT NULL,          -- scrypt$n$r$p$salt_hex$hash_hex
@@ -115,6 +117,47 @@ CREATE TABLE counters (
     value INTEGER NOT NULL
 );
 """
+
+# Version 2: a result's content lives in blob_chunks under its own blob id, so an upload can be
+# written in many short transactions before one short transaction makes it the task's result,
+# and a replaced or deleted result is freed in bounded batches (collect_garbage), never in one
+# long transaction. The triggers queue a blob for collection whenever no result names it any
+# more; a blob still being written is named by no result and by no garbage row until its
+# upload ends.
+_MIGRATE_V2 = """
+ALTER TABLE results ADD COLUMN blob_id TEXT NOT NULL DEFAULT '';
+UPDATE results SET blob_id = task_id;
+CREATE TABLE blob_chunks (
+    blob_id TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    data    BLOB NOT NULL,              -- at most 1 MiB each
+    PRIMARY KEY (blob_id, seq)
+);
+INSERT INTO blob_chunks(blob_id, seq, data) SELECT task_id, seq, data FROM result_chunks;
+DROP TABLE result_chunks;
+CREATE TABLE garbage_blobs (
+    blob_id TEXT PRIMARY KEY
+);
+CREATE TRIGGER results_free_on_delete AFTER DELETE ON results BEGIN
+    INSERT OR IGNORE INTO garbage_blobs(blob_id) VALUES (old.blob_id);
+END;
+CREATE TRIGGER results_free_on_replace AFTER UPDATE OF blob_id ON results
+WHEN old.blob_id <> new.blob_id BEGIN
+    INSERT OR IGNORE INTO garbage_blobs(blob_id) VALUES (old.blob_id);
+END;
+"""
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of a script, triggers (with `;` inside) kept whole."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending.strip()
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"incomplete SQL statement: {pending.strip()[:80]}")
 
 
 def now_ms() -> int:
@@ -309,6 +352,11 @@ class PoolStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._migrate()
+        # Blobs that no result names and no upload is writing (after a crash mid-upload).
+        self._db.execute(
+            "INSERT OR IGNORE INTO garbage_blobs(blob_id) SELECT DISTINCT blob_id"
+            " FROM blob_chunks WHERE blob_id NOT IN (SELECT blob_id FROM results)"
+        )
 
     # ------------------------------------------------------------------ plumbing
 
@@ -335,9 +383,10 @@ class PoolStore:
                 f"{SCHEMA_VERSION}: use a newer hivemind-worker"
             )
         with self._tx() as db:
-            if version == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
+            # Each step takes the schema one version up; v1 -> v2 copies stored results once.
+            for step, script in ((1, _SCHEMA_V1), (2, _MIGRATE_V2)):
+                if version < step:
+                    for statement in _statements(script):
                         db.execute(statement)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -824,13 +873,75 @@ class PoolStore:
         return [_task_record(r) for r in rows]
 
     def lease_is_current(self, task_id: str, lease_id: str, node_id: str) -> bool:
-        row = self._db.execute(
+        return self._lease_is_current(self._db, task_id, lease_id, node_id)
+
+    @staticmethod
+    def _lease_is_current(
+        db: sqlite3.Connection, task_id: str, lease_id: str, node_id: str
+    ) -> bool:
+        row = db.execute(
             "SELECT 1 FROM tasks WHERE task_id = ? AND lease_id = ? AND node_id = ? AND status = ?",
             (task_id, lease_id, node_id, TaskStatus.RUNNING.value),
         ).fetchone()
         return row is not None
 
     # ------------------------------------------------------------------ results
+
+    def new_blob(self) -> str:
+        """A fresh blob id to write an upload under (add_blob_chunk), then commit_result."""
+        return f"b-{uuid.uuid4().hex}"
+
+    def add_blob_chunk(self, blob_id: str, seq: int, data: bytes) -> None:
+        """Write one chunk (at most 1 MiB) of a blob being staged: one short transaction."""
+        self._db.execute(
+            "INSERT INTO blob_chunks(blob_id, seq, data) VALUES(?, ?, ?)", (blob_id, seq, data)
+        )
+
+    def discard_blob(self, blob_id: str) -> None:
+        """Give up a staged blob: collect_garbage frees it later, a few chunks at a time."""
+        self._db.execute("INSERT OR IGNORE INTO garbage_blobs(blob_id) VALUES(?)", (blob_id,))
+
+    def commit_result(
+        self,
+        task_id: str,
+        lease_id: str,
+        node_id: str,
+        *,
+        sha256: str,
+        size: int,
+        blob_id: str,
+        chunks: int,
+    ) -> bool:
+        """Make a staged blob the result of a current lease, replacing any earlier upload.
+
+        One short transaction that checks the lease and swaps the result in, so a lease that
+        expired while the blob was written is refused (StaleLease). Uploading the same archive
+        again for a lease already reported is accepted as a no-op (False). Whenever the blob
+        does not become the result it is discarded.
+        """
+        try:
+            with self._tx() as db:
+                if not self._lease_is_current(db, task_id, lease_id, node_id):
+                    same = db.execute(
+                        "SELECT 1 FROM results WHERE task_id = ? AND lease_id = ? AND sha256 = ?",
+                        (task_id, lease_id, sha256),
+                    ).fetchone()
+                    if same is not None:
+                        self.discard_blob(blob_id)
+                        return False
+                    raise StaleLease(lease_id, task_id)
+                db.execute(
+                    "INSERT INTO results(task_id, lease_id, sha256, size, chunks, blob_id)"
+                    " VALUES(?, ?, ?, ?, ?, ?) ON CONFLICT(task_id) DO UPDATE SET"
+                    " lease_id = excluded.lease_id, sha256 = excluded.sha256,"
+                    " size = excluded.size, chunks = excluded.chunks, blob_id = excluded.blob_id",
+                    (task_id, lease_id, sha256, size, chunks, blob_id),
+                )
+                self._bump(db, "uploads")
+                return True
+        except BaseException:
+            self.discard_blob(blob_id)
+            raise
 
     def store_result(
         self,
@@ -842,33 +953,43 @@ class PoolStore:
         size: int,
         chunks: Iterable[bytes],
     ) -> None:
-        """Keep an uploaded result for a current lease, replacing any earlier upload.
+        """Stage `chunks` (each at most 1 MiB) and commit them as the result (small results)."""
+        blob_id = self.new_blob()
+        count = 0
+        try:
+            for data in chunks:
+                if data:
+                    self.add_blob_chunk(blob_id, count, data)
+                    count += 1
+        except BaseException:
+            self.discard_blob(blob_id)
+            raise
+        self.commit_result(
+            task_id, lease_id, node_id, sha256=sha256, size=size, blob_id=blob_id, chunks=count
+        )
 
-        Uploading the same archive again for a lease already reported is accepted as a no-op.
+    def collect_garbage(self, max_chunks: int = 8) -> int:
+        """Free up to `max_chunks` chunks of discarded blobs; how many were freed.
+
+        Deleting a blob reads its overflow pages, so a big one is freed over many short calls.
         """
-        with self._tx() as db:
-            if not self.lease_is_current(task_id, lease_id, node_id):
-                same = db.execute(
-                    "SELECT 1 FROM results WHERE task_id = ? AND lease_id = ? AND sha256 = ?",
-                    (task_id, lease_id, sha256),
-                ).fetchone()
-                if same is not None:
-                    return
-                raise StaleLease(lease_id, task_id)
-            db.execute("DELETE FROM results WHERE task_id = ?", (task_id,))
-            db.execute(
-                "INSERT INTO results(task_id, lease_id, sha256, size, chunks)"
-                " VALUES(?, ?, ?, ?, 0)",
-                (task_id, lease_id, sha256, size),
-            )
-            count = 0
-            for count, data in enumerate((c for c in chunks if c), start=1):
-                db.execute(
-                    "INSERT INTO result_chunks(task_id, seq, data) VALUES(?, ?, ?)",
-                    (task_id, count - 1, data),
+        freed = 0
+        while freed < max_chunks:
+            row = self._db.execute("SELECT blob_id FROM garbage_blobs LIMIT 1").fetchone()
+            if row is None:
+                break
+            blob_id = str(row["blob_id"])
+            want = max_chunks - freed
+            with self._tx() as db:
+                cur = db.execute(
+                    "DELETE FROM blob_chunks WHERE blob_id = ? AND seq IN"
+                    " (SELECT seq FROM blob_chunks WHERE blob_id = ? ORDER BY seq LIMIT ?)",
+                    (blob_id, blob_id, want),
                 )
-            db.execute("UPDATE results SET chunks = ? WHERE task_id = ?", (count, task_id))
-            self._bump(db, "uploads")
+                freed += cur.rowcount
+                if cur.rowcount < want:
+                    db.execute("DELETE FROM garbage_blobs WHERE blob_id = ?", (blob_id,))
+        return freed
 
     def get_result(self, task_id: str) -> ResultInfo | None:
         """The reported result of a task (an upload that no report names does not count)."""
@@ -889,7 +1010,9 @@ class PoolStore:
 
     def result_chunk(self, task_id: str, seq: int) -> bytes:
         row = self._db.execute(
-            "SELECT data FROM result_chunks WHERE task_id = ? AND seq = ?", (task_id, seq)
+            "SELECT c.data FROM results r JOIN blob_chunks c ON c.blob_id = r.blob_id"
+            " WHERE r.task_id = ? AND c.seq = ?",
+            (task_id, seq),
         ).fetchone()
         if row is None:
             raise StoreError(f"result of task {task_id} is missing chunk {seq}")
