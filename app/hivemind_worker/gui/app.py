@@ -18,7 +18,7 @@ from PySide6.QtNetwork import QLocalServer, QLocalSocket
 from PySide6.QtWidgets import QApplication, QMessageBox, QProgressDialog, QSystemTrayIcon
 
 from hivemind_worker import __version__
-from hivemind_worker.config import Settings, read_state, update_state
+from hivemind_worker.config import Settings, read_state
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.engine.engine import WorkerEngine
 from hivemind_worker.engine.events import EngineState, ErrorRaised
@@ -378,10 +378,7 @@ class WorkerApp(QObject):
             gui = state.get("gui")
             state["gui"] = {**(gui if isinstance(gui, dict) else {}), "geometry": encoded}
 
-        try:
-            self.model._writer.submit(update_state, self.paths, put)
-        except RuntimeError:  # writer already shut down at quit
-            update_state(self.paths, put)
+        self.model.write_state(put)
 
 
 def make_qapplication(argv: list[str] | None = None) -> QApplication:

@@ -123,7 +123,8 @@ class EngineThread(QThread):
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
         """Schedule a coroutine on the engine's loop (pool calls, keyring via to_thread)."""
-        self._ready.wait(10)  # only ever waits in the instant between start() and the loop
+        if self.isRunning():
+            self._ready.wait(10)  # only waits in the instant between start() and the loop
         loop = self._loop
         if loop is None or loop.is_closed():
             coro.close()

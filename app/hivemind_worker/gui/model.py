@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,11 +150,15 @@ class WorkerModel(QObject):
         def put(state: dict[str, Any]) -> None:
             state["totals"] = snapshot
 
-        self._writer.submit(update_state, self.paths, put)
+        self.write_state(put)
 
-    def flush(self) -> None:
-        """Wait for pending state writes (at quit)."""
-        self._writer.shutdown(wait=True)
+    def write_state(self, mutate: Callable[[dict[str, Any]], None]) -> None:
+        """Change the runtime state file in the background, in order."""
+        self._writer.submit(update_state, self.paths, mutate)
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait for pending state writes (at quit); the writer runs them in order."""
+        self._writer.submit(lambda: None).result(timeout)
 
     # ------------------------------------------------------------------ events
 

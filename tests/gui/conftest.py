@@ -1,0 +1,44 @@
+"""GUI test fixtures: offscreen Qt, and an app on a real engine thread with a real pool."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+# Before any Qt import: every GUI test but the tray's (a child process under Xvfb) is offscreen.
+os.environ["QT_QPA_PLATFORM"] = "offscreen"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+
+import pytest
+from guikit import LoopPool, make_world
+
+from hivemind_worker.gui.app import WorkerApp
+
+
+@pytest.fixture
+def gui_app(qtbot, tmp_path: Path, memory_keyring) -> Iterator[tuple[WorkerApp, LoopPool]]:
+    """A WorkerApp on a real engine thread, with the real pool on the same loop, not started."""
+    world = make_world(tmp_path / "home", drain_timeout=20)
+    pool = LoopPool(world, tmp_path / "pool.db", [])
+    app = WorkerApp(
+        world.settings,
+        world.paths,
+        world.credentials,
+        world.engine,
+        autostart_engine=False,
+        before=pool.before,
+        after=pool.after,
+        show_tray=False,
+    )
+    pool.app = app
+    app.start_engine(show_dashboard=True)
+    qtbot.waitUntil(lambda: world.pool is not None and world.pool.port > 0, timeout=20_000)
+    try:
+        yield app, pool
+    finally:
+        world.engine.shutdown()
+        app.engine_thread.wait(30_000)
+        app.dashboard.hide()
+        app.model.flush()
