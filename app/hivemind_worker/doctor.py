@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 import grpc
@@ -88,6 +89,11 @@ def _docker_check(settings: Settings) -> Check:
         try:
             version = client.version()
             info = client.info()
+            try:
+                client.images.get(settings.docker_python_image)
+                python_image = "present"
+            except docker.errors.ImageNotFound:
+                python_image = "not pulled yet"
         finally:
             client.close()
     except Exception as exc:  # docker-py raises DockerException, requests and OS errors alike
@@ -98,10 +104,19 @@ def _docker_check(settings: Settings) -> Check:
             "sandbox. To use Docker: install it (Linux: the docker.io package; Windows: Docker "
             "Desktop), start it, and on Linux add yourself to the 'docker' group.",
         )
+    free = ""
+    root = info.get("DockerRootDir", "")
+    if root:
+        with contextlib.suppress(OSError):  # a remote engine or Docker Desktop's VM path
+            free = f", {psutil.disk_usage(root).free / GiB:.1f} GiB free in {root}"
+    never = settings.docker_pull_policy == "never" and python_image != "present"
     return Check(
         "docker",
-        "ok",
-        f"engine {version.get('Version', '?')}, storage driver {info.get('Driver', '?')}",
+        "warn" if never else "ok",
+        f"engine {version.get('Version', '?')}, storage driver {info.get('Driver', '?')}, "
+        f"cgroup v{info.get('CgroupVersion', '1')} ({info.get('CgroupDriver', '?')}){free}; "
+        f"python image {settings.docker_python_image} {python_image}"
+        + (" and the pull policy is 'never': python tasks will fail" if never else ""),
     )
 
 
