@@ -129,13 +129,16 @@ async def queue_client(address: str) -> AsyncIterator[TaskQueueClient]:
 
 
 def python_task(source: str, *argv: str, **fields: object) -> pb.TaskSpec:
+    values: dict[str, object] = {
+        "resources": pb.Resources(cpus=0.5, memory_bytes=256 << 20, disk_bytes=64 << 20),
+        "timeout_seconds": 120,
+    }
+    values.update(fields)
     return pb.TaskSpec(
         kind=pb.TASK_KIND_PYTHON,
         source=textwrap.dedent(source).lstrip(),
         argv=list(argv),
-        resources=pb.Resources(cpus=0.5, memory_bytes=256 << 20, disk_bytes=64 << 20),
-        timeout_seconds=120,
-        **fields,  # type: ignore[arg-type]
+        **values,  # type: ignore[arg-type]
     )
 
 

@@ -352,3 +352,30 @@ async def test_drain_takes_no_new_work_from_the_poll_in_flight(tmp_path: Path) -
     finally:
         await worker.stop()
         await pool.stop()
+
+
+async def test_a_task_beyond_this_workers_limits_goes_to_another_worker(tmp_path: Path) -> None:
+    pool = await start_pool(tmp_path / "pool.db")
+    strict = await start_worker(tmp_path / "node-strict", pool.address, task_timeout=60)
+    relaxed = None
+    try:
+        async with queue_client(pool.address) as queue:
+            task_id = await queue.submit(
+                python_task("print('long allowed')", timeout_seconds=600, name="long")
+            )
+            await wait_for(
+                lambda: pool.stats.get_assigned_calls["node-strict"] >= 1, what="strict polls"
+            )
+            await asyncio.sleep(0.5)
+            info = await queue.get(task_id)
+            assert info.status == pb.TASK_STATUS_QUEUED  # not offered to the strict worker
+            relaxed = await start_worker(tmp_path / "node-relaxed", pool.address)
+            info = (await queue.wait_done([task_id], timeout=60))[task_id]
+            assert info.status == pb.TASK_STATUS_SUCCEEDED
+            assert info.node_id == "node-relaxed" and info.attempt == 1
+            assert not [e for e in strict.events if isinstance(e, TaskStarted)]
+    finally:
+        await strict.stop()
+        if relaxed is not None:
+            await relaxed.stop()
+        await pool.stop()

@@ -461,6 +461,8 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
                 max_tasks,
                 capabilities,
                 lease_seconds=core.config.lease_timeout,
+                max_timeout_seconds=request.max_timeout_seconds,
+                networks=frozenset(request.networks) | {"none"},
             )
             if specs:
                 core.stats.leased += len(specs)

@@ -544,12 +544,16 @@ class PoolStore:
         capabilities: Iterable[str],
         *,
         lease_seconds: float,
+        max_timeout_seconds: int = 0,
+        networks: frozenset[str] = frozenset({"none"}),
         now: int | None = None,
     ) -> list[pb.TaskSpec]:
         """Hand out queued tasks, oldest first, that fit in `free` (shrinking as they are taken).
 
         A task that does not fit is skipped, not waited for: a smaller one behind it may
-        fit. Each returned spec carries its new lease id and attempt number.
+        fit. So is one whose timeout or network this worker does not accept
+        (`max_timeout_seconds` 0: any timeout). Each returned spec carries its new lease id
+        and attempt number.
         """
         caps = set(capabilities)
         kinds = [k.value for k, needs in KIND_CAPABILITIES.items() if needs & caps]
@@ -584,13 +588,17 @@ class PoolStore:
                 )
                 if not need.fits_in(remaining):
                     continue
+                spec = pb.TaskSpec.FromString(row["spec"])
+                if max_timeout_seconds and spec.timeout_seconds > max_timeout_seconds:
+                    continue
+                if (spec.network or "none") not in networks:
+                    continue
                 lease_id = uuid.uuid4().hex
                 db.execute(
                     "UPDATE tasks SET status = ?, node_id = ?, lease_id = ?, lease_expires_ms = ?,"
                     " started_ms = ? WHERE task_id = ?",
                     (TaskStatus.RUNNING.value, node_id, lease_id, expires, now, row["task_id"]),
                 )
-                spec = pb.TaskSpec.FromString(row["spec"])
                 spec.lease_id = lease_id
                 spec.attempt = int(row["attempt"])
                 leased.append(spec)
