@@ -192,8 +192,9 @@ async def test_stale_lease_report_is_dropped_not_retried(tmp_path: Path) -> None
             assert "no longer current" in dropped[0].message
             lease = next(e.lease_id for e in worker.events if isinstance(e, TaskStarted))
             await asyncio.sleep(2)  # room for any retry to show up
-            # Refused once (at upload or report), then dropped: no second attempt.
-            assert pool.stats.reports_by_lease.get(lease, 0) <= 1
+            # Refused once (the archive's upload comes first), then dropped: no second attempt.
+            refused = pool.stats.refused_uploads_by_lease.get(lease, 0)
+            assert refused + pool.stats.reports_by_lease.get(lease, 0) == 1
             assert len([e for e in worker.events if isinstance(e, ResultDelivered)]) == 1
             info = await queue.get(task_id)
             assert info.status == pb.TASK_STATUS_FAILED  # the pool gave up at max_attempts
