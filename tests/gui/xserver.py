@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import subprocess
 import time
@@ -13,16 +14,6 @@ from pathlib import Path
 
 class XServerError(RuntimeError):
     pass
-
-
-def _free_display(start: int = 90) -> int:
-    for number in range(start, start + 200):
-        if (
-            not Path(f"/tmp/.X11-unix/X{number}").exists()
-            and not Path(f"/tmp/.X{number}-lock").exists()
-        ):
-            return number
-    raise XServerError("no free X display number")
 
 
 def _wait(predicate: object, timeout: float, what: str) -> None:
@@ -51,28 +42,30 @@ def missing_tools() -> list[str]:
 @contextlib.contextmanager
 def xvfb_with_tray(log_dir: Path, size: str = "1280x800x24") -> Iterator[dict[str, str]]:
     """Yield an environment whose DISPLAY has a running system tray."""
-    number = _free_display()
-    display = f":{number}"
-    env = {**os.environ, "DISPLAY": display}
-    env.pop("WAYLAND_DISPLAY", None)
     log_dir.mkdir(parents=True, exist_ok=True)
     xvfb = tray = None
     try:
+        # -displayfd: Xvfb picks a free display itself and writes its number once it is ready,
+        # so parallel test runs never race for a number.
+        read_fd, write_fd = os.pipe()
         with (log_dir / "xvfb.log").open("wb") as xlog:
             xvfb = subprocess.Popen(
-                ["Xvfb", display, "-screen", "0", size, "-nolisten", "tcp"],
-                stdout=xlog,
-                stderr=subprocess.STDOUT,
-            )
-
-        def server_answers() -> bool:
-            if xvfb is not None and xvfb.poll() is not None:
-                raise XServerError(f"Xvfb exited; see {log_dir / 'xvfb.log'}")
-            probe = subprocess.run(["xprop", "-root", "-len", "0"], env=env,
-                                   capture_output=True, timeout=5, check=False)  # fmt: skip
-            return probe.returncode == 0
-
-        _wait(server_answers, 20, f"Xvfb on {display}")
+                ["Xvfb", "-displayfd", str(write_fd), "-screen", "0", size, "-nolisten", "tcp"],
+                stdout=xlog, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
+            )  # fmt: skip
+        os.close(write_fd)
+        number = b""
+        deadline = time.monotonic() + 20
+        while not number.endswith(b"\n"):
+            ready, _, _ = select.select([read_fd], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(read_fd, 16) if ready else b""
+            if not chunk:
+                raise XServerError(f"Xvfb did not start; see {log_dir / 'xvfb.log'}")
+            number += chunk
+        os.close(read_fd)
+        display = f":{int(number)}"
+        env = {**os.environ, "DISPLAY": display}
+        env.pop("WAYLAND_DISPLAY", None)
         with (log_dir / "trayer.log").open("wb") as tlog:
             tray = subprocess.Popen(
                 ["trayer", "--edge", "top", "--align", "right", "--widthtype", "request",
