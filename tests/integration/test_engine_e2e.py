@@ -380,3 +380,50 @@ async def test_a_task_beyond_this_workers_limits_goes_to_another_worker(tmp_path
         if relaxed is not None:
             await relaxed.stop()
         await pool.stop()
+
+
+@pytest.mark.slow
+async def test_result_kept_in_the_outbox_is_delivered_after_a_crash(tmp_path: Path) -> None:
+    db = tmp_path / "pool.db"
+    pool = await start_pool(db, lease_timeout=60)
+    listen = pool.address
+    home = tmp_path / "node-a"
+    proc = await worker_subprocess(home, pool.address)
+    try:
+        async with queue_client(pool.address) as queue:
+            task_id = await queue.submit(
+                python_task(
+                    "import time; time.sleep(1.5); open('results/r.txt', 'w').write('kept')",
+                    name="outlives a crash",
+                )
+            )
+            for _ in range(300):
+                if (await queue.get(task_id)).status == pb.TASK_STATUS_RUNNING:
+                    break
+                await asyncio.sleep(0.1)
+        await pool.stop()  # the task finishes while the pool is away: its result is spooled
+        spool = home / "data" / "outbox"
+        for _ in range(300):
+            if list(spool.glob("*.tar.gz")):
+                break
+            await asyncio.sleep(0.1)
+        assert list(spool.glob("*.tar.gz")), "the result never reached the outbox"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+        pool = await start_pool(db, listen=listen)
+        proc = await worker_subprocess(home, pool.address)
+        async with queue_client(pool.address) as queue:
+            info = (await queue.wait_done([task_id], timeout=60))[task_id]
+            assert info.status == pb.TASK_STATUS_SUCCEEDED
+            assert info.attempt == 1 and info.node_id == "node-a"
+            assert archive_files(await queue.download(task_id)) == {"results/r.txt": b"kept"}
+        for _ in range(100):
+            if not list(spool.glob("*.tar.gz")):
+                break
+            await asyncio.sleep(0.1)
+        assert list(spool.glob("*.tar.gz")) == []  # freed once the pool acknowledged it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await pool.stop()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from hivemind_worker.engine.events import (
 )
 from hivemind_worker.engine.executors.base import Executor, ExecutorError
 from hivemind_worker.engine.monitor import HostMonitor
+from hivemind_worker.engine.outbox import Outbox, OutboxFull, Pending
 from hivemind_worker.engine.pool_client import (
     AuthError,
     NodePoolClient,
@@ -105,6 +107,8 @@ class WorkerEngine:
         self._connected: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None  # capacity, commands or settings changed
         self._running: dict[str, _Running] = {}
+        self._outbox: Outbox | None = None
+        self._undelivered: dict[tuple[str, str], TaskResult] = {}  # spooled, from earlier runs
         self._background: set[asyncio.Future[None]] = set()
         self._heartbeat_interval = float(settings.heartbeat_interval)
         self._lease_timeout = 60.0
@@ -185,6 +189,14 @@ class WorkerEngine:
         self._changed = asyncio.Event()
         self._want_running = autostart or self._want_running
         metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
+        leftovers: list[asyncio.Task[None]] = []
+        try:
+            self._outbox = await asyncio.to_thread(Outbox, self.outbox_dir)
+            for pending in await asyncio.to_thread(self._outbox.pending):
+                leftovers.append(asyncio.create_task(self._deliver_spooled(pending)))
+        except (OSError, sqlite3.Error) as exc:
+            log.error("the result spool in %s is unusable: %s", self.outbox_dir, exc)
+            self._hub.publish(ErrorRaised("Result spool unusable", str(exc)))
         try:
             while not self._shutdown:
                 if not self._want_running:
@@ -213,7 +225,11 @@ class WorkerEngine:
                     await self._wait_changed(delay)
         finally:
             metrics.cancel()
+            for task in leftovers:
+                task.cancel()
             await self._stop_all_tasks()
+            if self._outbox is not None:
+                await asyncio.to_thread(self._outbox.close)
             await self._close_client()
             await self.executor.close()
             self._set_state(EngineState.STOPPED)
@@ -506,6 +522,11 @@ class WorkerEngine:
             )
             for r in self._running.values()
         ]
+        running += [
+            pb.RunningTask(task_id=task_id, lease_id=lease_id)
+            for task_id, lease_id in self._undelivered
+            if task_id not in self._running
+        ]
         status = (
             pb.NODE_STATUS_PAUSED
             if self._paused
@@ -548,6 +569,10 @@ class WorkerEngine:
             free = (self._caps() - self._in_use()).clamp_at_zero()
             if slots <= 0 or free.cpus <= 0 or free.memory_bytes <= 0:
                 await self._wait_changed(5.0)
+                continue
+            if self._outbox is not None and await asyncio.to_thread(self._outbox.is_full):
+                log.warning("the result spool is full; taking no task until results drain")
+                await self._wait_changed(30.0)
                 continue
             call = asyncio.ensure_future(
                 client.get_tasks(
@@ -620,16 +645,16 @@ class WorkerEngine:
             )
         return ""
 
-    async def _reject(self, task_id: str, lease_id: str, reason: str) -> None:
+    async def _reject(self, task_id: str, lease_id: str, reason: str) -> bool:
         """A spec this worker refuses to run anywhere: REJECTED ends the task at the pool."""
         result = TaskResult(task_id, lease_id, TaskStatus.REJECTED, exit_code=-1, error=reason)
-        await self._deliver(result)
+        return await self._deliver(result)
 
-    async def _give_back(self, task_id: str, lease_id: str, reason: str) -> None:
+    async def _give_back(self, task_id: str, lease_id: str, reason: str) -> bool:
         result = TaskResult(
             task_id, lease_id, TaskStatus.CANCELLED, exit_code=-1, error=f"declined: {reason}"
         )
-        await self._deliver(result)
+        return await self._deliver(result)
 
     async def _run_task(self, run: _Running) -> None:
         spec = run.spec
@@ -672,17 +697,53 @@ class WorkerEngine:
                     result.cpu_seconds,
                 )
             )
+            spooled = await self._spool(result, spec.max_result_bytes)
             archive = result.archive  # _deliver may drop it from the result
+            with contextlib.suppress(Exception):
+                await self.executor.cleanup(spec.task_id)
             try:
-                await self._deliver(result, spec.max_result_bytes)
+                done = await self._deliver(result, spec.max_result_bytes)
             finally:
-                if archive is not None:
+                if spooled:
+                    if done:
+                        await asyncio.to_thread(self._outbox_remove, spec.task_id, spec.lease_id)
+                elif archive is not None:
                     archive.unlink(missing_ok=True)
-                with contextlib.suppress(Exception):
-                    await self.executor.cleanup(spec.task_id)
                 self._running.pop(spec.task_id, None)
                 self._refresh_state()
                 self._poke()
+
+    async def _spool(self, result: TaskResult, max_result_bytes: int) -> bool:
+        """Keep the result on disk until the pool has it; False when it could not be kept."""
+        if self._outbox is None:
+            return False
+        try:
+            await asyncio.to_thread(self._outbox.put, result, max_result_bytes)
+        except OutboxFull as exc:
+            log.error("%s", exc)
+            self._hub.publish(ErrorRaised("Result spool full", str(exc)))
+            return False
+        except OSError as exc:
+            log.error("could not spool the result of %s: %s", result.task_id, exc)
+            return False
+        return True
+
+    def _outbox_remove(self, task_id: str, lease_id: str) -> None:
+        if self._outbox is not None:
+            self._outbox.remove(task_id, lease_id)
+
+    async def _deliver_spooled(self, pending: Pending) -> None:
+        """A result left from an earlier run: deliver it, and keep its lease alive meanwhile."""
+        result = pending.result
+        key = (result.task_id, result.lease_id)
+        self._undelivered[key] = result
+        try:
+            with task_context(result.task_id):
+                log.info("delivering the result of %s kept from an earlier run", result.task_id)
+                if await self._deliver(result, pending.max_result_bytes):
+                    await asyncio.to_thread(self._outbox_remove, *key)
+        finally:
+            self._undelivered.pop(key, None)
 
     async def _execute(self, spec: TaskSpec) -> TaskResult:
         def on_log(task_id: str, chunk: bytes) -> None:
@@ -711,13 +772,14 @@ class WorkerEngine:
                               f"worker error: {exc}", started_at=started,
                               finished_at=time.time())  # fmt: skip
 
-    async def _deliver(self, result: TaskResult, max_result_bytes: int = 0) -> None:
+    async def _deliver(self, result: TaskResult, max_result_bytes: int = 0) -> bool:
         """Upload the archive and report, until the pool has it or refuses it.
 
         Transient failures (pool unreachable, node forgotten, login expired) wait for the
         session to come back. A stale lease drops the result. Any other refusal is reported
         once as FAILED without the archive, so the task ends instead of holding its lease
-        forever.
+        forever. Returns True once the result is settled either way, False when we stopped
+        first (a spooled result is then delivered at the next start).
         """
         if result.archive is not None and not result.archive_sha256:
             result.archive_sha256, result.archive_size = await asyncio.to_thread(
@@ -741,7 +803,7 @@ class WorkerEngine:
             if client is None:
                 # Stopped: the lease expires and the pool hands the task out again.
                 log.warning("stopped before the result of %s was delivered", result.task_id)
-                return
+                return False
             try:
                 await self._send_result(client, result)
             except StaleLeaseError as exc:
@@ -749,7 +811,7 @@ class WorkerEngine:
                 self._hub.publish(
                     ResultDelivered(result.task_id, result.lease_id, False, exc.message)
                 )
-                return
+                return True
             except (PoolUnavailable, NodeUnknownError, AuthError) as exc:
                 delay = backoff_delay(attempt)
                 attempt += 1
@@ -764,7 +826,7 @@ class WorkerEngine:
                     self._hub.publish(
                         ResultDelivered(result.task_id, result.lease_id, False, exc.message)
                     )
-                    return
+                    return True
                 log.error("the pool refused the result of %s: %s", result.task_id, exc)
                 result.status = TaskStatus.FAILED
                 result.error = f"result refused by the pool: {exc.message}"[:4000]
@@ -777,13 +839,13 @@ class WorkerEngine:
                     self._hub.publish(
                         ResultDelivered(result.task_id, result.lease_id, False, str(exc))
                     )
-                    return
+                    return True
                 log.warning("delivering %s failed (%r); retrying", result.task_id, exc)
                 await asyncio.sleep(backoff_delay(unexpected))
                 continue
             log.info("result of %s delivered", result.task_id)
             self._hub.publish(ResultDelivered(result.task_id, result.lease_id, True))
-            return
+            return True
 
     async def _send_result(self, client: NodePoolClient, result: TaskResult) -> None:
         archive = result.archive
