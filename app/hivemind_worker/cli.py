@@ -253,9 +253,9 @@ async def login_to_pool(
     settings: Settings, credentials: CredentialStore, account: str, password: str
 ) -> None:
     """Log in and keep the token (never the password) in the keyring."""
-    from hivemind_worker.engine.pool_client import NodePoolClient, PoolError
+    from hivemind_worker.engine.pool_client import PoolError, client_for
 
-    client = NodePoolClient(settings.node_pool_address, insecure=settings.insecure)
+    client = client_for(settings)
     try:
         reply = await client.login(account, password)
     except PoolError as exc:

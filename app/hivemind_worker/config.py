@@ -44,6 +44,7 @@ class Settings:
     node_pool_address: str
     account: str
     insecure: bool
+    ca_file: str
     max_cpu_cores: float
     max_memory_gb: float
     max_disk_gb: float
@@ -158,6 +159,17 @@ class _MaxLength(Rule):
 
 
 @dataclass(frozen=True)
+class _OptionalFile(Rule):
+    def allowed(self) -> str:
+        return "empty, or the path of an existing file"
+
+    def check(self, value: Any) -> Any:
+        if value and not Path(value).expanduser().is_file():
+            raise ValueError(value)
+        return str(Path(value).expanduser().absolute()) if value else ""
+
+
+@dataclass(frozen=True)
 class _Choice(Rule):
     choices: tuple[str, ...]
 
@@ -266,6 +278,14 @@ _SPECS: tuple[SettingSpec, ...] = (
         "HIVEMIND_INSECURE",
         False,
         "Allow an unencrypted connection to a pool that is not on this machine.",
+    ),
+    _spec(
+        "ca_file",
+        "HIVEMIND_CA_FILE",
+        "",
+        "CA certificates (PEM) to trust for the pool's TLS certificate; empty means the "
+        "system's. When set, TLS is used even on this machine.",
+        _OptionalFile(),
     ),
     _spec(
         "max_cpu_cores",

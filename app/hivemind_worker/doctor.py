@@ -29,12 +29,12 @@ class Check:
 
 
 async def _pool_checks(settings: Settings, credentials: CredentialStore) -> list[Check]:
-    from hivemind_worker.engine.pool_client import NodePoolClient, PoolError
+    from hivemind_worker.engine.pool_client import PoolError, client_for
     from hivemind_worker.protocol import nodepool_pb2 as pb
     from hivemind_worker.protocol import nodepool_pb2_grpc as pb_grpc
 
     address = settings.node_pool_address
-    client = NodePoolClient(address, insecure=settings.insecure, timeout=5.0)
+    client = client_for(settings, timeout=5.0)
     checks: list[Check] = []
     try:
         try:

@@ -38,6 +38,7 @@ from hivemind_worker.engine.pool_client import (
     PoolError,
     PoolUnavailable,
     StaleLeaseError,
+    client_for,
     file_sha256,
 )
 from hivemind_worker.engine.tasks import Resources, TaskResult, TaskSpec, TaskSpecError, TaskStatus
@@ -411,7 +412,7 @@ class WorkerEngine:
                 "Not logged in",
                 f"no login for the pool at {address}. Run `hivemind-worker login` first.",
             )
-        client = NodePoolClient(address, token=token, insecure=self.settings.insecure)
+        client = client_for(self.settings, token=token)
         self._client = client
         try:
             try:

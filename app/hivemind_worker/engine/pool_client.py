@@ -8,12 +8,16 @@ import ipaddress
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
 
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.protocol import nodepool_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from hivemind_worker.config import Settings
 
 CHUNK_BYTES = 1024 * 1024
 DEFAULT_TIMEOUT = 10.0
@@ -98,6 +102,16 @@ def map_rpc_error(exc: grpc.RpcError, doing: str, address: str) -> PoolError:
     """Translate a gRPC error into the app's taxonomy, at this one boundary."""
     code = exc.code() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else None
     details = (exc.details() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else "") or ""
+    if code is grpc.StatusCode.UNAVAILABLE and any(
+        word in details.lower() for word in ("ssl", "handshake", "certificate", "tls")
+    ):
+        return PoolUnavailable(
+            "Secure connection failed",
+            f"could not {doing}: the TLS handshake with {address} failed; the pool's "
+            "certificate is not trusted (set ca_file to its CA) or it does not speak TLS "
+            f"({details})",
+            code,
+        )
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return PoolUnavailable(
             "Node Pool unreachable",
@@ -149,7 +163,10 @@ class NodePoolClient:
         self.address = address
         self.token = token
         self.timeout = timeout
-        if is_loopback(address) or insecure:
+        # TLS everywhere but loopback; plaintext elsewhere only when the person says so. A CA
+        # file means the person set TLS up on purpose, so it is used on loopback too.
+        self.tls = ca_file is not None or not (is_loopback(address) or insecure)
+        if not self.tls:
             self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
         else:
             root = ca_file.read_bytes() if ca_file else None
@@ -229,6 +246,19 @@ class NodePoolClient:
             raise map_rpc_error(
                 exc, f"upload the result of {header.task_id}", self.address
             ) from None
+
+
+def client_for(
+    settings: Settings, *, token: str = "", timeout: float = DEFAULT_TIMEOUT
+) -> NodePoolClient:
+    """A client to the pool the settings name, with their TLS choices."""
+    return NodePoolClient(
+        settings.node_pool_address,
+        token=token,
+        insecure=settings.insecure,
+        ca_file=Path(settings.ca_file) if settings.ca_file else None,
+        timeout=timeout,
+    )
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
