@@ -154,6 +154,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run([venv_python(), "bench/dispatch.py", *args.rest])
 
 
+def cmd_screenshots(args: argparse.Namespace) -> None:
+    """Render the desktop app with live tasks into docs/screenshots/, light and dark."""
+    bootstrap()
+    out = ROOT / "docs" / "screenshots"
+    # A private X server when there is one to start; else the current display (Windows, a desktop).
+    xvfb = ["xvfb-run", "-a", "-s", "-screen 0 1400x1000x24"] if shutil.which("xvfb-run") else []
+    for palette in ([], ["--dark"]):
+        run([*xvfb, venv_python(), "-m", "hivemind_worker.gui.screenshots", out,
+             *palette, *args.rest])  # fmt: skip
+
+
 def cmd_package(args: argparse.Namespace) -> None:
     """exe, deb, tarball, nsis: installer/packaging.py does the work with the venv's tools."""
     bootstrap()
@@ -175,6 +186,7 @@ def main() -> None:
         ("run", cmd_run, "set up and run the demo: a local pool and the worker"),
         ("test", cmd_test, "set up and run lint, type checks and the whole test suite"),
         ("bench", cmd_bench, "run the benchmarks and write docs/benchmarks.md"),
+        ("screenshots", cmd_screenshots, "render the desktop app into docs/screenshots/"),
         ("test-image", cmd_test_image, "build the Docker tests' image (debootstrap, cached)"),
         ("exe", cmd_package, "build the one-file executable dist/hivemind-worker"),
         ("deb", cmd_package, "build the Linux .deb from dist/hivemind-worker"),

@@ -37,7 +37,8 @@ from hivemind_worker.gui.model import HISTORY_SECONDS, LogEntry, WorkerModel
 
 GIB = 1024**3
 # Distinguishable on light and dark backgrounds (Okabe-Ito, colour-blind safe).
-SERIES_COLORS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
+SERIES_COLORS = ("#E69F00", "#56B4E9", "#009E73", "#CC79A7", "#0072B2", "#D55E00")
+MIN_SPAN = 60  # seconds shown at first; the axis widens to HISTORY_SECONDS as data builds up
 LOG_FILTERS = {
     "All events": None,
     "Errors": {"error"},
@@ -98,15 +99,23 @@ class _Chart(pg.PlotWidget):  # type: ignore[misc]
         item.setLabel("bottom", "seconds ago")
         item.setLabel("left", unit)
         item.showGrid(x=True, y=True, alpha=0.2)
-        item.setXRange(-HISTORY_SECONDS, 0, padding=0)
+        item.setXRange(-MIN_SPAN, 0, padding=0)
         if y_max is not None:
             item.setYRange(0, y_max, padding=0.02)
+        else:  # grow with the data, from zero
+            item.enableAutoRange(axis="y")
+            item.setAutoVisible(y=True)
+            item.setLimits(yMin=0)
         item.setMouseEnabled(x=False, y=False)
         item.hideButtons()
         item.setMenuEnabled(False)
         self.legend = item.addLegend(offset=(8, 8), labelTextColor=text)
         self.lines: dict[str, pg.PlotDataItem] = {}
         self.setMinimumHeight(160)
+
+    def set_span(self, seconds: float) -> None:
+        span = min(HISTORY_SECONDS, max(MIN_SPAN, seconds))
+        self.getPlotItem().setXRange(-span, 0, padding=0)
 
     def line(self, key: str, name: str, color: str, width: float = 2.0) -> pg.PlotDataItem:
         if key not in self.lines:
@@ -216,8 +225,8 @@ class Dashboard(QMainWindow):
         grid = QGridLayout(charts)
         grid.setContentsMargins(0, 0, 0, 0)
         self.cpu_chart = _Chart("CPU", "%", 100)
-        total_gb = (self.model.host.memory_total_bytes / GIB) if self.model.host else None
-        self.mem_chart = _Chart("Memory", "GiB", total_gb)
+        self.mem_chart = _Chart("Memory", "GiB", None)
+        self._colors: dict[str, str] = {}  # a task keeps its colour while it runs
         grid.addWidget(self.cpu_chart, 0, 0)
         grid.addWidget(self.mem_chart, 0, 1)
         splitter.addWidget(charts)
@@ -275,6 +284,7 @@ class Dashboard(QMainWindow):
         splitter.addWidget(self.tabs)
         splitter.setStretchFactor(0, 3)
         splitter.setStretchFactor(1, 2)
+        splitter.setSizes([420, 300])
         outer.addWidget(splitter, 1)
         self.setCentralWidget(central)
 
@@ -302,7 +312,8 @@ class Dashboard(QMainWindow):
         table.setAlternatingRowColors(True)
         header = table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        header.setStretchLastSection(True)
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)  # the task name
+        header.setStretchLastSection(False)
         table.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         return table
 
@@ -344,7 +355,8 @@ class Dashboard(QMainWindow):
         totals = self.model.totals
         self.stat_done.value.setText(f"{totals.done:,}")
         self.stat_failed.value.setText(f"{totals.failed:,}")
-        self.stat_cpu.value.setText(f"{totals.cpu_hours:,.2f}")
+        hours = totals.cpu_hours
+        self.stat_cpu.value.setText(f"{hours:,.2f}" if hours >= 1 else f"{hours:.3f}")
 
     def _update_charts(self) -> None:
         model = self.model
@@ -354,19 +366,27 @@ class Dashboard(QMainWindow):
             self.stat_host.value.setText(
                 f"{model.host.cpu_percent:.0f}% CPU · {human_bytes(model.host.memory_used_bytes)}"
             )
-            self.mem_chart.getPlotItem().setYRange(
-                0, model.host.memory_total_bytes / GIB, padding=0.02
+            self.mem_chart.setTitle(
+                f"Memory (of {human_bytes(model.host.memory_total_bytes)})",
+                color=self.palette().color(QPalette.ColorRole.Text).name(),
             )
         xs = [t - now for t, _, _ in host]
+        span = -xs[0] if xs else 0
+        self.cpu_chart.set_span(span)
+        self.mem_chart.set_span(span)
         text = self.palette().color(QPalette.ColorRole.Text).name()
         self.cpu_chart.line("host", "this computer", text).setData(xs, [c for _, c, _ in host])
         self.mem_chart.line("host", "this computer", text).setData(
             xs, [m / GIB for _, _, m in host]
         )
         keep = {"host"}
-        for i, task in enumerate(model.running.values()):
+        for task in model.running.values():
             keep.add(task.task_id)
-            color = SERIES_COLORS[i % len(SERIES_COLORS)]
+            if task.task_id not in self._colors:
+                used = set(self._colors.values())
+                free = [c for c in SERIES_COLORS if c not in used] or list(SERIES_COLORS)
+                self._colors[task.task_id] = free[0]
+            color = self._colors[task.task_id]
             txs = [t - now for t, _, _ in task.history]
             self.cpu_chart.line(task.task_id, task.name, color).setData(
                 txs, [c for _, c, _ in task.history]
@@ -376,6 +396,7 @@ class Dashboard(QMainWindow):
             )
         self.cpu_chart.drop_except(keep)
         self.mem_chart.drop_except(keep)
+        self._colors = {k: v for k, v in self._colors.items() if k in keep}
 
     def _update_tasks(self) -> None:
         model = self.model
