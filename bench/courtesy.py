@@ -1,29 +1,35 @@
 #!/usr/bin/env python3
 """Courtesy benchmark: does the person's own CPU-bound work keep its speed while the worker runs?
 
-A foreground workload (one busy Python process per core, counting loop iterations for a
-fixed time) runs alone, then while the Docker executor runs CPU-bound containers at the full
-CPU cap (one core each, on every core), in three placements:
+A foreground workload (one busy Python process per core, each reporting how many loop
+iterations it has done every 50 ms) runs throughout. Meanwhile the Docker executor runs
+CPU-bound containers at the full CPU cap (one core each, on every core), and they are
+frozen (the executor's pause()) and thawed in alternating slots of a second or two, so
+the foreground's speed alone and shared is measured in many short pairs taken back to
+back; other load on the machine drifts, and a pair sees it on both sides. Three placements
+of the containers:
 
 - Docker's default scheduling (cpu_shares 1024, Docker's default parent cgroup);
 - the lowest cpu_shares (2) per container only;
 - the worker's placement: lowest cpu_shares under a parent cgroup of minimal CPU weight
   (cgroup v1: cpu.shares=2; v2: cpu.weight=1), made by `courtesy_cgroup_parent`.
 
-The score is foreground throughput with the containers / alone. The containers' own CPU use
-with and without the foreground shows they still take the idle cycles. Needs root and a
-local Docker engine with the tests' image (`python3 build.py test-image`).
+The score is the median over pairs of foreground speed shared / alone. The containers' own
+CPU use with and without the foreground shows they still take the idle cycles. Needs root
+and a local Docker engine with the tests' image (`python3 build.py test-image`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,56 +39,91 @@ from hivemind_worker.engine.executors import docker as dockerx
 from hivemind_worker.engine.tasks import MiB, Resources, TaskKind, TaskSpec
 
 IMAGE = "hivemind-test-python:bookworm"
+# time.monotonic() is CLOCK_MONOTONIC, shared by every process on the machine.
 FOREGROUND = """
 import sys, time
-end = time.perf_counter() + float(sys.argv[1])
-n = 0
+n, next_report = 0, 0.0
 while True:
-    for _ in range(10000):
+    for _ in range(20000):
         n += 1
-    if time.perf_counter() >= end:
-        break
-print(n)
+    now = time.monotonic()
+    if now >= next_report:
+        print(now, n, flush=True)
+        next_report = now + 0.05
 """
 BUSY = "while True:\n    pass\n"
+SETTLE = 0.25  # seconds after each freeze or thaw left out of the measurement
 
 
-def foreground(seconds: float, procs: int) -> float:
-    """Loop iterations per second summed over `procs` busy processes."""
-    started = [
-        subprocess.Popen(
-            [sys.executable, "-c", FOREGROUND, str(seconds)], stdout=subprocess.PIPE, text=True
+class Foreground:
+    """Busy processes, one per core, whose progress can be read for any time interval."""
+
+    def __init__(self, procs: int) -> None:
+        self._procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", FOREGROUND], stdout=subprocess.PIPE, text=True, bufsize=1
+            )
+            for _ in range(procs)
+        ]
+        self._series: list[tuple[list[float], list[int]]] = [([], []) for _ in self._procs]
+        self._threads = [
+            threading.Thread(target=self._read, args=(i,), daemon=True)
+            for i in range(len(self._procs))
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _read(self, index: int) -> None:
+        stdout = self._procs[index].stdout
+        assert stdout is not None
+        times, counts = self._series[index]
+        for line in stdout:
+            t, n = line.split()
+            times.append(float(t))
+            counts.append(int(n))
+
+    def rate(self, start: float, end: float) -> float:
+        """Iterations per second summed over the processes between two monotonic times."""
+
+        def at(times: list[float], counts: list[int], t: float) -> float:
+            i = bisect.bisect_left(times, t)
+            if i == 0 or i >= len(times):
+                raise ValueError("interval outside the reports")
+            t0, t1 = times[i - 1], times[i]
+            return counts[i - 1] + (counts[i] - counts[i - 1]) * (t - t0) / (t1 - t0)
+
+        return sum(
+            (at(times, counts, end) - at(times, counts, start)) / (end - start)
+            for times, counts in self._series
         )
-        for _ in range(procs)
-    ]
-    total = 0
-    for p in started:
-        out, _ = p.communicate(timeout=seconds + 60)
-        total += int(out)
-    return total / seconds
+
+    def stop(self) -> None:
+        for p in self._procs:
+            p.kill()
+            p.wait()
 
 
-def container_cpu(executor: dockerx.DockerExecutor, ids: list[str], seconds: float) -> float:
-    """CPU seconds per second the containers used over `seconds` (cores' worth)."""
-
-    def total() -> float:
-        used = 0.0
-        for task_id in ids:
-            container = executor.container(task_id)
-            assert container is not None
-            stats = executor.client.api.stats(container.id, stream=False, one_shot=True)
-            used += stats["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
-        return used
-
-    before = total()
-    time.sleep(seconds)
-    return (total() - before) / seconds
+def container_cpu(executor: dockerx.DockerExecutor, ids: list[str]) -> list[tuple[float, float]]:
+    """(monotonic time, CPU seconds) of each container now."""
+    out = []
+    for task_id in ids:
+        container = executor.container(task_id)
+        assert container is not None
+        stats = executor.client.api.stats(container.id, stream=False, one_shot=True)
+        # Timed per container: one stats call takes tens of milliseconds.
+        out.append((time.monotonic(), stats["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9))
+    return out
 
 
-async def with_containers(
-    work: Path, cores: int, seconds: float, *, cgroup_parent: str, cpu_shares: int
+def cores_used(before: list[tuple[float, float]], after: list[tuple[float, float]]) -> float:
+    return sum((u2 - u1) / (t2 - t1) for (t1, u1), (t2, u2) in zip(before, after, strict=True))
+
+
+async def measure(
+    work: Path, cores: int, slot: float, pairs: int, *, cgroup_parent: str, cpu_shares: int
 ) -> tuple[float, float, float]:
-    """(foreground rate, container cores used with it, container cores used alone)."""
+    """(median foreground speed shared / alone, containers' cores with the foreground,
+    containers' cores without it)."""
     executor = dockerx.DockerExecutor(
         dockerx.connect(),
         work,
@@ -100,33 +141,57 @@ async def with_containers(
             lease_id="bench",
             kind=TaskKind.PYTHON,
             resources=Resources(1, 64 * MiB, 16 * MiB),
-            timeout_seconds=600,
+            timeout_seconds=3600,
             source=BUSY,
         )
         await executor.prepare(task)
         runs.append(asyncio.create_task(executor.run(task, task.resources)))
+    ratios: list[float] = []
+    used: list[float] = []
+    foreground: Foreground | None = None
     try:
         while any(executor.container(i) is None for i in ids):  # noqa: ASYNC110 - polled
             await asyncio.sleep(0.05)
-        alone = await asyncio.to_thread(container_cpu, executor, ids, 2.0)
-        fg_task = asyncio.create_task(asyncio.to_thread(foreground, seconds, cores))
-        await asyncio.sleep(0.5)  # measure the containers while the foreground is running
-        shared = await asyncio.to_thread(container_cpu, executor, ids, seconds - 1.5)
-        rate = await fg_task
+        before = await asyncio.to_thread(container_cpu, executor, ids)
+        await asyncio.sleep(2.0)
+        alone = cores_used(before, await asyncio.to_thread(container_cpu, executor, ids))
+        foreground = Foreground(cores)
+        await asyncio.sleep(0.5)  # the interpreters start
+        for _ in range(pairs):
+            await executor.pause()
+            await asyncio.sleep(SETTLE)
+            solo_start = time.monotonic()
+            await asyncio.sleep(slot)
+            solo_end = time.monotonic()
+            await executor.resume()
+            await asyncio.sleep(SETTLE)
+            shared_start = time.monotonic()
+            cpu_before = await asyncio.to_thread(container_cpu, executor, ids)
+            await asyncio.sleep(slot)
+            cpu_after = await asyncio.to_thread(container_cpu, executor, ids)
+            shared_end = time.monotonic()
+            await asyncio.sleep(0.1)  # a report after the interval's end
+            solo = foreground.rate(solo_start, solo_end)
+            ratios.append(foreground.rate(shared_start, shared_end) / solo)
+            used.append(cores_used(cpu_before, cpu_after))
     finally:
+        if foreground is not None:
+            foreground.stop()
+        await executor.resume()
         for task_id in ids:
             await executor.cancel(task_id)
         await asyncio.gather(*runs)
         for task_id in ids:
             await executor.cleanup(task_id)
         executor.client.close()
-    return rate, shared, alone
+    return statistics.median(ratios), statistics.median(used), alone
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=6.0, help="per measurement")
-    parser.add_argument("--repeat", type=int, default=3, help="measurements per placement")
+    parser.add_argument("--slot", type=float, default=1.5, help="seconds per alone/shared slot")
+    parser.add_argument("--pairs", type=int, default=10, help="alone/shared pairs per placement")
+    parser.add_argument("--only", choices=["default", "shares", "worker"], help="one placement")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
@@ -143,33 +208,29 @@ def main() -> None:
         ("lowest cpu_shares (2), default parent", "", dockerx.CPU_SHARES),
         (f"worker: cpu_shares 2 under {how}", parent, dockerx.CPU_SHARES),
     ]
-    # Solo and shared runs are paired and interleaved: other load on the machine drifts, and
-    # each ratio compares two measurements taken back to back.
-    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _, _ in placements}
+    if args.only:
+        placements = [placements[["default", "shares", "worker"].index(args.only)]]
+    results: dict[str, tuple[float, float, float]] = {}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     with tempfile.TemporaryDirectory() as tmp:
-        for round_ in range(args.repeat):
-            for name, cgroup_parent, shares in placements:
-                solo = foreground(args.seconds, cores)
-                rate, shared, alone = asyncio.run(
-                    with_containers(
-                        Path(tmp) / f"w{round_}",
-                        cores,
-                        args.seconds,
-                        cgroup_parent=cgroup_parent,
-                        cpu_shares=shares,
-                    )
+        for index, (name, cgroup_parent, shares) in enumerate(placements):
+            results[name] = asyncio.run(
+                measure(
+                    Path(tmp) / f"p{index}",
+                    cores,
+                    args.slot,
+                    args.pairs,
+                    cgroup_parent=cgroup_parent,
+                    cpu_shares=shares,
                 )
-                results[name].append((rate / solo, shared, alone))
-                print(f"{name}: {rate / solo:.2f}", file=sys.stderr)
+            )
+            print(f"{name}: {results[name][0]:.2f}", file=sys.stderr)
     rows = [
         "| placement of the worker's containers | foreground speed vs. alone | "
         "containers' cores with foreground | containers' cores alone |",
         "|---|---|---|---|",
     ]
-    for name, values in results.items():
-        ratio = statistics.median(v[0] for v in values)
-        shared = statistics.median(v[1] for v in values)
-        alone = statistics.median(v[2] for v in values)
+    for name, (ratio, shared, alone) in results.items():
         rows.append(f"| {name} | {ratio:.2f} | {shared:.2f} | {alone:.2f} |")
     section = "\n".join(
         [
@@ -177,15 +238,15 @@ def main() -> None:
             "",
             f"Measured {time.strftime('%Y-%m-%d')} on {sys.platform}, {cores} cores, Docker "
             f"{info.get('ServerVersion')}, cgroup v{info.get('CgroupVersion')} "
-            f"({info.get('CgroupDriver')} driver); medians of {args.repeat} rounds of "
-            f"{args.seconds:g} s, each against a solo run just before. Foreground: {cores} "
-            f"busy Python processes (the person's program). Worker: {cores} CPU-bound "
-            "containers of one core each (the full cap). "
-            "Speed is foreground loop iterations per second.",
+            f"({info.get('CgroupDriver')} driver), load average {load:.1f} at the start. "
+            f"Foreground: {cores} busy Python processes (the person's program). Worker: "
+            f"{cores} CPU-bound containers of one core each (the full cap), frozen and thawed "
+            f"in {args.pairs} pairs of {args.slot:g} s slots; speed is the foreground's loop "
+            "iterations per second, median over the pairs of shared / alone.",
             "",
             *rows,
             "",
-            "Containers' cores alone shows the worker still uses every idle cycle; how the "
+            "Containers' cores alone shows the worker still uses the idle cycles; how the "
             "parent cgroup is set up on cgroup v1, v2 and Docker Desktop is in "
             "docs/docker.md.",
         ]

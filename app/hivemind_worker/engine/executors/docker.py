@@ -249,9 +249,9 @@ class DockerExecutor(Executor):
                 container.remove(force=True, v=True)
             work_dir = self._work_dir.resolve()
             for source in sources:
-                path = Path(source)
+                path = Path(source).resolve() if source else None
                 # Only a workspace of ours: a direct child of the work folder.
-                if source and path.parent == work_dir and path.name != ARCHIVES_DIR:
+                if path is not None and path.parent == work_dir and path.name != ARCHIVES_DIR:
                     rmtree(path)
         return len(found)
 
@@ -429,6 +429,7 @@ class DockerExecutor(Executor):
             try:
                 await asyncio.to_thread(container.start)
             except _DockerErrors as exc:
+                run.logs_done.set()  # no output thread was started
                 result.error = f"could not start the task: {_reason(exc)}"
                 return
             run.started = time.monotonic()
