@@ -391,3 +391,44 @@ async def test_leftover_containers_are_removed_at_start(
         for cid in (ours, theirs):
             with contextlib.suppress(docker.errors.NotFound):
                 docker_client.containers.get(cid).remove(force=True)
+
+
+async def test_requirements_use_a_derived_image_cached_by_their_hash(
+    make_executor: MakeExecutor, docker_client: docker.DockerClient
+) -> None:
+    executor = make_executor()
+    requirements = ("hivemind-fake-package==1.0",)
+    tag = dockerx.requirements_tag(TEST_IMAGE, requirements)
+    # No registry here, so the build cannot run pip; a derived image already present under
+    # the requirements' tag (marked so the test can tell it ran) must be used as it is.
+    marker = docker_client.containers.run(
+        TEST_IMAGE, ["sh", "-c", "echo derived > /etc/hivemind-marker"], detach=True
+    )
+    try:
+        marker.wait(timeout=30)
+        repository, _, version = tag.partition(":")
+        marker.commit(repository, version)
+    finally:
+        marker.remove()
+    try:
+        source = "open('results/marker.txt', 'w').write(open('/etc/hivemind-marker').read())\n"
+        result, _ = await run_task(executor, make_task(source, requirements=requirements))
+        assert result.status is TaskStatus.SUCCEEDED, result.error
+        assert result.archive is not None
+        assert archive_files(result.archive.read_bytes()) == {"results/marker.txt": b"derived\n"}
+    finally:
+        docker_client.images.remove(tag, force=True)
+
+
+async def test_requirements_build_failure_and_pip_options_fail_with_reasons(
+    make_executor: MakeExecutor, docker_client: docker.DockerClient
+) -> None:
+    executor = make_executor()
+    with pytest.raises(ExecutorError, match="is a pip option"):
+        await executor.prepare(make_task("pass", requirements=("--index-url=http://x/",)))
+    requirements = (f"hivemind-not-installable-{time.time_ns()}",)
+    # The test image has no pip: the build fails, and the reason reaches the task.
+    with pytest.raises(ExecutorError, match=r"installing the requirements failed.*pip"):
+        await executor.prepare(make_task("pass", requirements=requirements))
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker_client.images.get(dockerx.requirements_tag(TEST_IMAGE, requirements))

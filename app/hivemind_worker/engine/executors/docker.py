@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import io
 import logging
 import os
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -46,6 +49,8 @@ T = TypeVar("T")
 LABEL_NODE = "hivemind.node"
 LABEL_TASK = "hivemind.task"
 LABEL_LEASE = "hivemind.lease"
+LABEL_REQUIREMENTS = "hivemind.requirements"
+REQUIREMENTS_REPOSITORY = "hivemind-python-req"
 WORKSPACE_MOUNT = "/workspace"
 # The unprivileged user tasks run as when the worker itself runs as root.
 NOBODY = "65534:65534"
@@ -115,6 +120,12 @@ def image_allowed(image: str, allowlist: Iterable[str]) -> bool:
     return False
 
 
+def requirements_tag(python_image: str, requirements: Iterable[str]) -> str:
+    """The tag of the derived image holding these requirements on top of `python_image`."""
+    key = hashlib.sha256("\n".join([python_image, *requirements]).encode()).hexdigest()
+    return f"{REQUIREMENTS_REPOSITORY}:{key[:16]}"
+
+
 def parse_allowlist(text: str) -> tuple[str, ...]:
     return tuple(e.strip() for e in text.split(",") if e.strip())
 
@@ -161,6 +172,10 @@ class DockerExecutor(Executor):
     the task workspace bind-mounted at /workspace (the working folder), labels naming the
     node, task and lease, and a size-capped json-file log. Never privileged, never a host
     path other than the workspace, no devices, never the Docker socket.
+
+    A python task's requirements are installed into a derived image built once per hash of
+    the Python image and the requirements (`hivemind-python-req:<hash>`), the only step with
+    a network; pip options (-r, -e, --index-url ...) are refused.
 
     Results are copied out of /workspace/<result_path> with get_archive and re-packed entry
     by entry (regular files and folders only, no absolute names or '..', under the file-count
@@ -210,6 +225,9 @@ class DockerExecutor(Executor):
         self._running: dict[str, _Running] = {}
         self._cancel_requested: set[str] = set()
         self._paused = False
+        self._images: dict[str, str] = {}  # the image each prepared task runs
+        self._build_locks: dict[str, threading.Lock] = {}
+        self._build_locks_lock = threading.Lock()
 
     @property
     def client(self) -> docker.DockerClient:
@@ -263,10 +281,13 @@ class DockerExecutor(Executor):
     async def prepare(self, task: TaskSpec) -> None:
         if task.task_id in self._running:
             raise ExecutorError(f"task {task.task_id} is already running")
-        if task.kind is TaskKind.PYTHON and task.requirements:
-            raise ExecutorError(
-                "python tasks with pip requirements are not supported by this worker yet"
-            )
+        for line in task.requirements if task.kind is TaskKind.PYTHON else ():
+            if line.lstrip().startswith("-"):
+                # -r, -e, --index-url and friends would reach files or servers of their choosing.
+                raise ExecutorError(
+                    f"requirement {line[:80]!r} is a pip option; only package requirements "
+                    "are allowed"
+                )
         image = self.image_for(task)
         # The Python image is the person's own choice; only images a task names are checked.
         if task.kind is TaskKind.CONTAINER and not image_allowed(image, self._allowlist):
@@ -274,6 +295,9 @@ class DockerExecutor(Executor):
         if task.network not in ("none", self._network):
             raise ExecutorError(f"network '{task.network}' is not allowed on this worker")
         await asyncio.to_thread(self._ensure_image, image)
+        if task.kind is TaskKind.PYTHON and task.requirements:
+            image = await asyncio.to_thread(self._requirements_image, task.requirements)
+        self._images[task.task_id] = image
 
         workspace = workspace_path(self._work_dir, task)
         previous = self._workspaces.get(task.task_id)
@@ -323,6 +347,51 @@ class DockerExecutor(Executor):
         except _DockerErrors as exc:
             raise ExecutorError(f"cannot pull image {image}: {_reason(exc)}") from exc
 
+    def _requirements_image(self, requirements: tuple[str, ...]) -> str:
+        """The Python image with these requirements installed, built once per requirements hash.
+
+        The build is the only step with a network (Docker's default bridge); pip runs as
+        65534:65534 and installs into /opt/hivemind-deps, which is on the image's PYTHONPATH.
+        """
+        tag = requirements_tag(self._python_image, requirements)
+        with self._build_locks_lock:
+            lock = self._build_locks.setdefault(tag, threading.Lock())
+        with lock:  # one build per tag, however many tasks ask for it at once
+            try:
+                self._client.images.get(tag)
+                return tag
+            except docker.errors.ImageNotFound:
+                pass
+            except _DockerErrors as exc:
+                raise ExecutorError(f"cannot look up image {tag}: {_reason(exc)}") from exc
+            log.info("building %s for %d requirement(s)", tag, len(requirements))
+            last = ""
+            try:
+                for event in self._client.api.build(
+                    fileobj=_requirements_context(self._python_image, requirements),
+                    custom_context=True,
+                    tag=tag,
+                    rm=True,
+                    forcerm=True,
+                    pull=False,
+                    network_mode="bridge",
+                    labels={LABEL_REQUIREMENTS: tag.rpartition(":")[2]},
+                    decode=True,
+                ):
+                    if not isinstance(event, dict):
+                        continue
+                    if event.get("error"):
+                        detail = f" ({last})" if last else ""
+                        raise ExecutorError(
+                            f"installing the requirements failed: {event['error'].strip()}{detail}"
+                        )
+                    line = str(event.get("stream", "")).strip()
+                    if line and not line.startswith(("Step ", "--->", "Removing intermediate")):
+                        last = line[-300:]
+            except _DockerErrors as exc:
+                raise ExecutorError(f"installing the requirements failed: {_reason(exc)}") from exc
+            return tag
+
     # ---------------------------------------------------------------- run
 
     def container_config(self, task: TaskSpec, caps: Resources, workspace: Path) -> dict[str, Any]:
@@ -346,7 +415,7 @@ class DockerExecutor(Executor):
         env["HIVEMIND_TASK_ID"] = task.task_id
         env["HIVEMIND_RESULTS_DIR"] = str(results_dir)
         config: dict[str, Any] = {
-            "image": self.image_for(task),
+            "image": self._images.get(task.task_id) or self.image_for(task),
             "command": command,
             "name": f"hivemind-{task.task_id}-{(task.lease_id or 'nolease')[:12]}",
             "labels": {
@@ -658,6 +727,7 @@ class DockerExecutor(Executor):
                 run.cancelled = True
             await asyncio.to_thread(_kill, run.container)
         self._cancel_requested.discard(task_id)
+        self._images.pop(task_id, None)
         await self._remove_container(task_id)
         workspace = self._workspaces.pop(task_id, None)
         if workspace is not None:
@@ -733,6 +803,34 @@ def _remove(container: Container) -> None:
             container.remove(force=True, v=True)
         except _DockerErrors as exc:
             log.warning("cannot remove container %s: %s", container.short_id, _reason(exc))
+
+
+def _requirements_context(python_image: str, requirements: Iterable[str]) -> io.BytesIO:
+    """A build context (tar) of a Dockerfile and the requirements file."""
+    dockerfile = (
+        f"FROM {python_image}\n"
+        "USER root\n"
+        "RUN mkdir -p /opt/hivemind-deps && chown 65534:65534 /opt/hivemind-deps\n"
+        "COPY requirements.txt /opt/hivemind-requirements.txt\n"
+        "USER 65534:65534\n"
+        "ENV HOME=/tmp PYTHONPATH=/opt/hivemind-deps PATH=/opt/hivemind-deps/bin:$PATH\n"
+        "RUN python3 -m pip install --no-cache-dir --disable-pip-version-check "
+        "--no-warn-script-location --target /opt/hivemind-deps "
+        "-r /opt/hivemind-requirements.txt\n"
+    )
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, text in (
+            ("Dockerfile", dockerfile),
+            ("requirements.txt", "".join(f"{line.strip()}\n" for line in requirements)),
+        ):
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    buffer.seek(0)
+    return buffer
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:
