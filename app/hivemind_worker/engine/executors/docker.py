@@ -619,7 +619,7 @@ class DockerExecutor(Executor):
                     run.flush_scheduled = True
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
                     loop.call_soon_threadsafe(self._flush, run, on_log)
-        except _DockerErrors as exc:
+        except Exception as exc:  # the engine went away, the socket broke: the run goes on
             log.debug("output of task %s ended: %s", run.task.task_id, exc)
         finally:
             run.logs_done.set()
@@ -647,7 +647,7 @@ class DockerExecutor(Executor):
                 stats = run.container.stats(stream=False, one_shot=True)
             except docker.errors.NotFound:
                 return
-            except _DockerErrors as exc:
+            except Exception as exc:  # a missed sample is only a gap in the usage figures
                 log.debug("stats of task %s: %s", run.task.task_id, exc)
                 stats = None
             if stats is not None and stats.get("cpu_stats"):
