@@ -38,10 +38,15 @@ def select_executor(settings: Settings, node_id: str = "") -> Executor:
 def _docker_executor(settings: Settings, node_id: str) -> Executor:
     from hivemind_worker.engine.executors import docker as dockerx
 
+    # A short deadline for the probe: a wedged engine must not hold up the worker's start.
+    probe = dockerx.connect(timeout=5)
+    try:
+        probe.ping()
+        info = probe.info()
+    finally:
+        probe.close()
     client = dockerx.connect()
     try:
-        client.ping()
-        info = client.info()
         parent, why = dockerx.courtesy_cgroup_parent(
             str(info.get("CgroupDriver", "")), str(info.get("CgroupVersion", "1"))
         )
