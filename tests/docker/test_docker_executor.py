@@ -432,3 +432,30 @@ async def test_requirements_build_failure_and_pip_options_fail_with_reasons(
         await executor.prepare(make_task("pass", requirements=requirements))
     with pytest.raises(docker.errors.ImageNotFound):
         docker_client.images.get(dockerx.requirements_tag(TEST_IMAGE, requirements))
+
+
+async def test_images_it_pulled_are_pruned_least_recently_used_first(
+    make_executor: MakeExecutor, docker_client: docker.DockerClient, node_id: str
+) -> None:
+    executor = make_executor()
+    base = docker_client.images.get(TEST_IMAGE)
+    refs = [f"hivemind-prune-{node_id}:{name}" for name in ("old", "new", "mine")]
+    for ref in refs:
+        base.tag(*ref.split(":"))
+    try:
+        # The worker pulled "old" then "new"; "mine" is the person's own and never pruned.
+        ledger = executor._images_used
+        ledger.touch(refs[0])
+        ledger.touch(refs[1])
+        size = int(base.attrs["Size"])
+        removed = await asyncio.to_thread(executor.prune_images, size)  # room for one
+        assert removed == [refs[0]]
+        with pytest.raises(docker.errors.ImageNotFound):
+            docker_client.images.get(refs[0])
+        docker_client.images.get(refs[1])
+        docker_client.images.get(refs[2])
+        assert ledger.refs() == [refs[1]]
+    finally:
+        for ref in refs:
+            with contextlib.suppress(docker.errors.ImageNotFound):
+                docker_client.images.remove(ref)

@@ -64,6 +64,7 @@ def _docker_executor(settings: Settings, node_id: str) -> Executor:
             allowlist=dockerx.parse_allowlist(settings.docker_image_allowlist),
             network=settings.docker_network,
             cgroup_parent=parent,
+            image_budget_bytes=settings.disk_cap_bytes(),
         )
         removed = executor.remove_leftovers()
         if removed:

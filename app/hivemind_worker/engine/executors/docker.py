@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
+import signal
 import sys
 import tarfile
 import threading
@@ -69,6 +71,7 @@ API_TIMEOUT = 60
 # faster than the log sink consumes cannot grow the worker.
 PENDING_OUTPUT_CAP = 256 * 1024
 PULL_POLICIES = ("if-not-present", "always", "never")
+IMAGES_FILE = "_images.json"  # in the work folder: images this worker pulled, by last use
 
 _DockerErrors = (docker.errors.DockerException, requests.exceptions.RequestException)
 
@@ -204,6 +207,7 @@ class DockerExecutor(Executor):
         cpu_shares: int = CPU_SHARES,
         log_tail_bytes: int = 64 * 1024,
         max_result_files: int = 10_000,
+        image_budget_bytes: int = 0,
     ) -> None:
         if pull_policy not in PULL_POLICIES:
             raise ValueError(f"pull policy must be one of {', '.join(PULL_POLICIES)}")
@@ -228,6 +232,8 @@ class DockerExecutor(Executor):
         self._images: dict[str, str] = {}  # the image each prepared task runs
         self._build_locks: dict[str, threading.Lock] = {}
         self._build_locks_lock = threading.Lock()
+        self._images_used = _ImageLedger(self._work_dir / IMAGES_FILE)
+        self._image_budget = image_budget_bytes
 
     @property
     def client(self) -> docker.DockerClient:
@@ -298,6 +304,7 @@ class DockerExecutor(Executor):
         if task.kind is TaskKind.PYTHON and task.requirements:
             image = await asyncio.to_thread(self._requirements_image, task.requirements)
         self._images[task.task_id] = image
+        await asyncio.to_thread(self._images_used.touch, image, only_known=True)
 
         workspace = workspace_path(self._work_dir, task)
         previous = self._workspaces.get(task.task_id)
@@ -346,6 +353,7 @@ class DockerExecutor(Executor):
                     raise ExecutorError(f"cannot pull image {image}: {event['error']}")
         except _DockerErrors as exc:
             raise ExecutorError(f"cannot pull image {image}: {_reason(exc)}") from exc
+        self._images_used.touch(image)
 
     def _requirements_image(self, requirements: tuple[str, ...]) -> str:
         """The Python image with these requirements installed, built once per requirements hash.
@@ -390,6 +398,7 @@ class DockerExecutor(Executor):
                         last = line[-300:]
             except _DockerErrors as exc:
                 raise ExecutorError(f"installing the requirements failed: {_reason(exc)}") from exc
+            self._images_used.touch(tag)
             return tag
 
     # ---------------------------------------------------------------- run
@@ -493,6 +502,8 @@ class DockerExecutor(Executor):
         run = _Running(task, container, started=time.monotonic())
         # Registered before the start, so cancel() and pause() from here on reach it.
         self._running[task.task_id] = run
+        # A cancel() that came while the container was being created found no run to stop.
+        run.cancelled = task.task_id in self._cancel_requested
         loop = asyncio.get_running_loop()
         try:
             try:
@@ -543,7 +554,7 @@ class DockerExecutor(Executor):
         elif code == 0:
             result.status = TaskStatus.SUCCEEDED
         elif code > 128:
-            result.error = f"killed by signal {code - 128}"
+            result.error = f"killed by signal {_signal_name(code - 128)}"
         else:
             result.error = f"exited with code {code}"
         if result.status is TaskStatus.CANCELLED:
@@ -732,6 +743,38 @@ class DockerExecutor(Executor):
         workspace = self._workspaces.pop(task_id, None)
         if workspace is not None:
             await asyncio.to_thread(rmtree, workspace)
+        if self._image_budget > 0:
+            await asyncio.to_thread(self.prune_images, self._image_budget)
+
+    def prune_images(self, budget_bytes: int) -> list[str]:
+        """Remove images this worker pulled or built, least recently used first, until they
+        take at most `budget_bytes`; images of prepared tasks are kept. Returns the removed."""
+        in_use = set(self._images.values())
+        sizes: dict[str, int] = {}
+        for ref in self._images_used.refs():
+            try:
+                sizes[ref] = int(self._client.images.get(ref).attrs.get("Size", 0))
+            except docker.errors.ImageNotFound:
+                self._images_used.forget(ref)
+            except _DockerErrors as exc:
+                log.debug("cannot size image %s: %s", ref, exc)
+        total = sum(sizes.values())
+        removed: list[str] = []
+        for ref in self._images_used.refs():  # oldest first
+            if total <= budget_bytes:
+                break
+            if ref in in_use or ref not in sizes:
+                continue
+            try:
+                self._client.images.remove(ref)
+            except _DockerErrors as exc:  # e.g. a container of someone else's uses it
+                log.info("cannot prune image %s: %s", ref, _reason(exc))
+                continue
+            log.info("pruned image %s (%d MiB) to stay within the disk cap", ref, sizes[ref] >> 20)
+            self._images_used.forget(ref)
+            total -= sizes[ref]
+            removed.append(ref)
+        return removed
 
     async def _remove_container(self, task_id: str) -> None:
         container = self._containers.pop(task_id, None)
@@ -757,6 +800,13 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, docker.errors.APIError) and exc.explanation:
         return str(exc.explanation)
     return str(exc) or type(exc).__name__
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
 
 
 def _state(container: Container) -> dict[str, Any]:
@@ -803,6 +853,52 @@ def _remove(container: Container) -> None:
             container.remove(force=True, v=True)
         except _DockerErrors as exc:
             log.warning("cannot remove container %s: %s", container.short_id, _reason(exc))
+
+
+class _ImageLedger:
+    """Images this worker pulled or built and when each was last used, kept in a JSON file
+    so that pruning never touches images the person pulled themselves."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+
+    def _load(self) -> dict[str, float]:
+        try:
+            data = json.loads(self._path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): float(v) for k, v in data.items() if isinstance(v, int | float)}
+
+    def _save(self, data: dict[str, float]) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        partial = self._path.with_suffix(".partial")
+        partial.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
+        partial.replace(self._path)
+
+    def touch(self, ref: str, *, only_known: bool = False) -> None:
+        with self._lock:
+            data = self._load()
+            if only_known and ref not in data:
+                return
+            data[ref] = time.time()
+            with contextlib.suppress(OSError):  # a lost entry only means no pruning of it
+                self._save(data)
+
+    def forget(self, ref: str) -> None:
+        with self._lock:
+            data = self._load()
+            if data.pop(ref, None) is not None:
+                with contextlib.suppress(OSError):
+                    self._save(data)
+
+    def refs(self) -> list[str]:
+        """Known images, least recently used first."""
+        with self._lock:
+            data = self._load()
+        return sorted(data, key=lambda ref: data[ref])
 
 
 def _requirements_context(python_image: str, requirements: Iterable[str]) -> io.BytesIO:
