@@ -40,5 +40,6 @@ def gui_app(qtbot, tmp_path: Path, memory_keyring) -> Iterator[tuple[WorkerApp, 
     finally:
         world.engine.shutdown()
         app.engine_thread.wait(30_000)
-        app.dashboard.hide()
         app.model.flush()
+        app.dispose()
+        qtbot.wait(50)  # run the deferred deletes now, not in some later test's GC

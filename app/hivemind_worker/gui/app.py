@@ -253,6 +253,20 @@ class WorkerApp(QObject):
         if app is not None:
             app.quit()
 
+    def dispose(self) -> None:
+        """Delete the windows through Qt, not the garbage collector (for tests and re-creation).
+
+        Qt objects torn down by Python's GC in arbitrary order can crash; deleteLater runs
+        the C++ destructors in the event loop, children after parents are detached.
+        """
+        self.tray.hide()
+        if self.settings_dialog is not None:
+            self.settings_dialog.deleteLater()
+            self.settings_dialog = None
+        self.tray.menu.deleteLater()
+        self.dashboard._tick.stop()
+        self.dashboard.deleteLater()
+
     # ------------------------------------------------------------------ commands
 
     def start(self) -> None:

@@ -135,14 +135,29 @@ class EngineThread(QThread):
 
 
 class Call(QObject):
-    """The outcome of work done off the GUI thread, delivered as a signal on the GUI thread."""
+    """The outcome of work done off the GUI thread, delivered as a signal on the GUI thread.
 
-    succeeded = Signal(object)
+    `succeeded` carries no argument; the slot reads `value`. Passing Python objects (None in
+    particular) through a queued Signal(object) has hit reference-count bugs in PySide6.
+    """
+
+    succeeded = Signal()
     failed = Signal(str)
 
-    def __init__(self, future: concurrent.futures.Future[Any], parent: QObject | None = None):
+    def __init__(
+        self,
+        future: concurrent.futures.Future[Any],
+        on_ok: Callable[[Any], None],
+        on_fail: Callable[[str], None],
+        parent: QObject | None = None,
+    ) -> None:
         super().__init__(parent)
         self.future = future
+        self.value: Any = None
+        # Connected before the callback is added: a future that is already done calls back
+        # at once, and an emit before connect() would be lost.
+        self.succeeded.connect(lambda: on_ok(self.value))
+        self.failed.connect(on_fail)
         # The callback runs on whichever thread finishes the future; the signal queues it here.
         future.add_done_callback(self._done)
 
@@ -152,7 +167,8 @@ class Call(QObject):
             return
         exc = future.exception()
         if exc is None:
-            self.succeeded.emit(future.result())
+            self.value = future.result()
+            self.succeeded.emit()
         else:
             self.failed.emit(str(exc) or type(exc).__name__)
 

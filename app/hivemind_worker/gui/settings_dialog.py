@@ -110,6 +110,7 @@ class SettingsDialog(QDialog):
         self.errors: dict[str, str] = {}
         self._error_labels: dict[str, QLabel] = {}
         self.logged_in_as = ""
+        self._login_generation = 0
         self._build()
         self.load(settings)
         self.refresh_login()
@@ -348,15 +349,24 @@ class SettingsDialog(QDialog):
         on_ok: Callable[[Any], None],
         on_fail: Callable[[str], None],
     ) -> Call:
-        call = Call(self.engine_thread.submit(coro), self)
-        self._calls.add(call)
+        calls: list[Call] = []
+        finished: list[bool] = []
 
         def finish(handler: Callable[[Any], None], value: Any) -> None:
-            self._calls.discard(call)
+            finished.append(True)
+            for call in calls:
+                self._calls.discard(call)
             handler(value)
 
-        call.succeeded.connect(lambda value: finish(on_ok, value))
-        call.failed.connect(lambda message: finish(on_fail, message))
+        call = Call(
+            self.engine_thread.submit(coro),
+            lambda value: finish(on_ok, value),
+            lambda message: finish(on_fail, message),
+            self,
+        )
+        calls.append(call)
+        if not finished:  # kept alive until its answer arrives
+            self._calls.add(call)
         return call
 
     def test_connection(self) -> None:
@@ -380,8 +390,12 @@ class SettingsDialog(QDialog):
 
     def refresh_login(self) -> None:
         address = self.address.text().strip() or self.settings.node_pool_address
+        self._login_generation += 1
+        generation = self._login_generation
 
         def show(name: str) -> None:
+            if generation != self._login_generation:
+                return  # an older check answering late; a newer one is on its way
             self.logged_in_as = name
             self.login_state.setText(
                 f"Logged in as {name}" if name else f"Not logged in to {address}"
