@@ -981,12 +981,22 @@ def courtesy_cgroup_parent(cgroup_driver: str, cgroup_version: str) -> tuple[str
     default parent with only their own low cpu_shares (and `reason` says why).
     With the cgroupfs driver and cgroup v1 the worker (as root) makes /hivemind under the
     cpu controller with cpu.shares=2; with cgroup v2 it makes /hivemind with cpu.weight=1.
-    With the systemd driver the parent is a slice, whose weight systemd owns: see the docs.
+    With the systemd driver the parent is hivemind.slice when the person has made it (systemd
+    owns its weight; see docs/docker.md).
     """
     if not sys.platform.startswith("linux"):
         return "", "not Linux: Docker Desktop's VM has its own scheduler (see the docs)"
+    if cgroup_driver == "systemd":
+        # systemd owns the weights; the person makes the slice once (see docs/docker.md).
+        for slice_dir in (
+            Path("/sys/fs/cgroup/hivemind.slice"),
+            Path("/sys/fs/cgroup/cpu/hivemind.slice"),
+        ):
+            if slice_dir.is_dir():
+                return "hivemind.slice", f"hivemind.slice ({slice_dir})"
+        return "", "systemd cgroup driver: create hivemind.slice with CPUWeight=1 (docs/docker.md)"
     if cgroup_driver != "cgroupfs":
-        return "", f"cgroup driver {cgroup_driver}: make hivemind.slice with CPUWeight=1"
+        return "", f"cgroup driver {cgroup_driver or 'unknown'}"
     if str(cgroup_version) == "2":
         base = Path("/sys/fs/cgroup/hivemind")
         setting, value = "cpu.weight", "1"

@@ -1,0 +1,90 @@
+"""Docker executor helpers that need no engine: image allowlist, container config, courtesy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hivemind_worker.engine.executors import docker as dockerx
+from hivemind_worker.engine.tasks import MiB, Resources, TaskKind, TaskSpec
+
+DIGEST = "sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize(
+    ("image", "allowlist", "allowed"),
+    [
+        ("python:3.12", (), True),
+        ("python:3.12", ("docker.io/library/",), True),
+        ("python", ("docker.io/library/python",), True),
+        ("pythonista:1", ("docker.io/library/python",), False),
+        ("ghcr.io/org/tool:1", ("docker.io/library/",), False),
+        ("ghcr.io/org/tool:1", ("ghcr.io/org",), True),
+        ("ghcr.io/orgx/tool:1", ("ghcr.io/org",), False),
+        ("ghcr.io/orgx/tool:1", ("ghcr.io/org/",), False),
+        (f"ghcr.io/any/thing@{DIGEST}", (DIGEST,), True),
+        ("ghcr.io/any/thing:latest", (DIGEST,), False),
+        ("localhost:5000/tool", ("localhost:5000/",), True),
+        ("user/tool", ("docker.io/user/",), True),
+    ],
+)
+def test_image_allowlist(image: str, allowlist: tuple[str, ...], allowed: bool) -> None:
+    assert dockerx.image_allowed(image, allowlist) is allowed
+
+
+def test_parse_allowlist_and_requirements_tag() -> None:
+    assert dockerx.parse_allowlist(" docker.io/library/ , ,ghcr.io/x/") == (
+        "docker.io/library/",
+        "ghcr.io/x/",
+    )
+    tag = dockerx.requirements_tag("python:3.12-slim", ["numpy==2.0"])
+    assert tag.startswith(dockerx.REQUIREMENTS_REPOSITORY + ":")
+    assert tag == dockerx.requirements_tag("python:3.12-slim", ["numpy==2.0"])
+    assert tag != dockerx.requirements_tag("python:3.13-slim", ["numpy==2.0"])
+    assert tag != dockerx.requirements_tag("python:3.12-slim", ["numpy==2.1"])
+
+
+def test_container_config_never_widens_the_lockdown(tmp_path: Path) -> None:
+    executor = dockerx.DockerExecutor(
+        None,  # type: ignore[arg-type] - building the config needs no engine
+        tmp_path,
+        "node-a",
+        network="bridge",
+    )
+    task = TaskSpec(
+        task_id="t1",
+        lease_id="l1",
+        kind=TaskKind.CONTAINER,
+        image="busybox",
+        argv=("sh", "-c", "true"),
+        env={"HIVEMIND_TASK_ID": "spoofed", "FOO": "bar"},
+        resources=Resources(1.5, 256 * MiB, 1024 * MiB),
+        timeout_seconds=10,
+        network="none",
+    )
+    config = executor.container_config(task, task.resources, tmp_path / "ws")
+    assert config["network_mode"] == "none"  # allowed, but not asked for
+    assert config["environment"]["HIVEMIND_TASK_ID"] == "t1"
+    assert config["environment"]["FOO"] == "bar"
+    assert config["nano_cpus"] == 1_500_000_000
+    assert config["mem_limit"] == config["memswap_limit"] == 256 * MiB
+    assert config["tmpfs"] == {"/tmp": f"rw,nosuid,nodev,size={128 * MiB}"}
+    assert config["privileged"] is False
+    assert [m["Target"] for m in config["mounts"]] == ["/workspace"]
+    assert "volumes" not in config and "devices" not in config
+    bridged = executor.container_config(
+        TaskSpec(**{**task.__dict__, "network": "bridge"}), task.resources, tmp_path / "ws"
+    )
+    assert bridged["network_mode"] == "bridge"
+
+
+def test_courtesy_cgroup_parent_off_linux_and_unknown_driver(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dockerx.sys, "platform", "win32")
+    parent, why = dockerx.courtesy_cgroup_parent("cgroupfs", "1")
+    assert parent == "" and "Docker Desktop" in why
+    monkeypatch.setattr(dockerx.sys, "platform", "linux")
+    parent, why = dockerx.courtesy_cgroup_parent("", "2")
+    assert parent == "" and "unknown" in why
