@@ -27,6 +27,7 @@ from hivemind_worker.engine.tasks import (
     TaskKind,
     TaskResult,
     TaskSpec,
+    TaskSpecError,
     TaskStatus,
 )
 from hivemind_worker.paths import default_paths
@@ -339,7 +340,7 @@ async def test_pull_policy_never_and_allowlist_refuse_with_reasons(
         resources=Resources(0.5, 64 * MiB, 16 * MiB),
         timeout_seconds=60,
     )
-    with pytest.raises(ExecutorError, match="not in this worker's image allowlist"):
+    with pytest.raises(TaskSpecError, match="not in this worker's image allowlist"):
         await executor.prepare(task)
     missing = TaskSpec(
         task_id="c2",
@@ -424,7 +425,7 @@ async def test_requirements_build_failure_and_pip_options_fail_with_reasons(
     make_executor: MakeExecutor, docker_client: docker.DockerClient
 ) -> None:
     executor = make_executor()
-    with pytest.raises(ExecutorError, match="is a pip option"):
+    with pytest.raises(TaskSpecError, match="is a pip option"):
         await executor.prepare(make_task("pass", requirements=("--index-url=http://x/",)))
     requirements = (f"hivemind-not-installable-{time.time_ns()}",)
     # The test image has no pip: the build fails, and the reason reaches the task.

@@ -41,6 +41,7 @@ from hivemind_worker.engine.tasks import (
     TaskKind,
     TaskResult,
     TaskSpec,
+    TaskSpecError,
     TaskStatus,
 )
 
@@ -178,7 +179,9 @@ class DockerExecutor(Executor):
 
     A python task's requirements are installed into a derived image built once per hash of
     the Python image and the requirements (`hivemind-python-req:<hash>`), the only step with
-    a network; pip options (-r, -e, --index-url ...) are refused.
+    a network. A task this worker will not run (an image outside the allowlist, a network
+    other than the allowed one, pip options such as -r, -e, --index-url in its requirements)
+    is refused in prepare() with TaskSpecError, which the engine reports as REJECTED.
 
     Results are copied out of /workspace/<result_path> with get_archive and re-packed entry
     by entry (regular files and folders only, no absolute names or '..', under the file-count
@@ -290,16 +293,16 @@ class DockerExecutor(Executor):
         for line in task.requirements if task.kind is TaskKind.PYTHON else ():
             if line.lstrip().startswith("-"):
                 # -r, -e, --index-url and friends would reach files or servers of their choosing.
-                raise ExecutorError(
-                    f"requirement {line[:80]!r} is a pip option; only package requirements "
-                    "are allowed"
+                raise TaskSpecError(
+                    "requirements",
+                    f"{line[:80]!r} is a pip option; only package requirements are allowed",
                 )
         image = self.image_for(task)
         # The Python image is the person's own choice; only images a task names are checked.
         if task.kind is TaskKind.CONTAINER and not image_allowed(image, self._allowlist):
-            raise ExecutorError(f"image {image} is not in this worker's image allowlist")
+            raise TaskSpecError("image", f"{image} is not in this worker's image allowlist")
         if task.network not in ("none", self._network):
-            raise ExecutorError(f"network '{task.network}' is not allowed on this worker")
+            raise TaskSpecError("network", f"'{task.network}' is not allowed on this worker")
         await asyncio.to_thread(self._ensure_image, image)
         if task.kind is TaskKind.PYTHON and task.requirements:
             image = await asyncio.to_thread(self._requirements_image, task.requirements)
