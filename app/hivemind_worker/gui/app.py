@@ -8,6 +8,7 @@ import dataclasses
 import getpass
 import hashlib
 import logging
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -81,6 +82,7 @@ class SingleInstance(QObject):
                 return False
         server.newConnection.connect(self._on_connection)
         self.server = server
+        log.info("single instance: a second launch will show this window (%s)", self.name)
         return True
 
     def _on_connection(self) -> None:
@@ -141,7 +143,7 @@ class WorkerApp(QObject):
 
     def _connect(self) -> None:
         d, t = self.dashboard, self.tray
-        for signal, slot in (
+        for source, slot in (
             (d.startRequested, self.start),
             (t.startRequested, self.start),
             (d.pauseRequested, self.pause),
@@ -156,7 +158,7 @@ class WorkerApp(QObject):
             (t.dashboardRequested, self.dashboard.show_and_raise),
             (t.toggleDashboard, self.toggle_dashboard),
         ):
-            signal.connect(slot)
+            source.connect(slot)
         d.cancelRequested.connect(self.cancel_task)
         d.geometryChanged.connect(self._save_geometry)
         t.snoozeRequested.connect(self.snooze)
@@ -248,10 +250,13 @@ class WorkerApp(QObject):
         self.engine_thread.wait(5000)
         self.tray.hide()
         self.model.flush()
+        self.dashboard.allow_close = True
         self.quitFinished.emit()
         app = QApplication.instance()
         if app is not None:
-            app.quit()
+            # exit(), not quit(): Qt 6's quit() first asks every window to close, and the
+            # dashboard refuses (it hides to the tray), which would cancel the quit.
+            app.exit(0)
 
     def dispose(self) -> None:
         """Delete the windows through Qt, not the garbage collector (for tests and re-creation).
@@ -456,5 +461,26 @@ def run_gui(
     )
     window.append(worker_app)
     single.activated.connect(worker_app.dashboard.show_and_raise)
+    _quit_on_signals(worker_app)
     worker_app.start_engine(show_dashboard=not hidden)
     return app.exec()
+
+
+def _quit_on_signals(worker_app: WorkerApp) -> None:
+    """Ctrl-C or SIGTERM (a terminal, a session ending) quit as the menu does: drain first."""
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("signal %d: quitting", signum)
+        if worker_app.quitting:
+            worker_app.engine.shutdown()  # a second signal: stop now
+        else:
+            worker_app.quit()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError):  # not the main thread, or no such signal
+            signal.signal(sig, on_signal)
+    # Python runs signal handlers only between bytecodes; while Qt's C++ loop waits, nothing
+    # runs. A cheap timer hands control back to Python a few times a second.
+    timer = QTimer(worker_app)
+    timer.timeout.connect(lambda: None)
+    timer.start(250)

@@ -146,6 +146,7 @@ class Dashboard(QMainWindow):
         super().__init__()
         self.model = model
         self._close_to_tray = close_to_tray
+        self.allow_close = False  # set when the app really ends
         self.setWindowTitle("HiveMind Worker")
         self.setWindowIcon(state_icon(look_for(EngineState.BUSY)))
         self.resize(1040, 760)
@@ -496,6 +497,9 @@ class Dashboard(QMainWindow):
         self.activateWindow()
 
     def closeEvent(self, event: QCloseEvent) -> None:
+        if self.allow_close:
+            event.accept()
+            return
         self.geometryChanged.emit(self.saveGeometry())
         if self._close_to_tray():
             event.ignore()
