@@ -272,3 +272,18 @@ def _left():
 @pytest.fixture(autouse=True)
 def _no_real_autostart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+
+
+def test_snooze_pauses_then_resumes_by_the_wall_clock(qtbot, gui_app) -> None:
+    app, pool = gui_app
+    app.engine_thread.submit(pool.submit([busy_task(60, 8)])).result(30)
+    app.start()
+    qtbot.waitUntil(lambda: app.model.state is EngineState.BUSY, timeout=30_000)
+    app.tray.snooze_actions[0].trigger()  # "For 1 hour"
+    qtbot.waitUntil(lambda: app.model.state is EngineState.PAUSED, timeout=10_000)
+    assert app.snooze_until is not None and 3590 < app.snooze_until - time.time() <= 3600
+    assert "Snoozed until" in app.dashboard.log_view.toPlainText()
+    app.snooze_until = time.time() - 1  # an hour later (or after a suspend)
+    app._check_snooze()
+    qtbot.waitUntil(lambda: app.model.state is EngineState.BUSY, timeout=10_000)
+    assert app.snooze_until is None
