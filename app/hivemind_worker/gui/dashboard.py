@@ -337,6 +337,9 @@ class Dashboard(QMainWindow):
         detail = model.state_message
         if model.retry_at and state in (EngineState.CONNECTING, EngineState.ERROR):
             detail += f" (next try at {datetime.fromtimestamp(model.retry_at):%H:%M:%S})"
+        if state is EngineState.ERROR and "login" in detail.lower():
+            # The engine's message names the CLI; here the dialog is one click away.
+            detail += " You can log in from Settings…"
         self.state_detail.setText(detail)
         self.state_detail.setVisible(bool(detail))
         labels = {
