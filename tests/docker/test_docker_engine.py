@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from harness import (
     start_pool,
     start_worker,
     wait_for,
+    worker_subprocess,
 )
 from test_engine_e2e import BATCH_SOURCE, expected_payload
 
@@ -201,4 +205,65 @@ async def test_batch_of_tasks_end_to_end_through_docker(
         await wait_for(lambda: not labelled(docker_client, "node-d"), 30, "containers removed")
     finally:
         await worker.stop()
+        await pool.stop()
+
+
+@pytest.mark.slow
+async def test_killed_worker_leaves_a_container_the_next_start_removes(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    pool = await start_pool(tmp_path / "pool.db")
+    home = tmp_path / "node-k"
+    docker_env = {
+        "DOCKER_ENABLED": "true",
+        "DOCKER_PYTHON_IMAGE": TEST_IMAGE,
+        "DOCKER_PULL_POLICY": "never",
+    }
+    first = await worker_subprocess(home, pool.address, env_overrides=docker_env)
+    second = None
+    try:
+        async with queue_client(pool.address) as queue:
+            await queue.submit(task("import time\ntime.sleep(120)\n"))
+
+            async def running() -> list[dict]:  # type: ignore[type-arg]
+                return await asyncio.to_thread(labelled, docker_client, "node-k", running=True)
+
+            for _ in range(600):
+                if await running():
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the worker never started a container")
+            leftover = (await running())[0]["Id"]
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait(10)
+            # Killed without a word: its container runs on.
+            assert docker_client.containers.get(leftover).status == "running"
+
+            second = await worker_subprocess(home, pool.address, env_overrides=docker_env)
+
+            def gone() -> bool:
+                try:
+                    docker_client.containers.get(leftover)
+                except docker.errors.NotFound:
+                    return True
+                return False
+
+            for _ in range(600):
+                if await asyncio.to_thread(gone):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the leftover container was not removed at start")
+            log = (home / "stderr.log").read_text()
+            assert "removed 1 container(s) left by an earlier run" in log
+            assert "docker sandbox" in log
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        for item in labelled(docker_client, "node-k"):
+            with contextlib.suppress(docker.errors.NotFound):
+                docker_client.api.remove_container(item["Id"], force=True)
         await pool.stop()

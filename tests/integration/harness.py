@@ -167,7 +167,9 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-async def worker_subprocess(home: Path, address: str, *extra: str) -> subprocess.Popen[bytes]:
+async def worker_subprocess(
+    home: Path, address: str, *extra: str, env_overrides: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """`hivemind-worker run --headless` as its own process, logged in with `login`.
 
     Async because the pool answering `login` runs on the caller's event loop.
@@ -179,6 +181,7 @@ async def worker_subprocess(home: Path, address: str, *extra: str) -> subprocess
         "HIVEMIND_HOME": str(home),
         "PYTHONUNBUFFERED": "1",
         "DOCKER_ENABLED": "false",
+        **(env_overrides or {}),
     }
     env.pop("NODE_ID", None)
     base = [sys.executable, "-m", "hivemind_worker"]
