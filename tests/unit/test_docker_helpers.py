@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import docker.errors
 import pytest
 
 from hivemind_worker.engine.executors import docker as dockerx
+from hivemind_worker.engine.executors.base import ExecutorError
 from hivemind_worker.engine.tasks import MiB, Resources, TaskKind, TaskSpec
 
 DIGEST = "sha256:" + "a" * 64
@@ -88,3 +91,79 @@ def test_courtesy_cgroup_parent_off_linux_and_unknown_driver(
     monkeypatch.setattr(dockerx.sys, "platform", "linux")
     parent, why = dockerx.courtesy_cgroup_parent("", "2")
     assert parent == "" and "unknown" in why
+
+
+class _FakeImages:
+    def __init__(self, present: set[str]) -> None:
+        self.present = present
+
+    def get(self, ref: str) -> object:
+        if ref not in self.present:
+            raise docker.errors.ImageNotFound(ref)
+        return object()
+
+
+class _FakeAPI:
+    def __init__(self, events: list[dict[str, object]]) -> None:
+        self.events = events
+        self.pulls: list[tuple[str, str]] = []
+
+    def pull(self, repository: str, tag: str, stream: bool, decode: bool) -> Iterator[object]:
+        self.pulls.append((repository, tag))
+        yield from self.events
+
+
+class _FakeClient:
+    """Just the parts of docker.DockerClient that the pull policy uses."""
+
+    def __init__(self, present: set[str], events: list[dict[str, object]]) -> None:
+        self.images = _FakeImages(present)
+        self.api = _FakeAPI(events)
+
+
+def _pulling(
+    tmp_path: Path, policy: str, present: set[str], events: list[dict[str, object]]
+) -> tuple[dockerx.DockerExecutor, _FakeClient]:
+    client = _FakeClient(present, events)
+    executor = dockerx.DockerExecutor(
+        client,  # type: ignore[arg-type]
+        tmp_path,
+        "n",
+        pull_policy=policy,
+    )
+    return executor, client
+
+
+LAYERS = [
+    {"status": "Pulling fs layer", "id": "a"},
+    {"status": "Downloading", "id": "a", "progressDetail": {"current": 50, "total": 100}},
+    {"status": "Downloading", "id": "b", "progressDetail": {"current": 10, "total": 300}},
+    {"status": "Download complete", "id": "a"},
+    {"status": "Status: Downloaded newer image for x:1"},
+]
+
+
+def test_pull_policy_and_progress(tmp_path: Path) -> None:
+    executor, client = _pulling(tmp_path, "if-not-present", {"python:3.12"}, LAYERS)
+    seen: list[tuple[str, int, int]] = []
+    executor.on_pull = lambda image, done, total: seen.append((image, done, total))
+    executor._ensure_image("python:3.12")
+    assert client.api.pulls == []  # present: not pulled
+    executor._ensure_image("ghcr.io/org/tool")
+    assert client.api.pulls == [("ghcr.io/org/tool", "latest")]  # never every tag
+    assert seen[0] == ("ghcr.io/org/tool", 0, 0)  # the first report comes at once
+    assert seen[-1] == ("ghcr.io/org/tool", 400, 400)  # and the last when it is done
+
+    always, client = _pulling(tmp_path, "always", {"python:3.12"}, [])
+    always._ensure_image("python:3.12")
+    assert client.api.pulls == [("python", "3.12")]
+
+
+def test_pull_failures_carry_the_registry_message(tmp_path: Path) -> None:
+    executor, _ = _pulling(tmp_path, "never", set(), [])
+    with pytest.raises(ExecutorError, match="not on this machine and the pull policy is 'never'"):
+        executor._ensure_image("python:3.12")
+    denied = [{"error": "pull access denied for x, repository does not exist"}]
+    executor, _ = _pulling(tmp_path, "if-not-present", set(), denied)
+    with pytest.raises(ExecutorError, match="cannot pull image x:1: pull access denied"):
+        executor._ensure_image("x:1")

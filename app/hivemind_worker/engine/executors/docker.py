@@ -72,6 +72,7 @@ API_TIMEOUT = 60
 # faster than the log sink consumes cannot grow the worker.
 PENDING_OUTPUT_CAP = 256 * 1024
 PULL_POLICIES = ("if-not-present", "always", "never")
+PULL_REPORT_INTERVAL = 0.5
 IMAGES_FILE = "_images.json"  # in the work folder: images this worker pulled, by last use
 
 _DockerErrors = (docker.errors.DockerException, requests.exceptions.RequestException)
@@ -236,6 +237,9 @@ class DockerExecutor(Executor):
         self._build_locks: dict[str, threading.Lock] = {}
         self._build_locks_lock = threading.Lock()
         self._images_used = _ImageLedger(self._work_dir / IMAGES_FILE)
+        #: Told (image, bytes done, bytes total) while an image is pulled, at most twice a
+        #: second and once at the end; called from a worker thread, so it must not block.
+        self.on_pull: Callable[[str, int, int], None] | None = None
         self._image_budget = image_budget_bytes
 
     @property
@@ -347,16 +351,43 @@ class DockerExecutor(Executor):
                 raise ExecutorError(f"cannot look up image {image}: {_reason(exc)}") from exc
         repository, tag = docker.utils.parse_repository_tag(image)
         log.info("pulling image %s", image)
+        layers: dict[str, tuple[int, int]] = {}  # layer id: (bytes done, bytes total)
+        reported = 0.0
         try:
             # A reference without a tag would pull every tag of the repository.
             for event in self._client.api.pull(
                 repository, tag=tag or "latest", stream=True, decode=True
             ):
-                if isinstance(event, dict) and event.get("error"):
+                if not isinstance(event, dict):
+                    continue
+                if event.get("error"):
                     raise ExecutorError(f"cannot pull image {image}: {event['error']}")
+                detail = event.get("progressDetail") or {}
+                if event.get("id") and detail.get("total"):
+                    layers[str(event["id"])] = (int(detail.get("current", 0)), int(detail["total"]))
+                now = time.monotonic()
+                if now - reported >= PULL_REPORT_INTERVAL:
+                    reported = now
+                    self._report_pull(image, layers, finished=False)
         except _DockerErrors as exc:
             raise ExecutorError(f"cannot pull image {image}: {_reason(exc)}") from exc
+        self._report_pull(image, layers, finished=True)
         self._images_used.touch(image)
+
+    def _report_pull(
+        self, image: str, layers: dict[str, tuple[int, int]], *, finished: bool
+    ) -> None:
+        total = sum(t for _, t in layers.values())
+        done = total if finished else sum(min(c, t) for c, t in layers.values())
+        if finished:
+            log.info("pulled image %s (%d MiB)", image, total >> 20)
+        sink = self.on_pull
+        if sink is None:
+            return
+        try:
+            sink(image, done, total)
+        except Exception:
+            log.exception("pull progress sink failed for %s", image)
 
     def _requirements_image(self, requirements: tuple[str, ...]) -> str:
         """The Python image with these requirements installed, built once per requirements hash.
