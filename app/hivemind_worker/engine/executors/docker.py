@@ -58,7 +58,9 @@ WORKSPACE_MOUNT = "/workspace"
 # The unprivileged user tasks run as when the worker itself runs as root.
 NOBODY = "65534:65534"
 PIDS_LIMIT = 256
-# Docker's smallest CPU weight: a task only gets the CPU the person's programs leave idle.
+# Docker's smallest CPU weight. On its own it only ranks tasks among Docker's containers;
+# the parent cgroup of minimal weight (courtesy_cgroup_parent) puts the person's programs
+# ahead of all of them.
 CPU_SHARES = 2
 # /tmp is the one writable place besides the workspace; tmpfs pages count against the
 # container's memory limit, so it is capped well below it.
@@ -191,6 +193,15 @@ class DockerExecutor(Executor):
     Status: exit 0 is SUCCEEDED; killed by the kernel's OOM killer is OUT_OF_MEMORY; past
     the timeout (paused time not counted) is TIMED_OUT; cancel() is CANCELLED; any other exit
     is FAILED. Usage is sampled from the stats API at 1 Hz in a thread per container.
+    Output is followed in a thread and handed to the log sink (thinned, never buffered
+    without bound, when the task outpaces it); the tail in the result comes from the capped
+    log file once the container has stopped.
+
+    Housekeeping: remove_leftovers() (at start) removes containers labelled with this node
+    and their workspaces; cleanup() removes the container and workspace, then prunes the
+    images this worker pulled or built, least recently used first, past
+    `image_budget_bytes`. `cgroup_parent` (see courtesy_cgroup_parent) puts every container
+    under a parent cgroup of minimal CPU weight so the person's own programs come first.
     """
 
     capability = "docker"
