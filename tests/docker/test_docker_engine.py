@@ -115,6 +115,30 @@ async def test_worker_survives_hostile_tasks_and_takes_the_next(
         await pool.stop()
 
 
+async def test_cancel_from_the_pool_kills_the_container(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    pool = await start_pool(tmp_path / "pool.db")
+    worker = await start_worker(
+        tmp_path / "node-x", pool.address, executor=docker_executor(docker_client)
+    )
+    try:
+        async with queue_client(pool.address) as queue:
+            task_id = await queue.submit(task("import time\ntime.sleep(120)\n"))
+            await wait_for(
+                lambda: bool(labelled(docker_client, "node-x", running=True)), 60, "container"
+            )
+            await queue.cancel(task_id, "changed my mind")
+            info = (await queue.wait_done([task_id], timeout=60))[task_id]
+            assert info.status == pb.TASK_STATUS_CANCELLED
+        finished = [e for e in worker.events if isinstance(e, TaskFinished)]
+        assert [e.status.value for e in finished] == ["cancelled"]
+        await wait_for(lambda: not labelled(docker_client, "node-x"), 30, "container removed")
+    finally:
+        await worker.stop()
+        await pool.stop()
+
+
 async def test_running_tasks_never_exceed_the_memory_cap(
     tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
