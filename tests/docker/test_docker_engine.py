@@ -142,9 +142,7 @@ async def test_cancel_from_the_pool_kills_the_container(
 async def test_running_tasks_never_exceed_the_memory_cap(
     tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
-    # A short long-poll: the engine's parked GetAssignedTasks call carries the free capacity
-    # of when it was made, so freed room is only offered when the call returns.
-    pool = await start_pool(tmp_path / "pool.db", max_wait=1)
+    pool = await start_pool(tmp_path / "pool.db")
     # 512 MiB for all tasks: at most two of the 200 MiB tasks fit at once.
     worker = await start_worker(
         tmp_path / "node-c",

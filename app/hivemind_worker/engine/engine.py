@@ -318,6 +318,7 @@ class WorkerEngine:
         self.settings = settings
         if reconnect and self._client is not None:
             self._spawn(self._close_client(), "reconnect")
+        self._withdraw_poll()  # new caps apply to the next offer at once
         self._poke()
 
     def _spawn(self, coro: Awaitable[object], what: str) -> None:
@@ -674,6 +675,8 @@ class WorkerEngine:
             )
             result = await self._execute(spec)
             run.finished = True
+            # A parked long-poll offers the free capacity of when it was made; ask afresh.
+            self._withdraw_poll()
             self._refresh_state()
             self._poke()
             if result.status is TaskStatus.SUCCEEDED:
