@@ -67,6 +67,15 @@ def main() -> None:
     parser.add_argument("--binary", type=Path, default=BINARY)
     parser.add_argument("-n", "--runs", type=int, default=10, help="timed runs (default 10)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="BINARY",
+        help="another build to time warm, e.g. the one-folder variant "
+        "(HIVEMIND_ONEDIR=1 pyinstaller installer/hivemind-worker.spec)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     if not args.binary.exists():
@@ -86,6 +95,15 @@ def main() -> None:
             f"{fmt(statistics.median(warm))} (min {fmt(min(warm))}) | "
             f"{fmt(statistics.median(source))} |"
         )
+    others = []
+    for other in (path.resolve() for path in args.compare):
+        for sub in COMMANDS:
+            warm = measure([str(other), *sub], args.runs, args.warmup, cold=False, binary=other)
+            label = other.relative_to(ROOT) if other.is_relative_to(ROOT) else other
+            others.append(
+                f"| `{label} {' '.join(sub)}` | {fmt(statistics.median(warm))} "
+                f"(min {fmt(min(warm))}) |"
+            )
     size = binary.stat().st_size
     section = "\n".join(
         [
@@ -107,6 +125,18 @@ def main() -> None:
             "theme (which drags in GTK 3) too, and binaries are stripped. UPX is off because "
             "it would trade a smaller file for decompressing every library again at each "
             "start.",
+            *(
+                [
+                    "",
+                    "Other builds of the same spec, warm, for comparison:",
+                    "",
+                    "| command | warm |",
+                    "|---|---|",
+                    *others,
+                ]
+                if others
+                else []
+            ),
         ]
     )
     print(section)
