@@ -31,6 +31,7 @@ def gui_app(qtbot, tmp_path: Path, memory_keyring) -> Iterator[tuple[WorkerApp, 
         before=pool.before,
         after=pool.after,
         show_tray=False,
+        exit_on_quit=False,
     )
     pool.app = app
     app.start_engine(show_dashboard=True)

@@ -74,7 +74,7 @@ def test_a_second_launch_raises_the_first_and_a_signal_quits_it(tmp_path: Path) 
 def test_window_geometry_is_remembered(qtbot, tmp_path: Path, memory_keyring) -> None:
     world = make_world(tmp_path / "home")
     app = WorkerApp(world.settings, world.paths, world.credentials, world.engine,
-                    autostart_engine=False, show_tray=False)  # fmt: skip
+                    autostart_engine=False, show_tray=False, exit_on_quit=False)  # fmt: skip
     app.dashboard.resize(820, 480)
     app.dashboard.show()
     qtbot.waitExposed(app.dashboard)
@@ -84,7 +84,7 @@ def test_window_geometry_is_remembered(qtbot, tmp_path: Path, memory_keyring) ->
     assert "geometry" in read_state(world.paths)["gui"]
     app.dispose()
     again = WorkerApp(world.settings, world.paths, world.credentials, world.engine,
-                      autostart_engine=False, show_tray=False)  # fmt: skip
+                      autostart_engine=False, show_tray=False, exit_on_quit=False)  # fmt: skip
     # The height (the offscreen screen is 800 px wide, narrower than the dashboard's minimum).
     assert again.dashboard.height() == 480
     again.model.flush()

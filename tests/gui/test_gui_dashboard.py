@@ -67,7 +67,7 @@ def test_totals_survive_a_restart(qtbot, tmp_path: Path, memory_keyring) -> None
         world.paths, lambda s: s.update(totals={"done": 7, "failed": 2, "cpu_seconds": 7200})
     )
     app = WorkerApp(world.settings, world.paths, world.credentials, world.engine,
-                    autostart_engine=False, show_tray=False)  # fmt: skip
+                    autostart_engine=False, show_tray=False, exit_on_quit=False)  # fmt: skip
     assert app.dashboard.stat_done.value.text() == "7"
     assert app.dashboard.stat_failed.value.text() == "2"
     assert app.dashboard.stat_cpu.value.text() == "2.00"
@@ -148,7 +148,7 @@ def test_gui_thread_never_stalls_on_an_unreachable_pool_or_running_tasks(
     world.credentials.set_token(silent_address, USER, "token-for-a-pool-that-never-answers")
     pool = LoopPool(world, tmp_path / "pool.db", [])
     app = WorkerApp(world.settings, world.paths, world.credentials, world.engine,
-                    autostart_engine=True, show_tray=False)  # fmt: skip
+                    autostart_engine=True, show_tray=False, exit_on_quit=False)  # fmt: skip
     pool.app = app
 
     from PySide6.QtCore import QTimer

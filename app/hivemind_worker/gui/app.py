@@ -113,8 +113,10 @@ class WorkerApp(QObject):
         before: Callable[[], Awaitable[None]] | None = None,
         after: Callable[[], Awaitable[None]] | None = None,
         show_tray: bool = True,
+        exit_on_quit: bool = True,
     ) -> None:
         super().__init__()
+        self.exit_on_quit = exit_on_quit  # tests keep their QApplication alive
         self.settings = settings
         self.paths = paths
         self.credentials = credentials
@@ -253,7 +255,7 @@ class WorkerApp(QObject):
         self.dashboard.allow_close = True
         self.quitFinished.emit()
         app = QApplication.instance()
-        if app is not None:
+        if app is not None and self.exit_on_quit:
             # exit(), not quit(): Qt 6's quit() first asks every window to close, and the
             # dashboard refuses (it hides to the tray), which would cancel the quit.
             app.exit(0)
