@@ -48,6 +48,8 @@ def test_install_run_remove(
             assert f"/usr/share/icons/hicolor/{size}x{size}/apps/hivemind-worker.png" in files
         metainfo = [f for f in files if f.startswith("/usr/share/metainfo/")]
         assert metainfo, "no AppStream metainfo"
+        appstream = run([need_tool("appstreamcli"), "validate", "--no-net", *metainfo])
+        assert appstream.returncode == 0, appstream.stdout + appstream.stderr
 
         home = tmp_path / "home"
         home.mkdir()
@@ -67,3 +69,12 @@ def test_install_run_remove(
     purged = run(["dpkg", "--purge", PACKAGE])
     assert purged.returncode == 0, purged.stderr
     assert not installed()
+
+
+def test_lintian_reports_no_errors(
+    artefact: Callable[[str], Path], need_tool: Callable[[str], str]
+) -> None:
+    deb = artefact("hivemind-worker_*.deb")
+    done = run([need_tool("lintian"), "--tag-display-limit", "0", deb], timeout=300)
+    errors = [line for line in done.stdout.splitlines() if line.startswith("E:")]
+    assert not errors, done.stdout
