@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-# Before any Qt import: every GUI test but the tray's (a child process under Xvfb) is offscreen.
-os.environ["QT_QPA_PLATFORM"] = "offscreen"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
 import pytest
 from guikit import LoopPool, make_world
 
 from hivemind_worker.gui.app import WorkerApp
+
+
+@pytest.fixture(scope="session")
+def qapp_args() -> list[str]:
+    """Every GUI test but the tray's (a child process under Xvfb) runs offscreen.
+
+    A QApplication argument, not QT_QPA_PLATFORM: an environment variable would leak into
+    the subprocesses of other test tiers and make `hivemind-worker` think it has a display.
+    """
+    return ["hivemind-worker-tests", "-platform", "offscreen"]
 
 
 @pytest.fixture
