@@ -51,6 +51,7 @@ BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 60.0
 AUTH_RETRY_SECONDS = 60.0
 METRICS_INTERVAL = 1.0
+BUSY_POLL_SECONDS = 2
 GIVE_BACK_SECONDS = 5.0
 MAX_UNEXPECTED_DELIVERY_ERRORS = 10
 LOG_TAIL_REPORT_BYTES = 16 * 1024
@@ -318,7 +319,6 @@ class WorkerEngine:
         self.settings = settings
         if reconnect and self._client is not None:
             self._spawn(self._close_client(), "reconnect")
-        self._withdraw_poll()  # new caps apply to the next offer at once
         self._poke()
 
     def _spawn(self, coro: Awaitable[object], what: str) -> None:
@@ -582,7 +582,11 @@ class WorkerEngine:
                         node_id=self.node_id,
                         free=free.to_proto(),
                         max_tasks=slots,
-                        wait_seconds=self._max_wait,
+                        # The offer carries the free capacity of this moment; while tasks
+                        # run, it grows as they end, so the call is renewed every couple of
+                        # seconds. (Withdrawing the call instead could drop a lease the pool
+                        # has just handed out, lost until it expires.)
+                        wait_seconds=self._max_wait if not active else BUSY_POLL_SECONDS,
                         capabilities=[self.executor.capability],
                         max_timeout_seconds=self.settings.task_timeout,
                         networks=sorted({"none", self.settings.docker_network}),
@@ -675,8 +679,6 @@ class WorkerEngine:
             )
             result = await self._execute(spec)
             run.finished = True
-            # A parked long-poll offers the free capacity of when it was made; ask afresh.
-            self._withdraw_poll()
             self._refresh_state()
             self._poke()
             if result.status is TaskStatus.SUCCEEDED:
