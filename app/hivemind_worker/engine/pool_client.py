@@ -6,9 +6,9 @@ import asyncio
 import hashlib
 import ipaddress
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 import grpc.aio
@@ -18,6 +18,8 @@ from hivemind_worker.protocol import nodepool_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from hivemind_worker.config import Settings
+
+_T = TypeVar("_T")
 
 CHUNK_BYTES = 1024 * 1024
 DEFAULT_TIMEOUT = 10.0
@@ -53,8 +55,14 @@ _CHANNEL_OPTIONS: list[tuple[str, str | int]] = [
     ("grpc.enable_retries", 1),
     ("grpc.max_receive_message_length", 32 * 1024 * 1024),
     ("grpc.max_send_message_length", 32 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 30_000),
+    # A connection that silently stops answering (Wi-Fi gone, NAT dropped) is noticed within
+    # about 30 s, even in the middle of an upload or a long-poll.
+    ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Each client its own connection: when the engine reconnects after a failure it must
+    # not be handed the same dead TCP connection from gRPC's process-wide subchannel pool.
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 
@@ -112,6 +120,8 @@ def map_rpc_error(exc: grpc.RpcError, doing: str, address: str) -> PoolError:
             f"({details})",
             code,
         )
+    if code in (grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        return PoolUnavailable("Node Pool busy", f"could not {doing}: {details}", code)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return PoolUnavailable(
             "Node Pool unreachable",
@@ -180,54 +190,57 @@ class NodePoolClient:
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),)
 
-    async def ping(self) -> pb.PingResponse:
+    async def _call(self, doing: str, call: Awaitable[_T]) -> _T:
+        """Await one RPC, translating its failures into the app's errors."""
         try:
-            return await self._stub.Ping(pb.PingRequest(), timeout=self.timeout)
+            return await call
         except grpc.RpcError as exc:
-            raise map_rpc_error(exc, "reach the pool", self.address) from None
+            raise map_rpc_error(exc, doing, self.address) from None
+        except asyncio.CancelledError:
+            # grpc.aio cancels calls in flight when their channel is closed (the engine
+            # reconnecting): that is a lost connection, not a cancellation of the caller.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise PoolUnavailable(
+                "Connection closed", f"could not {doing}: the connection was closed", None
+            ) from None
+
+    async def ping(self) -> pb.PingResponse:
+        return await self._call(
+            "reach the pool", self._stub.Ping(pb.PingRequest(), timeout=self.timeout)
+        )
 
     async def login(self, username: str, password: str) -> pb.LoginResponse:
-        try:
-            return await self._stub.Login(
-                pb.LoginRequest(username=username, password=password), timeout=self.timeout
-            )
-        except grpc.RpcError as exc:
-            raise map_rpc_error(exc, "log in", self.address) from None
+        request = pb.LoginRequest(username=username, password=password)
+        return await self._call("log in", self._stub.Login(request, timeout=self.timeout))
 
     async def register(self, request: pb.RegisterNodeRequest) -> pb.RegisterNodeResponse:
-        try:
-            return await self._stub.RegisterNode(
-                request, timeout=self.timeout, metadata=self._metadata()
-            )
-        except grpc.RpcError as exc:
-            raise map_rpc_error(exc, "register this node", self.address) from None
+        return await self._call(
+            "register this node",
+            self._stub.RegisterNode(request, timeout=self.timeout, metadata=self._metadata()),
+        )
 
     async def heartbeat(self, request: pb.UpdateNodeStatusRequest) -> pb.UpdateNodeStatusResponse:
-        try:
-            return await self._stub.UpdateNodeStatus(
-                request, timeout=self.timeout, metadata=self._metadata()
-            )
-        except grpc.RpcError as exc:
-            raise map_rpc_error(exc, "send a heartbeat", self.address) from None
+        return await self._call(
+            "send a heartbeat",
+            self._stub.UpdateNodeStatus(request, timeout=self.timeout, metadata=self._metadata()),
+        )
 
     async def get_tasks(self, request: pb.GetAssignedTasksRequest) -> list[pb.TaskSpec]:
         # The deadline covers the long-poll the pool may hold, plus the usual margin.
         deadline = request.wait_seconds + self.timeout
-        try:
-            reply = await self._stub.GetAssignedTasks(
-                request, timeout=deadline, metadata=self._metadata()
-            )
-        except grpc.RpcError as exc:
-            raise map_rpc_error(exc, "ask for tasks", self.address) from None
+        reply = await self._call(
+            "ask for tasks",
+            self._stub.GetAssignedTasks(request, timeout=deadline, metadata=self._metadata()),
+        )
         return list(reply.tasks)
 
     async def report(self, request: pb.ReportTaskResultRequest) -> pb.ReportTaskResultResponse:
-        try:
-            return await self._stub.ReportTaskResult(
-                request, timeout=self.timeout, metadata=self._metadata()
-            )
-        except grpc.RpcError as exc:
-            raise map_rpc_error(exc, f"report task {request.task_id}", self.address) from None
+        return await self._call(
+            f"report task {request.task_id}",
+            self._stub.ReportTaskResult(request, timeout=self.timeout, metadata=self._metadata()),
+        )
 
     async def upload(self, header: pb.UploadHeader, archive: Path) -> pb.UploadTaskResultResponse:
         """Stream a result archive in 1 MiB chunks; the pool checks the sha256 in the header."""
@@ -238,14 +251,10 @@ class NodePoolClient:
                 while chunk := await asyncio.to_thread(fh.read, CHUNK_BYTES):
                     yield pb.UploadTaskResultRequest(data=chunk)
 
-        try:
-            return await self._stub.UploadTaskResult(
-                parts(), timeout=UPLOAD_TIMEOUT, metadata=self._metadata()
-            )
-        except grpc.RpcError as exc:
-            raise map_rpc_error(
-                exc, f"upload the result of {header.task_id}", self.address
-            ) from None
+        return await self._call(
+            f"upload the result of {header.task_id}",
+            self._stub.UploadTaskResult(parts(), timeout=UPLOAD_TIMEOUT, metadata=self._metadata()),
+        )
 
 
 def client_for(

@@ -291,6 +291,37 @@ class LoginThrottle:
             del self._blocked[key]
 
 
+@dataclass
+class _Upload:
+    """One upload in flight: `stop` asks it to give way, `finished` says it has."""
+
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def _until(
+    messages: AsyncIterator[pb.UploadTaskResultRequest], stop: asyncio.Event
+) -> AsyncIterator[pb.UploadTaskResultRequest]:
+    """The messages, until `stop` is set: then ABORTED, even while waiting for the next one."""
+    iterator = aiter(messages)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            following = asyncio.ensure_future(anext(iterator))
+            await asyncio.wait({following, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if stopped.done():
+                following.cancel()
+                raise _Refused(
+                    grpc.StatusCode.ABORTED, "superseded by a newer upload for this lease"
+                )
+            try:
+                yield following.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        stopped.cancel()
+
+
 class _Core:
     """What both services share: config, store, stats, auth and the long-poll wake-up."""
 
@@ -302,7 +333,10 @@ class _Core:
         self.login_slots = asyncio.Semaphore(max(config.login_concurrency, 1))
         self.login_throttle = LoginThrottle(config.login_max_failures, config.login_failure_window)
         self.spool = config.spool_path
-        self.uploading: set[str] = set()  # lease ids with an upload in flight
+        # The upload in flight for each lease. A new one from the lease holder supersedes it:
+        # a worker retries when its connection died mid-upload, often before this pool has
+        # noticed the death, and only the lease holder can upload for the lease.
+        self.uploading: dict[str, _Upload] = {}
         self.upload_bytes = 0  # declared sizes of the uploads in flight
         # A test seam: awaited before each chunk of an upload is moved into the database.
         self.before_result_chunk: Callable[[str, int], Awaitable[None]] | None = None
@@ -582,10 +616,16 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
                 "header.total_size",
                 f"{total} bytes is more than the task's max_result_bytes ({limit})",
             )
-        if lease_id in core.uploading:
-            raise _Refused(
-                grpc.StatusCode.ABORTED, "an upload for this lease is already in progress"
-            )
+        previous = core.uploading.get(lease_id)
+        if previous is not None:
+            log.info("upload for lease %s supersedes the one still in flight", lease_id)
+            previous.stop.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(previous.finished.wait(), 10)
+            if lease_id in core.uploading:
+                raise _Refused(
+                    grpc.StatusCode.ABORTED, "an upload for this lease is still being stopped"
+                )
         cap = core.config.max_upload_bytes_in_flight
         if total > cap:
             raise _Refused(
@@ -599,7 +639,8 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
                 f"at most {cap} at once; {total} more do not fit now: retry later",
             )
         # Reserved until this call ends, however it ends (a client cancel included).
-        core.uploading.add(lease_id)
+        me = _Upload()
+        core.uploading[lease_id] = me
         core.upload_bytes += total
         path = core.spool / f"upload-{uuid.uuid4().hex}.part"
         spool: IO[bytes] | None = None
@@ -607,7 +648,7 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
             # Creating the file is quick; doing it here means no thread can create it after
             # the cleanup below ran. Writes, which may be slow, go to a thread.
             spool = path.open("xb+")
-            size, digest = await self._receive(spool, messages, total)
+            size, digest = await self._receive(spool, messages, total, me.stop)
             # Also a moment for a client's cancel, which ends the stream like this, to arrive.
             await asyncio.to_thread(spool.flush)
             if size != total:
@@ -627,7 +668,9 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
                 grpc.StatusCode.INTERNAL, f"the pool cannot spool the upload: {exc.strerror}"
             ) from None
         finally:
-            core.uploading.discard(lease_id)
+            if core.uploading.get(lease_id) is me:
+                del core.uploading[lease_id]
+            me.finished.set()
             core.upload_bytes -= total
             try:
                 if spool is not None:
@@ -640,9 +683,12 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
 
     @staticmethod
     async def _receive(
-        spool: IO[bytes], messages: AsyncIterator[pb.UploadTaskResultRequest], total: int
+        spool: IO[bytes],
+        messages: AsyncIterator[pb.UploadTaskResultRequest],
+        total: int,
+        stop: asyncio.Event,
     ) -> tuple[int, str]:
-        """Write the data messages to `spool`; their size and sha256."""
+        """Write the data messages to `spool`; their size and sha256. `stop`: superseded."""
         hasher = hashlib.sha256()
 
         def write(data: bytes) -> None:
@@ -650,7 +696,7 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
             hasher.update(data)  # releases the GIL for big buffers, like the write
 
         size = 0
-        async for msg in messages:
+        async for msg in _until(messages, stop):
             if msg.WhichOneof("part") != "data":
                 raise _invalid("header", "sent more than once; only the first message is one")
             data = msg.data
@@ -869,6 +915,15 @@ class PoolServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                # Workers ping every 20 s to notice a dead connection (keepalive); a long-poll
+                # carries no data for up to max_wait, and the default policy (one ping per
+                # 5 minutes without data) would answer those pings with GOAWAY.
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.http2.max_ping_strikes", 0),
+                # And the pool pings too, so a worker whose connection went silent does not
+                # hold an upload slot (or a long-poll) for ever.
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.so_reuseport", 0),
             ]
         )
