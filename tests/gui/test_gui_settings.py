@@ -231,3 +231,32 @@ def _left():
 @pytest.fixture(autouse=True)
 def _no_real_autostart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+
+
+def test_the_demo_never_saves_its_throwaway_pool_as_yours(qtbot, tmp_path: Path, memory_keyring):
+    from guikit import make_world
+
+    world = make_world(tmp_path / "home")
+    pool = LoopPool(world, tmp_path / "pool.db", [])
+    app = WorkerApp(world.settings, world.paths, world.credentials, world.engine,
+                    autostart_engine=False, before=pool.before, after=pool.after,
+                    show_tray=False, exit_on_quit=False, demo=True)  # fmt: skip
+    pool.app = app
+    app.start_engine()
+    try:
+        qtbot.waitUntil(lambda: app.settings.node_pool_address != "127.0.0.1:1", timeout=20_000)
+        dialog = open_dialog(app)
+        dialog.concurrent.setValue(2)
+        assert dialog.apply()
+        saved = load_settings(app.paths, env={})
+        assert saved.max_concurrent_tasks == 2
+        assert saved.node_pool_address == "127.0.0.1:1"  # the person's, not the demo's
+        qtbot.waitUntil(lambda: app.engine.settings.max_concurrent_tasks == 2, timeout=5_000)
+        assert app.engine.settings.node_pool_address == app.settings.node_pool_address
+    finally:
+        app.engine_thread.submit(pool.after()).result(30)
+        world.engine.shutdown()
+        app.engine_thread.wait(30_000)
+        app.model.flush()
+        app.dispose()
+        qtbot.wait(50)

@@ -19,7 +19,7 @@ from PySide6.QtNetwork import QLocalServer, QLocalSocket
 from PySide6.QtWidgets import QApplication, QMessageBox, QProgressDialog, QSystemTrayIcon
 
 from hivemind_worker import __version__
-from hivemind_worker.config import Settings, read_state
+from hivemind_worker.config import Settings, read_state, save_settings
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.engine.engine import WorkerEngine
 from hivemind_worker.engine.events import EngineState, ErrorRaised
@@ -114,9 +114,12 @@ class WorkerApp(QObject):
         after: Callable[[], Awaitable[None]] | None = None,
         show_tray: bool = True,
         exit_on_quit: bool = True,
+        demo: bool = False,
     ) -> None:
         super().__init__()
         self.exit_on_quit = exit_on_quit  # tests keep their QApplication alive
+        self.demo = demo
+        self.file_settings = settings  # what settings.toml holds, before any demo pool
         self.settings = settings
         self.paths = paths
         self.credentials = credentials
@@ -318,6 +321,7 @@ class WorkerApp(QObject):
                 self.credentials,
                 self.engine_thread,
                 set_autostart=lambda on: autostart().set_enabled(on),
+                persist=self._persist,
                 parent=self.dashboard,
             )
             self.settings_dialog.applied.connect(self.apply_settings)
@@ -328,6 +332,16 @@ class WorkerApp(QObject):
         self.settings_dialog.show()
         self.settings_dialog.raise_()
         self.settings_dialog.activateWindow()
+
+    def _persist(self, settings: Settings) -> None:
+        if self.demo:
+            # The demo's pool lives only as long as the demo: keep the person's own pool.
+            settings = dataclasses.replace(
+                settings,
+                node_pool_address=self.file_settings.node_pool_address,
+                account=self.file_settings.account,
+            )
+        save_settings(self.paths, settings)
 
     def _forget_settings_dialog(self) -> None:
         if self.settings_dialog is not None:
@@ -460,6 +474,7 @@ def run_gui(
         autostart_engine=autostart_engine,
         before=before,
         after=after,
+        demo=demo_tasks is not None,
     )
     window.append(worker_app)
     single.activated.connect(worker_app.dashboard.show_and_raise)

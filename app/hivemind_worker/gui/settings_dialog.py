@@ -97,6 +97,7 @@ class SettingsDialog(QDialog):
         engine_thread: EngineThread,
         *,
         set_autostart: Callable[[bool], None],
+        persist: Callable[[Settings], None] | None = None,
         parent: QWidget | None = None,
     ) -> None:
         super().__init__(parent)
@@ -106,6 +107,7 @@ class SettingsDialog(QDialog):
         self.credentials = credentials
         self.engine_thread = engine_thread
         self._set_autostart = set_autostart
+        self._persist = persist or (lambda settings: save_settings(paths, settings))
         self._calls: set[Call] = set()
         self.errors: dict[str, str] = {}
         self._error_labels: dict[str, QLabel] = {}
@@ -320,7 +322,7 @@ class SettingsDialog(QDialog):
             return False
         try:
             settings = self.new_settings()
-            save_settings(self.paths, settings)
+            self._persist(settings)
             if settings.start_at_login != self.settings.start_at_login:
                 self._set_autostart(settings.start_at_login)
         except (ConfigError, OSError) as exc:
