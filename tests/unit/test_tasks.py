@@ -134,3 +134,33 @@ def test_backoff_grows_with_jitter_and_a_cap() -> None:
     assert all(0.5 <= d <= 60.0 for d in delays)
     assert max(backoff_delay(20, initial=1.0, cap=60.0) for _ in range(50)) <= 60.0
     assert len({round(backoff_delay(5), 6) for _ in range(20)}) > 1  # jittered
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=4096))
+def test_arbitrary_wire_bytes_never_crash_validation(data: bytes) -> None:
+    from google.protobuf.message import DecodeError
+
+    try:
+        msg = pb.TaskSpec.FromString(data)
+    except DecodeError:
+        return  # gRPC would have refused the message before it reached us
+    try:
+        TaskSpec.from_proto(msg, require_lease=True)
+    except TaskSpecError as exc:
+        assert str(exc).startswith(exc.field)
+
+
+def test_oversized_fields_are_refused_with_a_reason() -> None:
+    huge = "x" * (20 * 1024 * 1024)
+    cases = {
+        "input_files": {"input_files": [pb.InputFile(path="big", content=huge.encode())]},
+        "env": {"env": {"BIG": huge}},
+        "argv": {"argv": [huge]},
+        "name": {"name": huge},
+        "requirements": {"requirements": [huge]},
+    }
+    for field, fields in cases.items():
+        with pytest.raises(TaskSpecError) as err:
+            TaskSpec.from_proto(python_spec(**fields))
+        assert err.value.field == field
