@@ -53,7 +53,7 @@ def check_demo(exe: str | Path, home: Path, tasks: int = 6) -> None:
     """The headless demo with only this binary: its own pool process, its worker, every task."""
     data = home / "worker-data"
     done = run(
-        [exe, "--data-dir", data, "demo", "--tasks", str(tasks)],
+        [exe, "--data-dir", data, "demo", "--headless", "--tasks", str(tasks)],
         env=clean_env(home),
         timeout=240,
     )

@@ -46,7 +46,7 @@ def test_token_goes_to_the_secret_service(
     data = home / "data"
     script = (
         'printf "test-password" | gnome-keyring-daemon --unlock --components=secrets >/dev/null'
-        f' && "{binary}" --data-dir "{data}" demo --tasks 1'
+        f' && "{binary}" --data-dir "{data}" demo --headless --tasks 1'
         " && secret-tool search --all service hivemind-worker"
     )
     done = run(["dbus-run-session", "--", "sh", "-c", script], env=clean_env(home))
@@ -61,7 +61,8 @@ def test_plaintext_fallback_without_a_keyring(binary: Path, tmp_path: Path) -> N
     """No Secret Service at all: keyrings.alt's file store, bundled too, takes the token."""
     home = tmp_path / "home"
     home.mkdir()
-    done = run([binary, "--data-dir", home / "data", "demo", "--tasks", "1"], env=clean_env(home))
+    demo = [binary, "--data-dir", home / "data", "demo", "--headless", "--tasks", "1"]
+    done = run(demo, env=clean_env(home))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Error initializing plugin" not in done.stderr, done.stderr
     assert (home / "data" / "data" / "credentials.cfg").is_file()
