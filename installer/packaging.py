@@ -205,7 +205,7 @@ def _package_of(soname: str) -> str | None:
     if soname in KNOWN_SONAMES:
         return KNOWN_SONAMES[soname]
     cache = _output(["ldconfig", "-p"])
-    match = re.search(rf"^\s+{re.escape(soname)} \(libc6,x86-64[^)]*\) => (\S+)$", cache, re.M)
+    match = re.search(rf"^\s+{re.escape(soname)} \(libc6[^)]*\) => (\S+)$", cache, re.M)
     if not match:
         return None
     owner = _output(["dpkg-query", "-S", os.path.realpath(match.group(1))])
