@@ -200,7 +200,7 @@ class SettingsDialog(QDialog):
         self.memory = QDoubleSpinBox()
         self.memory.setRange(0.1, math.floor(total_gb * 10) / 10)
         self.memory.setDecimals(1)
-        self.memory.setSuffix(f" GB of {total_gb:.1f} GB")
+        self.memory.setSuffix(f" GiB of {total_gb:.1f} GiB")  # the settings count in GiB
         self.memory.valueChanged.connect(self.validate)
         form.addRow(self._labelled("&Memory:", self.memory), self.memory)
         form.addRow("", self._error_label("max_memory_gb"))
@@ -264,7 +264,7 @@ class SettingsDialog(QDialog):
         self.memory.setValue(settings.memory_cap_bytes() / GIB)
         free = free_disk_gb(settings)
         self.disk.setMaximum(max(0.1, math.floor(free * 10) / 10))
-        self.disk.setSuffix(f" GB ({free:.1f} GB free)")
+        self.disk.setSuffix(f" GiB ({free:.1f} GiB free)")
         self.disk.setValue(settings.max_disk_gb)
         self.concurrent.setValue(settings.max_concurrent_tasks)
         self.start_at_login.setChecked(settings.start_at_login)
