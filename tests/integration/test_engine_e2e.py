@@ -427,3 +427,29 @@ async def test_result_kept_in_the_outbox_is_delivered_after_a_crash(tmp_path: Pa
         if proc.poll() is None:
             proc.kill()
         await pool.stop()
+
+
+async def test_a_task_cancelled_here_and_handed_back_at_once_runs_again(tmp_path: Path) -> None:
+    # A long lease: if the second hand-out were ignored, the test would wait out the lease.
+    pool = await start_pool(tmp_path / "pool.db", lease_timeout=300)
+    worker = await start_worker(tmp_path / "node-a", pool.address)
+    marker = tmp_path / "first-run"
+    source = f"""
+        import os, time
+        if not os.path.exists({str(marker)!r}):
+            open({str(marker)!r}, "w").close()
+            time.sleep(60)
+        open("results/r.txt", "w").write("second run")
+    """
+    try:
+        async with queue_client(pool.address) as queue:
+            task_id = await queue.submit(python_task(source, name="again"))
+            await wait_for(marker.exists, what="first run")
+            worker.engine.cancel_task(task_id)
+            info = (await queue.wait_done([task_id], timeout=60))[task_id]
+            assert info.status == pb.TASK_STATUS_SUCCEEDED
+            assert info.attempt == 2 and info.node_id == "node-a"
+            assert archive_files(await queue.download(task_id)) == {"results/r.txt": b"second run"}
+    finally:
+        await worker.stop()
+        await pool.stop()

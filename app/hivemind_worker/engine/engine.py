@@ -615,7 +615,13 @@ class WorkerEngine:
             if wire.task_id and wire.lease_id:
                 self._spawn(self._reject(wire.task_id, wire.lease_id, str(exc)), "reject")
             return
-        if spec.task_id in self._running:
+        earlier = self._running.get(spec.task_id)
+        if earlier is not None:
+            if earlier.finished and earlier.task is not None:
+                # Given back a moment ago (cancelled here) and handed out again while the
+                # first run's report was still finishing: take it up once that run is gone.
+                self._spawn(self._accept_after(earlier.task, wire), "accept again")
+                return
             log.warning("task %s handed out twice; ignoring the second lease", spec.task_id)
             return
         if self._paused or self._draining or not self._want_running or self._shutdown:
@@ -632,6 +638,10 @@ class WorkerEngine:
         self._running[spec.task_id] = run
         run.task = asyncio.create_task(self._run_task(run), name=f"task-{spec.task_id}")
         self._refresh_state()
+
+    async def _accept_after(self, earlier: asyncio.Task[None], wire: pb.TaskSpec) -> None:
+        await asyncio.wait({earlier})
+        self._accept(wire)
 
     def _check_fits(self, spec: TaskSpec) -> str:
         if spec.timeout_seconds > self.settings.task_timeout:
