@@ -24,7 +24,7 @@ from test_engine_e2e import BATCH_SOURCE, expected_payload
 
 from conftest import TEST_IMAGE
 from hivemind_worker.config import Settings
-from hivemind_worker.engine.events import ResultDelivered, TaskFinished
+from hivemind_worker.engine.events import ImagePull, ResultDelivered, TaskFinished
 from hivemind_worker.engine.executors import docker as dockerx
 from hivemind_worker.pool.store import PoolStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
@@ -134,6 +134,45 @@ async def test_cancel_from_the_pool_kills_the_container(
         finished = [e for e in worker.events if isinstance(e, TaskFinished)]
         assert [e.status.value for e in finished] == ["cancelled"]
         await wait_for(lambda: not labelled(docker_client, "node-x"), 30, "container removed")
+    finally:
+        await worker.stop()
+        await pool.stop()
+
+
+class _PullingExecutor(dockerx.DockerExecutor):
+    """Reports a pull of the (local) Python image as if it came from a registry."""
+
+    def _ensure_image(self, image: str) -> None:
+        super()._ensure_image(image)
+        self._report_pull(image, {"layer": (5 * MiB, 10 * MiB)}, finished=False)
+        self._report_pull(image, {"layer": (10 * MiB, 10 * MiB)}, finished=True)
+
+
+async def test_image_pull_progress_is_published_as_engine_events(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    pool = await start_pool(tmp_path / "pool.db")
+
+    def make(settings: Settings) -> dockerx.DockerExecutor:
+        return _PullingExecutor(
+            docker_client,
+            settings.work_dir,
+            settings.node_id,
+            python_image=TEST_IMAGE,
+            pull_policy="never",
+        )
+
+    worker = await start_worker(tmp_path / "node-p", pool.address, executor=make)
+    try:
+        async with queue_client(pool.address) as queue:
+            task_id = await queue.submit(task("print('pulled and ran')\n"))
+            info = (await queue.wait_done([task_id], timeout=60))[task_id]
+            assert info.status == pb.TASK_STATUS_SUCCEEDED, info.error
+        pulls = [e for e in worker.events if isinstance(e, ImagePull)]
+        assert pulls == [
+            ImagePull(TEST_IMAGE, 5 * MiB, 10 * MiB),
+            ImagePull(TEST_IMAGE, 10 * MiB, 10 * MiB),
+        ]
     finally:
         await worker.stop()
         await pool.stop()

@@ -20,6 +20,7 @@ from hivemind_worker.engine.events import (
     ErrorRaised,
     Event,
     EventHub,
+    ImagePull,
     MetricsSample,
     ResultDelivered,
     StateChanged,
@@ -117,8 +118,13 @@ class WorkerEngine:
         self._max_wait = 30
         self._attempt = 0  # reconnect attempts since the last successful registration
         self._poll_call: asyncio.Task[list[pb.TaskSpec]] | None = None
+        executor.on_pull = self._on_pull
         self.tasks_done = 0
         self.tasks_failed = 0
+
+    def _on_pull(self, image: str, done: int, total: int) -> None:
+        # Called from the executor's pull thread: the event is published on the engine loop.
+        self._call(lambda: self._hub.publish(ImagePull(image, done, total)))
 
     # ------------------------------------------------------------------ public, any thread
 

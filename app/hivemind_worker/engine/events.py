@@ -50,6 +50,15 @@ class TaskStarted:
 
 
 @dataclass(frozen=True)
+class ImagePull:
+    """Progress of an image the executor is pulling for a task about to start."""
+
+    image: str
+    done_bytes: int
+    total_bytes: int  # 0 until the registry has said how large the layers are
+
+
+@dataclass(frozen=True)
 class TaskOutput:
     task_id: str
     text: str
@@ -86,6 +95,7 @@ Event = (
     StateChanged
     | MetricsSample
     | TaskStarted
+    | ImagePull
     | TaskOutput
     | TaskFinished
     | ResultDelivered

@@ -31,6 +31,10 @@ class Executor(abc.ABC):
     #: The capability advertised to the pool: "docker" or "process".
     capability: str
 
+    #: Told (image, bytes done, bytes total) while an image is pulled, from a worker thread
+    #: (so it must not block); only executors that pull images call it.
+    on_pull: Callable[[str, int, int], None] | None = None
+
     @abc.abstractmethod
     async def prepare(self, task: TaskSpec) -> None:
         """Make the workspace and inputs ready; raise TaskSpecError or ExecutorError to refuse."""

@@ -248,9 +248,6 @@ class DockerExecutor(Executor):
         self._build_locks: dict[str, threading.Lock] = {}
         self._build_locks_lock = threading.Lock()
         self._images_used = _ImageLedger(self._work_dir / IMAGES_FILE)
-        #: Told (image, bytes done, bytes total) while an image is pulled, at most twice a
-        #: second and once at the end; called from a worker thread, so it must not block.
-        self.on_pull: Callable[[str, int, int], None] | None = None
         self._image_budget = image_budget_bytes
 
     @property
