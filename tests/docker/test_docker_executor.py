@@ -21,6 +21,7 @@ from hivemind_worker.engine.executors import docker as dockerx
 from hivemind_worker.engine.executors import select_executor
 from hivemind_worker.engine.executors.base import ExecutorError
 from hivemind_worker.engine.tasks import (
+    GiB,
     InputFile,
     MiB,
     Resources,
@@ -460,3 +461,39 @@ async def test_images_it_pulled_are_pruned_least_recently_used_first(
         for ref in refs:
             with contextlib.suppress(docker.errors.ImageNotFound):
                 docker_client.images.remove(ref)
+
+
+async def test_lower_cpu_caps_scale_running_containers_down_and_back(
+    make_executor: MakeExecutor, docker_client: docker.DockerClient
+) -> None:
+    executor = make_executor()
+    tasks = [
+        make_task("import time\ntime.sleep(60)\n", f"t{i}", resources=Resources(1, 64 * MiB, MiB))
+        for i in range(2)
+    ]
+    runs = []
+    for task in tasks:
+        await executor.prepare(task)
+        runs.append(asyncio.create_task(executor.run(task, task.resources)))
+
+    def ceilings() -> list[int]:
+        out = []
+        for task in tasks:
+            container = executor.container(task.task_id)
+            assert container is not None
+            out.append(docker_client.api.inspect_container(container.id)["HostConfig"]["NanoCpus"])
+        return out
+
+    try:
+        await wait_for(
+            lambda: all(executor.container(t.task_id) is not None for t in tasks), 30, "containers"
+        )
+        assert ceilings() == [1_000_000_000] * 2
+        await executor.apply_caps(Resources(cpus=1, memory_bytes=GiB))
+        assert ceilings() == [500_000_000] * 2  # two tasks share the one core left
+        await executor.apply_caps(Resources(cpus=4, memory_bytes=GiB))
+        assert ceilings() == [1_000_000_000] * 2  # never above what each task asked for
+    finally:
+        for task in tasks:
+            await executor.cancel(task.task_id)
+        await asyncio.gather(*runs)

@@ -325,6 +325,8 @@ class WorkerEngine:
         self.settings = settings
         if reconnect and self._client is not None:
             self._spawn(self._close_client(), "reconnect")
+        if self._running:  # only then is the loop running, and is there anything to bring in
+            self._spawn(self.executor.apply_caps(self._caps()), "apply caps")
         self._poke()
 
     def _spawn(self, coro: Awaitable[object], what: str) -> None:

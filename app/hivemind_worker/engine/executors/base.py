@@ -69,5 +69,8 @@ class Executor(abc.ABC):
     def usage(self) -> dict[str, Usage]:
         """Latest usage sample of each running task, by task id; must not block."""
 
+    async def apply_caps(self, caps: Resources) -> None:  # noqa: B027 - optional hook
+        """The person's caps changed: bring running tasks within them where the sandbox can."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the executor holds (clients, watchers) at engine stop."""

@@ -75,6 +75,7 @@ API_TIMEOUT = 60
 PENDING_OUTPUT_CAP = 256 * 1024
 PULL_POLICIES = ("if-not-present", "always", "never")
 PULL_REPORT_INTERVAL = 0.5
+MIN_NANO_CPUS = 10_000_000  # 1 % of a core: Docker refuses a ceiling of less
 IMAGES_FILE = "_images.json"  # in the work folder: images this worker pulled, by last use
 
 _DockerErrors = (docker.errors.DockerException, requests.exceptions.RequestException)
@@ -825,6 +826,36 @@ class DockerExecutor(Executor):
 
     def usage(self) -> dict[str, Usage]:
         return {task_id: run.usage for task_id, run in self._running.items()}
+
+    async def apply_caps(self, caps: Resources) -> None:
+        """Scale running containers' CPU ceilings down to fit new caps (back up as they grow).
+
+        CPU is the one limit Docker can change safely in flight; memory is left alone (a
+        lower limit than a task holds would kill it) and the new caps bound new tasks.
+        """
+        runs = [r for r in self._running.values() if not r.exited]
+        wanted = sum(r.task.resources.cpus for r in runs)
+        factor = min(1.0, caps.cpus / wanted) if wanted > 0 and caps.cpus > 0 else 1.0
+        await asyncio.gather(
+            *(
+                asyncio.to_thread(
+                    self._set_nano_cpus,
+                    r.container,
+                    max(int(r.task.resources.cpus * factor * 1e9), MIN_NANO_CPUS),
+                )
+                for r in runs
+            )
+        )
+
+    def _set_nano_cpus(self, container: Container, nano_cpus: int) -> None:
+        # docker-py's update_container() predates NanoCpus; the engine's API takes it.
+        api = self._client.api
+        url = f"{api.base_url}/v{api.api_version}/containers/{container.id}/update"
+        try:
+            response = api.post(url, json={"NanoCpus": nano_cpus})
+            response.raise_for_status()
+        except _DockerErrors as exc:  # it may have exited meanwhile
+            log.debug("cannot update the CPU limit of %s: %s", container.short_id, exc)
 
     async def close(self) -> None:
         runs = list(self._running.values())
