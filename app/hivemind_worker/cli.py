@@ -166,15 +166,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---------------------------------------------------------------------------- run
 
 
-def make_engine(settings: Settings, paths: Paths, credentials: CredentialStore) -> WorkerEngine:
-    """The engine with the executor this machine supports."""
+def make_engine(
+    settings: Settings, paths: Paths, credentials: CredentialStore, *, demo: bool = False
+) -> WorkerEngine:
+    """The engine with the executor this machine supports (for the demo: one that is ready)."""
     from hivemind_worker.engine.engine import WorkerEngine
-    from hivemind_worker.engine.executors import select_executor
+    from hivemind_worker.engine.executors import ready_for_python, select_executor
     from hivemind_worker.logs import set_node_id
 
     node_id = resolve_node_id(settings, paths)
     set_node_id(node_id)
     executor = select_executor(settings, node_id)
+    if demo:
+        executor = ready_for_python(executor, settings)
     return WorkerEngine(
         settings,
         node_id=node_id,
@@ -413,7 +417,7 @@ async def _demo(
     names = dict(zip(ids, (s.name for s in samples), strict=True))
     print(f"Submitted {len(ids)} sample tasks; the worker takes them now.\n")
 
-    engine = make_engine(settings, paths, credentials)
+    engine = make_engine(settings, paths, credentials, demo=True)
     finished: dict[str, str] = {}
 
     def on_event(event: object) -> None:

@@ -450,7 +450,7 @@ def run_gui(
         return 0
     single.listen()
     credentials = CredentialStore(paths)
-    engine = make_engine(settings, paths, credentials)
+    engine = make_engine(settings, paths, credentials, demo=demo_tasks is not None)
     before = after = None
     autostart_engine = settings.start_on_launch
     window: list[WorkerApp] = []

@@ -73,3 +73,25 @@ def _docker_executor(settings: Settings, node_id: str) -> Executor:
         client.close()
         raise
     return executor
+
+
+def ready_for_python(executor: Executor, settings: Settings) -> Executor:
+    """`executor`, or the process sandbox when Docker cannot get its Python image.
+
+    For the demo, whose tasks are all Python: on a machine with Docker but without the image
+    and no way to pull it, the demo should still run, and say why it runs without Docker.
+    Blocking (it may pull the image).
+    """
+    from hivemind_worker.engine.executors.base import ExecutorError
+    from hivemind_worker.engine.executors.docker import DockerExecutor
+    from hivemind_worker.engine.executors.process import ProcessExecutor
+
+    if not isinstance(executor, DockerExecutor):
+        return executor
+    try:
+        executor.ensure_image(settings.docker_python_image)
+    except ExecutorError as exc:
+        log.warning("%s; the demo runs its tasks in the process sandbox instead", exc)
+        executor.client.close()
+        return ProcessExecutor(settings.work_dir)
+    return executor

@@ -345,6 +345,10 @@ class DockerExecutor(Executor):
             except OSError as exc:
                 raise ExecutorError(f"cannot hand the workspace to the task user: {exc}") from exc
 
+    def ensure_image(self, image: str) -> None:
+        """Blocking: make `image` present under the pull policy, or raise ExecutorError."""
+        self._ensure_image(image)
+
     def _ensure_image(self, image: str) -> None:
         """Apply the pull policy; a failed pull fails the task with the registry's message."""
         if self._pull_policy != "always":
