@@ -82,6 +82,8 @@ def main() -> None:
         sys.exit(f"{args.binary} is missing: run `python3 build.py exe` first")
     binary = args.binary.resolve()
 
+    # Other work on the machine skews every start; say how busy it was before we began.
+    load = f"load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "load n/a"
     rows = []
     for sub in COMMANDS:
         cold = measure([str(binary), *sub], args.runs, args.warmup, cold=True, binary=binary)
@@ -105,8 +107,6 @@ def main() -> None:
                 f"(min {fmt(min(warm))}) |"
             )
     size = binary.stat().st_size
-    # Other work on the machine skews every start; say how busy it was.
-    load = f"load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "load n/a"
     section = "\n".join(
         [
             "## Start-up of the one-file executable (`bench/startup.py`)",
