@@ -464,6 +464,8 @@ def build_tarball(_: argparse.Namespace) -> Path:
         for size, png in icon_pngs(BUILD / "tarball" / "icons").items():
             _add(tar, f"{top}/icons/{size}x{size}/{NAME}.png", png.read_bytes())
         _add(tar, f"{top}/README", (linux / "README.tarball").read_bytes())
+        # What the bundle carries and under which licences (the .deb has the same file).
+        _add(tar, f"{top}/COPYRIGHT", _copyright().encode())
     log(f"built {out.relative_to(ROOT)}: {out.stat().st_size / 1e6:.1f} MB")
     return out
 
