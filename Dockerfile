@@ -6,7 +6,8 @@
 #
 # The one-file binary links only against glibc (>= 2.36, Debian 12) for headless use, so
 # any such base works; it brings its own Python. Add python3 to the base only if you want
-# the no-Docker process sandbox (DOCKER_ENABLED=false).
+# the no-Docker process sandbox (DOCKER_ENABLED=false); python3-minimal is not enough, the
+# sandbox's launcher needs the `resource` module.
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 
