@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 import keyring
-from _report import write_section
-from keyring.backend import KeyringBackend
+from _report import MemoryKeyring, write_section
 
 from hivemind_worker.config import load_settings
 from hivemind_worker.credentials import CredentialStore
@@ -37,23 +36,6 @@ from hivemind_worker.protocol import nodepool_pb2 as pb
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 SOURCE = "open('results/out.txt', 'w').write('ok')\n"
-
-
-class _MemoryKeyring(KeyringBackend):
-    priority = 1  # type: ignore[assignment]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.data: dict[tuple[str, str], str] = {}
-
-    def get_password(self, service: str, username: str) -> str | None:
-        return self.data.get((service, username))
-
-    def set_password(self, service: str, username: str, password: str) -> None:
-        self.data[service, username] = password
-
-    def delete_password(self, service: str, username: str) -> None:
-        self.data.pop((service, username), None)
 
 
 def baseline_runs(n: int) -> list[float]:
@@ -146,7 +128,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=30, help="tasks per side (default 30)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
-    keyring.set_keyring(_MemoryKeyring())
+    keyring.set_keyring(MemoryKeyring())
 
     base = baseline_runs(args.n)
     with tempfile.TemporaryDirectory() as tmp:

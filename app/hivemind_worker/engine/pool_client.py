@@ -148,14 +148,20 @@ def map_rpc_error(exc: grpc.RpcError, doing: str, address: str) -> PoolError:
     return PoolError("Node Pool error", f"could not {doing}: {code}: {details}", code)
 
 
-def is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
+def is_loopback_host(host: str) -> bool:
+    """True for 'localhost', 127.x.y.z and ::1 (brackets allowed)."""
+    host = host.strip("[]")
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_loopback(address: str) -> bool:
+    """True for 'localhost:P', '127.x.y.z:P' and '[::1]:P'."""
+    return is_loopback_host(address.rpartition(":")[0] if ":" in address else address)
 
 
 class NodePoolClient:

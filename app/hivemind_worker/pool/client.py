@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import builtins
 import hashlib
-import ipaddress
 from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 import grpc
 
+from hivemind_worker.engine.pool_client import is_loopback
 from hivemind_worker.engine.tasks import MiB
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.protocol import nodepool_pb2_grpc as pb_grpc
@@ -39,20 +39,9 @@ class ResultIntegrityError(Exception):
     """A downloaded result does not match the size or sha256 the pool announced."""
 
 
-def is_loopback_host(host: str) -> bool:
-    """True for 'localhost', 127.x.y.z and ::1 (brackets allowed)."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def is_loopback_address(address: str) -> bool:
     """True for 'localhost:P', '127.x.y.z:P' and '[::1]:P'."""
-    return is_loopback_host(address.rpartition(":")[0] if ":" in address else address)
+    return is_loopback(address)
 
 
 class TaskQueueClient:

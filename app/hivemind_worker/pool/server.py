@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hivemind_worker import __version__
+from hivemind_worker.engine.pool_client import is_loopback_host
 from hivemind_worker.engine.tasks import (
     MAX_ID_LEN,
     GiB,
@@ -31,7 +32,6 @@ from hivemind_worker.engine.tasks import (
     TaskSpecError,
     TaskStatus,
 )
-from hivemind_worker.pool.client import is_loopback_host
 from hivemind_worker.pool.store import (
     DuplicateTask,
     NodeNotFound,

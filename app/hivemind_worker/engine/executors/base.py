@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import abc
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from hivemind_worker.engine.tasks import Resources, TaskResult, TaskSpec
+from hivemind_worker.engine.tasks import Resources, TaskResult, TaskSpec, TaskStatus
+
+log = logging.getLogger(__name__)
 
 LogSink = Callable[[str, bytes], None]
 """Called with (task_id, chunk) as a task writes output; must not block."""
@@ -39,15 +44,56 @@ class Executor(abc.ABC):
     async def prepare(self, task: TaskSpec) -> None:
         """Make the workspace and inputs ready; raise TaskSpecError or ExecutorError to refuse."""
 
-    @abc.abstractmethod
     async def run(
         self, task: TaskSpec, caps: Resources, on_log: LogSink | None = None
     ) -> TaskResult:
         """Run a prepared task to its end and return its result; never raises for task failures.
 
         `caps` are the limits this task gets: its request, already checked to fit the
-        person's caps by the engine.
+        person's caps by the engine. Raises ExecutorError only for a task never prepared.
         """
+        workspace = self.workspace(task.task_id)
+        if workspace is None:
+            raise ExecutorError(f"task {task.task_id} was not prepared")
+        result = TaskResult(task.task_id, task.lease_id, TaskStatus.FAILED, started_at=time.time())
+        if self.cancel_requested(task.task_id):
+            result.status = TaskStatus.CANCELLED
+            result.error = "cancelled before it started"
+            result.finished_at = time.time()
+            return result
+        try:
+            await self._run(task, caps, on_log, workspace, result)
+        except Exception as exc:  # run() never raises for what a task does
+            log.exception("%s executor failed on task %s", self.capability, task.task_id)
+            result.status = TaskStatus.FAILED
+            result.error = f"worker error while running the task: {self.describe_error(exc)}"
+            result.archive = None
+        if not result.finished_at:
+            result.finished_at = time.time()
+        return result
+
+    @abc.abstractmethod
+    async def _run(
+        self,
+        task: TaskSpec,
+        caps: Resources,
+        on_log: LogSink | None,
+        workspace: Path,
+        result: TaskResult,
+    ) -> None:
+        """Run the prepared task, filling in `result` (status, output, archive, usage)."""
+
+    @abc.abstractmethod
+    def workspace(self, task_id: str) -> Path | None:
+        """The prepared task's workspace, until cleanup()."""
+
+    @abc.abstractmethod
+    def cancel_requested(self, task_id: str) -> bool:
+        """Whether cancel() came for this task before it started."""
+
+    def describe_error(self, exc: Exception) -> str:
+        """A human line for an unexpected failure inside _run()."""
+        return str(exc)
 
     @abc.abstractmethod
     async def cancel(self, task_id: str) -> None:

@@ -508,28 +508,11 @@ class DockerExecutor(Executor):
             config["cgroup_parent"] = self._cgroup_parent
         return config
 
-    async def run(
-        self, task: TaskSpec, caps: Resources, on_log: LogSink | None = None
-    ) -> TaskResult:
-        workspace = self._workspaces.get(task.task_id)
-        if workspace is None:
-            raise ExecutorError(f"task {task.task_id} was not prepared")
-        result = TaskResult(task.task_id, task.lease_id, TaskStatus.FAILED, started_at=time.time())
-        if task.task_id in self._cancel_requested:
-            result.status = TaskStatus.CANCELLED
-            result.error = "cancelled before it started"
-            result.finished_at = time.time()
-            return result
-        try:
-            await self._run(task, caps, on_log, workspace, result)
-        except Exception as exc:  # run() never raises for what a task does
-            log.exception("docker executor failed on task %s", task.task_id)
-            result.status = TaskStatus.FAILED
-            result.error = f"worker error while running the task: {_reason(exc)}"
-            result.archive = None
-        if not result.finished_at:
-            result.finished_at = time.time()
-        return result
+    def cancel_requested(self, task_id: str) -> bool:
+        return task_id in self._cancel_requested
+
+    def describe_error(self, exc: Exception) -> str:
+        return _reason(exc)
 
     async def _run(
         self,

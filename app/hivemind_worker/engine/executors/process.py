@@ -190,28 +190,8 @@ class ProcessExecutor(Executor):
 
     # ---------------------------------------------------------------- run
 
-    async def run(
-        self, task: TaskSpec, caps: Resources, on_log: LogSink | None = None
-    ) -> TaskResult:
-        workspace = self._workspaces.get(task.task_id)
-        if workspace is None:
-            raise ExecutorError(f"task {task.task_id} was not prepared")
-        result = TaskResult(task.task_id, task.lease_id, TaskStatus.FAILED, started_at=time.time())
-        if task.task_id in self._cancel_requested:
-            result.status = TaskStatus.CANCELLED
-            result.error = "cancelled before it started"
-            result.finished_at = time.time()
-            return result
-        try:
-            await self._run(task, caps, on_log, workspace, result)
-        except Exception as exc:  # run() never raises for what a task does
-            log.exception("process executor failed on task %s", task.task_id)
-            result.status = TaskStatus.FAILED
-            result.error = f"worker error while running the task: {exc}"
-            result.archive = None
-        if not result.finished_at:
-            result.finished_at = time.time()
-        return result
+    def cancel_requested(self, task_id: str) -> bool:
+        return task_id in self._cancel_requested
 
     async def _run(
         self,
