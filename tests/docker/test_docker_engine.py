@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +37,11 @@ pytestmark = [
 ]
 
 MiB = 1 << 20
+DOCKER_ENV = {
+    "DOCKER_ENABLED": "true",
+    "DOCKER_PYTHON_IMAGE": TEST_IMAGE,
+    "DOCKER_PULL_POLICY": "never",
+}
 
 
 def docker_executor(
@@ -71,6 +77,24 @@ def labelled(client: docker.DockerClient, node: str, *, running: bool = False) -
     if running:
         filters["status"] = "running"
     return list(client.api.containers(all=not running, filters=filters))
+
+
+async def running_container(client: docker.DockerClient, node: str) -> str:
+    """The id of the node's first running task container, once there is one."""
+    for _ in range(600):
+        found = await asyncio.to_thread(labelled, client, node, running=True)
+        if found:
+            return str(found[0]["Id"])
+        await asyncio.sleep(0.1)
+    raise AssertionError("the worker never started a container")
+
+
+def container_gone(client: docker.DockerClient, container_id: str) -> bool:
+    try:
+        client.containers.get(container_id)
+    except docker.errors.NotFound:
+        return True
+    return False
 
 
 async def test_worker_survives_hostile_tasks_and_takes_the_next(
@@ -273,45 +297,30 @@ async def test_batch_of_tasks_end_to_end_through_docker(
 async def test_killed_worker_leaves_a_container_the_next_start_removes(
     tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
+    """A container whose kept spec is gone cannot be re-attached: the next start removes it
+    (and its workspace), and the pool re-queues the task when its lease expires."""
     pool = await start_pool(tmp_path / "pool.db")
     home = tmp_path / "node-k"
-    docker_env = {
-        "DOCKER_ENABLED": "true",
-        "DOCKER_PYTHON_IMAGE": TEST_IMAGE,
-        "DOCKER_PULL_POLICY": "never",
-    }
-    first = await worker_subprocess(home, pool.address, env_overrides=docker_env)
+    first = await worker_subprocess(home, pool.address, env_overrides=DOCKER_ENV)
     second = None
     try:
         async with queue_client(pool.address) as queue:
             await queue.submit(task("import time\ntime.sleep(120)\n"))
-
-            async def running() -> list[dict]:  # type: ignore[type-arg]
-                return await asyncio.to_thread(labelled, docker_client, "node-k", running=True)
-
-            for _ in range(600):
-                if await running():
-                    break
-                await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("the worker never started a container")
-            leftover = (await running())[0]["Id"]
+            leftover = await running_container(docker_client, "node-k")
             os.kill(first.pid, signal.SIGKILL)
             first.wait(10)
             # Killed without a word: its container runs on.
             assert docker_client.containers.get(leftover).status == "running"
+            # The spec is kept beside the workspace, not in it; without it, no re-attaching.
+            kept = list(home.rglob(f"{dockerx.SPECS_DIR}/*.pb"))
+            assert len(kept) == 1
+            workspace = kept[0].parent.parent / kept[0].stem
+            assert workspace.is_dir()
+            kept[0].unlink()
 
-            second = await worker_subprocess(home, pool.address, env_overrides=docker_env)
-
-            def gone() -> bool:
-                try:
-                    docker_client.containers.get(leftover)
-                except docker.errors.NotFound:
-                    return True
-                return False
-
+            second = await worker_subprocess(home, pool.address, env_overrides=DOCKER_ENV)
             for _ in range(600):
-                if await asyncio.to_thread(gone):
+                if await asyncio.to_thread(container_gone, docker_client, leftover):
                     break
                 await asyncio.sleep(0.1)
             else:
@@ -319,12 +328,132 @@ async def test_killed_worker_leaves_a_container_the_next_start_removes(
             log = (home / "stderr.log").read_text()
             assert "removed 1 container(s) left by an earlier run" in log
             assert "docker sandbox" in log
+            assert "re-attaching" not in log
+            assert not workspace.exists()
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
         for item in labelled(docker_client, "node-k"):
+            with contextlib.suppress(docker.errors.NotFound):
+                docker_client.api.remove_container(item["Id"], force=True)
+        await pool.stop()
+
+
+@pytest.mark.slow
+async def test_killed_worker_reattaches_its_running_container(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    """SIGKILL mid-task, restart within the lease: the new run re-attaches to the container
+    and reports its result, once, under the first lease (not re-queued)."""
+    pool = await start_pool(tmp_path / "pool.db", lease_timeout=60)
+    home = tmp_path / "node-r"
+    payload = bytes(range(256)) * 64
+    first = await worker_subprocess(home, pool.address, env_overrides=DOCKER_ENV)
+    second = None
+    try:
+        async with queue_client(pool.address) as queue:
+            task_id = await queue.submit(
+                task(
+                    "import time\ntime.sleep(3)\n"
+                    "open('results/out.bin', 'wb').write(bytes(range(256)) * 64)\n"
+                    "print('wrote the result')\n"
+                )
+            )
+            leftover = await running_container(docker_client, "node-r")
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait(10)
+            assert docker_client.containers.get(leftover).status == "running"
+
+            second = await worker_subprocess(home, pool.address, env_overrides=DOCKER_ENV)
+            info = (await queue.wait_done([task_id], timeout=90))[task_id]
+            assert info.status == pb.TASK_STATUS_SUCCEEDED, info.error
+            assert info.attempt == 1  # re-attached under the first lease, not re-queued
+            assert info.node_id == "node-r"
+            assert b"wrote the result" in info.log_tail
+            assert archive_files(await queue.download(task_id)) == {"results/out.bin": payload}
+        await wait_for(
+            lambda: container_gone(docker_client, leftover), 30, "re-attached container removed"
+        )
+        await wait_for(lambda: not list(home.rglob(f"{dockerx.SPECS_DIR}/*.pb")), 30, "spec gone")
+        log = (home / "stderr.log").read_text()
+        assert "re-attaching to" in log
+        assert "left by an earlier run" in log
+        assert "removed 1 container(s)" not in log
+        db = sqlite3.connect(f"file:{tmp_path / 'pool.db'}?mode=ro", uri=True)
+        try:
+            reports = db.execute(
+                "SELECT status FROM reports WHERE task_id = ?", (task_id,)
+            ).fetchall()
+        finally:
+            db.close()
+        assert reports == [("succeeded",)]  # exactly once
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        for item in labelled(docker_client, "node-r"):
+            with contextlib.suppress(docker.errors.NotFound):
+                docker_client.api.remove_container(item["Id"], force=True)
+        await pool.stop()
+
+
+@pytest.mark.slow
+async def test_reattached_task_whose_lease_expired_is_stopped_and_run_again(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    """Restarted after the lease expired: the re-attached container is stopped and its
+    result dropped (the pool no longer honours the lease); the re-queued attempt runs."""
+    pool = await start_pool(tmp_path / "pool.db", lease_timeout=3)
+    home = tmp_path / "node-e"
+    first = await worker_subprocess(home, pool.address, env_overrides=DOCKER_ENV)
+    second = None
+    try:
+        async with queue_client(pool.address) as queue:
+            task_id = await queue.submit(
+                task(
+                    "import os, time\n"
+                    "open('results/out.txt', 'w').write(os.environ['HIVEMIND_TASK_ID'])\n"
+                    "time.sleep(8)\n"
+                )
+            )
+            leftover = await running_container(docker_client, "node-e")
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait(10)
+            for _ in range(300):
+                info = await queue.get(task_id)
+                if info.attempt == 2:  # the lease expired: re-queued
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the pool never re-queued the task")
+            assert docker_client.containers.get(leftover).status == "running"
+
+            second = await worker_subprocess(home, pool.address, env_overrides=DOCKER_ENV)
+            info = (await queue.wait_done([task_id], timeout=90))[task_id]
+            assert info.status == pb.TASK_STATUS_SUCCEEDED, info.error
+            assert info.attempt == 2
+            files = archive_files(await queue.download(task_id))
+            assert files == {"results/out.txt": task_id.encode()}
+        await wait_for(lambda: container_gone(docker_client, leftover), 30, "old container gone")
+        log = (home / "stderr.log").read_text()
+        assert "re-attaching to" in log
+        db = sqlite3.connect(f"file:{tmp_path / 'pool.db'}?mode=ro", uri=True)
+        try:
+            reports = db.execute(
+                "SELECT status FROM reports WHERE task_id = ?", (task_id,)
+            ).fetchall()
+        finally:
+            db.close()
+        assert reports == [("succeeded",)]  # the stopped run's report was not taken
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        for item in labelled(docker_client, "node-e"):
             with contextlib.suppress(docker.errors.NotFound):
                 docker_client.api.remove_container(item["Id"], force=True)
         await pool.stop()

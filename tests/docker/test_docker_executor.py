@@ -286,9 +286,10 @@ async def test_links_in_results_are_refused(
     assert result.archive is None
     workspace = executor.workspace("t1")
     assert workspace is not None
-    # Nothing new outside the workspace: no archive, no unpacked file.
+    # Nothing new outside the workspace: no archive, no unpacked file (only the kept spec).
     new = {p for p in tree(tmp_path) - before if workspace not in (p, *p.parents)}
-    assert new <= {tmp_path / "work", executor.archive_dir}
+    specs = tmp_path / "work" / dockerx.SPECS_DIR
+    assert new <= {tmp_path / "work", executor.archive_dir, specs, specs / f"{workspace.name}.pb"}
 
 
 async def test_pause_freezes_cpu_and_resume_finishes(
@@ -393,6 +394,54 @@ async def test_leftover_containers_are_removed_at_start(
         for cid in (ours, theirs):
             with contextlib.suppress(docker.errors.NotFound):
                 docker_client.containers.get(cid).remove(force=True)
+
+
+async def test_a_restarted_executor_reattaches_containers_left_running_or_exited(
+    make_executor: MakeExecutor, docker_client: docker.DockerClient, tmp_path: Path
+) -> None:
+    """Containers whose spec was kept (beside the workspace) are adopted at start and
+    followed to their results, whether they still run or exited meanwhile."""
+    first = make_executor()
+    slow = make_task(
+        "import time\nprint('slow here')\ntime.sleep(5)\n"
+        "open('results/out.txt', 'w').write('slow')\n",
+        "slow",
+    )
+    quick = make_task("open('results/out.txt', 'w').write('quick')\n", "quick")
+    ids: dict[str, str] = {}
+    for spec in (slow, quick):
+        await first.prepare(spec)
+        workspace = first.workspace(spec.task_id)
+        assert workspace is not None
+        config = first.container_config(spec, spec.resources, workspace)
+        container = await asyncio.to_thread(lambda c=config: docker_client.containers.create(**c))
+        await asyncio.to_thread(container.start)
+        ids[spec.task_id] = str(container.id)
+    # `first` dies here without a word: nothing of it is cleaned up.
+
+    def status(task_id: str) -> str:
+        return str(docker_client.containers.get(ids[task_id]).status)
+
+    await wait_for(lambda: status("quick") == "exited", 30, "quick task exited")
+    assert status("slow") == "running"
+    second = make_executor()
+    assert await asyncio.to_thread(second.remove_leftovers) == 0
+    adopted = {spec.task_id: spec for spec in second.adoptable()}
+    assert adopted == {"slow": slow, "quick": quick}
+    assert second.adoptable() == []  # offered once
+    for task_id, expected in (("slow", b"slow"), ("quick", b"quick")):
+        result = await second.reattach(adopted[task_id])
+        assert result.status is TaskStatus.SUCCEEDED, result.error
+        assert result.archive is not None
+        assert archive_files(result.archive.read_bytes()) == {"results/out.txt": expected}
+        if task_id == "slow":
+            assert b"slow here" in result.log_tail
+        await second.cleanup(task_id)
+        with pytest.raises(docker.errors.NotFound):
+            docker_client.containers.get(ids[task_id])
+        assert not (tmp_path / "work" / dockerx.SPECS_DIR / f"{task_id}-lease-1.pb").exists()
+    with pytest.raises(ExecutorError):
+        await second.reattach(slow)  # not offered any more
 
 
 async def test_requirements_use_a_derived_image_cached_by_their_hash(

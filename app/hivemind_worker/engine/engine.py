@@ -72,6 +72,7 @@ class _Running:
     started: float
     task: asyncio.Task[None] | None = None
     finished: bool = False  # execution over; the result may still be on its way to the pool
+    adopted: bool = False  # left running by an earlier run of this worker; re-attached
     cancel_requested: bool = False  # checked after prepare(), so an early cancel is not lost
 
 
@@ -198,13 +199,16 @@ class WorkerEngine:
         self._want_running = autostart or self._want_running
         metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
         leftovers: list[asyncio.Task[None]] = []
+        spooled: set[tuple[str, str]] = set()
         try:
             self._outbox = await asyncio.to_thread(Outbox, self.outbox_dir)
             for pending in await asyncio.to_thread(self._outbox.pending):
+                spooled.add((pending.result.task_id, pending.result.lease_id))
                 leftovers.append(asyncio.create_task(self._deliver_spooled(pending)))
         except (OSError, sqlite3.Error) as exc:
             log.error("the result spool in %s is unusable: %s", self.outbox_dir, exc)
             self._hub.publish(ErrorRaised("Result spool unusable", str(exc)))
+        self._adopt_leftovers(spooled)
         try:
             while not self._shutdown:
                 if not self._want_running:
@@ -241,6 +245,19 @@ class WorkerEngine:
             await self._close_client()
             await self.executor.close()
             self._set_state(EngineState.STOPPED)
+
+    def _adopt_leftovers(self, spooled: set[tuple[str, str]]) -> None:
+        """Re-attach tasks an earlier run left running: they hold their leases (heartbeats
+        renew them, capacity counts them) and report like any task. A lease the pool no
+        longer honours stops the task, and its result is dropped as stale."""
+        for spec in self.executor.adoptable():
+            if (spec.task_id, spec.lease_id) in spooled or spec.task_id in self._running:
+                # Its result was spooled before the crash: the outbox delivers that one.
+                self._spawn(self.executor.cleanup(spec.task_id), "cleanup")
+                continue
+            run = _Running(spec=spec, started=time.time(), adopted=True)
+            self._running[spec.task_id] = run
+            run.task = asyncio.create_task(self._run_task(run), name=f"task-{spec.task_id}")
 
     # ------------------------------------------------------------------ commands, engine loop
 
@@ -625,6 +642,16 @@ class WorkerEngine:
             return
         earlier = self._running.get(spec.task_id)
         if earlier is not None:
+            if earlier.adopted and earlier.spec.lease_id != spec.lease_id and earlier.task:
+                # Re-queued while this worker was down and handed out anew: the pool no longer
+                # honours the adopted lease. Stop that run (its report is dropped as stale),
+                # then take the task up under the new lease.
+                log.warning("task %s was re-queued; stopping its re-attached run", spec.task_id)
+                if not earlier.finished and not earlier.cancel_requested:
+                    earlier.cancel_requested = True
+                    self._spawn(self.executor.cancel(spec.task_id), "cancel")
+                self._spawn(self._accept_after(earlier.task, wire), "accept again")
+                return
             if earlier.finished and earlier.task is not None:
                 # Given back a moment ago (cancelled here) and handed out again while the
                 # first run's report was still finishing: take it up once that run is gone.
@@ -683,7 +710,12 @@ class WorkerEngine:
     async def _run_task(self, run: _Running) -> None:
         spec = run.spec
         with task_context(spec.task_id):
-            log.info("starting %s (attempt %d)", spec.label, spec.attempt)
+            log.info(
+                "%s %s (attempt %d)",
+                "re-attaching to" if run.adopted else "starting",
+                spec.label,
+                spec.attempt,
+            )
             self._hub.publish(
                 TaskStarted(
                     spec.task_id,
@@ -695,7 +727,7 @@ class WorkerEngine:
                     spec.attempt,
                 )
             )
-            result = await self._execute(spec)
+            result = await self._execute(spec, adopted=run.adopted)
             run.finished = True
             self._refresh_state()
             self._poke()
@@ -769,12 +801,14 @@ class WorkerEngine:
         finally:
             self._undelivered.pop(key, None)
 
-    async def _execute(self, spec: TaskSpec) -> TaskResult:
+    async def _execute(self, spec: TaskSpec, *, adopted: bool = False) -> TaskResult:
         def on_log(task_id: str, chunk: bytes) -> None:
             self._hub.publish(TaskOutput(task_id, chunk.decode("utf-8", "replace")))
 
         started = time.time()
         try:
+            if adopted:
+                return await self.executor.reattach(spec, on_log)
             await self.executor.prepare(spec)
             run = self._running.get(spec.task_id)
             if run is not None and run.cancel_requested:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import abc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hivemind_worker.engine.tasks import Resources, TaskResult, TaskSpec, TaskStatus
 
@@ -61,8 +62,36 @@ class Executor(abc.ABC):
             result.error = "cancelled before it started"
             result.finished_at = time.time()
             return result
+        return await self._guarded(task, result, self._run(task, caps, on_log, workspace, result))
+
+    def adoptable(self) -> list[TaskSpec]:
+        """Tasks an earlier run of this worker left running (or finished but not collected)
+        that this executor can follow to their end with reattach(); asked once, at engine
+        start. The default: none (such tasks died with the worker)."""
+        return []
+
+    async def reattach(self, task: TaskSpec, on_log: LogSink | None = None) -> TaskResult:
+        """Follow an adoptable task to its end and return its result, like run().
+
+        Raises ExecutorError only for a task that adoptable() did not offer.
+        """
+        workspace = self.workspace(task.task_id)
+        if workspace is None:
+            raise ExecutorError(f"task {task.task_id} was not left by an earlier run")
+        result = TaskResult(task.task_id, task.lease_id, TaskStatus.FAILED, started_at=time.time())
+        return await self._guarded(task, result, self._reattach(task, on_log, workspace, result))
+
+    async def _reattach(
+        self, task: TaskSpec, on_log: LogSink | None, workspace: Path, result: TaskResult
+    ) -> None:
+        """Follow an adopted task, filling in `result`; only executors that adopt override it."""
+        raise ExecutorError(f"the {self.capability} executor cannot re-attach tasks")
+
+    async def _guarded(
+        self, task: TaskSpec, result: TaskResult, body: Coroutine[Any, Any, None]
+    ) -> TaskResult:
         try:
-            await self._run(task, caps, on_log, workspace, result)
+            await body
         except Exception as exc:  # run() never raises for what a task does
             log.exception("%s executor failed on task %s", self.capability, task.task_id)
             result.status = TaskStatus.FAILED

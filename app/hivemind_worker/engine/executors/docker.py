@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
@@ -24,6 +26,7 @@ import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount
+from google.protobuf.message import DecodeError
 
 from hivemind_worker.engine.executors.base import Executor, ExecutorError, LogSink, Usage
 from hivemind_worker.engine.executors.workspace import (
@@ -44,6 +47,7 @@ from hivemind_worker.engine.tasks import (
     TaskSpecError,
     TaskStatus,
 )
+from hivemind_worker.protocol import nodepool_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,10 @@ PULL_POLICIES = ("if-not-present", "always", "never")
 PULL_REPORT_INTERVAL = 0.5
 MIN_NANO_CPUS = 10_000_000  # 1 % of a core: Docker refuses a ceiling of less
 IMAGES_FILE = "_images.json"  # in the work folder: images this worker pulled, by last use
+# In the work folder, beside (never inside: the task could rewrite it) each workspace: the spec
+# of every prepared task, `<task>-<lease>.pb`, so that a restarted worker can re-attach.
+SPECS_DIR = "_specs"
+ADOPTABLE_STATES = ("running", "paused", "exited")
 
 _DockerErrors = (docker.errors.DockerException, requests.exceptions.RequestException)
 
@@ -198,11 +206,13 @@ class DockerExecutor(Executor):
     without bound, when the task outpaces it); the tail in the result comes from the capped
     log file once the container has stopped.
 
-    Housekeeping: remove_leftovers() (at start) removes containers labelled with this node
-    and their workspaces; cleanup() removes the container and workspace, then prunes the
-    images this worker pulled or built, least recently used first, past
-    `image_budget_bytes`. `cgroup_parent` (see courtesy_cgroup_parent) puts every container
-    under a parent cgroup of minimal CPU weight so the person's own programs come first.
+    Housekeeping: remove_leftovers() (at start) adopts containers labelled with this node
+    whose task spec it kept (SPECS_DIR, beside the workspaces), for the engine to re-attach
+    them with reattach(), and removes the others and their workspaces; cleanup() removes the
+    container, workspace and kept spec, then prunes the images this worker pulled or built,
+    least recently used first, past `image_budget_bytes`. `cgroup_parent` (see
+    courtesy_cgroup_parent) puts every container under a parent cgroup of minimal CPU weight
+    so the person's own programs come first.
     """
 
     capability = "docker"
@@ -242,6 +252,8 @@ class DockerExecutor(Executor):
         self._max_result_files = max_result_files
         self._workspaces: dict[str, Path] = {}
         self._containers: dict[str, Container] = {}
+        self._spec_files: dict[str, Path] = {}
+        self._adopted: list[TaskSpec] = []
         self._running: dict[str, _Running] = {}
         self._cancel_requested: set[str] = set()
         self._paused = False
@@ -275,25 +287,93 @@ class DockerExecutor(Executor):
     # ---------------------------------------------------------------- housekeeping
 
     def remove_leftovers(self) -> int:
-        """Remove containers (and their workspaces) an earlier run of this node left behind.
+        """Settle what an earlier run of this node left behind; returns how many containers
+        were removed. Blocking; called once at start, before any task runs.
 
-        Blocking; called once at start, before any task runs.
+        A labelled container that still runs (or is paused), or has exited without its result
+        collected, is adopted when its task's spec was kept (SPECS_DIR): adoptable() offers it
+        and reattach() follows it to its end. Every other labelled container is removed with
+        its workspace, and so is a kept spec's workspace when no container is adopted for it.
         """
         found = self._client.containers.list(
             all=True, filters={"label": f"{LABEL_NODE}={self._node_id}"}
         )
+        work_dir = self._work_dir.resolve()
+        adopted: set[str] = set()
+        removed = 0
         for container in found:
+            spec = self._adoptable_spec(container)
+            if spec is not None:
+                self._workspaces[spec.task_id] = workspace_path(self._work_dir, spec)
+                self._containers[spec.task_id] = container
+                self._spec_files[spec.task_id] = self._spec_path(spec)
+                # Kept from pruning while it runs, as for a prepared task.
+                self._images[spec.task_id] = str((container.attrs.get("Config") or {}).get("Image"))
+                self._adopted.append(spec)
+                adopted.add(self._spec_path(spec).stem)
+                log.info(
+                    "adopting container %s (%s) of task %s left by an earlier run",
+                    container.short_id,
+                    container.status,
+                    spec.task_id,
+                )
+                continue
             sources = [m.get("Source", "") for m in container.attrs.get("Mounts", [])]
             log.info("removing container %s left by an earlier run", container.short_id)
             with contextlib.suppress(docker.errors.NotFound):
                 container.remove(force=True, v=True)
-            work_dir = self._work_dir.resolve()
+            removed += 1
             for source in sources:
                 path = Path(source).resolve() if source else None
                 # Only a workspace of ours: a direct child of the work folder.
-                if path is not None and path.parent == work_dir and path.name != ARCHIVES_DIR:
+                if (
+                    path is not None
+                    and path.parent == work_dir
+                    and path.name not in (ARCHIVES_DIR, SPECS_DIR)
+                ):
                     rmtree(path)
-        return len(found)
+        specs = self._work_dir / SPECS_DIR
+        for kept in sorted(specs.glob("*.pb")) if specs.is_dir() else ():
+            if kept.stem in adopted:
+                continue
+            # The task's workspace has the spec file's name (workspace_path).
+            orphan = self._work_dir / kept.stem
+            if orphan.is_dir() and not orphan.is_symlink():
+                rmtree(orphan)
+            kept.unlink(missing_ok=True)
+        return removed
+
+    def adoptable(self) -> list[TaskSpec]:
+        adopted, self._adopted = self._adopted, []
+        return adopted
+
+    def _spec_path(self, task: TaskSpec) -> Path:
+        return self._work_dir / SPECS_DIR / f"{task.task_id}-{task.lease_id or 'nolease'}.pb"
+
+    def _adoptable_spec(self, container: Container) -> TaskSpec | None:
+        """The kept spec of a container this run can follow, or None (it is removed)."""
+        labels = container.labels or {}
+        task_id = labels.get(LABEL_TASK, "")
+        lease_id = labels.get(LABEL_LEASE, "")
+        if container.status not in ADOPTABLE_STATES or not task_id or not lease_id:
+            return None
+        if task_id in self._workspaces:  # a second container of the task: keep one at most
+            return None
+        path = self._work_dir / SPECS_DIR / f"{task_id}-{lease_id}.pb"
+        if path.parent != self._work_dir / SPECS_DIR:  # a label naming another folder
+            return None
+        try:
+            wire = pb.TaskSpec()
+            wire.ParseFromString(path.read_bytes())
+            spec = TaskSpec.from_proto(wire, require_lease=True)
+        except (OSError, DecodeError, TaskSpecError) as exc:
+            log.info("container %s cannot be re-attached: %s", container.short_id, exc)
+            return None
+        if spec.task_id != task_id or spec.lease_id != lease_id:
+            return None
+        if not workspace_path(self._work_dir, spec).is_dir():
+            return None
+        return spec
 
     # ---------------------------------------------------------------- prepare
 
@@ -327,7 +407,11 @@ class DockerExecutor(Executor):
         if previous is not None and previous != workspace:
             await self._remove_container(task.task_id)
             await asyncio.to_thread(rmtree, previous)
+            stale = self._spec_files.pop(task.task_id, None)
+            if stale is not None:
+                await asyncio.to_thread(stale.unlink, missing_ok=True)
         self._workspaces[task.task_id] = workspace
+        self._spec_files[task.task_id] = self._spec_path(task)
         self._cancel_requested.discard(task.task_id)
         try:
             await asyncio.to_thread(self._prepare_sync, task, workspace)
@@ -338,6 +422,16 @@ class DockerExecutor(Executor):
 
     def _prepare_sync(self, task: TaskSpec, workspace: Path) -> None:
         prepare_workspace(task, workspace, self._work_dir)
+        # Kept for re-attaching after a crash; the inputs are in the workspace already.
+        kept = dataclasses.replace(task, input_files=(), input_archive=b"")
+        path = self._spec_path(task)
+        try:
+            path.parent.mkdir(exist_ok=True, mode=0o700)
+            partial = path.with_suffix(".partial")
+            partial.write_bytes(kept.to_proto().SerializeToString())
+            partial.replace(path)
+        except OSError as exc:
+            raise ExecutorError(f"cannot keep the task's spec in {path.parent}: {exc}") from exc
         if self._user == NOBODY and hasattr(os, "lchown"):
             # The worker is root and the task is not: hand it the workspace it must write.
             try:
@@ -534,7 +628,6 @@ class DockerExecutor(Executor):
         self._running[task.task_id] = run
         # A cancel() that came while the container was being created found no run to stop.
         run.cancelled = task.task_id in self._cancel_requested
-        loop = asyncio.get_running_loop()
         try:
             try:
                 await asyncio.to_thread(container.start)
@@ -546,21 +639,67 @@ class DockerExecutor(Executor):
             if self._paused or run.cancelled:
                 run.paused_at = run.started if self._paused else None
                 await asyncio.to_thread(self._freeze_or_kill, run)
-            waiter = _in_thread(loop, container.wait, f"wait-{task.task_id}")
-            _start_thread(self._read_logs, f"logs-{task.task_id}", run, loop, on_log)
-            _start_thread(self._sample_stats, f"stats-{task.task_id}", run)
-            await self._supervise(run, waiter)
+            await self._follow(run, on_log)
         finally:
-            run.stop.set()
-            if not run.exited:
-                # Cancelled from outside (engine shutdown), or a worker error: the
-                # container must not outlive the run, whatever interrupted it.
-                await asyncio.shield(asyncio.to_thread(_kill, container))
-            self._running.pop(task.task_id, None)
-            await asyncio.to_thread(run.logs_done.wait, DRAIN_SECONDS)
-            run.closed = True
-            self._flush(run, on_log)
+            await self._close_run(run, on_log)
+        await self._conclude(run, result, int(config["mem_limit"]))
 
+    async def _reattach(
+        self, task: TaskSpec, on_log: LogSink | None, workspace: Path, result: TaskResult
+    ) -> None:
+        """Follow a container an earlier run of this worker started (remove_leftovers())."""
+        container = self._containers.get(task.task_id)
+        if container is None:
+            raise ExecutorError(f"task {task.task_id} has no container to re-attach to")
+        state = await asyncio.to_thread(_state, container)
+        begun = _docker_time(str(state.get("StartedAt", "")))
+        if begun:
+            result.started_at = begun
+        # The timeout counts from the container's start, not from this re-attachment.
+        elapsed = max(time.time() - begun, 0.0) if begun else 0.0
+        run = _Running(task, container, started=time.monotonic() - elapsed)
+        self._running[task.task_id] = run
+        run.cancelled = task.task_id in self._cancel_requested
+        try:
+            frozen = bool(state.get("Paused"))  # by the earlier run, paused when it died
+            if run.cancelled:
+                await asyncio.to_thread(_kill, container)
+            elif self._paused:
+                run.paused_at = time.monotonic()
+                if not frozen:
+                    await asyncio.to_thread(_pause, container)
+            elif frozen:
+                await asyncio.to_thread(_unpause, container)
+            log.info("re-attached to task %s (%s)", task.task_id, state.get("Status", "?"))
+            await self._follow(run, on_log)
+        finally:
+            await self._close_run(run, on_log)
+        memory = int((container.attrs.get("HostConfig") or {}).get("Memory") or 0)
+        await self._conclude(run, result, memory or task.resources.memory_bytes)
+
+    async def _follow(self, run: _Running, on_log: LogSink | None) -> None:
+        """Wait for the started container's exit, following its output and usage meanwhile."""
+        loop = asyncio.get_running_loop()
+        task_id = run.task.task_id
+        waiter = _in_thread(loop, run.container.wait, f"wait-{task_id}")
+        _start_thread(self._read_logs, f"logs-{task_id}", run, loop, on_log)
+        _start_thread(self._sample_stats, f"stats-{task_id}", run)
+        await self._supervise(run, waiter)
+
+    async def _close_run(self, run: _Running, on_log: LogSink | None) -> None:
+        run.stop.set()
+        if not run.exited:
+            # Cancelled from outside (engine shutdown), or a worker error: the
+            # container must not outlive the run, whatever interrupted it.
+            await asyncio.shield(asyncio.to_thread(_kill, run.container))
+        self._running.pop(run.task.task_id, None)
+        await asyncio.to_thread(run.logs_done.wait, DRAIN_SECONDS)
+        run.closed = True
+        self._flush(run, on_log)
+
+    async def _conclude(self, run: _Running, result: TaskResult, memory: int) -> None:
+        """The exited container's status, output tail, usage and results into `result`."""
+        task, container = run.task, run.container
         result.finished_at = time.time()
         state = await asyncio.to_thread(_state, container)
         code = int(state.get("ExitCode", -1))
@@ -571,7 +710,6 @@ class DockerExecutor(Executor):
         result.log_tail = tail if tail is not None else bytes(run.tail)
         result.cpu_seconds = run.cpu_seconds
         result.max_memory_bytes = run.max_memory
-        memory = int(config["mem_limit"])
         if run.cancelled:
             result.status = TaskStatus.CANCELLED
             result.error = "cancelled"
@@ -773,6 +911,9 @@ class DockerExecutor(Executor):
         workspace = self._workspaces.pop(task_id, None)
         if workspace is not None:
             await asyncio.to_thread(rmtree, workspace)
+        spec_file = self._spec_files.pop(task_id, None)
+        if spec_file is not None:
+            await asyncio.to_thread(spec_file.unlink, missing_ok=True)
         if self._image_budget > 0:
             await asyncio.to_thread(self.prune_images, self._image_budget)
 
@@ -887,6 +1028,19 @@ def _log_tail(container: Container, cap: int) -> bytes | None:
         log.debug("cannot read the output of %s: %s", container.short_id, exc)
         return None
     return bytes(tail[-cap:]) if cap else b""
+
+
+def _docker_time(text: str) -> float:
+    """Seconds since the epoch of a time the engine reports in UTC
+    ('2026-11-30T21:58:03.123456789Z'); 0.0 for Go's zero time or anything else."""
+    if not text.endswith("Z") or text.startswith("0001-"):
+        return 0.0
+    head, _, fraction = text[:-1].partition(".")
+    try:
+        stamp = datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp()
+        return stamp + (float(f"0.{fraction}") if fraction else 0.0)
+    except ValueError:
+        return 0.0
 
 
 def _kill(container: Container) -> None:
