@@ -453,3 +453,24 @@ async def test_a_task_cancelled_here_and_handed_back_at_once_runs_again(tmp_path
     finally:
         await worker.stop()
         await pool.stop()
+
+
+async def test_a_sandbox_standing_in_for_docker_is_told_to_the_person(tmp_path: Path) -> None:
+    from hivemind_worker.engine.events import ErrorRaised
+    from hivemind_worker.engine.executors.process import ProcessExecutor
+
+    def stand_in(settings: object) -> ProcessExecutor:
+        executor = ProcessExecutor(tmp_path / "work")
+        executor.notice = "Docker is not usable (test), so tasks run in the process sandbox."
+        return executor
+
+    pool = await start_pool(tmp_path / "pool.db")
+    worker = await start_worker(tmp_path / "node-a", pool.address, executor=stand_in)
+    try:
+        await wait_for(lambda: worker.engine.state is EngineState.IDLE, what="connected")
+        errors = [e for e in worker.events if isinstance(e, ErrorRaised)]
+        assert [e.title for e in errors] == ["Docker not available"]
+        assert "process sandbox" in errors[0].message
+    finally:
+        await worker.stop()
+        await pool.stop()

@@ -24,6 +24,7 @@ def test_unreachable_docker_falls_back_with_a_reason(
     assert executor.capability == "process"
     assert "Docker is not usable" in caplog.text
     assert "doctor" in caplog.text
+    assert executor.notice.startswith("Docker is not usable")  # told to the person at start
 
 
 def test_disabled_docker_is_not_asked(
@@ -35,3 +36,4 @@ def test_disabled_docker_is_not_asked(
         executor = select_executor(settings, "node-x")
     assert isinstance(executor, ProcessExecutor)
     assert "disabled in the settings" in caplog.text
+    assert executor.notice == ""  # the person chose this: nothing to tell

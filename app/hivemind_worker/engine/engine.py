@@ -200,6 +200,8 @@ class WorkerEngine:
         metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
         leftovers: list[asyncio.Task[None]] = []
         spooled: set[tuple[str, str]] = set()
+        if self.executor.notice:
+            self._hub.publish(ErrorRaised("Docker not available", self.executor.notice))
         try:
             self._outbox = await asyncio.to_thread(Outbox, self.outbox_dir)
             for pending in await asyncio.to_thread(self._outbox.pending):

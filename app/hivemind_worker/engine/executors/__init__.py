@@ -27,12 +27,18 @@ def select_executor(settings: Settings, node_id: str = "") -> Executor:
     try:
         return _docker_executor(settings, node_id or settings.node_id)
     except Exception as exc:  # docker-py raises DockerException, requests and OS errors alike
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         log.warning(
             "Docker is not usable (%s); tasks run in the process sandbox. "
             "Run `hivemind-worker doctor` for the fix.",
-            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            reason,
         )
-        return ProcessExecutor(settings.work_dir)
+        fallback = ProcessExecutor(settings.work_dir)
+        fallback.notice = (
+            f"Docker is not usable ({reason}), so tasks run in the weaker process sandbox. "
+            "Start Docker (or install it), or run `hivemind-worker doctor` for the fix."
+        )
+        return fallback
 
 
 def _docker_executor(settings: Settings, node_id: str) -> Executor:

@@ -41,6 +41,10 @@ class Executor(abc.ABC):
     #: (so it must not block); only executors that pull images call it.
     on_pull: Callable[[str, int, int], None] | None = None
 
+    #: Why this executor stands in for a better one (Docker enabled but unusable); the
+    #: engine tells the person once at start. Empty when nothing needs saying.
+    notice: str = ""
+
     @abc.abstractmethod
     async def prepare(self, task: TaskSpec) -> None:
         """Make the workspace and inputs ready; raise TaskSpecError or ExecutorError to refuse."""
