@@ -474,3 +474,26 @@ async def test_a_sandbox_standing_in_for_docker_is_told_to_the_person(tmp_path: 
     finally:
         await worker.stop()
         await pool.stop()
+
+
+async def test_images_the_pool_names_are_preloaded_at_registration(tmp_path: Path) -> None:
+    from hivemind_worker.engine.executors.process import ProcessExecutor
+
+    asked: list[list[str]] = []
+
+    class Recording(ProcessExecutor):
+        async def preload(self, images: list[str]) -> None:
+            asked.append(images)
+
+    pool = await start_pool(
+        tmp_path / "pool.db", preload_images=("python:3.12-slim", "not an image!")
+    )
+    worker = await start_worker(
+        tmp_path / "node-a", pool.address, executor=lambda s: Recording(tmp_path / "work")
+    )
+    try:
+        await wait_for(lambda: bool(asked), what="preload")
+        assert asked == [["python:3.12-slim"]]  # the malformed reference is dropped
+    finally:
+        await worker.stop()
+        await pool.stop()

@@ -167,3 +167,50 @@ def test_pull_failures_carry_the_registry_message(tmp_path: Path) -> None:
     executor, _ = _pulling(tmp_path, "if-not-present", set(), denied)
     with pytest.raises(ExecutorError, match="cannot pull image x:1: pull access denied"):
         executor._ensure_image("x:1")
+
+
+async def test_preload_fetches_named_images_once_within_the_allowlist(tmp_path: Path) -> None:
+    executor, client = _pulling(tmp_path, "if-not-present", {"python:3.12"}, LAYERS)
+    executor._allowlist = ("ghcr.io/org/",)
+    await executor.preload(["ghcr.io/org/tool:1", "ghcr.io/org/tool:1", "evil.example/miner:1"])
+    await executor.preload(["ghcr.io/org/tool:1"])
+    assert client.api.pulls == [("ghcr.io/org/tool", "1")]  # once; the stranger never
+
+
+async def test_preload_failures_are_only_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    executor, _ = _pulling(tmp_path, "never", set(), [])
+    await executor.preload(["python:3.12"])
+    assert "could not preload python:3.12" in caplog.text
+
+
+def test_network_totals_come_from_the_stats_api(tmp_path: Path) -> None:
+    import threading
+    from types import SimpleNamespace
+
+    stats = {
+        "cpu_stats": {"cpu_usage": {"total_usage": 2_000_000_000}},
+        "memory_stats": {"usage": 64 * MiB, "stats": {"cache": 0}},
+        "networks": {
+            "eth0": {"rx_bytes": 1000, "tx_bytes": 200},
+            "eth1": {"rx_bytes": 24, "tx_bytes": 6},
+        },
+    }
+    run = SimpleNamespace(
+        task=SimpleNamespace(task_id="t"),
+        stop=threading.Event(),
+        cpu_seconds=0.0,
+        max_memory=0,
+        usage=None,
+    )
+
+    def one_sample(**_: object) -> dict[str, object]:
+        run.stop.set()  # one sample, then the loop ends
+        return stats
+
+    run.container = SimpleNamespace(stats=one_sample)
+    executor, _ = _pulling(tmp_path, "never", set(), [])
+    executor._sample_stats(run)  # type: ignore[arg-type]
+    assert run.usage.network_rx_bytes == 1024 and run.usage.network_tx_bytes == 206
+    assert run.usage.memory_bytes == 64 * MiB and run.usage.cpu_seconds == 2.0

@@ -42,7 +42,14 @@ from hivemind_worker.engine.pool_client import (
     client_for,
     file_sha256,
 )
-from hivemind_worker.engine.tasks import Resources, TaskResult, TaskSpec, TaskSpecError, TaskStatus
+from hivemind_worker.engine.tasks import (
+    Resources,
+    TaskResult,
+    TaskSpec,
+    TaskSpecError,
+    TaskStatus,
+    image_reference_ok,
+)
 from hivemind_worker.logs import task_context
 from hivemind_worker.protocol import nodepool_pb2 as pb
 
@@ -501,6 +508,10 @@ class WorkerEngine:
             self._max_wait = int(reply.max_wait_seconds)
         if reply.lease_timeout_seconds:
             self._lease_timeout = float(reply.lease_timeout_seconds)
+        if reply.preload_images:
+            # Validated like a task's image before anything is fetched.
+            images = [i for i in reply.preload_images if image_reference_ok(i)][:32]
+            self._spawn(self.executor.preload(images), "preload images")
         log.info(
             "registered node %s with %s (heartbeat every %.0f s)",
             self.node_id,
@@ -545,6 +556,8 @@ class WorkerEngine:
                     cpu_percent=usage[r.spec.task_id].cpu_percent,
                     memory_bytes=usage[r.spec.task_id].memory_bytes,
                     cpu_seconds=usage[r.spec.task_id].cpu_seconds,
+                    network_rx_bytes=usage[r.spec.task_id].network_rx_bytes,
+                    network_tx_bytes=usage[r.spec.task_id].network_tx_bytes,
                 )
                 if r.spec.task_id in usage
                 else None,

@@ -233,7 +233,7 @@ class TaskSpec:
                 raise TaskSpecError("source", f"larger than {MAX_SOURCE_BYTES} bytes")
             if "\x00" in source:
                 raise TaskSpecError("source", "contains a NUL character")
-        if image and (len(image) > MAX_IMAGE_LEN or not _IMAGE_RE.match(image)):
+        if image and not image_reference_ok(image):
             raise TaskSpecError("image", f"{image[:80]!r} is not a valid image reference")
 
         requirements = tuple(msg.requirements)
@@ -362,6 +362,11 @@ class TaskResult:
     finished_at: float = 0.0
     cpu_seconds: float = 0.0
     max_memory_bytes: int = 0
+
+
+def image_reference_ok(image: str) -> bool:
+    """Whether `image` is a well-formed image reference (name[:tag][@sha256:digest])."""
+    return len(image) <= MAX_IMAGE_LEN and bool(_IMAGE_RE.match(image))
 
 
 def _check_id(name: str, value: str) -> None:

@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest long-poll the pool holds, in seconds (default 30)",
     )
     p.add_argument(
+        "--preload-image",
+        dest="preload_images",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="an image workers with Docker fetch ahead of tasks (repeatable)",
+    )
+    p.add_argument(
         "--max-attempts",
         type=_positive_int,
         default=3,
@@ -275,6 +283,7 @@ def _serve(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat_interval,
         lease_timeout=args.lease_timeout,
         max_wait=args.max_wait,
+        preload_images=tuple(args.preload_images),
         token_ttl=args.token_ttl,
         default_max_attempts=args.max_attempts,
         tls_cert=args.tls_cert,

@@ -77,6 +77,7 @@ class PoolConfig:
     heartbeat_interval: int = 10
     lease_timeout: int = 60
     max_wait: int = 30
+    preload_images: tuple[str, ...] = ()  # told to workers at registration
     token_ttl: int = 7 * 86400
     default_max_attempts: int = 3
     reaper_interval: float = 1.0
@@ -428,6 +429,7 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
             heartbeat_interval_seconds=config.heartbeat_interval,
             lease_timeout_seconds=config.lease_timeout,
             max_wait_seconds=config.max_wait,
+            preload_images=list(config.preload_images),
         )
 
     @_rpc

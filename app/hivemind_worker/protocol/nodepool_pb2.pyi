@@ -298,12 +298,17 @@ class ResourceUsage(_message.Message):
     MAX_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     CPU_PERCENT_FIELD_NUMBER: _builtins.int
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    NETWORK_RX_BYTES_FIELD_NUMBER: _builtins.int
+    NETWORK_TX_BYTES_FIELD_NUMBER: _builtins.int
     cpu_seconds: _builtins.float
     max_memory_bytes: _builtins.int
     cpu_percent: _builtins.float
     """recent sample, for heartbeats"""
     memory_bytes: _builtins.int
     """recent sample, for heartbeats"""
+    network_rx_bytes: _builtins.int
+    """totals so far; 0 for a task without a network"""
+    network_tx_bytes: _builtins.int
     def __init__(
         self,
         *,
@@ -311,10 +316,12 @@ class ResourceUsage(_message.Message):
         max_memory_bytes: _builtins.int = ...,
         cpu_percent: _builtins.float = ...,
         memory_bytes: _builtins.int = ...,
+        network_rx_bytes: _builtins.int = ...,
+        network_tx_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_percent", b"cpu_percent", "cpu_seconds", b"cpu_seconds", "max_memory_bytes", b"max_memory_bytes", "memory_bytes", b"memory_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_percent", b"cpu_percent", "cpu_seconds", b"cpu_seconds", "max_memory_bytes", b"max_memory_bytes", "memory_bytes", b"memory_bytes", "network_rx_bytes", b"network_rx_bytes", "network_tx_bytes", b"network_tx_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -434,12 +441,17 @@ class RegisterNodeResponse(_message.Message):
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
     LEASE_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     MAX_WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    PRELOAD_IMAGES_FIELD_NUMBER: _builtins.int
     accepted: _builtins.bool
     message: _builtins.str
     heartbeat_interval_seconds: _builtins.int
     lease_timeout_seconds: _builtins.int
     max_wait_seconds: _builtins.int
     """longest long-poll the pool will hold"""
+    @_builtins.property
+    def preload_images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """images the pool's tasks will use: fetch them ahead"""
+
     def __init__(
         self,
         *,
@@ -448,10 +460,11 @@ class RegisterNodeResponse(_message.Message):
         heartbeat_interval_seconds: _builtins.int = ...,
         lease_timeout_seconds: _builtins.int = ...,
         max_wait_seconds: _builtins.int = ...,
+        preload_images: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "lease_timeout_seconds", b"lease_timeout_seconds", "max_wait_seconds", b"max_wait_seconds", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "lease_timeout_seconds", b"lease_timeout_seconds", "max_wait_seconds", b"max_wait_seconds", "message", b"message", "preload_images", b"preload_images"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

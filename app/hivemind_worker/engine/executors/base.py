@@ -25,6 +25,8 @@ class Usage:
     cpu_percent: float = 0.0
     memory_bytes: int = 0
     cpu_seconds: float = 0.0
+    network_rx_bytes: int = 0
+    network_tx_bytes: int = 0
 
 
 class ExecutorError(Exception):
@@ -123,6 +125,9 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def cancel_requested(self, task_id: str) -> bool:
         """Whether cancel() came for this task before it started."""
+
+    async def preload(self, images: list[str]) -> None:  # noqa: B027 - optional hook
+        """Fetch images the pool says its tasks will use; only executors with images do."""
 
     def describe_error(self, exc: Exception) -> str:
         """A human line for an unexpected failure inside _run()."""

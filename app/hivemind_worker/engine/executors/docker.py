@@ -243,6 +243,7 @@ class DockerExecutor(Executor):
         self._python_image = python_image
         self._pull_policy = pull_policy
         self._allowlist = tuple(allowlist)
+        self._preloaded: set[str] = set()
         self._network = network
         self._cgroup_parent = cgroup_parent
         self._user = user or worker_user()
@@ -442,6 +443,23 @@ class DockerExecutor(Executor):
     def ensure_image(self, image: str) -> None:
         """Blocking: make `image` present under the pull policy, or raise ExecutorError."""
         self._ensure_image(image)
+
+    async def preload(self, images: list[str]) -> None:
+        """Pull what the pool names ahead of its tasks, within the allowlist; failures are
+        only logged (the task that needs the image reports them)."""
+        for image in images:
+            if image in self._preloaded:
+                continue
+            self._preloaded.add(image)
+            if not image_allowed(image, self._allowlist):
+                log.warning("not preloading %s: the image allowlist does not admit it", image)
+                continue
+            try:
+                await asyncio.to_thread(self._ensure_image, image)
+            except ExecutorError as exc:
+                log.warning("could not preload %s: %s", image, exc)
+            else:
+                log.info("image %s is ready for the pool's tasks", image)
 
     def _ensure_image(self, image: str) -> None:
         """Apply the pull policy; a failed pull fails the task with the registry's message."""
@@ -846,8 +864,13 @@ class DockerExecutor(Executor):
                     previous = (now, cpu)
                 run.cpu_seconds = max(run.cpu_seconds, cpu)
                 run.max_memory = max(run.max_memory, memory, int(memory_stats.get("max_usage", 0)))
+                networks = (stats.get("networks") or {}).values()  # absent on network none
                 run.usage = Usage(
-                    cpu_percent=percent, memory_bytes=memory, cpu_seconds=run.cpu_seconds
+                    cpu_percent=percent,
+                    memory_bytes=memory,
+                    cpu_seconds=run.cpu_seconds,
+                    network_rx_bytes=sum(int(n.get("rx_bytes", 0)) for n in networks),
+                    network_tx_bytes=sum(int(n.get("tx_bytes", 0)) for n in networks),
                 )
             run.stop.wait(SAMPLE_INTERVAL)
 
