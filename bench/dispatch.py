@@ -153,8 +153,8 @@ def main() -> None:
             f"{med['pickup'] / base_med:.2f} |",
             f"| execution in the process sandbox: started → finished | "
             f"{med['execute'] * 1000:.1f} ms | {med['execute'] / base_med:.2f} |",
-            f"| delivery: archive upload and report | {med['deliver'] * 1000:.1f} ms | "
-            f"{med['deliver'] / base_med:.2f} |",
+            "| delivery: spool to the outbox (fsync), upload, report | "
+            f"{med['deliver'] * 1000:.1f} ms | {med['deliver'] / base_med:.2f} |",
             f"| worker total: submit → result stored at the pool | {total_med * 1000:.1f} ms | "
             f"{ratio:.2f} |",
             f"| worker overhead per task (total - baseline) | "
