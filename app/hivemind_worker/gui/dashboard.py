@@ -98,6 +98,8 @@ class _Chart(pg.PlotWidget):  # type: ignore[misc]
             item.getAxis(axis).setTextPen(text)
         item.setLabel("bottom", "seconds ago")
         item.setLabel("left", unit)
+        # The unit is chosen by us: pyqtgraph's own SI scaling would print "GiB (x0.001)".
+        item.getAxis("left").enableAutoSIPrefix(False)
         item.showGrid(x=True, y=True, alpha=0.2)
         item.setXRange(-MIN_SPAN, 0, padding=0)
         if y_max is not None:
