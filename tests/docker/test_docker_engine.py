@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,17 +17,18 @@ from harness import (
     archive_files,
     python_task,
     queue_client,
+    run_checked_batch,
     start_pool,
     start_worker,
     wait_for,
     worker_subprocess,
 )
-from test_engine_e2e import BATCH_SOURCE, expected_payload
 
 from conftest import TEST_IMAGE
 from hivemind_worker.config import Settings
 from hivemind_worker.engine.events import ImagePull, ResultDelivered, TaskFinished
 from hivemind_worker.engine.executors import docker as dockerx
+from hivemind_worker.pool.server import PoolServer
 from hivemind_worker.pool.store import PoolStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
 
@@ -257,24 +259,7 @@ async def test_batch_of_tasks_end_to_end_through_docker(
     )
     try:
         async with queue_client(pool.address) as queue:
-            ids = []
-            for index in range(24):
-                seed = f"seed-{index}".encode()
-                spec = python_task(
-                    BATCH_SOURCE,
-                    str(index),
-                    name=f"batch {index}",
-                    input_files=[pb.InputFile(path="input/seed.bin", content=seed)],
-                )
-                ids.append((index, seed, await queue.submit(spec)))
-            infos = await queue.wait_done([i for _, _, i in ids], timeout=150)
-            for index, seed, task_id in ids:
-                info = infos[task_id]
-                assert info.status == pb.TASK_STATUS_SUCCEEDED, (index, info.error)
-                assert info.node_id == "node-d"
-                files = archive_files(await queue.download(task_id))
-                assert files["results/payload.bin"] == expected_payload(index, seed)
-                assert f"task {index}:".encode() in info.log_tail
+            await run_checked_batch(queue, "node-d", count=24, timeout=150)
         store = PoolStore(tmp_path / "pool.db")
         try:
             assert store.get_node("node-d", "alice").capabilities == frozenset({"docker"})
@@ -291,6 +276,23 @@ async def test_batch_of_tasks_end_to_end_through_docker(
     finally:
         await worker.stop()
         await pool.stop()
+
+
+async def tear_down(
+    procs: tuple[subprocess.Popen[bytes] | None, ...],
+    client: docker.DockerClient,
+    node: str,
+    pool: PoolServer,
+) -> None:
+    """Kill the worker processes, remove the node's containers, stop the pool."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    for item in labelled(client, node):
+        with contextlib.suppress(docker.errors.NotFound):
+            client.api.remove_container(item["Id"], force=True)
+    await pool.stop()
 
 
 @pytest.mark.slow
@@ -331,14 +333,7 @@ async def test_killed_worker_leaves_a_container_the_next_start_removes(
             assert "re-attaching" not in log
             assert not workspace.exists()
     finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-        for item in labelled(docker_client, "node-k"):
-            with contextlib.suppress(docker.errors.NotFound):
-                docker_client.api.remove_container(item["Id"], force=True)
-        await pool.stop()
+        await tear_down((first, second), docker_client, "node-k", pool)
 
 
 @pytest.mark.slow
@@ -390,14 +385,7 @@ async def test_killed_worker_reattaches_its_running_container(
             db.close()
         assert reports == [("succeeded",)]  # exactly once
     finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-        for item in labelled(docker_client, "node-r"):
-            with contextlib.suppress(docker.errors.NotFound):
-                docker_client.api.remove_container(item["Id"], force=True)
-        await pool.stop()
+        await tear_down((first, second), docker_client, "node-r", pool)
 
 
 @pytest.mark.slow
@@ -449,11 +437,4 @@ async def test_reattached_task_whose_lease_expired_is_stopped_and_run_again(
             db.close()
         assert reports == [("succeeded",)]  # the stopped run's report was not taken
     finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-        for item in labelled(docker_client, "node-e"):
-            with contextlib.suppress(docker.errors.NotFound):
-                docker_client.api.remove_container(item["Id"], force=True)
-        await pool.stop()
+        await tear_down((first, second), docker_client, "node-e", pool)

@@ -198,3 +198,49 @@ async def worker_subprocess(
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+
+
+# Each batch task derives its payload from its index and an input file, so every result is
+# distinct and checkable byte for byte.
+BATCH_SOURCE = """
+    import hashlib, sys
+    index = int(sys.argv[1])
+    seed = open("input/seed.bin", "rb").read()
+    payload = b"".join(
+        hashlib.sha256(seed + bytes([index % 256, i % 256])).digest()
+        for i in range(index * 40 + 1)
+    )
+    with open("results/payload.bin", "wb") as fh:
+        fh.write(payload)
+    print(f"task {index}: {len(payload)} bytes")
+"""
+
+
+def expected_payload(index: int, seed: bytes) -> bytes:
+    return b"".join(
+        hashlib.sha256(seed + bytes([index % 256, i % 256])).digest() for i in range(index * 40 + 1)
+    )
+
+
+async def run_checked_batch(
+    queue: TaskQueueClient, node_id: str, *, count: int, timeout: float
+) -> None:
+    """Submit `count` batch tasks; each must succeed on `node_id` with its exact payload."""
+    ids = []
+    for index in range(count):
+        seed = f"seed-{index}".encode()
+        spec = python_task(
+            BATCH_SOURCE,
+            str(index),
+            name=f"batch {index}",
+            input_files=[pb.InputFile(path="input/seed.bin", content=seed)],
+        )
+        ids.append((index, seed, await queue.submit(spec)))
+    infos = await queue.wait_done([i for _, _, i in ids], timeout=timeout)
+    for index, seed, task_id in ids:
+        info = infos[task_id]
+        assert info.status == pb.TASK_STATUS_SUCCEEDED, (index, info.error)
+        assert info.node_id == node_id
+        files = archive_files(await queue.download(task_id))
+        assert files["results/payload.bin"] == expected_payload(index, seed)
+        assert f"task {index}:".encode() in info.log_tail

@@ -14,6 +14,7 @@ from harness import (
     login_token,
     python_task,
     queue_client,
+    run_checked_batch,
     start_pool,
     start_worker,
     wait_for,
@@ -32,52 +33,13 @@ from hivemind_worker.protocol import nodepool_pb2 as pb
 
 pytestmark = [pytest.mark.usefixtures("memory_keyring"), pytest.mark.timeout(120)]
 
-# Each task derives its payload from its index and an input file, so every result is distinct.
-BATCH_SOURCE = """
-    import hashlib, sys
-    index = int(sys.argv[1])
-    seed = open("input/seed.bin", "rb").read()
-    payload = b"".join(
-        hashlib.sha256(seed + bytes([index % 256, i % 256])).digest()
-        for i in range(index * 40 + 1)
-    )
-    with open("results/payload.bin", "wb") as fh:
-        fh.write(payload)
-    print(f"task {index}: {len(payload)} bytes")
-"""
-
-
-def expected_payload(index: int, seed: bytes) -> bytes:
-    import hashlib
-
-    return b"".join(
-        hashlib.sha256(seed + bytes([index % 256, i % 256])).digest() for i in range(index * 40 + 1)
-    )
-
 
 async def test_batch_of_tasks_end_to_end(tmp_path: Path) -> None:
     pool = await start_pool(tmp_path / "pool.db")
     worker = await start_worker(tmp_path / "node-a", pool.address)
     try:
         async with queue_client(pool.address) as queue:
-            ids = []
-            for index in range(24):
-                seed = f"seed-{index}".encode()
-                spec = python_task(
-                    BATCH_SOURCE,
-                    str(index),
-                    name=f"batch {index}",
-                    input_files=[pb.InputFile(path="input/seed.bin", content=seed)],
-                )
-                ids.append((index, seed, await queue.submit(spec)))
-            infos = await queue.wait_done([i for _, _, i in ids], timeout=90)
-            for index, seed, task_id in ids:
-                info = infos[task_id]
-                assert info.status == pb.TASK_STATUS_SUCCEEDED, (index, info.error)
-                assert info.node_id == "node-a"
-                files = archive_files(await queue.download(task_id))
-                assert files["results/payload.bin"] == expected_payload(index, seed)
-                assert f"task {index}:".encode() in info.log_tail
+            await run_checked_batch(queue, "node-a", count=24, timeout=90)
         # Registration and heartbeats reached the pool's database.
         store = PoolStore(tmp_path / "pool.db")
         try:

@@ -29,6 +29,21 @@ class Usage:
     network_tx_bytes: int = 0
 
 
+class PausableRun:
+    """Mixed into an executor's record of a run: wall-clock time not counting pauses."""
+
+    started: float  # time.monotonic()
+    paused_at: float | None
+    paused_total: float
+
+    def active_seconds(self, now: float) -> float:
+        """Wall-clock seconds the task has run, not counting time spent paused."""
+        paused = self.paused_total
+        if self.paused_at is not None:
+            paused += now - self.paused_at
+        return now - self.started - paused
+
+
 class ExecutorError(Exception):
     """An executor cannot do what was asked; `str()` is a human reason."""
 

@@ -28,7 +28,13 @@ from docker.models.containers import Container
 from docker.types import LogConfig, Mount
 from google.protobuf.message import DecodeError
 
-from hivemind_worker.engine.executors.base import Executor, ExecutorError, LogSink, Usage
+from hivemind_worker.engine.executors.base import (
+    Executor,
+    ExecutorError,
+    LogSink,
+    PausableRun,
+    Usage,
+)
 from hivemind_worker.engine.executors.workspace import (
     ARCHIVES_DIR,
     ResultError,
@@ -147,7 +153,7 @@ def parse_allowlist(text: str) -> tuple[str, ...]:
 
 
 @dataclass(eq=False)
-class _Running:
+class _Running(PausableRun):
     task: TaskSpec
     container: Container
     started: float  # time.monotonic()
@@ -168,13 +174,6 @@ class _Running:
     pending: bytearray = field(default_factory=bytearray)
     dropped: int = 0
     flush_scheduled: bool = False
-
-    def active_seconds(self, now: float) -> float:
-        """Wall-clock seconds the task has run, not counting time spent paused."""
-        paused = self.paused_total
-        if self.paused_at is not None:
-            paused += now - self.paused_at
-        return now - self.started - paused
 
 
 class DockerExecutor(Executor):

@@ -19,7 +19,13 @@ from pathlib import Path
 import psutil
 
 from hivemind_worker.engine.executors import limits as plimits
-from hivemind_worker.engine.executors.base import Executor, ExecutorError, LogSink, Usage
+from hivemind_worker.engine.executors.base import (
+    Executor,
+    ExecutorError,
+    LogSink,
+    PausableRun,
+    Usage,
+)
 from hivemind_worker.engine.executors.workspace import (
     ARCHIVES_DIR,
     TMP_DIR,
@@ -63,7 +69,7 @@ _OOM_SCAN_BYTES = 4096
 
 
 @dataclass(eq=False)
-class _Running:
+class _Running(PausableRun):
     task: TaskSpec
     proc: asyncio.subprocess.Process
     started: float  # time.monotonic()
@@ -83,13 +89,6 @@ class _Running:
     sampled_at: float = 0.0  # when the last sample was taken, for cpu_percent
     tail: bytearray = field(default_factory=bytearray)
     output_bytes: int = 0
-
-    def active_seconds(self, now: float) -> float:
-        """Wall-clock seconds the task has run, not counting time spent paused."""
-        paused = self.paused_total
-        if self.paused_at is not None:
-            paused += now - self.paused_at
-        return now - self.started - paused
 
 
 class ProcessExecutor(Executor):
