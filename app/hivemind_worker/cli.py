@@ -446,7 +446,7 @@ async def _demo(
     failures = 0
     for task_id in ids:
         info = infos[task_id]
-        from hivemind_worker.engine.tasks import TaskStatus
+        from hivemind_worker.tasks import TaskStatus
 
         status = TaskStatus.from_proto(info.status)
         if status is not TaskStatus.SUCCEEDED:

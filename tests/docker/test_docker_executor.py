@@ -20,7 +20,8 @@ from hivemind_worker.config import load_settings
 from hivemind_worker.engine.executors import docker as dockerx
 from hivemind_worker.engine.executors import select_executor
 from hivemind_worker.engine.executors.base import ExecutorError
-from hivemind_worker.engine.tasks import (
+from hivemind_worker.paths import default_paths
+from hivemind_worker.tasks import (
     GiB,
     InputFile,
     MiB,
@@ -31,7 +32,6 @@ from hivemind_worker.engine.tasks import (
     TaskSpecError,
     TaskStatus,
 )
-from hivemind_worker.paths import default_paths
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(120)]
 

@@ -15,9 +15,9 @@ from harness import USER, login_token
 
 from hivemind_worker.config import read_state
 from hivemind_worker.engine.events import EngineState
-from hivemind_worker.engine.tasks import TaskStatus
 from hivemind_worker.gui.app import SingleInstance, WorkerApp
 from hivemind_worker.gui.engine_thread import Bridge, CrashReporter, EngineThread
+from hivemind_worker.tasks import TaskStatus
 
 NETWORK_TIMEOUT = 10.0  # pool_client.DEFAULT_TIMEOUT: how long one call may block the engine
 

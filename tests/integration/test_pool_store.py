@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from hivemind_worker.engine.tasks import MiB, Resources, TaskSpec, TaskStatus
 from hivemind_worker.pool.store import (
     PoolStore,
     ResultMismatch,
@@ -16,6 +15,7 @@ from hivemind_worker.pool.store import (
     now_ms,
 )
 from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import MiB, Resources, TaskSpec, TaskStatus
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -21,7 +21,8 @@ import pytest
 from hivemind_worker.engine.executors import limits
 from hivemind_worker.engine.executors.base import ExecutorError
 from hivemind_worker.engine.executors.process import ProcessExecutor
-from hivemind_worker.engine.tasks import (
+from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import (
     MiB,
     Resources,
     TaskResult,
@@ -29,7 +30,6 @@ from hivemind_worker.engine.tasks import (
     TaskSpecError,
     TaskStatus,
 )
-from hivemind_worker.protocol import nodepool_pb2 as pb
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import pytest
 
 from hivemind_worker.engine.executors import docker as dockerx
 from hivemind_worker.engine.executors.base import ExecutorError
-from hivemind_worker.engine.tasks import MiB, Resources, TaskKind, TaskSpec
+from hivemind_worker.tasks import MiB, Resources, TaskKind, TaskSpec
 
 DIGEST = "sha256:" + "a" * 64
 

@@ -7,14 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hivemind_worker.engine.engine import backoff_delay
-from hivemind_worker.engine.tasks import (
+from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import (
     DEFAULT_MEMORY_BYTES,
     MAX_SOURCE_BYTES,
     Resources,
     TaskSpec,
     TaskSpecError,
 )
-from hivemind_worker.protocol import nodepool_pb2 as pb
 
 
 def python_spec(**fields: object) -> pb.TaskSpec:

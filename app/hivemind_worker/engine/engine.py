@@ -42,7 +42,9 @@ from hivemind_worker.engine.pool_client import (
     client_for,
     file_sha256,
 )
-from hivemind_worker.engine.tasks import (
+from hivemind_worker.logs import task_context
+from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import (
     Resources,
     TaskResult,
     TaskSpec,
@@ -50,8 +52,6 @@ from hivemind_worker.engine.tasks import (
     TaskStatus,
     image_reference_ok,
 )
-from hivemind_worker.logs import task_context
-from hivemind_worker.protocol import nodepool_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from threading import Lock
 
 from hivemind_worker.engine.executors.base import Usage
 from hivemind_worker.engine.monitor import HostSample
-from hivemind_worker.engine.tasks import Resources, TaskStatus
+from hivemind_worker.tasks import Resources, TaskStatus
 
 log = logging.getLogger(__name__)
 

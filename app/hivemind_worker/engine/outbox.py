@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from hivemind_worker.engine.tasks import TaskResult, TaskStatus
+from hivemind_worker.tasks import TaskResult, TaskStatus
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (

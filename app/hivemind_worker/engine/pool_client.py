@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import json
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 import grpc
 import grpc.aio
 
+from hivemind_worker.net import is_loopback
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.protocol import nodepool_pb2_grpc as pb_grpc
 
@@ -146,22 +146,6 @@ def map_rpc_error(exc: grpc.RpcError, doing: str, address: str) -> PoolError:
     if code is grpc.StatusCode.CANCELLED:
         return PoolUnavailable("Call cancelled", f"could not {doing}: {details}", code)
     return PoolError("Node Pool error", f"could not {doing}: {code}: {details}", code)
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for 'localhost', 127.x.y.z and ::1 (brackets allowed)."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def is_loopback(address: str) -> bool:
-    """True for 'localhost:P', '127.x.y.z:P' and '[::1]:P'."""
-    return is_loopback_host(address.rpartition(":")[0] if ":" in address else address)
 
 
 class NodePoolClient:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import grpc
 
-from hivemind_worker.engine.tasks import MiB, TaskStatus
 from hivemind_worker.pool.client import ResultIntegrityError, TaskQueueClient
 from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import MiB, TaskStatus
 
 DEFAULT_POOL = "127.0.0.1:50051"
 PASSWORD_ENV = "HIVEMIND_PASSWORD"

@@ -22,16 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hivemind_worker import __version__
-from hivemind_worker.engine.pool_client import is_loopback_host
-from hivemind_worker.engine.tasks import (
-    MAX_ID_LEN,
-    GiB,
-    MiB,
-    Resources,
-    TaskSpec,
-    TaskSpecError,
-    TaskStatus,
-)
+from hivemind_worker.net import is_loopback_host
 from hivemind_worker.pool.store import (
     DuplicateTask,
     NodeNotFound,
@@ -46,6 +37,15 @@ from hivemind_worker.pool.store import (
 )
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.protocol import nodepool_pb2_grpc as pb_grpc
+from hivemind_worker.tasks import (
+    MAX_ID_LEN,
+    GiB,
+    MiB,
+    Resources,
+    TaskSpec,
+    TaskSpecError,
+    TaskStatus,
+)
 
 log = logging.getLogger("hivemind_worker.pool")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from hivemind_worker.engine.tasks import Resources, TaskKind, TaskSpec, TaskStatus
 from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import Resources, TaskKind, TaskSpec, TaskStatus
 
 SCHEMA_VERSION = 2
 

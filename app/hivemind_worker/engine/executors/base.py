@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hivemind_worker.engine.tasks import Resources, TaskResult, TaskSpec, TaskStatus
+from hivemind_worker.tasks import Resources, TaskResult, TaskSpec, TaskStatus
 
 log = logging.getLogger(__name__)
 

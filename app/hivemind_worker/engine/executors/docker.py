@@ -44,7 +44,8 @@ from hivemind_worker.engine.executors.workspace import (
     workspace_path,
     write_archive,
 )
-from hivemind_worker.engine.tasks import (
+from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import (
     MiB,
     Resources,
     TaskKind,
@@ -53,7 +54,6 @@ from hivemind_worker.engine.tasks import (
     TaskSpecError,
     TaskStatus,
 )
-from hivemind_worker.protocol import nodepool_pb2 as pb
 
 log = logging.getLogger(__name__)
 

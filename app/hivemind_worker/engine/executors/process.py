@@ -35,7 +35,7 @@ from hivemind_worker.engine.executors.workspace import (
     rmtree,
     workspace_path,
 )
-from hivemind_worker.engine.tasks import (
+from hivemind_worker.tasks import (
     MiB,
     Resources,
     TaskKind,

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from hivemind_worker.engine.executors.base import ExecutorError
-from hivemind_worker.engine.tasks import (
+from hivemind_worker.tasks import (
     MAX_INPUT_BYTES,
     TaskSpec,
     TaskSpecError,
