@@ -109,8 +109,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_test(args: argparse.Namespace) -> None:
     bootstrap()
     py = venv_python()
-    run([py, "-m", "ruff", "check", "app", "tests", "bench", "build.py"])
-    run([py, "-m", "ruff", "format", "--check", "app", "tests", "bench", "build.py"])
+    run([py, "-m", "ruff", "check", "app", "tests", "bench", "tools", "build.py"])
+    run([py, "-m", "ruff", "format", "--check", "app", "tests", "bench", "tools", "build.py"])
     run([py, "-m", "mypy"])
     run([py, "-m", "pytest", *args.rest])
 
@@ -161,7 +161,7 @@ def cmd_screenshots(args: argparse.Namespace) -> None:
     # A private X server when there is one to start; else the current display (Windows, a desktop).
     xvfb = ["xvfb-run", "-a", "-s", "-screen 0 1400x1000x24"] if shutil.which("xvfb-run") else []
     for palette in ([], ["--dark"]):
-        run([*xvfb, venv_python(), "-m", "hivemind_worker.gui.screenshots", out,
+        run([*xvfb, venv_python(), ROOT / "tools" / "screenshots.py", out,
              *palette, *args.rest])  # fmt: skip
 
 

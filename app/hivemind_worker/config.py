@@ -22,6 +22,7 @@ from typing import Any, get_type_hints
 import psutil
 import tomli_w
 
+from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,11 @@ GIB = 1024**3
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-class ConfigError(Exception):
+class ConfigError(HiveMindError):
     """A setting or settings file the worker cannot use; str() is one line meant for the person."""
+
+    kind = ErrorKind.BAD_SETTING
+    title = "Setting not valid"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
+from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.protocol import nodepool_pb2 as pb
 
 KiB = 1024
@@ -53,8 +54,11 @@ _IMAGE_RE = re.compile(
 )
 
 
-class TaskSpecError(ValueError):
+class TaskSpecError(HiveMindError, ValueError):
     """A task spec the worker or pool refuses; `str()` is a reason a submitter can read."""
+
+    kind = ErrorKind.TASK_REJECTED
+    title = "Task refused"
 
     def __init__(self, field_name: str, reason: str) -> None:
         super().__init__(f"{field_name}: {reason}")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import docker
 import pytest
-from harness import (
+
+from helpers.harness import (
     archive_files,
     python_task,
     queue_client,
@@ -23,8 +24,7 @@ from harness import (
     wait_for,
     worker_subprocess,
 )
-
-from conftest import TEST_IMAGE
+from helpers.images import TEST_IMAGE
 from hivemind_worker.config import Settings
 from hivemind_worker.engine.events import ImagePull, ResultDelivered, TaskFinished
 from hivemind_worker.engine.executors import docker as dockerx

@@ -13,9 +13,9 @@ import docker
 import docker.errors
 import psutil
 import pytest
-from harness import archive_files, wait_for
 
-from conftest import TEST_IMAGE
+from helpers.harness import archive_files, wait_for
+from helpers.images import TEST_IMAGE
 from hivemind_worker.config import load_settings
 from hivemind_worker.engine.executors import docker as dockerx
 from hivemind_worker.engine.executors import select_executor

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from guikit import LoopPool, World, busy_task, make_world
-from harness import USER, login_token
 
+from helpers.guikit import LoopPool, World, busy_task, make_world
+from helpers.harness import USER, login_token
 from hivemind_worker.config import read_state
 from hivemind_worker.engine.events import EngineState
 from hivemind_worker.gui.app import SingleInstance, WorkerApp

@@ -8,9 +8,9 @@ import types
 from pathlib import Path
 
 import pytest
-from guikit import LoopPool
-from harness import PASSWORD, USER
 
+from helpers.guikit import LoopPool
+from helpers.harness import PASSWORD, USER
 from hivemind_worker.config import load_settings
 from hivemind_worker.gui.app import WorkerApp
 from hivemind_worker.gui.autostart import RUN_KEY, RUN_VALUE, WindowsRunKey, XdgAutostart
@@ -234,7 +234,7 @@ def _no_real_autostart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def test_the_demo_never_saves_its_throwaway_pool_as_yours(qtbot, tmp_path: Path, memory_keyring):
-    from guikit import make_world
+    from helpers.guikit import make_world
 
     world = make_world(tmp_path / "home")
     pool = LoopPool(world, tmp_path / "pool.db", [])

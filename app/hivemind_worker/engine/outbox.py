@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.tasks import TaskResult, TaskStatus
 
 _SCHEMA = """
@@ -33,8 +34,11 @@ CREATE TABLE IF NOT EXISTS results (
 """
 
 
-class OutboxFull(Exception):
+class OutboxFull(HiveMindError):
     """The spool holds as much as it may; no new task is taken until results drain."""
+
+    kind = ErrorKind.DISK_FULL
+    title = "Result spool full"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 import grpc
 import grpc.aio
 
+from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.net import is_loopback
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.protocol import nodepool_pb2_grpc as pb_grpc
@@ -66,26 +67,38 @@ _CHANNEL_OPTIONS: list[tuple[str, str | int]] = [
 ]
 
 
-class PoolError(Exception):
-    """A failed call to the pool, as the person should read it."""
+class PoolError(HiveMindError):
+    """A failed call to the pool, as the person should read it; `code` is the gRPC status."""
 
-    retryable = False
+    kind = ErrorKind.POOL_REFUSED
 
-    def __init__(self, title: str, message: str, code: grpc.StatusCode | None = None) -> None:
-        super().__init__(f"{title}: {message}")
-        self.title = title
-        self.message = message
+    def __init__(
+        self,
+        title: str,
+        message: str,
+        code: grpc.StatusCode | None = None,
+        *,
+        details: str = "",
+        kind: ErrorKind | None = None,
+    ) -> None:
+        super().__init__(message, title=title, details=details, kind=kind)
         self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.title}: {self.message}"
 
 
 class PoolUnavailable(PoolError):
     """The pool cannot be reached right now; try again later."""
 
+    kind = ErrorKind.POOL_UNREACHABLE
     retryable = True
 
 
 class AuthError(PoolError):
     """The pool refused our credentials; the person has to log in again."""
+
+    kind = ErrorKind.LOGIN
 
 
 class StaleLeaseError(PoolError):
@@ -95,6 +108,7 @@ class StaleLeaseError(PoolError):
 class NodeUnknownError(PoolError):
     """The pool has forgotten this node (restarted with a new database); register again."""
 
+    kind = ErrorKind.POOL_UNREACHABLE
     retryable = True
 
 
@@ -102,50 +116,65 @@ class BadRequestError(PoolError):
     """The pool refused what we sent as invalid."""
 
 
-class InsecureAddressError(PoolError):
-    """A plaintext channel to a non-loopback address was asked for without --insecure."""
-
-
 def map_rpc_error(exc: grpc.RpcError, doing: str, address: str) -> PoolError:
-    """Translate a gRPC error into the app's taxonomy, at this one boundary."""
+    """Translate a gRPC error into the app's taxonomy, at this one boundary.
+
+    The message is for a person; gRPC's own text goes to `details` (the log, "Details").
+    """
     code = exc.code() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else None
-    details = (exc.details() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else "") or ""
+    raw = (exc.details() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else "") or ""
+    details = f"could not {doing}: {code.name if code else 'error'}: {raw}"
     if code is grpc.StatusCode.UNAVAILABLE and any(
-        word in details.lower() for word in ("ssl", "handshake", "certificate", "tls")
+        word in raw.lower() for word in ("ssl", "handshake", "certificate", "tls")
     ):
         return PoolUnavailable(
             "Secure connection failed",
-            f"could not {doing}: the TLS handshake with {address} failed; the pool's "
-            "certificate is not trusted (set ca_file to its CA) or it does not speak TLS "
-            f"({details})",
+            f"The secure connection to {address} failed: its certificate is not trusted "
+            "(set ca_file to the pool's CA) or it does not speak TLS.",
             code,
+            details=details,
         )
     if code in (grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED):
-        return PoolUnavailable("Node Pool busy", f"could not {doing}: {details}", code)
+        return PoolUnavailable(
+            "Node Pool busy", f"The pool at {address} is busy ({raw}).", code, details=details
+        )
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return PoolUnavailable(
             "Node Pool unreachable",
-            f"could not {doing}: the pool at {address} did not answer ({details or code})",
+            f"Can't reach the pool at {address}: it did not answer.",
             code,
+            details=details,
         )
     if code is grpc.StatusCode.UNAUTHENTICATED:
         return AuthError(
             "Login needed",
-            f"the pool at {address} refused our login ({details}). "
-            "Run `hivemind-worker login` to sign in again.",
+            f"The pool at {address} refused the login ({raw}); sign in again.",
             code,
+            details=details,
         )
     if code is grpc.StatusCode.PERMISSION_DENIED:
-        return AuthError("Not allowed", f"could not {doing}: {details}", code)
+        return AuthError("Not allowed", f"The pool refused: {raw}.", code, details=details)
     if code is grpc.StatusCode.FAILED_PRECONDITION:
-        return StaleLeaseError("Lease no longer valid", details, code)
+        return StaleLeaseError("Lease no longer valid", raw, code, details=details)
     if code is grpc.StatusCode.NOT_FOUND:
-        return NodeUnknownError("Unknown to the pool", f"could not {doing}: {details}", code)
+        return NodeUnknownError(
+            "Unknown to the pool", f"The pool does not know this: {raw}.", code, details=details
+        )
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
-        return BadRequestError("Request refused", f"could not {doing}: {details}", code)
+        return BadRequestError(
+            "Request refused", f"The pool refused the request: {raw}.", code, details=details
+        )
     if code is grpc.StatusCode.CANCELLED:
-        return PoolUnavailable("Call cancelled", f"could not {doing}: {details}", code)
-    return PoolError("Node Pool error", f"could not {doing}: {code}: {details}", code)
+        return PoolUnavailable(
+            "Call cancelled", f"The call to {address} was cancelled.", code, details=details
+        )
+    return PoolError(
+        "Node Pool error",
+        f"The pool at {address} failed to {doing}.",
+        code,
+        details=details,
+        kind=ErrorKind.INTERNAL,
+    )
 
 
 class NodePoolClient:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 
+from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.pool.client import ResultIntegrityError, TaskQueueClient
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.tasks import MiB, TaskStatus
@@ -34,8 +35,11 @@ MAX_EXTRACT_BYTES = 8 * 1024 * MiB
 _USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 
-class CliError(Exception):
+class CliError(HiveMindError):
     """Printed as one `error: ...` line; exit status 1."""
+
+    kind = ErrorKind.BAD_SETTING
+    title = "Command not valid"
 
 
 # ----------------------------------------------------------------------- parser

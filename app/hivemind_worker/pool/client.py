@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.net import is_loopback
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.protocol import nodepool_pb2_grpc as pb_grpc
@@ -35,8 +36,11 @@ FINAL_STATUSES = frozenset(
 )
 
 
-class ResultIntegrityError(Exception):
+class ResultIntegrityError(HiveMindError):
     """A downloaded result does not match the size or sha256 the pool announced."""
+
+    kind = ErrorKind.RESULT_REFUSED
+    title = "Result damaged"
 
 
 class TaskQueueClient:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.tasks import Resources, TaskResult, TaskSpec, TaskStatus
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,11 @@ class PausableRun:
         return now - self.started - paused
 
 
-class ExecutorError(Exception):
+class ExecutorError(HiveMindError):
     """An executor cannot do what was asked; `str()` is a human reason."""
+
+    kind = ErrorKind.TASK_FAILED
+    title = "Task could not run"
 
 
 class Executor(abc.ABC):
