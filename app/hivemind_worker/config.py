@@ -467,6 +467,7 @@ _RETIRED: dict[str, str] = {
 
 
 def _declarations() -> tuple[SettingSpec, ...]:
+    """Each Settings field's declaration with its key and type; a mistake in one fails import."""
     types = get_type_hints(Settings)
     specs = []
     for field in dataclasses.fields(Settings):
@@ -478,8 +479,9 @@ def _declarations() -> tuple[SettingSpec, ...]:
         ("environment variable", [s.env for s in specs if s.env]),
         ("flag", [s.flag.name for s in specs if s.flag]),
     ):
-        for name in {n for n in names if names.count(n) > 1}:
-            raise RuntimeError(f"two settings declare the {what} {name}")
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise RuntimeError(f"two settings declare the {what} {twice[0]}")
     for spec in specs:
         if spec.flag and spec.env is None:
             raise RuntimeError(f"{spec.key} is file only but declares the flag {spec.flag.name}")
