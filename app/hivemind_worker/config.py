@@ -12,14 +12,15 @@ To add a setting, add one field, in the place its README row should have:
 
     max_gpus: int = setting(
         0,
-        env="MAX_GPUS",                       # None: only in the settings file
+        env="MAX_GPUS",                        # None: only in the settings file
         flag=Flag("--max-gpus", metavar="N"),  # None: no command-line flag
-        rule=_Range(0, 16, integer=True),     # None: any value of the type
+        rule=Range(0, 16, integer=True),       # None: any value of the type
         help="GPUs tasks may use; 0 means none",
     )
 
 then copy the row the failing README test prints into README's table, and read the value where
-it is used (`settings.max_gpus`). Settings the settings dialog edits say `gui=True`. A new key
+it is used (`settings.max_gpus`). Settings the settings dialog edits say `gui=True`. The rules
+(Range, Pattern, Choice, ...) live in setting_rules.py; a new kind goes there. A new key
 with a default keeps every existing file valid, so SCHEMA_VERSION stays; raise it only when an
 existing key changes meaning. A key that goes away moves to `_RETIRED`, so files that still
 have it load with a warning.
@@ -32,7 +33,6 @@ import dataclasses
 import difflib
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -48,6 +48,16 @@ import psutil
 import tomli_w
 
 from hivemind_worker.paths import Paths
+from hivemind_worker.setting_rules import (
+    Address,
+    Choice,
+    MaxLength,
+    OptionalFile,
+    Pattern,
+    Range,
+    Rule,
+    number_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,122 +78,7 @@ def _total_memory() -> int:
     return int(psutil.virtual_memory().total)
 
 
-def _number_text(x: float) -> str:
-    if float(x).is_integer():
-        return str(int(x))
-    return f"{math.floor(x * 10) / 10:g}"  # round down so the shown maximum is itself allowed
-
-
-# ---------------------------------------------------------------------------- rules
-
-
-class Rule:
-    """What one setting accepts beyond its type."""
-
-    def allowed(self) -> str:
-        """The text that follows "expected" in an error message."""
-        raise NotImplementedError
-
-    def check(self, value: Any) -> Any:
-        """Return the value, normalized; raise ValueError if it is not allowed."""
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class _Range(Rule):
-    low: float
-    high: float | Callable[[], float]
-    integer: bool = False
-    low_open: bool = False
-    note: str = ""
-
-    def _high(self) -> float:
-        return self.high() if callable(self.high) else self.high
-
-    def allowed(self) -> str:
-        kind = "a whole number" if self.integer else "a number"
-        low, high = _number_text(self.low), _number_text(self._high())
-        text = (
-            f"{kind} greater than {low} and at most {high}"
-            if self.low_open
-            else f"{kind} from {low} to {high}"
-        )
-        return f"{text} ({self.note})" if self.note else text
-
-    def check(self, value: Any) -> Any:
-        above_low = value > self.low if self.low_open else value >= self.low
-        if not (above_low and value <= self._high()):  # also rejects NaN
-            raise ValueError(value)
-        return value
-
-
-@dataclass(frozen=True)
-class _Pattern(Rule):
-    pattern: str
-    text: str
-
-    def allowed(self) -> str:
-        return self.text
-
-    def check(self, value: Any) -> Any:
-        if not re.fullmatch(self.pattern, value):
-            raise ValueError(value)
-        return value
-
-
-@dataclass(frozen=True)
-class _MaxLength(Rule):
-    limit: int
-
-    def allowed(self) -> str:
-        return f"text of at most {self.limit} characters"
-
-    def check(self, value: Any) -> Any:
-        if len(value) > self.limit:
-            raise ValueError(value)
-        return value
-
-
-@dataclass(frozen=True)
-class _OptionalFile(Rule):
-    def allowed(self) -> str:
-        return "empty, or the path of an existing file"
-
-    def check(self, value: Any) -> Any:
-        if value and not Path(value).expanduser().is_file():
-            raise ValueError(value)
-        return str(Path(value).expanduser().absolute()) if value else ""
-
-
-@dataclass(frozen=True)
-class _Choice(Rule):
-    choices: tuple[str, ...]
-
-    def allowed(self) -> str:
-        return "one of " + ", ".join(self.choices)
-
-    def check(self, value: Any) -> Any:
-        value = value.strip().lower()
-        if value not in self.choices:
-            raise ValueError(value)
-        return value
-
-
 _NODE_ID_PATTERN = r"[A-Za-z0-9._-]{1,64}"
-_ADDRESS_PATTERN = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})"
-
-
-@dataclass(frozen=True)
-class _Address(Rule):
-    def allowed(self) -> str:
-        return "host:port with a port from 1 to 65535 (IPv6 as [::1]:port)"
-
-    def check(self, value: Any) -> Any:
-        match = re.fullmatch(_ADDRESS_PATTERN, value)
-        if match is None or not 1 <= int(match[2]) <= 65535:
-            raise ValueError(value)
-        return value
-
 
 _TYPE_TEXT: dict[type, str] = {
     bool: "true or false (also yes/no, on/off, 1/0)",
@@ -244,7 +139,7 @@ class SettingSpec:
         if isinstance(value, bool):
             return "`true`" if value else "`false`"
         if isinstance(value, int | float):
-            return f"`{_number_text(value)}`"
+            return f"`{number_text(value)}`"
         return f"`{value}`"
 
 
@@ -277,7 +172,7 @@ class Settings:
     schema_version: int = setting(
         SCHEMA_VERSION,
         help="the settings file's format, written by the app",
-        rule=_Range(
+        rule=Range(
             1,
             SCHEMA_VERSION,
             integer=True,
@@ -288,7 +183,7 @@ class Settings:
         "",
         env="NODE_ID",
         flag=Flag("--node-id", metavar="ID"),
-        rule=_Pattern(
+        rule=Pattern(
             f"|{_NODE_ID_PATTERN}",
             "1 to 64 characters from A-Z, a-z, 0-9, '.', '_', '-' (or empty to generate one)",
         ),
@@ -299,7 +194,7 @@ class Settings:
         "127.0.0.1:50051",
         env="NODE_POOL_ADDRESS",
         flag=Flag("--node-pool", metavar="HOST:PORT"),
-        rule=_Address(),
+        rule=Address(),
         help="the pool to work for, as host:port",
         gui=True,
     )
@@ -307,7 +202,7 @@ class Settings:
         "",
         env="HIVEMIND_ACCOUNT",
         flag=Flag("--account", metavar="NAME"),
-        rule=_MaxLength(128),
+        rule=MaxLength(128),
         help="your account at the pool; empty means the last one you logged in with",
         gui=True,
         shown_default="last login",
@@ -323,7 +218,7 @@ class Settings:
     ca_file: str = setting(
         "",
         env="HIVEMIND_CA_FILE",
-        rule=_OptionalFile(),
+        rule=OptionalFile(),
         help="PEM CA bundle to trust for the pool's TLS certificate; when set, TLS is used "
         "on this machine too",
         shown_default="system CAs",
@@ -332,7 +227,7 @@ class Settings:
         0.0,
         env="MAX_CPU_CORES",
         flag=Flag("--max-cpu-cores", metavar="N"),
-        rule=_Range(0, _cpu_count),
+        rule=Range(0, _cpu_count),
         help="CPU cores all tasks together may use; 0 means all of them",
         gui=True,
     )
@@ -340,7 +235,7 @@ class Settings:
         0.0,
         env="MAX_MEMORY_GB",
         flag=Flag("--max-memory-gb", metavar="GB"),
-        rule=_Range(0, lambda: _total_memory() / GIB),
+        rule=Range(0, lambda: _total_memory() / GIB),
         help="memory in GiB all tasks together may use; 0 means half of this machine's RAM",
         gui=True,
     )
@@ -348,7 +243,7 @@ class Settings:
         10.0,
         env="MAX_DISK_GB",
         flag=Flag("--max-disk-gb", metavar="GB"),
-        rule=_Range(0, 100_000, low_open=True),
+        rule=Range(0, 100_000, low_open=True),
         help="disk space in GiB all task workspaces together may use",
         gui=True,
     )
@@ -356,21 +251,21 @@ class Settings:
         3600,
         env="TASK_TIMEOUT",
         flag=Flag("--task-timeout", metavar="SECONDS"),
-        rule=_Range(1, 7 * 86400, integer=True),
+        rule=Range(1, 7 * 86400, integer=True),
         help="longest task this worker accepts, in seconds",
     )
     max_concurrent_tasks: int = setting(
         1,
         env="MAX_CONCURRENT_TASKS",
         flag=Flag("--max-concurrent-tasks", metavar="N"),
-        rule=_Range(1, 64, integer=True),
+        rule=Range(1, 64, integer=True),
         help="most tasks to run at once",
         gui=True,
     )
     heartbeat_interval: int = setting(
         30,
         env="HEARTBEAT_INTERVAL",
-        rule=_Range(1, 3600, integer=True),
+        rule=Range(1, 3600, integer=True),
         help="seconds between heartbeats when the pool does not ask for an interval",
     )
     docker_enabled: bool = setting(
@@ -391,7 +286,7 @@ class Settings:
     docker_python_image: str = setting(
         "python:3.12-slim",
         env="DOCKER_PYTHON_IMAGE",
-        rule=_Pattern(
+        rule=Pattern(
             r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}", "an image reference like python:3.12-slim"
         ),
         help="Docker image that runs python tasks",
@@ -399,13 +294,13 @@ class Settings:
     docker_pull_policy: str = setting(
         "if-not-present",
         env="DOCKER_PULL_POLICY",
-        rule=_Choice(("if-not-present", "always", "never")),
+        rule=Choice(("if-not-present", "always", "never")),
         help="when to pull task images: if-not-present, always or never",
     )
     docker_image_allowlist: str = setting(
         "",
         env="DOCKER_IMAGE_ALLOWLIST",
-        rule=_Pattern(
+        rule=Pattern(
             r"[A-Za-z0-9._/:@, -]{0,4000}",
             "comma-separated registry prefixes or sha256: digests",
         ),
@@ -430,13 +325,13 @@ class Settings:
         "info",
         env="LOG_LEVEL",
         flag=Flag("--log-level", metavar="LEVEL"),
-        rule=_Choice(LOG_LEVELS),
+        rule=Choice(LOG_LEVELS),
         help="how much to log: debug, info, warning or error",
     )
     drain_timeout: int = setting(
         60,
         env="HIVEMIND_DRAIN_TIMEOUT",
-        rule=_Range(0, 86400, integer=True),
+        rule=Range(0, 86400, integer=True),
         help="seconds to let running tasks finish when stopping",
     )
     # Desktop app only: the settings dialog writes them, the headless worker ignores them.
