@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hivemind_worker import __version__
-from hivemind_worker.config import ConfigError, Settings, load_settings
+from hivemind_worker.config import ConfigError, Settings, load_settings, settings_table
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.demo import DEMO_ACCOUNT, DemoPool, result_summary
 from hivemind_worker.errors import ErrorKind, HiveMindError
@@ -41,29 +41,25 @@ class CliError(HiveMindError):
 
 
 def _settings_flags(p: argparse.ArgumentParser) -> None:
-    """Flags that override settings; dest names are the setting keys (config.flag_name)."""
+    """The flags that override settings, one per setting declared with a flag; dest is its key."""
     g = p.add_argument_group("settings (override the settings file and environment)")
-    g.add_argument("--node-pool", dest="node_pool_address", metavar="HOST:PORT")
-    g.add_argument("--node-id", dest="node_id", metavar="ID")
-    g.add_argument("--account", dest="account", metavar="NAME")
-    g.add_argument("--insecure", dest="insecure", action="store_const", const=True,
-                   help="allow a plaintext connection to a non-loopback pool")  # fmt: skip
-    g.add_argument("--max-cpu-cores", dest="max_cpu_cores", metavar="N")
-    g.add_argument("--max-memory-gb", dest="max_memory_gb", metavar="GB")
-    g.add_argument("--max-disk-gb", dest="max_disk_gb", metavar="GB")
-    g.add_argument("--max-concurrent-tasks", dest="max_concurrent_tasks", metavar="N")
-    g.add_argument("--task-timeout", dest="task_timeout", metavar="SECONDS")
-    g.add_argument("--no-docker", dest="docker_enabled", action="store_const", const=False,
-                   help="run tasks in the process sandbox even when Docker is present")  # fmt: skip
-    g.add_argument("--work-dir", dest="work_dir", metavar="DIR")
-    g.add_argument("--log-level", dest="log_level", metavar="LEVEL")
+    for spec in settings_table():
+        if spec.flag is None:
+            continue
+        if spec.flag.const is not None:
+            g.add_argument(
+                spec.flag.name,
+                dest=spec.key,
+                action="store_const",
+                const=spec.flag.const,
+                help=spec.flag.help,
+            )
+        else:
+            help_text = f"{spec.help} (env {spec.env})".replace("%", "%%")
+            g.add_argument(spec.flag.name, dest=spec.key, metavar=spec.flag.metavar, help=help_text)
 
 
-SETTING_DESTS = (
-    "node_pool_address", "node_id", "account", "insecure", "max_cpu_cores", "max_memory_gb",
-    "max_disk_gb", "max_concurrent_tasks", "task_timeout", "docker_enabled", "work_dir",
-    "log_level",
-)  # fmt: skip
+SETTING_DESTS = tuple(spec.key for spec in settings_table() if spec.flag is not None)
 
 
 def build_parser() -> argparse.ArgumentParser:
