@@ -52,10 +52,10 @@ async def login_to_pool(
 
     client = client_for(settings)
     try:
-        reply = await client.login(account, password)
+        token = await client.login(account, password)
     finally:
         await client.close()
-    await asyncio.to_thread(credentials.set_token, settings.node_pool_address, account, reply.token)
+    await asyncio.to_thread(credentials.set_token, settings.node_pool_address, account, token)
 
 
 def self_command() -> list[str]:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hivemind_worker.engine.engine import backoff_delay
+from hivemind_worker.engine.delivery import backoff_delay
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.tasks import (
     DEFAULT_MEMORY_BYTES,

@@ -52,10 +52,10 @@ async def test_connection(address: str, insecure: bool) -> str:
 
     client = NodePoolClient(address, insecure=insecure, timeout=10)
     try:
-        reply = await client.ping()
+        version = await client.ping()
     finally:
         await client.close()
-    return f"Reached the pool (version {reply.server_version or 'unknown'})"
+    return f"Reached the pool (version {version or 'unknown'})"
 
 
 async def log_in(
