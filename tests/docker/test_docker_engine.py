@@ -28,6 +28,7 @@ from conftest import TEST_IMAGE
 from hivemind_worker.config import Settings
 from hivemind_worker.engine.events import ImagePull, ResultDelivered, TaskFinished
 from hivemind_worker.engine.executors import docker as dockerx
+from hivemind_worker.engine.executors.images import ImageStore
 from hivemind_worker.pool.server import PoolServer
 from hivemind_worker.pool.store import PoolStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
@@ -165,7 +166,7 @@ async def test_cancel_from_the_pool_kills_the_container(
         await pool.stop()
 
 
-class _PullingExecutor(dockerx.DockerExecutor):
+class _PullingImages(ImageStore):
     """Reports a pull of the (local) Python image as if it came from a registry."""
 
     def _ensure_image(self, image: str) -> None:
@@ -180,13 +181,15 @@ async def test_image_pull_progress_is_published_as_engine_events(
     pool = await start_pool(tmp_path / "pool.db")
 
     def make(settings: Settings) -> dockerx.DockerExecutor:
-        return _PullingExecutor(
+        executor = dockerx.DockerExecutor(docker_client, settings.work_dir, settings.node_id)
+        executor.images = _PullingImages(
             docker_client,
             settings.work_dir,
-            settings.node_id,
             python_image=TEST_IMAGE,
             pull_policy="never",
+            on_progress=executor._pull_progress,
         )
+        return executor
 
     worker = await start_worker(tmp_path / "node-p", pool.address, executor=make)
     try:

@@ -20,6 +20,7 @@ from hivemind_worker.config import load_settings
 from hivemind_worker.engine.executors import docker as dockerx
 from hivemind_worker.engine.executors import select_executor
 from hivemind_worker.engine.executors.base import ExecutorError
+from hivemind_worker.engine.executors.images import requirements_tag
 from hivemind_worker.paths import default_paths
 from hivemind_worker.tasks import (
     GiB,
@@ -449,7 +450,7 @@ async def test_requirements_use_a_derived_image_cached_by_their_hash(
 ) -> None:
     executor = make_executor()
     requirements = ("hivemind-fake-package==1.0",)
-    tag = dockerx.requirements_tag(TEST_IMAGE, requirements)
+    tag = requirements_tag(TEST_IMAGE, requirements)
     # No registry here, so the build cannot run pip; a derived image already present under
     # the requirements' tag (marked so the test can tell it ran) must be used as it is.
     marker = docker_client.containers.run(
@@ -482,7 +483,7 @@ async def test_requirements_build_failure_and_pip_options_fail_with_reasons(
     with pytest.raises(ExecutorError, match=r"installing the requirements failed.*pip"):
         await executor.prepare(make_task("pass", requirements=requirements))
     with pytest.raises(docker.errors.ImageNotFound):
-        docker_client.images.get(dockerx.requirements_tag(TEST_IMAGE, requirements))
+        docker_client.images.get(requirements_tag(TEST_IMAGE, requirements))
 
 
 async def test_images_it_pulled_are_pruned_least_recently_used_first(
@@ -495,11 +496,11 @@ async def test_images_it_pulled_are_pruned_least_recently_used_first(
         base.tag(*ref.split(":"))
     try:
         # The worker pulled "old" then "new"; "mine" is the person's own and never pruned.
-        ledger = executor._images_used
+        ledger = executor.images.ledger
         ledger.touch(refs[0])
         ledger.touch(refs[1])
         size = int(base.attrs["Size"])
-        removed = await asyncio.to_thread(executor.prune_images, size)  # room for one
+        removed = await asyncio.to_thread(executor.images.prune, size)  # room for one
         assert removed == [refs[0]]
         with pytest.raises(docker.errors.ImageNotFound):
             docker_client.images.get(refs[0])

@@ -5,14 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
-import io
-import json
 import logging
 import os
 import signal
 import sys
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,7 +19,6 @@ from typing import Any, TypeVar
 
 import docker
 import docker.errors
-import requests.exceptions
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount
 from google.protobuf.message import DecodeError
@@ -34,6 +29,11 @@ from hivemind_worker.engine.executors.base import (
     LogSink,
     PausableRun,
     Usage,
+)
+from hivemind_worker.engine.executors.images import (
+    DOCKER_ERRORS,
+    ImageStore,
+    docker_reason,
 )
 from hivemind_worker.engine.executors.workspace import (
     ARCHIVES_DIR,
@@ -62,8 +62,6 @@ T = TypeVar("T")
 LABEL_NODE = "hivemind.node"
 LABEL_TASK = "hivemind.task"
 LABEL_LEASE = "hivemind.lease"
-LABEL_REQUIREMENTS = "hivemind.requirements"
-REQUIREMENTS_REPOSITORY = "hivemind-python-req"
 WORKSPACE_MOUNT = "/workspace"
 # The unprivileged user tasks run as when the worker itself runs as root.
 NOBODY = "65534:65534"
@@ -83,16 +81,11 @@ API_TIMEOUT = 60
 # Output waiting for the engine loop; beyond this the oldest is dropped, so a task printing
 # faster than the log sink consumes cannot grow the worker.
 PENDING_OUTPUT_CAP = 256 * 1024
-PULL_POLICIES = ("if-not-present", "always", "never")
-PULL_REPORT_INTERVAL = 0.5
 MIN_NANO_CPUS = 10_000_000  # 1 % of a core: Docker refuses a ceiling of less
-IMAGES_FILE = "_images.json"  # in the work folder: images this worker pulled, by last use
 # In the work folder, beside (never inside: the task could rewrite it) each workspace: the spec
 # of every prepared task, `<task>-<lease>.pb`, so that a restarted worker can re-attach.
 SPECS_DIR = "_specs"
 ADOPTABLE_STATES = ("running", "paused", "exited")
-
-_DockerErrors = (docker.errors.DockerException, requests.exceptions.RequestException)
 
 
 def connect(timeout: int = API_TIMEOUT) -> docker.DockerClient:
@@ -111,45 +104,6 @@ def worker_user() -> str:
     if getuid is None or getgid is None or getuid() == 0:
         return NOBODY
     return f"{getuid()}:{getgid()}"
-
-
-def normalize_image(image: str) -> str:
-    """The full reference Docker uses: 'python:3.12' is 'docker.io/library/python:3.12'."""
-    first, sep, _ = image.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost"):
-        return image
-    return "docker.io/" + (image if sep else "library/" + image)
-
-
-def image_allowed(image: str, allowlist: Iterable[str]) -> bool:
-    """Whether `image` matches a registry prefix or digest of the allowlist (empty: any)."""
-    entries = [e.strip() for e in allowlist if e.strip()]
-    if not entries:
-        return True
-    ref = normalize_image(image)
-    for entry in entries:
-        if entry.startswith("sha256:"):
-            if image.endswith("@" + entry):
-                return True
-            continue
-        # A prefix matches at a path boundary ("ghcr.io/org/" or "ghcr.io/org"), or a whole
-        # repository with any tag or digest ("docker.io/library/python").
-        if entry.endswith("/"):
-            if ref.startswith(entry):
-                return True
-        elif ref == entry or (ref.startswith(entry) and ref[len(entry)] in "/:@"):
-            return True
-    return False
-
-
-def requirements_tag(python_image: str, requirements: Iterable[str]) -> str:
-    """The tag of the derived image holding these requirements on top of `python_image`."""
-    key = hashlib.sha256("\n".join([python_image, *requirements]).encode()).hexdigest()
-    return f"{REQUIREMENTS_REPOSITORY}:{key[:16]}"
-
-
-def parse_allowlist(text: str) -> tuple[str, ...]:
-    return tuple(e.strip() for e in text.split(",") if e.strip())
 
 
 @dataclass(eq=False)
@@ -234,15 +188,18 @@ class DockerExecutor(Executor):
         max_result_files: int = 10_000,
         image_budget_bytes: int = 0,
     ) -> None:
-        if pull_policy not in PULL_POLICIES:
-            raise ValueError(f"pull policy must be one of {', '.join(PULL_POLICIES)}")
         self._client = client
         self._work_dir = Path(work_dir)
         self._node_id = node_id
-        self._python_image = python_image
-        self._pull_policy = pull_policy
-        self._allowlist = tuple(allowlist)
-        self._preloaded: set[str] = set()
+        self.images = ImageStore(
+            client,
+            self._work_dir,
+            python_image=python_image,
+            pull_policy=pull_policy,
+            allowlist=allowlist,
+            budget_bytes=image_budget_bytes,
+            on_progress=self._pull_progress,
+        )
         self._network = network
         self._cgroup_parent = cgroup_parent
         self._user = user or worker_user()
@@ -257,11 +214,6 @@ class DockerExecutor(Executor):
         self._running: dict[str, _Running] = {}
         self._cancel_requested: set[str] = set()
         self._paused = False
-        self._images: dict[str, str] = {}  # the image each prepared task runs
-        self._build_locks: dict[str, threading.Lock] = {}
-        self._build_locks_lock = threading.Lock()
-        self._images_used = _ImageLedger(self._work_dir / IMAGES_FILE)
-        self._image_budget = image_budget_bytes
 
     @property
     def client(self) -> docker.DockerClient:
@@ -283,6 +235,13 @@ class DockerExecutor(Executor):
     def container(self, task_id: str) -> Container | None:
         """The container of a task that has started, until cleanup."""
         return self._containers.get(task_id)
+
+    def _pull_progress(self, image: str, done: int, total: int) -> None:
+        if self.on_pull is not None:  # set by the engine after construction
+            self.on_pull(image, done, total)
+
+    async def preload(self, images: list[str]) -> None:
+        await self.images.preload(images)
 
     # ---------------------------------------------------------------- housekeeping
 
@@ -308,7 +267,9 @@ class DockerExecutor(Executor):
                 self._containers[spec.task_id] = container
                 self._spec_files[spec.task_id] = self._spec_path(spec)
                 # Kept from pruning while it runs, as for a prepared task.
-                self._images[spec.task_id] = str((container.attrs.get("Config") or {}).get("Image"))
+                self.images.adopt(
+                    spec.task_id, str((container.attrs.get("Config") or {}).get("Image"))
+                )
                 self._adopted.append(spec)
                 adopted.add(self._spec_path(spec).stem)
                 log.info(
@@ -377,30 +338,13 @@ class DockerExecutor(Executor):
 
     # ---------------------------------------------------------------- prepare
 
-    def image_for(self, task: TaskSpec) -> str:
-        return task.image if task.kind is TaskKind.CONTAINER else self._python_image
-
     async def prepare(self, task: TaskSpec) -> None:
         if task.task_id in self._running:
             raise ExecutorError(f"task {task.task_id} is already running")
-        for line in task.requirements if task.kind is TaskKind.PYTHON else ():
-            if line.lstrip().startswith("-"):
-                # -r, -e, --index-url and friends would reach files or servers of their choosing.
-                raise TaskSpecError(
-                    "requirements",
-                    f"{line[:80]!r} is a pip option; only package requirements are allowed",
-                )
-        image = self.image_for(task)
-        # The Python image is the person's own choice; only images a task names are checked.
-        if task.kind is TaskKind.CONTAINER and not image_allowed(image, self._allowlist):
-            raise TaskSpecError("image", f"{image} is not in this worker's image allowlist")
+        self.images.check(task)
         if task.network not in ("none", self._network):
             raise TaskSpecError("network", f"'{task.network}' is not allowed on this worker")
-        await asyncio.to_thread(self._ensure_image, image)
-        if task.kind is TaskKind.PYTHON and task.requirements:
-            image = await asyncio.to_thread(self._requirements_image, task.requirements)
-        self._images[task.task_id] = image
-        await asyncio.to_thread(self._images_used.touch, image, only_known=True)
+        await self.images.acquire(task)
 
         workspace = workspace_path(self._work_dir, task)
         previous = self._workspaces.get(task.task_id)
@@ -439,126 +383,6 @@ class DockerExecutor(Executor):
             except OSError as exc:
                 raise ExecutorError(f"cannot hand the workspace to the task user: {exc}") from exc
 
-    def ensure_image(self, image: str) -> None:
-        """Blocking: make `image` present under the pull policy, or raise ExecutorError."""
-        self._ensure_image(image)
-
-    async def preload(self, images: list[str]) -> None:
-        """Pull what the pool names ahead of its tasks, within the allowlist; failures are
-        only logged (the task that needs the image reports them)."""
-        for image in images:
-            if image in self._preloaded:
-                continue
-            self._preloaded.add(image)
-            if not image_allowed(image, self._allowlist):
-                log.warning("not preloading %s: the image allowlist does not admit it", image)
-                continue
-            try:
-                await asyncio.to_thread(self._ensure_image, image)
-            except ExecutorError as exc:
-                log.warning("could not preload %s: %s", image, exc)
-            else:
-                log.info("image %s is ready for the pool's tasks", image)
-
-    def _ensure_image(self, image: str) -> None:
-        """Apply the pull policy; a failed pull fails the task with the registry's message."""
-        if self._pull_policy != "always":
-            try:
-                self._client.images.get(image)
-                return
-            except docker.errors.ImageNotFound:
-                if self._pull_policy == "never":
-                    raise ExecutorError(
-                        f"image {image} is not on this machine and the pull policy is 'never'"
-                    ) from None
-            except _DockerErrors as exc:
-                raise ExecutorError(f"cannot look up image {image}: {_reason(exc)}") from exc
-        repository, tag = docker.utils.parse_repository_tag(image)
-        log.info("pulling image %s", image)
-        layers: dict[str, tuple[int, int]] = {}  # layer id: (bytes done, bytes total)
-        reported = 0.0
-        try:
-            # A reference without a tag would pull every tag of the repository.
-            for event in self._client.api.pull(
-                repository, tag=tag or "latest", stream=True, decode=True
-            ):
-                if not isinstance(event, dict):
-                    continue
-                if event.get("error"):
-                    raise ExecutorError(f"cannot pull image {image}: {event['error']}")
-                detail = event.get("progressDetail") or {}
-                if event.get("id") and detail.get("total"):
-                    layers[str(event["id"])] = (int(detail.get("current", 0)), int(detail["total"]))
-                now = time.monotonic()
-                if now - reported >= PULL_REPORT_INTERVAL:
-                    reported = now
-                    self._report_pull(image, layers, finished=False)
-        except _DockerErrors as exc:
-            raise ExecutorError(f"cannot pull image {image}: {_reason(exc)}") from exc
-        self._report_pull(image, layers, finished=True)
-        self._images_used.touch(image)
-
-    def _report_pull(
-        self, image: str, layers: dict[str, tuple[int, int]], *, finished: bool
-    ) -> None:
-        total = sum(t for _, t in layers.values())
-        done = total if finished else sum(min(c, t) for c, t in layers.values())
-        if finished:
-            log.info("pulled image %s (%d MiB)", image, total >> 20)
-        sink = self.on_pull
-        if sink is None:
-            return
-        try:
-            sink(image, done, total)
-        except Exception:
-            log.exception("pull progress sink failed for %s", image)
-
-    def _requirements_image(self, requirements: tuple[str, ...]) -> str:
-        """The Python image with these requirements installed, built once per requirements hash.
-
-        The build is the only step with a network (Docker's default bridge); pip runs as
-        65534:65534 and installs into /opt/hivemind-deps, which is on the image's PYTHONPATH.
-        """
-        tag = requirements_tag(self._python_image, requirements)
-        with self._build_locks_lock:
-            lock = self._build_locks.setdefault(tag, threading.Lock())
-        with lock:  # one build per tag, however many tasks ask for it at once
-            try:
-                self._client.images.get(tag)
-                return tag
-            except docker.errors.ImageNotFound:
-                pass
-            except _DockerErrors as exc:
-                raise ExecutorError(f"cannot look up image {tag}: {_reason(exc)}") from exc
-            log.info("building %s for %d requirement(s)", tag, len(requirements))
-            last = ""
-            try:
-                for event in self._client.api.build(
-                    fileobj=_requirements_context(self._python_image, requirements),
-                    custom_context=True,
-                    tag=tag,
-                    rm=True,
-                    forcerm=True,
-                    pull=False,
-                    network_mode="bridge",
-                    labels={LABEL_REQUIREMENTS: tag.rpartition(":")[2]},
-                    decode=True,
-                ):
-                    if not isinstance(event, dict):
-                        continue
-                    if event.get("error"):
-                        detail = f" ({last})" if last else ""
-                        raise ExecutorError(
-                            f"installing the requirements failed: {event['error'].strip()}{detail}"
-                        )
-                    line = str(event.get("stream", "")).strip()
-                    if line and not line.startswith(("Step ", "--->", "Removing intermediate")):
-                        last = line[-300:]
-            except _DockerErrors as exc:
-                raise ExecutorError(f"installing the requirements failed: {_reason(exc)}") from exc
-            self._images_used.touch(tag)
-            return tag
-
     # ---------------------------------------------------------------- run
 
     def container_config(self, task: TaskSpec, caps: Resources, workspace: Path) -> dict[str, Any]:
@@ -582,7 +406,7 @@ class DockerExecutor(Executor):
         env["HIVEMIND_TASK_ID"] = task.task_id
         env["HIVEMIND_RESULTS_DIR"] = str(results_dir)
         config: dict[str, Any] = {
-            "image": self._images.get(task.task_id) or self.image_for(task),
+            "image": self.images.image_of(task),
             "command": command,
             "name": f"hivemind-{task.task_id}-{(task.lease_id or 'nolease')[:12]}",
             "labels": {
@@ -623,7 +447,7 @@ class DockerExecutor(Executor):
         return task_id in self._cancel_requested
 
     def describe_error(self, exc: Exception) -> str:
-        return _reason(exc)
+        return docker_reason(exc)
 
     async def _run(
         self,
@@ -636,8 +460,8 @@ class DockerExecutor(Executor):
         config = self.container_config(task, caps, workspace)
         try:
             container = await asyncio.to_thread(self._create, config)
-        except _DockerErrors as exc:
-            result.error = f"could not create the container: {_reason(exc)}"
+        except DOCKER_ERRORS as exc:
+            result.error = f"could not create the container: {docker_reason(exc)}"
             return
         self._containers[task.task_id] = container
         run = _Running(task, container, started=time.monotonic())
@@ -648,9 +472,9 @@ class DockerExecutor(Executor):
         try:
             try:
                 await asyncio.to_thread(container.start)
-            except _DockerErrors as exc:
+            except DOCKER_ERRORS as exc:
                 run.logs_done.set()  # no output thread was started
-                result.error = f"could not start the task: {_reason(exc)}"
+                result.error = f"could not start the task: {docker_reason(exc)}"
                 return
             run.started = time.monotonic()
             if self._paused or run.cancelled:
@@ -746,7 +570,7 @@ class DockerExecutor(Executor):
             return
         try:
             archive, digest, size = await asyncio.to_thread(self._collect, task, container)
-        except (ResultError, OSError, *_DockerErrors) as exc:
+        except (ResultError, OSError, *DOCKER_ERRORS) as exc:
             reason = str(exc) if isinstance(exc, ResultError) else f"cannot copy results: {exc}"
             if result.status is TaskStatus.SUCCEEDED:
                 result.status = TaskStatus.FAILED
@@ -771,7 +595,7 @@ class DockerExecutor(Executor):
         if run.cancelled:
             _kill(run.container)
         else:
-            with contextlib.suppress(*_DockerErrors):
+            with contextlib.suppress(*DOCKER_ERRORS):
                 run.container.pause()
 
     async def _supervise(self, run: _Running, waiter: asyncio.Future[object]) -> None:
@@ -783,7 +607,7 @@ class DockerExecutor(Executor):
                 await asyncio.to_thread(_kill, run.container)
                 break
             await asyncio.wait({waiter}, timeout=POLL_INTERVAL)
-        with contextlib.suppress(*_DockerErrors):
+        with contextlib.suppress(*DOCKER_ERRORS):
             await waiter  # the exit itself; errors mean the container is gone already
         run.exited = True
 
@@ -928,7 +752,7 @@ class DockerExecutor(Executor):
                 run.cancelled = True
             await asyncio.to_thread(_kill, run.container)
         self._cancel_requested.discard(task_id)
-        self._images.pop(task_id, None)
+        self.images.release(task_id)
         await self._remove_container(task_id)
         workspace = self._workspaces.pop(task_id, None)
         if workspace is not None:
@@ -936,38 +760,7 @@ class DockerExecutor(Executor):
         spec_file = self._spec_files.pop(task_id, None)
         if spec_file is not None:
             await asyncio.to_thread(spec_file.unlink, missing_ok=True)
-        if self._image_budget > 0:
-            await asyncio.to_thread(self.prune_images, self._image_budget)
-
-    def prune_images(self, budget_bytes: int) -> list[str]:
-        """Remove images this worker pulled or built, least recently used first, until they
-        take at most `budget_bytes`; images of prepared tasks are kept. Returns the removed."""
-        in_use = set(self._images.values())
-        sizes: dict[str, int] = {}
-        for ref in self._images_used.refs():
-            try:
-                sizes[ref] = int(self._client.images.get(ref).attrs.get("Size", 0))
-            except docker.errors.ImageNotFound:
-                self._images_used.forget(ref)
-            except _DockerErrors as exc:
-                log.debug("cannot size image %s: %s", ref, exc)
-        total = sum(sizes.values())
-        removed: list[str] = []
-        for ref in self._images_used.refs():  # oldest first
-            if total <= budget_bytes:
-                break
-            if ref in in_use or ref not in sizes:
-                continue
-            try:
-                self._client.images.remove(ref)
-            except _DockerErrors as exc:  # e.g. a container of someone else's uses it
-                log.info("cannot prune image %s: %s", ref, _reason(exc))
-                continue
-            log.info("pruned image %s (%d MiB) to stay within the disk cap", ref, sizes[ref] >> 20)
-            self._images_used.forget(ref)
-            total -= sizes[ref]
-            removed.append(ref)
-        return removed
+        await self.images.prune_to_budget()
 
     async def _remove_container(self, task_id: str) -> None:
         container = self._containers.pop(task_id, None)
@@ -1004,7 +797,7 @@ class DockerExecutor(Executor):
         try:
             response = api.post(url, json={"NanoCpus": nano_cpus})
             response.raise_for_status()
-        except _DockerErrors as exc:  # it may have exited meanwhile
+        except DOCKER_ERRORS as exc:  # it may have exited meanwhile
             log.debug("cannot update the CPU limit of %s: %s", container.short_id, exc)
 
     async def close(self) -> None:
@@ -1016,13 +809,6 @@ class DockerExecutor(Executor):
 
 
 # -------------------------------------------------------------------- helpers
-
-
-def _reason(exc: BaseException) -> str:
-    """The engine's own words for a Docker error, without the HTTP wrapping."""
-    if isinstance(exc, docker.errors.APIError) and exc.explanation:
-        return str(exc.explanation)
-    return str(exc) or type(exc).__name__
 
 
 def _signal_name(number: int) -> str:
@@ -1046,7 +832,7 @@ def _log_tail(container: Container, cap: int) -> bytes | None:
             tail += chunk
             if len(tail) > 2 * cap:
                 del tail[: len(tail) - cap]
-    except _DockerErrors as exc:
+    except DOCKER_ERRORS as exc:
         log.debug("cannot read the output of %s: %s", container.short_id, exc)
         return None
     return bytes(tail[-cap:]) if cap else b""
@@ -1067,19 +853,19 @@ def _docker_time(text: str) -> float:
 
 def _kill(container: Container) -> None:
     """SIGKILL the container; a frozen one is thawed so that the kill lands at once."""
-    with contextlib.suppress(*_DockerErrors):
+    with contextlib.suppress(*DOCKER_ERRORS):
         container.kill()
-    with contextlib.suppress(*_DockerErrors):
+    with contextlib.suppress(*DOCKER_ERRORS):
         container.unpause()
 
 
 def _pause(container: Container) -> None:
-    with contextlib.suppress(*_DockerErrors):  # it may have exited meanwhile
+    with contextlib.suppress(*DOCKER_ERRORS):  # it may have exited meanwhile
         container.pause()
 
 
 def _unpause(container: Container) -> None:
-    with contextlib.suppress(*_DockerErrors):
+    with contextlib.suppress(*DOCKER_ERRORS):
         container.unpause()
 
 
@@ -1087,82 +873,8 @@ def _remove(container: Container) -> None:
     with contextlib.suppress(docker.errors.NotFound):
         try:
             container.remove(force=True, v=True)
-        except _DockerErrors as exc:
-            log.warning("cannot remove container %s: %s", container.short_id, _reason(exc))
-
-
-class _ImageLedger:
-    """Images this worker pulled or built and when each was last used, kept in a JSON file
-    so that pruning never touches images the person pulled themselves."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._lock = threading.Lock()
-
-    def _load(self) -> dict[str, float]:
-        try:
-            data = json.loads(self._path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(data, dict):
-            return {}
-        return {str(k): float(v) for k, v in data.items() if isinstance(v, int | float)}
-
-    def _save(self, data: dict[str, float]) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        partial = self._path.with_suffix(".partial")
-        partial.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
-        partial.replace(self._path)
-
-    def touch(self, ref: str, *, only_known: bool = False) -> None:
-        with self._lock:
-            data = self._load()
-            if only_known and ref not in data:
-                return
-            data[ref] = time.time()
-            with contextlib.suppress(OSError):  # a lost entry only means no pruning of it
-                self._save(data)
-
-    def forget(self, ref: str) -> None:
-        with self._lock:
-            data = self._load()
-            if data.pop(ref, None) is not None:
-                with contextlib.suppress(OSError):
-                    self._save(data)
-
-    def refs(self) -> list[str]:
-        """Known images, least recently used first."""
-        with self._lock:
-            data = self._load()
-        return sorted(data, key=lambda ref: data[ref])
-
-
-def _requirements_context(python_image: str, requirements: Iterable[str]) -> io.BytesIO:
-    """A build context (tar) of a Dockerfile and the requirements file."""
-    dockerfile = (
-        f"FROM {python_image}\n"
-        "USER root\n"
-        "RUN mkdir -p /opt/hivemind-deps && chown 65534:65534 /opt/hivemind-deps\n"
-        "COPY requirements.txt /opt/hivemind-requirements.txt\n"
-        "USER 65534:65534\n"
-        "ENV HOME=/tmp PYTHONPATH=/opt/hivemind-deps PATH=/opt/hivemind-deps/bin:$PATH\n"
-        "RUN python3 -m pip install --no-cache-dir --disable-pip-version-check "
-        "--no-warn-script-location --target /opt/hivemind-deps "
-        "-r /opt/hivemind-requirements.txt\n"
-    )
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, text in (
-            ("Dockerfile", dockerfile),
-            ("requirements.txt", "".join(f"{line.strip()}\n" for line in requirements)),
-        ):
-            data = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    buffer.seek(0)
-    return buffer
+        except DOCKER_ERRORS as exc:
+            log.warning("cannot remove container %s: %s", container.short_id, docker_reason(exc))
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:
