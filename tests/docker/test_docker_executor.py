@@ -61,7 +61,7 @@ def make_task(
 async def run_task(executor: dockerx.DockerExecutor, task: TaskSpec) -> tuple[TaskResult, bytes]:
     await executor.prepare(task)
     output = bytearray()
-    result = await executor.run(task, task.resources, lambda _id, chunk: output.extend(chunk))
+    result = await executor.run(task, lambda _id, chunk: output.extend(chunk))
     return result, bytes(output)
 
 
@@ -110,7 +110,7 @@ async def test_running_container_shows_every_default(
     await executor.prepare(task)
     workspace = executor.workspace("t1")
     assert workspace is not None
-    running = asyncio.create_task(executor.run(task, task.resources))
+    running = asyncio.create_task(executor.run(task))
     facts_file = workspace / "results" / "facts.txt"
     await wait_for(lambda: facts_file.exists() or running.done(), 30, "the probe's facts")
     assert not running.done(), running.result()
@@ -252,7 +252,7 @@ async def test_gigabyte_of_output_keeps_worker_memory_bounded(make_executor: Mak
         nonlocal received
         received += len(chunk)
 
-    running = asyncio.create_task(executor.run(task, task.resources, sink))
+    running = asyncio.create_task(executor.run(task, sink))
     while not running.done():
         peak = max(peak, me.memory_info().rss)
         await asyncio.sleep(0.05)
@@ -309,7 +309,7 @@ async def test_pause_freezes_cpu_and_resume_finishes(
     await executor.prepare(task)
     workspace = executor.workspace("t1")
     assert workspace is not None
-    running = asyncio.create_task(executor.run(task, task.resources))
+    running = asyncio.create_task(executor.run(task))
     await wait_for((workspace / "results" / "started").exists, 30, "the task to start")
     container = executor.container("t1")
     assert container is not None
@@ -414,7 +414,7 @@ async def test_a_restarted_executor_reattaches_containers_left_running_or_exited
         await first.prepare(spec)
         workspace = first.workspace(spec.task_id)
         assert workspace is not None
-        config = first.container_config(spec, spec.resources, workspace)
+        config = first.container_config(spec, workspace)
         container = await asyncio.to_thread(lambda c=config: docker_client.containers.create(**c))
         await asyncio.to_thread(container.start)
         ids[spec.task_id] = str(container.id)
@@ -524,7 +524,7 @@ async def test_lower_cpu_caps_scale_running_containers_down_and_back(
     runs = []
     for task in tasks:
         await executor.prepare(task)
-        runs.append(asyncio.create_task(executor.run(task, task.resources)))
+        runs.append(asyncio.create_task(executor.run(task)))
 
     def ceilings() -> list[int]:
         out = []

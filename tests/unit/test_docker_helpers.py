@@ -68,7 +68,7 @@ def test_container_config_never_widens_the_lockdown(tmp_path: Path) -> None:
         timeout_seconds=10,
         network="none",
     )
-    config = executor.container_config(task, task.resources, tmp_path / "ws")
+    config = executor.container_config(task, tmp_path / "ws")
     assert config["network_mode"] == "none"  # allowed, but not asked for
     assert config["environment"]["HIVEMIND_TASK_ID"] == "t1"
     assert config["environment"]["FOO"] == "bar"
@@ -79,7 +79,7 @@ def test_container_config_never_widens_the_lockdown(tmp_path: Path) -> None:
     assert [m["Target"] for m in config["mounts"]] == ["/workspace"]
     assert "volumes" not in config and "devices" not in config
     bridged = executor.container_config(
-        TaskSpec(**{**task.__dict__, "network": "bridge"}), task.resources, tmp_path / "ws"
+        TaskSpec(**{**task.__dict__, "network": "bridge"}), tmp_path / "ws"
     )
     assert bridged["network_mode"] == "bridge"
 

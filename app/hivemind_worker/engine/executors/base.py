@@ -66,13 +66,11 @@ class Executor(abc.ABC):
     async def prepare(self, task: TaskSpec) -> None:
         """Make the workspace and inputs ready; raise TaskSpecError or ExecutorError to refuse."""
 
-    async def run(
-        self, task: TaskSpec, caps: Resources, on_log: LogSink | None = None
-    ) -> TaskResult:
+    async def run(self, task: TaskSpec, on_log: LogSink | None = None) -> TaskResult:
         """Run a prepared task to its end and return its result; never raises for task failures.
 
-        `caps` are the limits this task gets: its request, already checked to fit the
-        person's caps by the engine. Raises ExecutorError only for a task never prepared.
+        The task gets the limits it requested (`task.resources`), which the engine has checked
+        to fit the person's caps. Raises ExecutorError only for a task never prepared.
         """
         workspace = self.workspace(task.task_id)
         if workspace is None:
@@ -83,7 +81,7 @@ class Executor(abc.ABC):
             result.error = "cancelled before it started"
             result.finished_at = time.time()
             return result
-        return await self._guarded(task, result, self._run(task, caps, on_log, workspace, result))
+        return await self._guarded(task, result, self._run(task, on_log, workspace, result))
 
     def adoptable(self) -> list[TaskSpec]:
         """Tasks an earlier run of this worker left running (or finished but not collected)
@@ -126,7 +124,6 @@ class Executor(abc.ABC):
     async def _run(
         self,
         task: TaskSpec,
-        caps: Resources,
         on_log: LogSink | None,
         workspace: Path,
         result: TaskResult,

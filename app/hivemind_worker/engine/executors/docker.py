@@ -385,11 +385,11 @@ class DockerExecutor(Executor):
 
     # ---------------------------------------------------------------- run
 
-    def container_config(self, task: TaskSpec, caps: Resources, workspace: Path) -> dict[str, Any]:
+    def container_config(self, task: TaskSpec, workspace: Path) -> dict[str, Any]:
         """The keyword arguments of containers.create() for a task: the lockdown lives here."""
-        memory = caps.memory_bytes if caps.memory_bytes > 0 else task.resources.memory_bytes
-        disk = caps.disk_bytes if caps.disk_bytes > 0 else task.resources.disk_bytes
-        cpus = caps.cpus if caps.cpus > 0 else task.resources.cpus
+        memory = task.resources.memory_bytes
+        disk = task.resources.disk_bytes
+        cpus = task.resources.cpus
         tmpfs_bytes = max(min(disk, TMPFS_MAX_BYTES, memory // 2), MiB)
         if task.kind is TaskKind.PYTHON:
             command = ["python3", "main.py", *task.argv]
@@ -452,12 +452,11 @@ class DockerExecutor(Executor):
     async def _run(
         self,
         task: TaskSpec,
-        caps: Resources,
         on_log: LogSink | None,
         workspace: Path,
         result: TaskResult,
     ) -> None:
-        config = self.container_config(task, caps, workspace)
+        config = self.container_config(task, workspace)
         try:
             container = await asyncio.to_thread(self._create, config)
         except DOCKER_ERRORS as exc:

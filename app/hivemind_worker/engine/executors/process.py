@@ -37,7 +37,6 @@ from hivemind_worker.engine.executors.workspace import (
 )
 from hivemind_worker.tasks import (
     MiB,
-    Resources,
     TaskKind,
     TaskResult,
     TaskSpec,
@@ -195,15 +194,14 @@ class ProcessExecutor(Executor):
     async def _run(
         self,
         task: TaskSpec,
-        caps: Resources,
         on_log: LogSink | None,
         workspace: Path,
         result: TaskResult,
     ) -> None:
         results_dir = workspace / Path(*task.result_path.parts)
-        memory = caps.memory_bytes if caps.memory_bytes > 0 else task.resources.memory_bytes
-        disk = caps.disk_bytes if caps.disk_bytes > 0 else task.resources.disk_bytes
-        cpus = caps.cpus if caps.cpus > 0 else task.resources.cpus
+        memory = task.resources.memory_bytes
+        disk = task.resources.disk_bytes
+        cpus = task.resources.cpus
         limits = plimits.ProcessLimits(
             address_space_bytes=memory + ADDRESS_SPACE_ALLOWANCE,
             cpu_seconds=task.timeout_seconds * max(1, math.ceil(cpus)) + CPU_LIMIT_SLACK_SECONDS,
