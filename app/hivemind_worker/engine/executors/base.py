@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hivemind_worker.tasks import Resources, TaskResult, TaskSpec, TaskStatus
+from hivemind_worker.tasks import MiB, Resources, TaskResult, TaskSpec, TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,71 @@ class PausableRun:
 
 class ExecutorError(Exception):
     """An executor cannot do what was asked; `str()` is a human reason."""
+
+
+class ResultError(Exception):
+    """The results hold something the worker will not send back."""
+
+
+def settle_status(
+    result: TaskResult,
+    task: TaskSpec,
+    *,
+    cancelled: bool,
+    timed_out: bool,
+    out_of_memory: bool,
+    memory_limit: int,
+    failure: str,
+) -> None:
+    """The status and error of a task whose run has ended, from how it ended.
+
+    A cancel wins over a timeout, which wins over running out of memory; then exit code 0
+    (`result.exit_code`) is SUCCEEDED and any other exit is FAILED with `failure`, the
+    executor's own words for that exit.
+    """
+    if cancelled:
+        result.status = TaskStatus.CANCELLED
+        result.error = "cancelled"
+    elif timed_out:
+        result.status = TaskStatus.TIMED_OUT
+        result.error = f"killed after {task.timeout_seconds} s timeout"
+    elif out_of_memory:
+        result.status = TaskStatus.OUT_OF_MEMORY
+        result.error = f"ran out of memory (limit {memory_limit // MiB} MiB)"
+    elif result.exit_code == 0:
+        result.status = TaskStatus.SUCCEEDED
+    else:
+        result.status = TaskStatus.FAILED
+        result.error = failure
+
+
+async def collect_results(
+    result: TaskResult,
+    pack: Callable[[], tuple[Path, str, int]],
+    errors: tuple[type[BaseException], ...],
+    failed_to: str,
+) -> None:
+    """The task's result archive into `result`, packed by `pack` in a thread; nothing for a
+    cancelled task.
+
+    Results that cannot be collected (ResultError, or one of `errors`: "cannot
+    `failed_to` results: ...") fail a task that had succeeded; for a task that had already
+    failed the reason is added to its error.
+    """
+    if result.status is TaskStatus.CANCELLED:
+        return
+    caught: tuple[type[BaseException], ...] = (ResultError, *errors)
+    try:
+        archive, digest, size = await asyncio.to_thread(pack)
+    except caught as exc:
+        reason = str(exc) if isinstance(exc, ResultError) else f"cannot {failed_to} results: {exc}"
+        if result.status is TaskStatus.SUCCEEDED:
+            result.status = TaskStatus.FAILED
+            result.error = reason
+        else:
+            result.error = f"{result.error}; results not collected: {reason}"
+        return
+    result.archive, result.archive_sha256, result.archive_size = archive, digest, size
 
 
 class Executor(abc.ABC):

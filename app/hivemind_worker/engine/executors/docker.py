@@ -28,7 +28,10 @@ from hivemind_worker.engine.executors.base import (
     ExecutorError,
     LogSink,
     PausableRun,
+    ResultError,
     Usage,
+    collect_results,
+    settle_status,
 )
 from hivemind_worker.engine.executors.images import (
     DOCKER_ERRORS,
@@ -37,7 +40,6 @@ from hivemind_worker.engine.executors.images import (
 )
 from hivemind_worker.engine.executors.workspace import (
     ARCHIVES_DIR,
-    ResultError,
     prepare_workspace,
     repack_results,
     rmtree,
@@ -52,7 +54,6 @@ from hivemind_worker.tasks import (
     TaskResult,
     TaskSpec,
     TaskSpecError,
-    TaskStatus,
 )
 
 log = logging.getLogger(__name__)
@@ -550,34 +551,22 @@ class DockerExecutor(Executor):
         result.log_tail = tail if tail is not None else bytes(run.tail)
         result.cpu_seconds = run.cpu_seconds
         result.max_memory_bytes = run.max_memory
-        if run.cancelled:
-            result.status = TaskStatus.CANCELLED
-            result.error = "cancelled"
-        elif run.timed_out:
-            result.status = TaskStatus.TIMED_OUT
-            result.error = f"killed after {task.timeout_seconds} s timeout"
-        elif state.get("OOMKilled"):
-            result.status = TaskStatus.OUT_OF_MEMORY
-            result.error = f"ran out of memory (limit {memory // MiB} MiB)"
-        elif code == 0:
-            result.status = TaskStatus.SUCCEEDED
-        elif code > 128:
-            result.error = f"killed by signal {_signal_name(code - 128)}"
-        else:
-            result.error = f"exited with code {code}"
-        if result.status is TaskStatus.CANCELLED:
-            return
-        try:
-            archive, digest, size = await asyncio.to_thread(self._collect, task, container)
-        except (ResultError, OSError, *DOCKER_ERRORS) as exc:
-            reason = str(exc) if isinstance(exc, ResultError) else f"cannot copy results: {exc}"
-            if result.status is TaskStatus.SUCCEEDED:
-                result.status = TaskStatus.FAILED
-                result.error = reason
-            else:
-                result.error = f"{result.error}; results not collected: {reason}"
-            return
-        result.archive, result.archive_sha256, result.archive_size = archive, digest, size
+        settle_status(
+            result,
+            task,
+            cancelled=run.cancelled,
+            timed_out=run.timed_out,
+            out_of_memory=bool(state.get("OOMKilled")),
+            memory_limit=memory,
+            failure=(
+                f"killed by signal {_signal_name(code - 128)}"
+                if code > 128
+                else f"exited with code {code}"
+            ),
+        )
+        await collect_results(
+            result, lambda: self._collect(task, container), (OSError, *DOCKER_ERRORS), "copy"
+        )
 
     def _create(self, config: dict[str, Any]) -> Container:
         try:
