@@ -317,7 +317,7 @@ async def test_killed_worker_leaves_a_container_the_next_start_removes(
             # Killed without a word: its container runs on.
             assert docker_client.containers.get(leftover).status == "running"
             # The spec is kept beside the workspace, not in it; without it, no re-attaching.
-            kept = list(home.rglob(f"{dockerx.SPECS_DIR}/*.pb"))
+            kept = list(home.rglob(f"{dockerx.SPECS_DIR}/*{dockerx.SPEC_SUFFIX}"))
             assert len(kept) == 1
             workspace = kept[0].parent.parent / kept[0].stem
             assert workspace.is_dir()
@@ -374,7 +374,11 @@ async def test_killed_worker_reattaches_its_running_container(
         await wait_for(
             lambda: container_gone(docker_client, leftover), 30, "re-attached container removed"
         )
-        await wait_for(lambda: not list(home.rglob(f"{dockerx.SPECS_DIR}/*.pb")), 30, "spec gone")
+        await wait_for(
+            lambda: not list(home.rglob(f"{dockerx.SPECS_DIR}/*{dockerx.SPEC_SUFFIX}")),
+            30,
+            "spec gone",
+        )
         log = (home / "stderr.log").read_text()
         assert "re-attaching to" in log
         assert "left by an earlier run" in log

@@ -290,7 +290,12 @@ async def test_links_in_results_are_refused(
     # Nothing new outside the workspace: no archive, no unpacked file (only the kept spec).
     new = {p for p in tree(tmp_path) - before if workspace not in (p, *p.parents)}
     specs = tmp_path / "work" / dockerx.SPECS_DIR
-    assert new <= {tmp_path / "work", executor.archive_dir, specs, specs / f"{workspace.name}.pb"}
+    assert new <= {
+        tmp_path / "work",
+        executor.archive_dir,
+        specs,
+        specs / f"{workspace.name}{dockerx.SPEC_SUFFIX}",
+    }
 
 
 async def test_pause_freezes_cpu_and_resume_finishes(
@@ -440,9 +445,40 @@ async def test_a_restarted_executor_reattaches_containers_left_running_or_exited
         await second.cleanup(task_id)
         with pytest.raises(docker.errors.NotFound):
             docker_client.containers.get(ids[task_id])
-        assert not (tmp_path / "work" / dockerx.SPECS_DIR / f"{task_id}-lease-1.pb").exists()
+        assert not (
+            tmp_path / "work" / dockerx.SPECS_DIR / f"{task_id}-lease-1{dockerx.SPEC_SUFFIX}"
+        ).exists()
     with pytest.raises(ExecutorError):
         await second.reattach(slow)  # not offered any more
+
+
+async def test_a_container_left_by_the_previous_spec_format_is_removed_as_an_orphan(
+    make_executor: MakeExecutor, docker_client: docker.DockerClient, tmp_path: Path
+) -> None:
+    """Versions before the JSON spec kept it in the wire format (`.pb`); such a container is
+    not re-attached but removed with its workspace and kept spec, and its lease runs out."""
+    first = make_executor()
+    task = make_task("import time\ntime.sleep(60)\n", "old")
+    await first.prepare(task)
+    workspace = first.workspace("old")
+    assert workspace is not None
+    container = await asyncio.to_thread(
+        lambda: docker_client.containers.create(**first.container_config(task, workspace))
+    )
+    await asyncio.to_thread(container.start)
+    specs = tmp_path / "work" / dockerx.SPECS_DIR
+    kept = specs / f"old-lease-1{dockerx.SPEC_SUFFIX}"
+    old = kept.with_suffix(dockerx.OLD_SPEC_SUFFIX)
+    kept.unlink()
+    old.write_bytes(task.to_proto().SerializeToString())  # what the previous version wrote
+
+    second = make_executor()
+    assert await asyncio.to_thread(second.remove_leftovers) == 1
+    assert second.adoptable() == []
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(str(container.id))
+    assert not workspace.exists()
+    assert not old.exists()
 
 
 async def test_requirements_use_a_derived_image_cached_by_their_hash(

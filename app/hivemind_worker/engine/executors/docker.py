@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -21,7 +22,6 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount
-from google.protobuf.message import DecodeError
 
 from hivemind_worker.engine.executors.base import (
     Executor,
@@ -46,7 +46,6 @@ from hivemind_worker.engine.executors.workspace import (
     workspace_path,
     write_archive,
 )
-from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.tasks import (
     MiB,
     Resources,
@@ -84,8 +83,13 @@ API_TIMEOUT = 60
 PENDING_OUTPUT_CAP = 256 * 1024
 MIN_NANO_CPUS = 10_000_000  # 1 % of a core: Docker refuses a ceiling of less
 # In the work folder, beside (never inside: the task could rewrite it) each workspace: the spec
-# of every prepared task, `<task>-<lease>.pb`, so that a restarted worker can re-attach.
+# of every prepared task, `<task>-<lease>.json` (TaskSpec.to_dict()), so that a restarted
+# worker can re-attach.
 SPECS_DIR = "_specs"
+SPEC_SUFFIX = ".json"
+# Specs kept by versions before this one, in the wire format; their containers are removed as
+# orphans and the files with them.
+OLD_SPEC_SUFFIX = ".pb"
 ADOPTABLE_STATES = ("running", "paused", "exited")
 
 
@@ -295,7 +299,12 @@ class DockerExecutor(Executor):
                 ):
                     rmtree(path)
         specs = self._work_dir / SPECS_DIR
-        for kept in sorted(specs.glob("*.pb")) if specs.is_dir() else ():
+        kept_files = (
+            sorted(p for p in specs.iterdir() if p.suffix in (SPEC_SUFFIX, OLD_SPEC_SUFFIX))
+            if specs.is_dir()
+            else []
+        )
+        for kept in kept_files:
             if kept.stem in adopted:
                 continue
             # The task's workspace has the spec file's name (workspace_path).
@@ -310,7 +319,8 @@ class DockerExecutor(Executor):
         return adopted
 
     def _spec_path(self, task: TaskSpec) -> Path:
-        return self._work_dir / SPECS_DIR / f"{task.task_id}-{task.lease_id or 'nolease'}.pb"
+        name = f"{task.task_id}-{task.lease_id or 'nolease'}{SPEC_SUFFIX}"
+        return self._work_dir / SPECS_DIR / name
 
     def _adoptable_spec(self, container: Container) -> TaskSpec | None:
         """The kept spec of a container this run can follow, or None (it is removed)."""
@@ -321,14 +331,14 @@ class DockerExecutor(Executor):
             return None
         if task_id in self._workspaces:  # a second container of the task: keep one at most
             return None
-        path = self._work_dir / SPECS_DIR / f"{task_id}-{lease_id}.pb"
+        path = self._work_dir / SPECS_DIR / f"{task_id}-{lease_id}{SPEC_SUFFIX}"
         if path.parent != self._work_dir / SPECS_DIR:  # a label naming another folder
             return None
         try:
-            wire = pb.TaskSpec()
-            wire.ParseFromString(path.read_bytes())
-            spec = TaskSpec.from_proto(wire, require_lease=True)
-        except (OSError, DecodeError, TaskSpecError) as exc:
+            spec = TaskSpec.from_dict(
+                json.loads(path.read_text(encoding="utf-8")), require_lease=True
+            )
+        except (OSError, ValueError) as exc:  # TaskSpecError and bad JSON are ValueErrors
             log.info("container %s cannot be re-attached: %s", container.short_id, exc)
             return None
         if spec.task_id != task_id or spec.lease_id != lease_id:
@@ -373,7 +383,7 @@ class DockerExecutor(Executor):
         try:
             path.parent.mkdir(exist_ok=True, mode=0o700)
             partial = path.with_suffix(".partial")
-            partial.write_bytes(kept.to_proto().SerializeToString())
+            partial.write_text(json.dumps(kept.to_dict()), encoding="utf-8")
             partial.replace(path)
         except OSError as exc:
             raise ExecutorError(f"cannot keep the task's spec in {path.parent}: {exc}") from exc
