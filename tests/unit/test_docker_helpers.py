@@ -10,7 +10,7 @@ import docker.errors
 import pytest
 
 from hivemind_worker.engine.executors import docker as dockerx
-from hivemind_worker.engine.executors import images
+from hivemind_worker.engine.executors import follow, images
 from hivemind_worker.engine.executors.base import ExecutorError
 from hivemind_worker.tasks import MiB, Resources, TaskKind, TaskSpec
 
@@ -212,7 +212,6 @@ def test_network_totals_come_from_the_stats_api(tmp_path: Path) -> None:
         return stats
 
     run.container = SimpleNamespace(stats=one_sample)
-    executor, _ = _pulling(tmp_path, "never", set(), [])
-    executor._sample_stats(run)  # type: ignore[arg-type]
+    follow.sample_stats(run)  # type: ignore[arg-type]
     assert run.usage.network_rx_bytes == 1024 and run.usage.network_tx_bytes == 206
     assert run.usage.memory_bytes == 64 * MiB and run.usage.cpu_seconds == 2.0

@@ -10,13 +10,11 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import Any
 
 import docker
 import docker.errors
@@ -27,11 +25,19 @@ from hivemind_worker.engine.executors.base import (
     Executor,
     ExecutorError,
     LogSink,
-    PausableRun,
     ResultError,
     Usage,
     collect_results,
     settle_status,
+)
+from hivemind_worker.engine.executors.follow import (
+    ContainerRun,
+    flush,
+    in_thread,
+    log_tail,
+    read_logs,
+    sample_stats,
+    start_thread,
 )
 from hivemind_worker.engine.executors.images import (
     DOCKER_ERRORS,
@@ -57,8 +63,6 @@ from hivemind_worker.tasks import (
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 LABEL_NODE = "hivemind.node"
 LABEL_TASK = "hivemind.task"
 LABEL_LEASE = "hivemind.lease"
@@ -74,13 +78,9 @@ CPU_SHARES = 2
 # container's memory limit, so it is capped well below it.
 TMPFS_MAX_BYTES = 256 * MiB
 LOG_MAX_SIZE = "10m"
-SAMPLE_INTERVAL = 1.0
 POLL_INTERVAL = 0.1
 DRAIN_SECONDS = 5.0
 API_TIMEOUT = 60
-# Output waiting for the engine loop; beyond this the oldest is dropped, so a task printing
-# faster than the log sink consumes cannot grow the worker.
-PENDING_OUTPUT_CAP = 256 * 1024
 MIN_NANO_CPUS = 10_000_000  # 1 % of a core: Docker refuses a ceiling of less
 # In the work folder, beside (never inside: the task could rewrite it) each workspace: the spec
 # of every prepared task, `<task>-<lease>.json` (TaskSpec.to_dict()), so that a restarted
@@ -109,30 +109,6 @@ def worker_user() -> str:
     if getuid is None or getgid is None or getuid() == 0:
         return NOBODY
     return f"{getuid()}:{getgid()}"
-
-
-@dataclass(eq=False)
-class _Running(PausableRun):
-    task: TaskSpec
-    container: Container
-    started: float  # time.monotonic()
-    paused_at: float | None = None
-    paused_total: float = 0.0
-    cancelled: bool = False
-    timed_out: bool = False
-    exited: bool = False
-    closed: bool = False  # the run has returned; output threads stop
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    stop: threading.Event = field(default_factory=threading.Event)
-    logs_done: threading.Event = field(default_factory=threading.Event)
-    usage: Usage = field(default_factory=Usage)
-    cpu_seconds: float = 0.0
-    max_memory: int = 0
-    tail: bytearray = field(default_factory=bytearray)
-    output_bytes: int = 0
-    pending: bytearray = field(default_factory=bytearray)
-    dropped: int = 0
-    flush_scheduled: bool = False
 
 
 class DockerExecutor(Executor):
@@ -216,7 +192,7 @@ class DockerExecutor(Executor):
         self._containers: dict[str, Container] = {}
         self._spec_files: dict[str, Path] = {}
         self._adopted: list[TaskSpec] = []
-        self._running: dict[str, _Running] = {}
+        self._running: dict[str, ContainerRun] = {}
         self._cancel_requested: set[str] = set()
         self._paused = False
 
@@ -228,10 +204,6 @@ class DockerExecutor(Executor):
     def archive_dir(self) -> Path:
         """Where result archives are written (the engine deletes them)."""
         return self._work_dir / ARCHIVES_DIR
-
-    @property
-    def cgroup_parent(self) -> str:
-        return self._cgroup_parent
 
     def workspace(self, task_id: str) -> Path | None:
         """The workspace of a prepared task, until cleanup."""
@@ -474,7 +446,7 @@ class DockerExecutor(Executor):
             result.error = f"could not create the container: {docker_reason(exc)}"
             return
         self._containers[task.task_id] = container
-        run = _Running(task, container, started=time.monotonic())
+        run = ContainerRun(task, container, started=time.monotonic())
         # Registered before the start, so cancel() and pause() from here on reach it.
         self._running[task.task_id] = run
         # A cancel() that came while the container was being created found no run to stop.
@@ -508,7 +480,7 @@ class DockerExecutor(Executor):
             result.started_at = begun
         # The timeout counts from the container's start, not from this re-attachment.
         elapsed = max(time.time() - begun, 0.0) if begun else 0.0
-        run = _Running(task, container, started=time.monotonic() - elapsed)
+        run = ContainerRun(task, container, started=time.monotonic() - elapsed)
         self._running[task.task_id] = run
         run.cancelled = task.task_id in self._cancel_requested
         try:
@@ -528,16 +500,16 @@ class DockerExecutor(Executor):
         memory = int((container.attrs.get("HostConfig") or {}).get("Memory") or 0)
         await self._conclude(run, result, memory or task.resources.memory_bytes)
 
-    async def _follow(self, run: _Running, on_log: LogSink | None) -> None:
+    async def _follow(self, run: ContainerRun, on_log: LogSink | None) -> None:
         """Wait for the started container's exit, following its output and usage meanwhile."""
         loop = asyncio.get_running_loop()
         task_id = run.task.task_id
-        waiter = _in_thread(loop, run.container.wait, f"wait-{task_id}")
-        _start_thread(self._read_logs, f"logs-{task_id}", run, loop, on_log)
-        _start_thread(self._sample_stats, f"stats-{task_id}", run)
+        waiter = in_thread(loop, run.container.wait, f"wait-{task_id}")
+        start_thread(read_logs, f"logs-{task_id}", run, loop, on_log, self._log_tail_bytes)
+        start_thread(sample_stats, f"stats-{task_id}", run)
         await self._supervise(run, waiter)
 
-    async def _close_run(self, run: _Running, on_log: LogSink | None) -> None:
+    async def _close_run(self, run: ContainerRun, on_log: LogSink | None) -> None:
         run.stop.set()
         if not run.exited:
             # Cancelled from outside (engine shutdown), or a worker error: the
@@ -546,9 +518,9 @@ class DockerExecutor(Executor):
         self._running.pop(run.task.task_id, None)
         await asyncio.to_thread(run.logs_done.wait, DRAIN_SECONDS)
         run.closed = True
-        self._flush(run, on_log)
+        flush(run, on_log)
 
-    async def _conclude(self, run: _Running, result: TaskResult, memory: int) -> None:
+    async def _conclude(self, run: ContainerRun, result: TaskResult, memory: int) -> None:
         """The exited container's status, output tail, usage and results into `result`."""
         task, container = run.task, run.container
         result.finished_at = time.time()
@@ -557,7 +529,7 @@ class DockerExecutor(Executor):
         result.exit_code = code
         # The followed stream can miss output when the log file rotates under it; the file
         # itself (capped by max-size) holds the authoritative end.
-        tail = await asyncio.to_thread(_log_tail, container, self._log_tail_bytes)
+        tail = await asyncio.to_thread(log_tail, container, self._log_tail_bytes)
         result.log_tail = tail if tail is not None else bytes(run.tail)
         result.cpu_seconds = run.cpu_seconds
         result.max_memory_bytes = run.max_memory
@@ -589,14 +561,14 @@ class DockerExecutor(Executor):
             self._client.containers.get(config["name"]).remove(force=True, v=True)
         return self._client.containers.create(**config)
 
-    def _freeze_or_kill(self, run: _Running) -> None:
+    def _freeze_or_kill(self, run: ContainerRun) -> None:
         if run.cancelled:
             _kill(run.container)
         else:
             with contextlib.suppress(*DOCKER_ERRORS):
                 run.container.pause()
 
-    async def _supervise(self, run: _Running, waiter: asyncio.Future[object]) -> None:
+    async def _supervise(self, run: ContainerRun, waiter: asyncio.Future[object]) -> None:
         timeout = run.task.timeout_seconds
         while not waiter.done():
             now = time.monotonic()
@@ -608,92 +580,6 @@ class DockerExecutor(Executor):
         with contextlib.suppress(*DOCKER_ERRORS):
             await waiter  # the exit itself; errors mean the container is gone already
         run.exited = True
-
-    def _read_logs(
-        self, run: _Running, loop: asyncio.AbstractEventLoop, on_log: LogSink | None
-    ) -> None:
-        """Follow the container's output (in a thread): keep the tail, hand chunks to the loop."""
-        cap = self._log_tail_bytes
-        try:
-            stream: Iterator[bytes] = run.container.logs(stream=True, follow=True)
-            for chunk in stream:
-                if run.closed:
-                    break  # the result is out; what still trickles in has no reader
-                with run.lock:
-                    run.output_bytes += len(chunk)
-                    # Only the tail is kept: a task printing gigabytes must not grow the worker.
-                    run.tail += chunk
-                    if len(run.tail) > cap:
-                        del run.tail[: len(run.tail) - cap]
-                    if on_log is None:
-                        continue
-                    run.pending += chunk
-                    if len(run.pending) > PENDING_OUTPUT_CAP:
-                        extra = len(run.pending) - PENDING_OUTPUT_CAP
-                        run.dropped += extra
-                        del run.pending[:extra]
-                    if run.flush_scheduled:
-                        continue
-                    run.flush_scheduled = True
-                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
-                    loop.call_soon_threadsafe(self._flush, run, on_log)
-        except Exception as exc:  # the engine went away, the socket broke: the run goes on
-            log.debug("output of task %s ended: %s", run.task.task_id, exc)
-        finally:
-            run.logs_done.set()
-
-    def _flush(self, run: _Running, on_log: LogSink | None) -> None:
-        with run.lock:
-            data, dropped = bytes(run.pending), run.dropped
-            run.pending.clear()
-            run.dropped = 0
-            run.flush_scheduled = False
-        if on_log is None or not (data or dropped):
-            return
-        if dropped:
-            data = f"\n[... {dropped} bytes of output skipped ...]\n".encode() + data
-        try:
-            on_log(run.task.task_id, data)
-        except Exception:
-            log.exception("log sink failed for task %s", run.task.task_id)
-
-    def _sample_stats(self, run: _Running) -> None:
-        """Sample CPU and memory once a second (in a thread) until the run ends."""
-        previous: tuple[float, float] | None = None  # (monotonic, cpu seconds)
-        while not run.stop.is_set():
-            try:
-                stats = run.container.stats(stream=False, one_shot=True)
-            except docker.errors.NotFound:
-                return
-            except Exception as exc:  # a missed sample is only a gap in the usage figures
-                log.debug("stats of task %s: %s", run.task.task_id, exc)
-                stats = None
-            if stats is not None and stats.get("cpu_stats"):
-                now = time.monotonic()
-                cpu = stats["cpu_stats"].get("cpu_usage", {}).get("total_usage", 0) / 1e9
-                memory_stats = stats.get("memory_stats") or {}
-                inner = memory_stats.get("stats") or {}
-                # v1 counts page cache in usage ("cache"), v2 as "inactive_file".
-                memory = int(memory_stats.get("usage", 0)) - int(
-                    inner.get("cache", inner.get("inactive_file", 0))
-                )
-                memory = max(memory, 0)
-                percent = 0.0
-                if previous is not None and now > previous[0]:
-                    percent = max(cpu - previous[1], 0.0) / (now - previous[0]) * 100
-                if cpu > 0 or previous is None:
-                    previous = (now, cpu)
-                run.cpu_seconds = max(run.cpu_seconds, cpu)
-                run.max_memory = max(run.max_memory, memory, int(memory_stats.get("max_usage", 0)))
-                networks = (stats.get("networks") or {}).values()  # absent on network none
-                run.usage = Usage(
-                    cpu_percent=percent,
-                    memory_bytes=memory,
-                    cpu_seconds=run.cpu_seconds,
-                    network_rx_bytes=sum(int(n.get("rx_bytes", 0)) for n in networks),
-                    network_tx_bytes=sum(int(n.get("tx_bytes", 0)) for n in networks),
-                )
-            run.stop.wait(SAMPLE_INTERVAL)
 
     # ---------------------------------------------------------------- results
 
@@ -822,20 +708,6 @@ def _state(container: Container) -> dict[str, Any]:
     return state
 
 
-def _log_tail(container: Container, cap: int) -> bytes | None:
-    """The last `cap` bytes of a stopped container's output, read as a stream."""
-    tail = bytearray()
-    try:
-        for chunk in container.logs(stream=True, follow=False):
-            tail += chunk
-            if len(tail) > 2 * cap:
-                del tail[: len(tail) - cap]
-    except DOCKER_ERRORS as exc:
-        log.debug("cannot read the output of %s: %s", container.short_id, exc)
-        return None
-    return bytes(tail[-cap:]) if cap else b""
-
-
 def _docker_time(text: str) -> float:
     """Seconds since the epoch of a time the engine reports in UTC
     ('2026-11-30T21:58:03.123456789Z'); 0.0 for Go's zero time or anything else."""
@@ -880,44 +752,6 @@ def _chown_tree(root: Path, uid: int, gid: int) -> None:
     for folder, dirs, files in os.walk(root):
         for name in (*dirs, *files):
             os.lchown(os.path.join(folder, name), uid, gid)
-
-
-def _start_thread(target: Callable[..., None], name: str, *args: object) -> threading.Thread:
-    # Daemon threads: a stuck Docker stream must never keep the worker from exiting.
-    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-    thread.start()
-    return thread
-
-
-def _in_thread(
-    loop: asyncio.AbstractEventLoop, fn: Callable[[], T], name: str
-) -> asyncio.Future[T]:
-    """Run a long blocking call in its own thread (not the loop's small default pool)."""
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(value: T | None, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)  # type: ignore[arg-type]
-
-    def target() -> None:
-        try:
-            value = fn()
-        except BaseException as exc:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(settle, None, exc)
-            return
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(settle, value, None)
-
-    _start_thread(target, name)
-    return future
-
-
-# -------------------------------------------------------------------- courtesy
 
 
 def courtesy_cgroup_parent(cgroup_driver: str, cgroup_version: str) -> tuple[str, str]:
