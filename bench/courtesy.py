@@ -145,7 +145,7 @@ async def measure(
             source=BUSY,
         )
         await executor.prepare(task)
-        runs.append(asyncio.create_task(executor.run(task, task.resources)))
+        runs.append(asyncio.create_task(executor.run(task)))
     ratios: list[float] = []
     used: list[float] = []
     foreground: Foreground | None = None

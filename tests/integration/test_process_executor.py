@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import io
 import json
@@ -77,7 +78,7 @@ async def executor(work_dir: Path) -> AsyncIterator[ProcessExecutor]:
 
 async def run_task(ex: ProcessExecutor, task: TaskSpec, **kwargs: object) -> TaskResult:
     await ex.prepare(task)
-    return await ex.run(task, task.resources, **kwargs)  # type: ignore[arg-type]
+    return await ex.run(task, **kwargs)  # type: ignore[arg-type]
 
 
 def archive_members(result: TaskResult) -> dict[str, bytes | None]:
@@ -397,7 +398,7 @@ async def test_processes_left_behind_are_killed_at_exit(
 async def test_cancel_mid_run(executor: ProcessExecutor, work_dir: Path) -> None:
     task = make_task(GRANDCHILD + "import time\ntime.sleep(60)\n")
     await executor.prepare(task)
-    running = asyncio.create_task(executor.run(task, task.resources))
+    running = asyncio.create_task(executor.run(task))
     pids = await wait_for_file(work_dir / "t1-l1" / "pids.txt")
     await executor.cancel("t1")
     result = await asyncio.wait_for(running, 10)
@@ -412,7 +413,7 @@ async def test_cancel_before_run(executor: ProcessExecutor) -> None:
     task = make_task("open('results/ran', 'w').close()")
     await executor.prepare(task)
     await executor.cancel("t1")
-    result = await executor.run(task, task.resources)
+    result = await executor.run(task)
     assert result.status is TaskStatus.CANCELLED
     assert not (executor.workspace("t1") / "results" / "ran").exists()  # type: ignore[operator]
 
@@ -505,10 +506,12 @@ async def test_task_runs_niced_with_rlimits(executor: ProcessExecutor) -> None:
         "limits = [r.RLIMIT_AS, r.RLIMIT_CPU, r.RLIMIT_FSIZE, r.RLIMIT_CORE]\n"
         "print(os.nice(0), *(r.getrlimit(which)[0] for which in limits))\n"
     )
-    task = make_task(source, memory=256 * MiB, timeout=10)
-    caps = Resources(cpus=2.0, memory_bytes=256 * MiB, disk_bytes=100 * MiB)
+    task = dataclasses.replace(
+        make_task(source, timeout=10),
+        resources=Resources(cpus=2.0, memory_bytes=256 * MiB, disk_bytes=100 * MiB),
+    )
     await executor.prepare(task)
-    result = await executor.run(task, caps)
+    result = await executor.run(task)
     assert result.status is TaskStatus.SUCCEEDED, result
     nice, mem, cpu, fsize, core = map(int, result.log_tail.split())
     assert nice >= 10
@@ -534,7 +537,7 @@ async def test_pause_freezes_and_resume_finishes(executor: ProcessExecutor, work
     )
     task = make_task(source)
     await executor.prepare(task)
-    running = asyncio.create_task(executor.run(task, task.resources))
+    running = asyncio.create_task(executor.run(task))
     pid = int(await wait_for_file(work_dir / "t1-l1" / "pid.txt"))
     await asyncio.sleep(0.3)
     assert "t1" in executor.usage()
@@ -568,7 +571,7 @@ async def test_paused_time_does_not_count_against_the_timeout(
     task = make_task(source, timeout=3)
     await executor.prepare(task)
     started = time.monotonic()
-    running = asyncio.create_task(executor.run(task, task.resources))
+    running = asyncio.create_task(executor.run(task))
     await wait_for_file(work_dir / "t1-l1" / "pid.txt")
     await executor.pause()
     await asyncio.sleep(3)
@@ -585,7 +588,7 @@ async def test_task_started_while_paused_waits_for_resume(
     task = make_task("print('ran')", timeout=2)
     await executor.prepare(task)
     await executor.pause()
-    running = asyncio.create_task(executor.run(task, task.resources))
+    running = asyncio.create_task(executor.run(task))
     await asyncio.sleep(2.5)
     assert not running.done()
     await executor.resume()

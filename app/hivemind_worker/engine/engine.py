@@ -790,7 +790,7 @@ class WorkerEngine:
                 return TaskResult(spec.task_id, spec.lease_id, TaskStatus.CANCELLED, -1,
                                   "cancelled before it started", started_at=started,
                                   finished_at=time.time())  # fmt: skip
-            return await self.executor.run(spec, spec.resources, on_log)
+            return await self.executor.run(spec, on_log)
         except TaskSpecError as exc:
             return TaskResult(spec.task_id, spec.lease_id, TaskStatus.REJECTED, -1, str(exc),
                               started_at=started, finished_at=time.time())  # fmt: skip

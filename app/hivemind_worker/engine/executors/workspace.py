@@ -14,8 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from hivemind_worker.engine.executors.base import ExecutorError
-from hivemind_worker.errors import ErrorKind, HiveMindError
+from hivemind_worker.engine.executors.base import ExecutorError, ResultError
 from hivemind_worker.tasks import (
     MAX_INPUT_BYTES,
     TaskSpec,
@@ -34,13 +33,6 @@ _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
-
-
-class ResultError(HiveMindError):
-    """The results hold something the worker will not send back."""
-
-    kind = ErrorKind.RESULT_REFUSED
-    title = "Result refused"
 
 
 def workspace_path(work_dir: Path, task: TaskSpec) -> Path:
