@@ -48,6 +48,11 @@ def backoff_delay(
     return random.uniform(min(initial / 2, ceiling), ceiling)
 
 
+def _module_backoff(attempt: int) -> float:
+    # Looked up at each retry (not bound at construction), so the module's policy can be tuned.
+    return backoff_delay(attempt)
+
+
 class Delivery:
     """Owns the outbox; used on the engine's loop (blocking I/O goes through to_thread).
 
@@ -62,13 +67,13 @@ class Delivery:
         *,
         publish: Callable[[Event], None],
         wait_client: Callable[[], Awaitable[NodePoolClient | None]],
-        backoff: Callable[[int], float] = backoff_delay,
+        backoff: Callable[[int], float] | None = None,
     ) -> None:
         self.outbox_dir = outbox_dir
         self.node_id = node_id
         self._publish = publish
         self._wait_client = wait_client
-        self._backoff = backoff
+        self._backoff = backoff or _module_backoff
         self._outbox: Outbox | None = None
         self._reported: set[tuple[str, str]] = set()
         # Spooled results of earlier runs still owed to the pool: heartbeats keep their leases.
