@@ -9,11 +9,18 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hivemind_worker import __version__
-from hivemind_worker.config import ConfigError, Settings, load_settings, settings_table
+from hivemind_worker.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    save_settings,
+    settings_table,
+)
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.demo import DEMO_ACCOUNT, DemoPool, result_summary
 from hivemind_worker.errors import ErrorKind, HiveMindError
@@ -86,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("login", help="sign in to a pool; the token is kept in the system keyring")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    p.add_argument(
+        "--keep-pool",
+        action="store_true",
+        help="only keep the login; do not make this pool (and account) the worker's own",
+    )
     _settings_flags(p)
 
     p = sub.add_parser("logout", help="forget the stored login for a pool")
@@ -242,7 +254,22 @@ def cmd_login(args: argparse.Namespace, settings: Settings, paths: Paths) -> int
         f"Logged in to {settings.node_pool_address} as {account}; "
         f"the token is kept in {credentials.backend_name}."
     )
+    if not args.keep_pool:
+        _make_it_this_workers_pool(paths, settings.node_pool_address, account)
     return EXIT_OK
+
+
+def _make_it_this_workers_pool(paths: Paths, address: str, account: str) -> None:
+    """Save the pool and account to the settings file, so `run` uses what was logged in to.
+
+    Only those two keys change: the file's other settings stay as they are, and flags or
+    environment values given for this one command are not written.
+    """
+    saved = load_settings(paths, env={})
+    if saved.node_pool_address == address and saved.account == account:
+        return
+    save_settings(paths, replace(saved, node_pool_address=address, account=account))
+    print(f"This worker now contributes to {address} as {account} ({paths.settings_file}).")
 
 
 def cmd_logout(args: argparse.Namespace, settings: Settings, paths: Paths) -> int:

@@ -15,6 +15,7 @@ POOL_MAY_IMPORT = {
     f"{ROOT}.tasks",
     f"{ROOT}.net",
     f"{ROOT}.errors",
+    f"{ROOT}.archives",
     f"{ROOT}.pool",
 }
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 
+from hivemind_worker.archives import extract_checked
 from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.pool.client import ResultIntegrityError, TaskQueueClient
 from hivemind_worker.protocol import nodepool_pb2 as pb
@@ -550,7 +551,7 @@ def extract_archive(data: bytes, dest: Path) -> int:
                 if ".." in name.split("/"):
                     raise CliError(f"refusing {member.name!r}: it leaves the folder ('..')")
             dest.mkdir(parents=True, exist_ok=True)
-            tar.extractall(dest, filter="data")
+            extract_checked(tar, dest, members)
             return len(members)
     except (tarfile.TarError, OSError) as exc:
         raise CliError(f"cannot unpack the result: {exc}") from None

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from hivemind_worker.archives import extract_checked
 from hivemind_worker.engine.executors.base import ExecutorError, ResultError
 from hivemind_worker.tasks import (
     MAX_INPUT_BYTES,
@@ -308,7 +309,7 @@ def _unpack_archive(data: bytes, workspace: Path) -> None:
                     )
                 member.name = rel
                 members.append(member)
-            tar.extractall(workspace, members=members, filter="data")
+            extract_checked(tar, workspace, members)
     except tarfile.TarError as exc:
         raise TaskSpecError(field_name, f"cannot unpack: {exc}") from exc
     except (OSError, EOFError) as exc:
