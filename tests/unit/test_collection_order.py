@@ -28,8 +28,3 @@ def test_the_tiers_collect_in_reverse_order() -> None:
     for tier in TIERS:
         assert f"tests/{tier}/" in done.stdout, f"nothing collected from tests/{tier}"
 
-
-def test_each_tier_collects_on_its_own() -> None:
-    for tier in ("docker", "gui"):
-        done = collect(tier)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
