@@ -220,10 +220,8 @@ async def test_memory_hog_is_reported_out_of_memory(make_executor: MakeExecutor)
 
 async def test_busy_loop_past_timeout_is_killed(make_executor: MakeExecutor) -> None:
     executor = make_executor()
-    started = time.monotonic()
     result, _ = await run_task(executor, make_task("while True:\n    pass\n", timeout=2))
     assert result.status is TaskStatus.TIMED_OUT
-    assert time.monotonic() - started < 20
     # and the executor takes the next task
     result, output = await run_task(executor, make_task("print('next')", "t2"))
     assert result.status is TaskStatus.SUCCEEDED
@@ -326,11 +324,9 @@ async def test_pause_freezes_cpu_and_resume_finishes(
     assert cpu_seconds(docker_client, container.id) - frozen < 0.05
     assert not running.done()
 
-    resumed = time.monotonic()
     await executor.resume()
     result = await asyncio.wait_for(running, 30)
     assert result.status is TaskStatus.SUCCEEDED, result.error
-    assert time.monotonic() - resumed < 10
     assert result.archive is not None
     assert archive_files(result.archive.read_bytes())["results/answer.txt"] == b"499500"
 

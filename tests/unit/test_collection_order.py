@@ -27,4 +27,3 @@ def test_the_tiers_collect_in_reverse_order() -> None:
     assert "error" not in done.stdout.lower().splitlines()[-1]
     for tier in TIERS:
         assert f"tests/{tier}/" in done.stdout, f"nothing collected from tests/{tier}"
-
