@@ -7,12 +7,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from hivemind_worker import __version__
 from hivemind_worker.config import Settings
-from hivemind_worker.credentials import CredentialError, CredentialStore
+from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.engine.delivery import Delivery, backoff_delay
 from hivemind_worker.engine.events import (
     EngineState,
@@ -22,33 +20,22 @@ from hivemind_worker.engine.events import (
     MetricsSample,
     StateChanged,
     Subscriber,
-    TaskFinished,
-    TaskOutput,
-    TaskStarted,
 )
-from hivemind_worker.engine.executors.base import Executor, ExecutorError
+from hivemind_worker.engine.executors.base import Executor
 from hivemind_worker.engine.monitor import HostMonitor
 from hivemind_worker.engine.pool_client import (
     AuthError,
     NodePoolClient,
-    NodeStatus,
-    Offer,
     PoolError,
-    PoolUnavailable,
     RefusedSpec,
-    Registration,
-    RunningLease,
     client_for,
 )
+from hivemind_worker.engine.runs import TaskRuns, _Running
+from hivemind_worker.engine.session import Session, _SessionOver
 from hivemind_worker.errors import ErrorKind, HiveMindError
-from hivemind_worker.logs import task_context
 from hivemind_worker.tasks import (
     Resources,
-    TaskResult,
     TaskSpec,
-    TaskSpecError,
-    TaskStatus,
-    image_reference_ok,
 )
 
 log = logging.getLogger(__name__)
@@ -56,21 +43,9 @@ log = logging.getLogger(__name__)
 BACKOFF_MAX = 60.0
 AUTH_RETRY_SECONDS = 60.0
 METRICS_INTERVAL = 1.0
-BUSY_POLL_SECONDS = 2
-GIVE_BACK_SECONDS = 5.0
 
 
-@dataclass
-class _Running:
-    spec: TaskSpec
-    started: float
-    task: asyncio.Task[None] | None = None
-    finished: bool = False  # execution over; the result may still be on its way to the pool
-    adopted: bool = False  # left running by an earlier run of this worker; re-attached
-    cancel_requested: bool = False  # checked after prepare(), so an early cancel is not lost
-
-
-class WorkerEngine:
+class WorkerEngine(Session, TaskRuns):
     """Start / pause / resume / drain / stop from any thread; `run()` is the engine's coroutine.
 
     Commands are thread-safe: they hop onto the engine loop with call_soon_threadsafe, so the
@@ -252,19 +227,6 @@ class WorkerEngine:
             await self.executor.close()
             self._set_state(EngineState.STOPPED)
 
-    def _adopt_leftovers(self, spooled: set[tuple[str, str]]) -> None:
-        """Re-attach tasks an earlier run left running: they hold their leases (heartbeats
-        renew them, capacity counts them) and report like any task. A lease the pool no
-        longer honours stops the task, and its result is dropped as stale."""
-        for spec in self.executor.adoptable():
-            if (spec.task_id, spec.lease_id) in spooled or spec.task_id in self._running:
-                # Its result was spooled before the crash: the outbox delivers that one.
-                self._spawn(self.executor.cleanup(spec.task_id), "cleanup")
-                continue
-            run = _Running(spec=spec, started=time.time(), adopted=True)
-            self._running[spec.task_id] = run
-            run.task = asyncio.create_task(self._run_task(run), name=f"task-{spec.task_id}")
-
     # ------------------------------------------------------------------ commands, engine loop
 
     def _call(self, fn: Callable[[], object]) -> None:
@@ -331,13 +293,6 @@ class WorkerEngine:
         self._withdraw_poll()
         self._cancel_running()
         self._poke()
-
-    def _cancel_running(self) -> None:
-        """Kill running tasks; their CANCELLED reports tell the pool to hand them out again."""
-        for run in list(self._running.values()):
-            if not run.finished and not run.cancel_requested:
-                run.cancel_requested = True
-                self._spawn(self.executor.cancel(run.spec.task_id), "cancel")
 
     def _do_apply(self, settings: Settings) -> None:
         reconnect = (
@@ -422,389 +377,6 @@ class WorkerEngine:
             gpus=0,
         )
 
-    def _in_use(self) -> Resources:
-        total = Resources()
-        for run in self._running.values():
-            if not run.finished:
-                total = total + run.spec.resources
-        return total
-
-    async def _session(self) -> None:
-        """Connect, register and work until the connection fails or we stop contributing."""
-        self._set_state(EngineState.CONNECTING, f"connecting to {self.settings.node_pool_address}")
-        address = self.settings.node_pool_address
-        last: str | None = await asyncio.to_thread(self.credentials.last_account, address)
-        account = self.settings.account or last or ""
-        try:
-            token = (
-                await asyncio.to_thread(self.credentials.get_token, address, account)
-                if account
-                else None
-            )
-        except CredentialError as exc:
-            raise AuthError(
-                "Keyring unavailable", exc.message, details=exc.details, kind=ErrorKind.KEYRING
-            ) from None
-        if not token:
-            raise AuthError("Not logged in", f"You are not signed in to the pool at {address}.")
-        client = self._client_factory(self.settings, token=token)
-        self._client = client
-        try:
-            try:
-                await self._register(client)
-            except asyncio.CancelledError:
-                # apply_settings closed the channel under this call (a new pool address);
-                # grpc.aio reports that as CancelledError although this task was not cancelled.
-                current = asyncio.current_task()
-                if current is None or current.cancelling():
-                    raise
-                raise PoolUnavailable("Reconnecting", "settings changed") from None
-            self._attempt = 0
-            assert self._connected is not None
-            self._connected.set()
-            self._refresh_state()
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._heartbeat_loop(client), name="heartbeat")
-                group.create_task(self._poll_loop(client), name="poll")
-                group.create_task(self._watch_stop(), name="watch-stop")
-        except BaseExceptionGroup as group_exc:
-            first = _first_leaf(group_exc)
-            if isinstance(first, PoolError):
-                raise first from None
-            if not isinstance(first, Exception):
-                raise
-            # A bug or an odd library error must not end the engine: log it, reconnect.
-            log.error("session failed", exc_info=first)
-            raise PoolError(
-                "Internal error",
-                "Something went wrong in the worker; it reconnects.",
-                details=f"{type(first).__name__}: {first}",
-                kind=ErrorKind.INTERNAL,
-            ) from first
-        finally:
-            if self._connected is not None:
-                self._connected.clear()
-            if self._client is client:
-                self._client = None
-            await client.close()
-
-    async def _register(self, client: NodePoolClient) -> None:
-        info = await asyncio.to_thread(self.monitor.info)
-        terms = await client.register(
-            Registration(
-                node_id=self.node_id,
-                hostname=info.hostname,
-                cpu_cores=info.cpu_cores,
-                memory_bytes=info.memory_bytes,
-                disk_bytes=info.disk_bytes,
-                capabilities=(self.executor.capability,),
-                agent_version=__version__,
-                platform=info.platform,
-                caps=self._caps(),
-                max_concurrent_tasks=self.settings.max_concurrent_tasks,
-            )
-        )
-        if terms.heartbeat_interval:
-            self._heartbeat_interval = terms.heartbeat_interval
-        if terms.max_wait:
-            self._max_wait = terms.max_wait
-        if terms.lease_timeout:
-            self._lease_timeout = terms.lease_timeout
-        if terms.preload_images:
-            # Validated like a task's image before anything is fetched.
-            images = [i for i in terms.preload_images if image_reference_ok(i)][:32]
-            self._spawn(self.executor.preload(images), "preload images")
-        log.info(
-            "registered node %s with %s (heartbeat every %.0f s)",
-            self.node_id,
-            client.address,
-            self._heartbeat_interval,
-        )
-
-    async def _watch_stop(self) -> None:
-        """Ends the session when the person stops contributing, or when draining is done."""
-        while True:
-            if self._shutdown or not self._want_running:
-                # Stopped tasks report CANCELLED (given back) while we are still connected;
-                # a bounded wait, so an unresponsive pool cannot hold up the stop.
-                deadline = time.monotonic() + GIVE_BACK_SECONDS
-                while self._running and time.monotonic() < deadline:
-                    await self._wait_changed(0.2)
-                break
-            if self._draining and not self._running:  # finished and delivered
-                log.info("drained: no task left running")
-                self._want_running = False
-                self._draining = False
-                if self._shutdown_after_drain:
-                    self._shutdown = True
-                break
-            if self._client is None:  # apply_settings asked for a reconnect
-                raise PoolUnavailable("Reconnecting", "settings changed")
-            await self._wait_changed(1.0)
-        raise _SessionOver()
-
-    async def _heartbeat_loop(self, client: NodePoolClient) -> None:
-        while True:
-            await self._send_heartbeat(client)
-            await asyncio.sleep(self._heartbeat_interval)
-
-    async def _send_heartbeat(self, client: NodePoolClient) -> None:
-        usage = self.executor.usage()
-        running = [
-            RunningLease(r.spec.task_id, r.spec.lease_id, usage.get(r.spec.task_id))
-            for r in self._running.values()
-        ]
-        running += [
-            RunningLease(task_id, lease_id)
-            for task_id, lease_id in self.delivery.undelivered
-            if task_id not in self._running
-        ]
-        status = (
-            NodeStatus.PAUSED
-            if self._paused
-            else NodeStatus.DRAINING
-            if self._draining
-            else NodeStatus.BUSY
-            if running
-            else NodeStatus.IDLE
-        )
-        host = await asyncio.to_thread(self.monitor.sample)
-        reply = await client.heartbeat(self.node_id, status, host, running)
-        for task_id in reply.cancel_task_ids:
-            if task_id in self._running and not self._running[task_id].finished:
-                log.info("pool cancelled task %s", task_id)
-                await self.executor.cancel(task_id)
-        lost = set(reply.lost_lease_ids)
-        for run in list(self._running.values()):
-            if run.spec.lease_id in lost and not run.finished:
-                log.warning("pool no longer honours lease %s; stopping task", run.spec.lease_id)
-                await self.executor.cancel(run.spec.task_id)
-        if reply.drain and not self._draining:
-            log.info("pool asked this node to drain")
-            self._do_drain()
-
-    async def _poll_loop(self, client: NodePoolClient) -> None:
-        while True:
-            if self._paused or self._draining or not self._want_running:
-                await self._wait_changed(5.0)
-                continue
-            active = sum(1 for r in self._running.values() if not r.finished)
-            slots = self.settings.max_concurrent_tasks - active
-            free = (self._caps() - self._in_use()).clamp_at_zero()
-            if slots <= 0 or free.cpus <= 0 or free.memory_bytes <= 0:
-                await self._wait_changed(5.0)
-                continue
-            if await self.delivery.is_full():
-                log.warning("the result spool is full; taking no task until results drain")
-                await self._wait_changed(30.0)
-                continue
-            offer = Offer(
-                free=free,
-                max_tasks=slots,
-                # The offer carries the free capacity of this moment; while tasks run, it
-                # grows as they end, so the call is renewed every couple of seconds.
-                # (Withdrawing the call instead could drop a lease the pool has just handed
-                # out, lost until it expires.)
-                wait_seconds=self._max_wait if not active else BUSY_POLL_SECONDS,
-                capabilities=(self.executor.capability,),
-                max_timeout_seconds=self.settings.task_timeout,
-                networks=tuple(sorted({"none", self.settings.docker_network})),
-            )
-            call = asyncio.ensure_future(client.get_tasks(self.node_id, offer))
-            self._poll_call = call
-            try:
-                await asyncio.wait({call})
-            finally:
-                if not call.done():  # this loop itself was cancelled
-                    call.cancel()
-                self._poll_call = None
-            if call.cancelled():  # withdrawn by pause, drain or stop
-                continue
-            self._take(call.result(), asked=slots)
-
-    # ------------------------------------------------------------------ tasks
-
-    def _take(self, offered: list[TaskSpec | RefusedSpec], *, asked: int) -> None:
-        """Take what the pool handed out, never more than was asked for: the rest goes back."""
-        taken = 0
-        for spec in offered:
-            if isinstance(spec, RefusedSpec):
-                log.warning("refusing task %s: %s", spec.task_id, spec.reason)
-                if spec.task_id and spec.lease_id:
-                    self._spawn(
-                        self.delivery.refuse(spec.task_id, spec.lease_id, spec.reason), "refuse"
-                    )
-                continue
-            if taken >= asked and not self.delivery.already_reported(spec.task_id, spec.lease_id):
-                log.warning("giving task %s back: more tasks than asked for", spec.task_id)
-                self._spawn(
-                    self.delivery.give_back(
-                        spec.task_id, spec.lease_id, f"this worker asked for {asked} task(s)"
-                    ),
-                    "give back",
-                )
-                continue
-            taken += 1
-            self._accept(spec)
-
-    def _accept(self, spec: TaskSpec) -> None:
-        if self.delivery.already_reported(spec.task_id, spec.lease_id):
-            # A lease this worker has already run and reported, handed out again: never run
-            # a lease twice, whatever the pool sends. Its report stands; nothing more is sent.
-            log.warning(
-                "task %s: lease %s was already reported; not running it again",
-                spec.task_id,
-                spec.lease_id,
-            )
-            return
-        earlier = self._running.get(spec.task_id)
-        if earlier is not None:
-            if earlier.adopted and earlier.spec.lease_id != spec.lease_id and earlier.task:
-                # Re-queued while this worker was down and handed out anew: the pool no longer
-                # honours the adopted lease. Stop that run (its report is dropped as stale),
-                # then take the task up under the new lease.
-                log.warning("task %s was re-queued; stopping its re-attached run", spec.task_id)
-                if not earlier.finished and not earlier.cancel_requested:
-                    earlier.cancel_requested = True
-                    self._spawn(self.executor.cancel(spec.task_id), "cancel")
-                self._spawn(self._accept_after(earlier.task, spec), "accept again")
-                return
-            if (
-                earlier.finished
-                and earlier.task is not None
-                and earlier.spec.lease_id != spec.lease_id
-            ):
-                # Given back a moment ago (cancelled here) and handed out again while the
-                # first run's report was still finishing: take it up once that run is gone.
-                self._spawn(self._accept_after(earlier.task, spec), "accept again")
-                return
-            log.warning("task %s handed out twice; ignoring the second lease", spec.task_id)
-            return
-        if self._paused or self._draining or not self._want_running or self._shutdown:
-            problem = "this worker has just paused or is stopping"
-        else:
-            problem = self._check_fits(spec)
-        if problem:
-            # Not the task's fault: give it back (CANCELLED) so the pool hands it to another
-            # worker, instead of REJECTED, which ends it.
-            log.warning("giving task %s back: %s", spec.task_id, problem)
-            self._spawn(self.delivery.give_back(spec.task_id, spec.lease_id, problem), "give back")
-            return
-        run = _Running(spec=spec, started=time.time())
-        self._running[spec.task_id] = run
-        run.task = asyncio.create_task(self._run_task(run), name=f"task-{spec.task_id}")
-        self._refresh_state()
-
-    async def _accept_after(self, earlier: asyncio.Task[None], spec: TaskSpec) -> None:
-        await asyncio.wait({earlier})
-        self._accept(spec)
-
-    def _check_fits(self, spec: TaskSpec) -> str:
-        active = sum(1 for r in self._running.values() if not r.finished)
-        if active >= self.settings.max_concurrent_tasks:
-            return f"{active} task(s) already running, this worker's limit"
-        if spec.timeout_seconds > self.settings.task_timeout:
-            return (
-                f"timeout {spec.timeout_seconds} s is over this worker's limit of "
-                f"{self.settings.task_timeout} s"
-            )
-        if spec.network not in ("none", self.settings.docker_network):
-            return f"network '{spec.network}' is not allowed on this worker"
-        free = self._caps() - self._in_use()
-        if not spec.resources.fits_in(free):
-            r = spec.resources
-            return (
-                f"asks for {r.cpus:g} CPU, {r.memory_bytes >> 20} MiB memory, "
-                f"{r.disk_bytes >> 20} MiB disk; only {max(free.cpus, 0):g} CPU, "
-                f"{max(free.memory_bytes, 0) >> 20} MiB, {max(free.disk_bytes, 0) >> 20} MiB free"
-            )
-        return ""
-
-    async def _run_task(self, run: _Running) -> None:
-        spec = run.spec
-        with task_context(spec.task_id):
-            log.info(
-                "%s %s (attempt %d)",
-                "re-attaching to" if run.adopted else "starting",
-                spec.label,
-                spec.attempt,
-            )
-            self._hub.publish(
-                TaskStarted(
-                    spec.task_id,
-                    spec.lease_id,
-                    spec.label,
-                    spec.kind.value,
-                    spec.image,
-                    spec.resources,
-                    spec.attempt,
-                )
-            )
-            result = await self._execute(spec, adopted=run.adopted)
-            run.finished = True
-            self._refresh_state()
-            self._poke()
-            if result.status is TaskStatus.SUCCEEDED:
-                self.tasks_done += 1
-            else:
-                self.tasks_failed += 1
-            duration = (result.finished_at or time.time()) - (result.started_at or run.started)
-            log.info(
-                "finished %s: %s%s", spec.label, result.status.value,
-                f" ({result.error})" if result.error else "",
-            )  # fmt: skip
-            self._hub.publish(
-                TaskFinished(
-                    spec.task_id,
-                    spec.lease_id,
-                    spec.label,
-                    result.status,
-                    result.exit_code,
-                    result.error,
-                    duration,
-                    result.archive_size,
-                    result.cpu_seconds,
-                )
-            )
-            spooled = await self.delivery.spool(result, spec.max_result_bytes)
-            with contextlib.suppress(Exception):
-                await self.executor.cleanup(spec.task_id)
-            try:
-                await self.delivery.finish(result, spec.max_result_bytes, spooled=spooled)
-            finally:
-                self._running.pop(spec.task_id, None)
-                self._refresh_state()
-                self._poke()
-
-    async def _execute(self, spec: TaskSpec, *, adopted: bool = False) -> TaskResult:
-        def on_log(task_id: str, chunk: bytes) -> None:
-            self._hub.publish(TaskOutput(task_id, chunk.decode("utf-8", "replace")))
-
-        started = time.time()
-        try:
-            if adopted:
-                return await self.executor.reattach(spec, on_log)
-            await self.executor.prepare(spec)
-            run = self._running.get(spec.task_id)
-            if run is not None and run.cancel_requested:
-                return TaskResult(spec.task_id, spec.lease_id, TaskStatus.CANCELLED, -1,
-                                  "cancelled before it started", started_at=started,
-                                  finished_at=time.time())  # fmt: skip
-            return await self.executor.run(spec, on_log)
-        except TaskSpecError as exc:
-            return TaskResult(spec.task_id, spec.lease_id, TaskStatus.REJECTED, -1, str(exc),
-                              started_at=started, finished_at=time.time())  # fmt: skip
-        except ExecutorError as exc:
-            return TaskResult(spec.task_id, spec.lease_id, TaskStatus.FAILED, -1, str(exc),
-                              started_at=started, finished_at=time.time())  # fmt: skip
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # an executor bug must not take the engine down
-            log.exception("executor failed on %s", spec.task_id)
-            return TaskResult(spec.task_id, spec.lease_id, TaskStatus.FAILED, -1,
-                              f"worker error: {exc}", started_at=started,
-                              finished_at=time.time())  # fmt: skip
-
     async def _wait_connected(self) -> NodePoolClient | None:
         """The live client; None once we are stopping and the session is gone."""
         assert self._connected is not None
@@ -815,21 +387,6 @@ class WorkerEngine:
                 return None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._connected.wait(), 1.0)
-
-    async def _stop_all_tasks(self) -> None:
-        runs = [r for r in self._running.values() if r.task is not None]
-        for run in runs:
-            if not run.finished:
-                with contextlib.suppress(Exception):
-                    await self.executor.cancel(run.spec.task_id)
-        for run in runs:
-            assert run.task is not None
-            run.task.cancel()
-        await asyncio.gather(*(r.task for r in runs if r.task is not None), return_exceptions=True)
-        for run in runs:
-            with contextlib.suppress(Exception):
-                await self.executor.cleanup(run.spec.task_id)
-        self._running.clear()
 
     async def _close_client(self) -> None:
         client, self._client = self._client, None
@@ -846,32 +403,3 @@ class WorkerEngine:
             except Exception:
                 log.exception("metrics sample failed")
             await asyncio.sleep(METRICS_INTERVAL)
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first exception in a (possibly nested) exception group that is not _SessionOver.
-
-    A session ending on purpose raises _SessionOver in one task while the others are
-    cancelled; any real error beside it is the one to report. Only _SessionOver: itself.
-    """
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    for leaf in leaves:
-        if not isinstance(leaf, _SessionOver):
-            return leaf
-    return leaves[0]
-
-
-class _SessionOver(PoolError):
-    """The session ended on purpose (stop, drain finished, shutdown)."""
-
-    def __init__(self) -> None:
-        super().__init__("Stopped", "The session is over.")
