@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
 
-from hivemind_worker.errors import ErrorKind, HiveMindError
+from hivemind_worker import task_params
 from hivemind_worker.protocol import nodepool_pb2 as pb
+
+# Re-exported: every layer imports these two from here (mypy needs the `as` to see that).
+from hivemind_worker.spec_checks import TaskSpecError as TaskSpecError  # noqa: PLC0414
+from hivemind_worker.spec_checks import (
+    json_base64,
+    json_float,
+    json_get,
+    json_input_file,
+    json_int,
+    json_str_map,
+    json_strings,
+)
+from hivemind_worker.spec_checks import safe_relative_path as safe_relative_path  # noqa: PLC0414
+from hivemind_worker.task_params import DataParams, MlParams
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -27,7 +39,6 @@ MAX_ARGV_BYTES = 64 * KiB
 MAX_ENV_ITEMS = 128
 MAX_ENV_VALUE_BYTES = 32 * KiB
 MAX_INPUT_FILES = 1000
-MAX_INPUT_PATH_LEN = 255
 MAX_INPUT_BYTES = 16 * MiB  # inline files plus archive
 MAX_SOURCE_BYTES = 1 * MiB
 MAX_REQUIREMENTS = 100
@@ -57,21 +68,15 @@ _IMAGE_RE = re.compile(
 )
 
 
-class TaskSpecError(HiveMindError, ValueError):
-    """A task spec the worker or pool refuses; `str()` is a reason a submitter can read."""
-
-    kind = ErrorKind.TASK_REJECTED
-    title = "Task refused"
-
-    def __init__(self, field_name: str, reason: str) -> None:
-        super().__init__(f"{field_name}: {reason}")
-        self.field = field_name
-        self.reason = reason
-
-
 class TaskKind(StrEnum):
     CONTAINER = "container"
     PYTHON = "python"
+    ML = "ml"  # the ml and data kinds run the worker's own runners (task_params.py)
+    DATA = "data"
+
+    @property
+    def runs_a_runner(self) -> bool:
+        return self in (TaskKind.ML, TaskKind.DATA)
 
 
 class TaskStatus(StrEnum):
@@ -110,7 +115,12 @@ _STATUS_TO_PB: dict[TaskStatus, pb.TaskStatus.ValueType] = {
     TaskStatus.OUT_OF_MEMORY: pb.TASK_STATUS_OUT_OF_MEMORY,
 }
 _PB_TO_STATUS = {v: k for k, v in _STATUS_TO_PB.items()}
-_KIND_FROM_PB = {pb.TASK_KIND_CONTAINER: TaskKind.CONTAINER, pb.TASK_KIND_PYTHON: TaskKind.PYTHON}
+_KIND_FROM_PB = {
+    pb.TASK_KIND_CONTAINER: TaskKind.CONTAINER,
+    pb.TASK_KIND_PYTHON: TaskKind.PYTHON,
+    pb.TASK_KIND_ML: TaskKind.ML,
+    pb.TASK_KIND_DATA: TaskKind.DATA,
+}
 _KIND_TO_PB = {v: k for k, v in _KIND_FROM_PB.items()}
 
 
@@ -194,6 +204,11 @@ class TaskSpec:
     attempt: int = 0
     name: str = ""
     max_attempts: int = 0
+    ml: MlParams | None = None
+    data: DataParams | None = None
+    # Set by the worker only (never on the wire): the runner environment a python task made
+    # from an ml or data task runs in (engine/runners).
+    environment: str = ""
 
     @property
     def label(self) -> str:
@@ -230,6 +245,9 @@ class TaskSpec:
                 max_result_bytes=msg.max_result_bytes,
                 attempt=msg.attempt,
                 max_attempts=msg.max_attempts,
+                ml=msg.ml if msg.HasField("ml") else None,
+                data=msg.data if msg.HasField("data") else None,
+                environment="",
             ),
             require_id=require_id,
             require_lease=require_lease,
@@ -246,34 +264,39 @@ class TaskSpec:
         unknown = set(data) - set(_Fields.__dataclass_fields__)
         if unknown:
             raise TaskSpecError(sorted(unknown)[0], "is not a field of a task spec")
-        kind_name = _get(data, "kind", str, "")
-        files = _get(data, "input_files", list, [])
-        resources = _get(data, "resources", dict, {})
+        kind_name = json_get(data, "kind", str, "")
+        files = json_get(data, "input_files", list, [])
+        resources = json_get(data, "resources", dict, {})
         return cls._validated(
             _Fields(
-                task_id=_get(data, "task_id", str, ""),
-                lease_id=_get(data, "lease_id", str, ""),
+                task_id=json_get(data, "task_id", str, ""),
+                lease_id=json_get(data, "lease_id", str, ""),
                 kind=TaskKind(kind_name) if kind_name in tuple(TaskKind) else None,
-                name=_get(data, "name", str, ""),
-                argv=tuple(_strings(data, "argv")),
-                image=_get(data, "image", str, ""),
-                source=_get(data, "source", str, ""),
-                requirements=tuple(_strings(data, "requirements")),
-                env=_str_map(data, "env"),
-                input_files=[_input_file(f) for f in files],
-                input_archive=_base64(_get(data, "input_archive", str, ""), "input_archive"),
-                resources=(
-                    _float(resources, "cpus", "resources"),
-                    _int(resources, "memory_bytes", "resources"),
-                    _int(resources, "disk_bytes", "resources"),
-                    _int(resources, "gpus", "resources"),
+                name=json_get(data, "name", str, ""),
+                argv=tuple(json_strings(data, "argv")),
+                image=json_get(data, "image", str, ""),
+                source=json_get(data, "source", str, ""),
+                requirements=tuple(json_strings(data, "requirements")),
+                env=json_str_map(data, "env"),
+                input_files=[json_input_file(f) for f in files],
+                input_archive=json_base64(
+                    json_get(data, "input_archive", str, ""), "input_archive"
                 ),
-                timeout_seconds=_int(data, "timeout_seconds"),
-                network=_get(data, "network", str, ""),
-                result_path=_get(data, "result_path", str, ""),
-                max_result_bytes=_int(data, "max_result_bytes"),
-                attempt=_int(data, "attempt"),
-                max_attempts=_int(data, "max_attempts"),
+                resources=(
+                    json_float(resources, "cpus", "resources"),
+                    json_int(resources, "memory_bytes", "resources"),
+                    json_int(resources, "disk_bytes", "resources"),
+                    json_int(resources, "gpus", "resources"),
+                ),
+                timeout_seconds=json_int(data, "timeout_seconds"),
+                network=json_get(data, "network", str, ""),
+                result_path=json_get(data, "result_path", str, ""),
+                max_result_bytes=json_int(data, "max_result_bytes"),
+                attempt=json_int(data, "attempt"),
+                max_attempts=json_int(data, "max_attempts"),
+                ml=task_params.ml_from_dict(data.get("ml")),
+                data=task_params.data_from_dict(data.get("data")),
+                environment=json_get(data, "environment", str, ""),
             ),
             require_id=require_id,
             require_lease=require_lease,
@@ -312,6 +335,9 @@ class TaskSpec:
             "max_result_bytes": self.max_result_bytes,
             "attempt": self.attempt,
             "max_attempts": self.max_attempts,
+            "ml": task_params.params_to_dict(self.ml),
+            "data": task_params.params_to_dict(self.data),
+            "environment": self.environment,
         }
 
     @classmethod
@@ -324,7 +350,7 @@ class TaskSpec:
             _check_id("lease_id", msg.lease_id)
         kind = msg.kind
         if kind is None:
-            raise TaskSpecError("kind", "must be 'container' or 'python'")
+            raise TaskSpecError("kind", "must be 'container', 'python', 'ml' or 'data'")
         if len(msg.name) > MAX_NAME_LEN:
             raise TaskSpecError("name", f"longer than {MAX_NAME_LEN} characters")
         if any(ord(c) < 32 for c in msg.name):
@@ -345,13 +371,17 @@ class TaskSpec:
                 raise TaskSpecError("image", "a container task needs an image")
             if not argv:
                 raise TaskSpecError("argv", "a container task needs a command (argv is empty)")
-        else:
+        elif kind is TaskKind.PYTHON:
             if not source.strip():
                 raise TaskSpecError("source", "a python task needs source code")
             if len(source.encode()) > MAX_SOURCE_BYTES:
                 raise TaskSpecError("source", f"larger than {MAX_SOURCE_BYTES} bytes")
             if "\x00" in source:
                 raise TaskSpecError("source", "contains a NUL character")
+        elif image or source:  # nothing of the submitter's runs in a runner kind
+            raise TaskSpecError(
+                "image" if image else "source", f"{kind.value} tasks run the worker's own runner"
+            )
         if image and not image_reference_ok(image):
             raise TaskSpecError("image", f"{image[:80]!r} is not a valid image reference")
 
@@ -389,6 +419,10 @@ class TaskSpec:
             files.append(InputFile(path, content, mode))
         if total > MAX_INPUT_BYTES:
             raise TaskSpecError("input_files", f"inputs larger than {MAX_INPUT_BYTES} bytes")
+        ml, data = task_params.checked(
+            kind.value, msg.ml, msg.data, requirements=requirements, input_paths=seen,
+            has_archive=bool(msg.input_archive),
+        )  # fmt: skip
 
         cpus, memory_bytes, disk_bytes, gpus = msg.resources
         if cpus < 0 or memory_bytes < 0 or disk_bytes < 0 or gpus < 0:
@@ -436,10 +470,22 @@ class TaskSpec:
             attempt=msg.attempt,
             name=msg.name,
             max_attempts=msg.max_attempts,
+            ml=ml,
+            data=data,
+            environment=task_params.check_environment(msg.environment),
         )
+
+    @property
+    def required_capability(self) -> str:
+        """The capability a worker must advertise, besides its executor's, to run this task."""
+        if self.ml is not None:
+            return f"ml:{self.ml.framework}"
+        return "data" if self.data is not None else ""
 
     def to_proto(self) -> pb.TaskSpec:
         return pb.TaskSpec(
+            ml=self.ml.to_proto() if self.ml is not None else None,
+            data=self.data.to_proto() if self.data is not None else None,
             task_id=self.task_id,
             lease_id=self.lease_id,
             kind=_KIND_TO_PB[self.kind],
@@ -505,62 +551,9 @@ class _Fields:
     max_result_bytes: int
     attempt: int
     max_attempts: int
-
-
-_T = TypeVar("_T")
-
-
-_JSON_NAMES: dict[type, str] = {str: "a string", list: "a list", dict: "an object"}
-
-
-def _get(data: dict[str, object], key: str, kind: type[_T], default: _T) -> _T:
-    value = data.get(key, default)
-    if not isinstance(value, kind):
-        raise TaskSpecError(key, f"must be {_JSON_NAMES.get(kind, kind.__name__)}")
-    return value
-
-
-def _strings(data: dict[str, object], key: str) -> list[str]:
-    values = _get(data, key, list, [])
-    if not all(isinstance(v, str) for v in values):
-        raise TaskSpecError(key, "must be a list of strings")
-    return values
-
-
-def _str_map(data: dict[str, object], key: str) -> dict[str, str]:
-    values = _get(data, key, dict, {})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in values.items()):
-        raise TaskSpecError(key, "must map names to strings")
-    return values
-
-
-def _int(data: dict[str, object], key: str, field_name: str = "") -> int:
-    value = data.get(key, 0)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TaskSpecError(field_name or key, f"{key} must be an integer")
-    return value
-
-
-def _float(data: dict[str, object], key: str, field_name: str = "") -> float:
-    value = data.get(key, 0)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TaskSpecError(field_name or key, f"{key} must be a number")
-    return float(value)
-
-
-def _base64(text: str, field_name: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise TaskSpecError(field_name, "is not base64") from None
-
-
-def _input_file(entry: object) -> tuple[str, bytes, int]:
-    if not isinstance(entry, dict):
-        raise TaskSpecError("input_files", "each file must be a JSON object")
-    path = _get(entry, "path", str, "")
-    content = _base64(_get(entry, "content", str, ""), "input_files")
-    return path, content, _int(entry, "mode", "input_files")
+    ml: pb.MlParams | None  # as on the wire; task_params checks them
+    data: pb.DataParams | None
+    environment: str
 
 
 def image_reference_ok(image: str) -> bool:
@@ -575,26 +568,3 @@ def _check_id(name: str, value: str) -> None:
         raise TaskSpecError(
             name, f"{value[:80]!r} must be 1-{MAX_ID_LEN} characters of A-Z a-z 0-9 . _ -"
         )
-
-
-def safe_relative_path(name: str, field_name: str) -> PurePosixPath:
-    """A relative '/'-separated path that cannot leave the folder it is joined to."""
-    if not name:
-        raise TaskSpecError(field_name, "empty file name")
-    if len(name) > MAX_INPUT_PATH_LEN:
-        raise TaskSpecError(field_name, f"{name[:80]!r} is longer than {MAX_INPUT_PATH_LEN}")
-    if "\x00" in name or any(ord(c) < 32 for c in name):
-        raise TaskSpecError(field_name, f"{name[:80]!r} contains control characters")
-    if "\\" in name:
-        raise TaskSpecError(field_name, f"{name!r} uses backslashes; use '/'")
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise TaskSpecError(field_name, f"{name!r} is an absolute path")
-    parts = name.split("/")
-    for part in parts:
-        if part in ("..",):
-            raise TaskSpecError(field_name, f"{name!r} leaves the workspace ('..')")
-        if part in ("", "."):
-            raise TaskSpecError(field_name, f"{name!r} has an empty or '.' component")
-        if ":" in part:
-            raise TaskSpecError(field_name, f"{name!r} contains ':'")
-    return PurePosixPath(*parts)

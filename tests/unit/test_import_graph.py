@@ -13,6 +13,8 @@ POOL_MAY_IMPORT = {
     f"{ROOT}",
     f"{ROOT}.protocol",
     f"{ROOT}.tasks",
+    f"{ROOT}.task_params",
+    f"{ROOT}.spec_checks",
     f"{ROOT}.net",
     f"{ROOT}.errors",
     f"{ROOT}.archives",

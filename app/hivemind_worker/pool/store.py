@@ -17,6 +17,7 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.task_params import required_capability
 from hivemind_worker.tasks import Resources, TaskKind, TaskSpec, TaskStatus
 
 SCHEMA_VERSION = 2
@@ -25,6 +26,9 @@ SCHEMA_VERSION = 2
 KIND_CAPABILITIES: dict[TaskKind, frozenset[str]] = {
     TaskKind.PYTHON: frozenset({"process", "docker"}),
     TaskKind.CONTAINER: frozenset({"docker"}),
+    # Besides an executor, these need the runner's capability (required_capability()).
+    TaskKind.ML: frozenset({"process", "docker"}),
+    TaskKind.DATA: frozenset({"process", "docker"}),
 }
 MAX_LOG_TAIL_BYTES = 64 * 1024
 MAX_ERROR_CHARS = 4000
@@ -593,6 +597,9 @@ class PoolStore:
                     continue
                 if (spec.network or "none") not in networks:
                     continue
+                needs = required_capability(spec)
+                if needs and needs not in caps:
+                    continue  # an ml or data task this worker has no runner environment for
                 lease_id = uuid.uuid4().hex
                 db.execute(
                     "UPDATE tasks SET status = ?, node_id = ?, lease_id = ?, lease_expires_ms = ?,"

@@ -47,6 +47,15 @@ class _TaskKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskKind.Val
     Python image under Docker or with the host interpreter in the process
     sandbox. Runs on capability "docker" or "process".
     """
+    TASK_KIND_ML: _TaskKind.ValueType  # 3
+    """Machine-learning training by a vetted runner shipped with the worker, parameters in
+    `ml`. Needs capability "ml:<framework>" ("ml:scikit-learn", "ml:tensorflow",
+    "ml:pytorch") besides "docker" or "process".
+    """
+    TASK_KIND_DATA: _TaskKind.ValueType  # 4
+    """Data processing by a vetted runner shipped with the worker, parameters in `data`.
+    Needs capability "data" besides "docker" or "process".
+    """
 
 class TaskKind(_TaskKind, metaclass=_TaskKindEnumTypeWrapper): ...
 
@@ -57,6 +66,15 @@ TASK_KIND_PYTHON: TaskKind.ValueType  # 2
 """`source` run as main.py with `argv` as its arguments, in the configured
 Python image under Docker or with the host interpreter in the process
 sandbox. Runs on capability "docker" or "process".
+"""
+TASK_KIND_ML: TaskKind.ValueType  # 3
+"""Machine-learning training by a vetted runner shipped with the worker, parameters in
+`ml`. Needs capability "ml:<framework>" ("ml:scikit-learn", "ml:tensorflow",
+"ml:pytorch") besides "docker" or "process".
+"""
+TASK_KIND_DATA: TaskKind.ValueType  # 4
+"""Data processing by a vetted runner shipped with the worker, parameters in `data`.
+Needs capability "data" besides "docker" or "process".
 """
 Global___TaskKind: _TypeAlias = TaskKind  # noqa: Y015
 
@@ -226,6 +244,8 @@ class TaskSpec(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    ML_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     lease_id: _builtins.str
     """set by the pool when it hands the task out"""
@@ -260,6 +280,14 @@ class TaskSpec(_message.Message):
     def requirements(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """TASK_KIND_PYTHON: pip requirement lines (Docker only)"""
 
+    @_builtins.property
+    def ml(self) -> Global___MlParams:
+        """TASK_KIND_ML: what to train on what"""
+
+    @_builtins.property
+    def data(self) -> Global___DataParams:
+        """TASK_KIND_DATA: what to compute over which input"""
+
     def __init__(
         self,
         *,
@@ -281,14 +309,391 @@ class TaskSpec(_message.Message):
         attempt: _builtins.int = ...,
         name: _builtins.str = ...,
         max_attempts: _builtins.int = ...,
+        ml: Global___MlParams | None = ...,
+        data: Global___DataParams | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "ml", b"ml", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "attempt", b"attempt", "env", b"env", "image", b"image", "input_archive", b"input_archive", "input_files", b"input_files", "kind", b"kind", "lease_id", b"lease_id", "max_attempts", b"max_attempts", "max_result_bytes", b"max_result_bytes", "name", b"name", "network", b"network", "requirements", b"requirements", "resources", b"resources", "result_path", b"result_path", "source", b"source", "task_id", b"task_id", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "attempt", b"attempt", "data", b"data", "env", b"env", "image", b"image", "input_archive", b"input_archive", "input_files", b"input_files", "kind", b"kind", "lease_id", b"lease_id", "max_attempts", b"max_attempts", "max_result_bytes", b"max_result_bytes", "ml", b"ml", "name", b"name", "network", b"network", "requirements", b"requirements", "resources", b"resources", "result_path", b"result_path", "source", b"source", "task_id", b"task_id", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskSpec: _TypeAlias = TaskSpec  # noqa: Y015
+
+@_typing.final
+class ParamValue(_message.Message):
+    """------------------------------------------------- parameters of the runner task kinds
+
+    Parameters are data, never code: nothing in them is evaluated. Paths name files or
+    folders among the task's inputs (input_files / input_archive), relative, '/'-separated.
+    Each runner writes its results, `metrics.json` or `summary.json` among them, under
+    `result_path`.
+
+    One typed hyper-parameter value.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INT_VALUE_FIELD_NUMBER: _builtins.int
+    FLOAT_VALUE_FIELD_NUMBER: _builtins.int
+    STRING_VALUE_FIELD_NUMBER: _builtins.int
+    BOOL_VALUE_FIELD_NUMBER: _builtins.int
+    int_value: _builtins.int
+    float_value: _builtins.float
+    string_value: _builtins.str
+    bool_value: _builtins.bool
+    def __init__(
+        self,
+        *,
+        int_value: _builtins.int = ...,
+        float_value: _builtins.float = ...,
+        string_value: _builtins.str = ...,
+        bool_value: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "float_value", b"float_value", "int_value", b"int_value", "string_value", b"string_value", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "float_value", b"float_value", "int_value", b"int_value", "string_value", b"string_value", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["int_value", "float_value", "string_value", "bool_value"]  # noqa: Y015
+    _WhichOneofArgType_value: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_value) -> _WhichOneofReturnType_value | None: ...
+
+Global___ParamValue: _TypeAlias = ParamValue  # noqa: Y015
+
+@_typing.final
+class Layer(_message.Message):
+    """One layer of a declared network (TensorFlow and PyTorch)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    ACTIVATION_FIELD_NUMBER: _builtins.int
+    FILTERS_FIELD_NUMBER: _builtins.int
+    KERNEL_SIZE_FIELD_NUMBER: _builtins.int
+    RATE_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """"dense", "conv2d", "maxpool2d", "flatten", "dropout" """
+    units: _builtins.int
+    """dense: output units"""
+    activation: _builtins.str
+    """"relu", "tanh", "sigmoid", "softmax", "linear"; empty: linear"""
+    filters: _builtins.int
+    """conv2d: output channels"""
+    kernel_size: _builtins.int
+    """conv2d, maxpool2d: square kernel edge"""
+    rate: _builtins.float
+    """dropout: fraction dropped, 0 <= rate < 1"""
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        units: _builtins.int = ...,
+        activation: _builtins.str = ...,
+        filters: _builtins.int = ...,
+        kernel_size: _builtins.int = ...,
+        rate: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "filters", b"filters", "kernel_size", b"kernel_size", "rate", b"rate", "type", b"type", "units", b"units"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Layer: _TypeAlias = Layer  # noqa: Y015
+
+@_typing.final
+class MlParams(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HyperparametersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ParamValue: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ParamValue | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    FRAMEWORK_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    TRAIN_PATH_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    VALIDATION_SPLIT_FIELD_NUMBER: _builtins.int
+    K_FOLDS_FIELD_NUMBER: _builtins.int
+    HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    EPOCHS_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    EXPORT_ONNX_FIELD_NUMBER: _builtins.int
+    framework: _builtins.str
+    """"scikit-learn", "tensorflow", "pytorch" """
+    model: _builtins.str
+    """scikit-learn: an allow-listed estimator, e.g. "random-forest-classifier";
+    tensorflow / pytorch: "mlp" or "cnn", built from `layers`.
+    """
+    train_path: _builtins.str
+    """CSV or Parquet file, or (cnn) a folder of image folders per class"""
+    dataset: _builtins.str
+    """instead of train_path: one the library ships ("iris", "digits", ...)"""
+    target: _builtins.str
+    """target column; empty for clustering"""
+    validation_split: _builtins.float
+    """held-out fraction, 0 < x < 1; 0: 0.2"""
+    k_folds: _builtins.int
+    """>= 2: k-fold cross-validation instead of one split"""
+    seed: _builtins.int
+    """every random choice is drawn from it"""
+    optimizer: _builtins.str
+    """"adam", "sgd"; empty: "adam" """
+    loss: _builtins.str
+    """empty: fits the problem (cross-entropy or mse)"""
+    epochs: _builtins.int
+    """0: 10"""
+    batch_size: _builtins.int
+    """0: 32"""
+    learning_rate: _builtins.float
+    """0: 0.001"""
+    task: _builtins.str
+    """tensorflow / pytorch: "classification" or "regression" """
+    export_onnx: _builtins.bool
+    """scikit-learn: also write model.onnx where skl2onnx can"""
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """feature columns; empty: every column but the target"""
+
+    @_builtins.property
+    def hyperparameters(self) -> _containers.MessageMap[_builtins.str, Global___ParamValue]:
+        """estimator arguments by name"""
+
+    @_builtins.property
+    def metrics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """empty: those that fit the problem"""
+
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Layer]:
+        """tensorflow / pytorch"""
+
+    def __init__(
+        self,
+        *,
+        framework: _builtins.str = ...,
+        model: _builtins.str = ...,
+        train_path: _builtins.str = ...,
+        dataset: _builtins.str = ...,
+        target: _builtins.str = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
+        validation_split: _builtins.float = ...,
+        k_folds: _builtins.int = ...,
+        hyperparameters: _abc.Mapping[_builtins.str, Global___ParamValue] | None = ...,
+        metrics: _abc.Iterable[_builtins.str] | None = ...,
+        seed: _builtins.int = ...,
+        layers: _abc.Iterable[Global___Layer] | None = ...,
+        optimizer: _builtins.str = ...,
+        loss: _builtins.str = ...,
+        epochs: _builtins.int = ...,
+        batch_size: _builtins.int = ...,
+        learning_rate: _builtins.float = ...,
+        task: _builtins.str = ...,
+        export_onnx: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "dataset", b"dataset", "epochs", b"epochs", "export_onnx", b"export_onnx", "features", b"features", "framework", b"framework", "hyperparameters", b"hyperparameters", "k_folds", b"k_folds", "layers", b"layers", "learning_rate", b"learning_rate", "loss", b"loss", "metrics", b"metrics", "model", b"model", "optimizer", b"optimizer", "seed", b"seed", "target", b"target", "task", b"task", "train_path", b"train_path", "validation_split", b"validation_split"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MlParams: _TypeAlias = MlParams  # noqa: Y015
+
+@_typing.final
+class CsvAnalysis(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    AGGREGATE_FIELD_NUMBER: _builtins.int
+    AGGREGATIONS_FIELD_NUMBER: _builtins.int
+    CORRELATION_FIELD_NUMBER: _builtins.int
+    DELIMITER_FIELD_NUMBER: _builtins.int
+    correlation: _builtins.str
+    """"pearson" (default), "spearman", "kendall", "none" """
+    delimiter: _builtins.str
+    """one character; empty: "," """
+    @_builtins.property
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """group-by columns for the aggregates"""
+
+    @_builtins.property
+    def aggregate(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """numeric columns to aggregate; empty: all numeric"""
+
+    @_builtins.property
+    def aggregations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"count", "sum", "mean", "median", "min", "max", "std" """
+
+    def __init__(
+        self,
+        *,
+        group_by: _abc.Iterable[_builtins.str] | None = ...,
+        aggregate: _abc.Iterable[_builtins.str] | None = ...,
+        aggregations: _abc.Iterable[_builtins.str] | None = ...,
+        correlation: _builtins.str = ...,
+        delimiter: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "aggregations", b"aggregations", "correlation", b"correlation", "delimiter", b"delimiter", "group_by", b"group_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CsvAnalysis: _TypeAlias = CsvAnalysis  # noqa: Y015
+
+@_typing.final
+class ImageProcessing(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    THUMBNAIL_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    GRAYSCALE_FIELD_NUMBER: _builtins.int
+    ROTATE_FIELD_NUMBER: _builtins.int
+    FILTERS_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    width: _builtins.int
+    """resize to width x height (both or neither)"""
+    height: _builtins.int
+    thumbnail: _builtins.bool
+    """fit within width x height keeping the aspect ratio"""
+    format: _builtins.str
+    """"png", "jpeg", "webp", "gif", "bmp", "tiff"; empty: keep"""
+    grayscale: _builtins.bool
+    rotate: _builtins.int
+    """degrees counter-clockwise"""
+    quality: _builtins.int
+    """"detail", "emboss", "find-edges"
+    jpeg / webp quality 1-100; 0: the library's default
+    """
+    @_builtins.property
+    def filters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"blur", "sharpen", "smooth", "edge-enhance", "contour","""
+
+    def __init__(
+        self,
+        *,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        thumbnail: _builtins.bool = ...,
+        format: _builtins.str = ...,
+        grayscale: _builtins.bool = ...,
+        rotate: _builtins.int = ...,
+        filters: _abc.Iterable[_builtins.str] | None = ...,
+        quality: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filters", b"filters", "format", b"format", "grayscale", b"grayscale", "height", b"height", "quality", b"quality", "rotate", b"rotate", "thumbnail", b"thumbnail", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageProcessing: _TypeAlias = ImageProcessing  # noqa: Y015
+
+@_typing.final
+class TextAnalysis(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOP_TERMS_FIELD_NUMBER: _builtins.int
+    NGRAMS_FIELD_NUMBER: _builtins.int
+    KEEP_CASE_FIELD_NUMBER: _builtins.int
+    STOP_WORDS_FIELD_NUMBER: _builtins.int
+    MIN_WORD_LENGTH_FIELD_NUMBER: _builtins.int
+    top_terms: _builtins.int
+    """how many top terms and n-grams to list; 0: 20"""
+    keep_case: _builtins.bool
+    """count "The" and "the" apart"""
+    min_word_length: _builtins.int
+    """shorter words are left out of top terms; 0: 1"""
+    @_builtins.property
+    def ngrams(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """n-gram sizes to count, each 2-5; empty: 2"""
+
+    @_builtins.property
+    def stop_words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """words left out of the top terms and n-grams"""
+
+    def __init__(
+        self,
+        *,
+        top_terms: _builtins.int = ...,
+        ngrams: _abc.Iterable[_builtins.int] | None = ...,
+        keep_case: _builtins.bool = ...,
+        stop_words: _abc.Iterable[_builtins.str] | None = ...,
+        min_word_length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_case", b"keep_case", "min_word_length", b"min_word_length", "ngrams", b"ngrams", "stop_words", b"stop_words", "top_terms", b"top_terms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TextAnalysis: _TypeAlias = TextAnalysis  # noqa: Y015
+
+@_typing.final
+class DataParams(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROCESSING_FIELD_NUMBER: _builtins.int
+    INPUT_PATH_FIELD_NUMBER: _builtins.int
+    CSV_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    processing: _builtins.str
+    """"csv_analysis", "image_processing", "text_analysis" """
+    input_path: _builtins.str
+    """a file, or a folder of files, among the inputs"""
+    @_builtins.property
+    def csv(self) -> Global___CsvAnalysis: ...
+    @_builtins.property
+    def image(self) -> Global___ImageProcessing: ...
+    @_builtins.property
+    def text(self) -> Global___TextAnalysis: ...
+    def __init__(
+        self,
+        *,
+        processing: _builtins.str = ...,
+        input_path: _builtins.str = ...,
+        csv: Global___CsvAnalysis | None = ...,
+        image: Global___ImageProcessing | None = ...,
+        text: Global___TextAnalysis | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["csv", b"csv", "image", b"image", "options", b"options", "text", b"text"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csv", b"csv", "image", b"image", "input_path", b"input_path", "options", b"options", "processing", b"processing", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_options: _TypeAlias = _typing.Literal["csv", "image", "text"]  # noqa: Y015
+    _WhichOneofArgType_options: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_options) -> _WhichOneofReturnType_options | None: ...
+
+Global___DataParams: _TypeAlias = DataParams  # noqa: Y015
 
 @_typing.final
 class ResourceUsage(_message.Message):
@@ -402,7 +807,7 @@ class RegisterNodeRequest(_message.Message):
     max_concurrent_tasks: _builtins.int
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """"docker", "process", "gpu" """
+        """"docker", "process", "gpu", "ml:<framework>", "data" """
 
     @_builtins.property
     def caps(self) -> Global___Resources:
