@@ -1,0 +1,129 @@
+"""Vetted runners for the ml and data task kinds, and how a task becomes one of their runs.
+
+A runner is a program of ours (programs/) run on the submitter's data. The engine turns an
+ml or data task into a python task before an executor sees it: main.py is the runner,
+`_hivemind/` holds its helpers and params.json (read-only), and `environment` names the
+pinned requirement set (requirements/<name>.txt) the executor must run it in. So the task
+runs in the same sandbox, under the same limits, as any python task; nothing of the
+submitter's is executed, and parameters are data in a JSON file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from importlib import resources
+from pathlib import PurePosixPath
+
+from hivemind_worker.tasks import (
+    RUNNER_DIR,
+    InputFile,
+    TaskKind,
+    TaskSpec,
+    TaskSpecError,
+)
+
+PROGRAMS = {
+    "scikit-learn": "sklearn_train.py",
+    "tensorflow": "keras_train.py",
+    "pytorch": "torch_train.py",
+    "csv_analysis": "csv_analysis.py",
+    "image_processing": "image_processing.py",
+    "text_analysis": "text_analysis.py",
+}
+# The helpers every runner may import from _hivemind/.
+HELPERS = ("hivemind_runner.py", "tables.py")
+DATA_ENVIRONMENT = "data"
+# Opt-in frameworks and what their first use downloads (measured: the built environment's
+# size on disk, Linux x86-64, Python 3.11). The person is told before saying yes.
+DOWNLOAD_MB = {"scikit-learn": 190, "tensorflow": 1300, "pytorch": 800, DATA_ENVIRONMENT: 170}
+READ_ONLY = 0o444
+PROGRESS_PREFIX = "HIVEMIND_PROGRESS "
+ERROR_PREFIX = "HIVEMIND_ERROR "
+
+
+def environment_of(task: TaskSpec) -> str:
+    """The requirement set (and capability suffix) an ml or data task runs in."""
+    if task.ml is not None:
+        return task.ml.framework
+    if task.data is not None:
+        return DATA_ENVIRONMENT
+    raise TaskSpecError("kind", "only ml and data tasks have a runner")
+
+
+def capability_of(environment: str) -> str:
+    return DATA_ENVIRONMENT if environment == DATA_ENVIRONMENT else f"ml:{environment}"
+
+
+def requirements(environment: str) -> tuple[str, ...]:
+    """The pinned requirement lines of one environment."""
+    text = _package_file("requirements", f"{environment}.txt")
+    lines = (line.strip() for line in text.splitlines())
+    return tuple(line for line in lines if line and not line.startswith("#"))
+
+
+def program_text(name: str) -> str:
+    return _package_file("programs", name)
+
+
+def materialize(task: TaskSpec) -> TaskSpec:
+    """The python task that runs `task`'s runner; other tasks are returned unchanged."""
+    if not task.kind.runs_a_runner:
+        return task
+    if task.ml is not None:
+        program = PROGRAMS[task.ml.framework]
+        params: dict[str, object] = task.ml.to_json()
+    elif task.data is not None:
+        program = PROGRAMS[task.data.processing]
+        params = task.data.to_json()
+    else:  # from_proto never builds one
+        raise TaskSpecError("kind", f"a {task.kind.value} task without its parameters")
+    params["timeout_seconds"] = task.timeout_seconds
+    own = [
+        InputFile(PurePosixPath(RUNNER_DIR, name), program_text(name).encode(), READ_ONLY)
+        for name in HELPERS
+    ]
+    own.append(
+        InputFile(
+            PurePosixPath(RUNNER_DIR, "params.json"),
+            json.dumps(params, indent=2).encode(),
+            READ_ONLY,
+        )
+    )
+    return dataclasses.replace(
+        task,
+        kind=TaskKind.PYTHON,
+        source=program_text(program),
+        input_files=(*task.input_files, *own),
+        requirements=requirements(environment_of(task)),
+        environment=environment_of(task),
+        ml=None,
+        data=None,
+    )
+
+
+def parse_progress(line: str) -> dict[str, object] | None:
+    """The fields of a runner's progress line, or None for any other line."""
+    if not line.startswith(PROGRESS_PREFIX):
+        return None
+    try:
+        value = json.loads(line[len(PROGRESS_PREFIX) :])
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def error_reason(log_tail: bytes) -> str:
+    """The reason a runner gave for failing (its last HIVEMIND_ERROR line), or ""."""
+    for raw in reversed(log_tail.decode("utf-8", "replace").splitlines()):
+        if raw.startswith(ERROR_PREFIX):
+            try:
+                reason = json.loads(raw[len(ERROR_PREFIX) :]).get("reason", "")
+            except (ValueError, AttributeError):
+                return ""
+            return str(reason)[:2000]
+    return ""
+
+
+def _package_file(folder: str, name: str) -> str:
+    return resources.files(__name__).joinpath(folder, name).read_text(encoding="utf-8")
