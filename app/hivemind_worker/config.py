@@ -346,6 +346,35 @@ class Settings:
     close_to_tray: bool = setting(
         True, help="desktop app: closing the window keeps it running in the tray", gui=True
     )
+    # The ml and data task kinds: each framework's environment is downloaded on first use,
+    # so the heavy ones are opt-in and say their size (engine/runners DOWNLOAD_MB).
+    ml_scikit_learn: bool = setting(
+        True,
+        help="run scikit-learn training tasks (about 190 MB downloaded on first use)",
+        env="HIVEMIND_ML_SCIKIT_LEARN",
+    )
+    ml_tensorflow: bool = setting(
+        False,
+        help="run TensorFlow training tasks (tensorflow-cpu, about 1.3 GB on first use)",
+        env="HIVEMIND_ML_TENSORFLOW",
+    )
+    ml_pytorch: bool = setting(
+        False,
+        help="run PyTorch training tasks (CPU build, about 800 MB on first use)",
+        env="HIVEMIND_ML_PYTORCH",
+    )
+    data_processing: bool = setting(
+        True,
+        help="run data-processing tasks: CSV, image and text analysis (about 170 MB on first use)",
+        env="HIVEMIND_DATA_PROCESSING",
+    )
+    runner_find_links: str = setting(
+        "",
+        help="a folder or page of wheels searched besides PyPI when task environments are built "
+        "(PyTorch's CPU wheels are not on PyPI)",
+        env="HIVEMIND_RUNNER_FIND_LINKS",
+        shown_default="empty",
+    )
 
     def cpu_cap(self) -> float:
         return self.max_cpu_cores or float(_cpu_count())

@@ -20,6 +20,7 @@ from hivemind_worker.engine.events import (
     MetricsSample,
     StateChanged,
     Subscriber,
+    TaskProgress,
 )
 from hivemind_worker.engine.executors.base import Executor
 from hivemind_worker.engine.monitor import HostMonitor
@@ -92,12 +93,18 @@ class WorkerEngine(Session, TaskRuns):
         self._attempt = 0  # reconnect attempts since the last successful registration
         self._poll_call: asyncio.Future[list[TaskSpec | RefusedSpec]] | None = None
         executor.on_pull = self._on_pull
+        executor.on_environment = self._on_environment
         self.tasks_done = 0
         self.tasks_failed = 0
 
     def _on_pull(self, image: str, done: int, total: int) -> None:
         # Called from the executor's pull thread: the event is published on the engine loop.
         self._call(lambda: self._hub.publish(ImagePull(image, done, total)))
+
+    def _on_environment(self, task_id: str, name: str, line: str) -> None:
+        # Called from the thread that builds a runner environment, like _on_pull.
+        event = TaskProgress(task_id, 0, 0, "environment", text=f"{name}: {line}")
+        self._call(lambda: self._hub.publish(event))
 
     # ------------------------------------------------------------------ public, any thread
 

@@ -67,6 +67,29 @@ class TaskOutput:
 
 
 @dataclass(frozen=True)
+class TaskProgress:
+    """How far a runner task is ("epoch 3 of 10"), parsed from its progress lines; also the
+    first-use build of its environment (unit "environment", what is happening in `text`)."""
+
+    task_id: str
+    step: int
+    steps: int
+    unit: str  # "epoch", "fold", "step", "image", "document", "environment", ...
+    metric: str = ""
+    value: float | None = None
+    text: str = ""
+
+    def label(self) -> str:
+        """What the dashboard shows, e.g. "epoch 3 of 10, loss 0.412"."""
+        if self.unit == "environment":
+            return f"preparing: {self.text}"[:120]
+        shown = f"{self.unit} {self.step} of {self.steps}" if self.steps else self.unit
+        if self.metric and self.value is not None:
+            shown += f", {self.metric} {self.value:.4g}"
+        return shown
+
+
+@dataclass(frozen=True)
 class TaskFinished:
     task_id: str
     lease_id: str
@@ -108,6 +131,7 @@ Event = (
     | TaskStarted
     | ImagePull
     | TaskOutput
+    | TaskProgress
     | TaskFinished
     | ResultDelivered
     | ErrorRaised

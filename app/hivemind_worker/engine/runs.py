@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hivemind_worker.config import Settings
+from hivemind_worker.engine import runners
 from hivemind_worker.engine.delivery import Delivery
 from hivemind_worker.engine.events import EventHub, TaskFinished, TaskOutput, TaskStarted
 from hivemind_worker.engine.executors.base import Executor, ExecutorError
@@ -60,6 +61,8 @@ class TaskRuns:
         def _poke(self) -> None: ...
 
         def _caps(self) -> Resources: ...
+
+        def _capabilities(self) -> tuple[str, ...]: ...
 
     def _adopt_leftovers(self, spooled: set[tuple[str, str]]) -> None:
         """Re-attach tasks an earlier run left running: they hold their leases (heartbeats
@@ -241,20 +244,26 @@ class TaskRuns:
                 self._poke()
 
     async def _execute(self, spec: TaskSpec, *, adopted: bool = False) -> TaskResult:
+        progress = runners.ProgressReader()
+
         def on_log(task_id: str, chunk: bytes) -> None:
-            self._hub.publish(TaskOutput(task_id, chunk.decode("utf-8", "replace")))
+            text = chunk.decode("utf-8", "replace")
+            self._hub.publish(TaskOutput(task_id, text))
+            for event in progress.feed(task_id, text):  # a runner's "epoch 3 of 10" lines
+                self._hub.publish(event)
 
         started = time.time()
         try:
             if adopted:
-                return await self.executor.reattach(spec, on_log)
-            await self.executor.prepare(spec)
+                return runners.with_reason(await self.executor.reattach(spec, on_log), spec)
+            runnable = self._runnable(spec)
+            await self.executor.prepare(runnable)
             run = self._running.get(spec.task_id)
             if run is not None and run.cancel_requested:
                 return TaskResult(spec.task_id, spec.lease_id, TaskStatus.CANCELLED, -1,
                                   "cancelled before it started", started_at=started,
                                   finished_at=time.time())  # fmt: skip
-            return await self.executor.run(spec, on_log)
+            return runners.with_reason(await self.executor.run(runnable, on_log), runnable)
         except TaskSpecError as exc:
             return TaskResult(spec.task_id, spec.lease_id, TaskStatus.REJECTED, -1, str(exc),
                               started_at=started, finished_at=time.time())  # fmt: skip
@@ -268,6 +277,14 @@ class TaskRuns:
             return TaskResult(spec.task_id, spec.lease_id, TaskStatus.FAILED, -1,
                               f"worker error: {exc}", started_at=started,
                               finished_at=time.time())  # fmt: skip
+
+    def _runnable(self, spec: TaskSpec) -> TaskSpec:
+        """What the executor runs: an ml or data task becomes its runner's python task, once
+        checked against what this worker offers (the person may have turned it off since)."""
+        needed = spec.required_capability
+        if needed and needed not in self._capabilities():
+            raise TaskSpecError("kind", f"this worker does not run {needed} tasks")
+        return runners.materialize(spec)
 
     async def _stop_all_tasks(self) -> None:
         runs = [r for r in self._running.values() if r.task is not None]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from hivemind_worker import __version__
 from hivemind_worker.config import Settings
 from hivemind_worker.credentials import CredentialError, CredentialStore
+from hivemind_worker.engine import runners
 from hivemind_worker.engine.delivery import Delivery
 from hivemind_worker.engine.events import EngineState
 from hivemind_worker.engine.executors.base import Executor
@@ -148,6 +149,12 @@ class Session:
                 self._client = None
             await client.close()
 
+    def _capabilities(self) -> tuple[str, ...]:
+        """The executor's capability, and those of the runners the settings enable."""
+        if not self.executor.runs_runners:
+            return (self.executor.capability,)
+        return (self.executor.capability, *runners.enabled_capabilities(self.settings))
+
     async def _register(self, client: NodePoolClient) -> None:
         info = await asyncio.to_thread(self.monitor.info)
         terms = await client.register(
@@ -157,7 +164,7 @@ class Session:
                 cpu_cores=info.cpu_cores,
                 memory_bytes=info.memory_bytes,
                 disk_bytes=info.disk_bytes,
-                capabilities=(self.executor.capability,),
+                capabilities=self._capabilities(),
                 agent_version=__version__,
                 platform=info.platform,
                 caps=self._caps(),
@@ -266,7 +273,7 @@ class Session:
                 # (Withdrawing the call instead could drop a lease the pool has just handed
                 # out, lost until it expires.)
                 wait_seconds=self._max_wait if not active else BUSY_POLL_SECONDS,
-                capabilities=(self.executor.capability,),
+                capabilities=self._capabilities(),
                 max_timeout_seconds=self.settings.task_timeout,
                 networks=tuple(sorted({"none", self.settings.docker_network})),
             )

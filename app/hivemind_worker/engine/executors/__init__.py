@@ -9,6 +9,9 @@ from hivemind_worker.engine.executors.base import Executor
 
 if TYPE_CHECKING:
     from hivemind_worker.config import Settings
+    from hivemind_worker.engine.runners.environments import Environments
+
+ENVIRONMENTS_DIR = "_environments"
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +26,7 @@ def select_executor(settings: Settings, node_id: str = "") -> Executor:
 
     if not settings.docker_enabled:
         log.info("Docker is disabled in the settings; tasks run in the process sandbox")
-        return ProcessExecutor(settings.work_dir)
+        return ProcessExecutor(settings.work_dir, environments=environments_for(settings))
     try:
         return _docker_executor(settings, node_id or settings.node_id)
     except Exception as exc:  # docker-py raises DockerException, requests and OS errors alike
@@ -33,12 +36,22 @@ def select_executor(settings: Settings, node_id: str = "") -> Executor:
             "Run `hivemind-worker doctor` for the fix.",
             reason,
         )
-        fallback = ProcessExecutor(settings.work_dir)
+        fallback = ProcessExecutor(settings.work_dir, environments=environments_for(settings))
         fallback.notice = (
             f"Docker is not usable ({reason}), so tasks run in the weaker process sandbox. "
             "Start Docker (or install it), or run `hivemind-worker doctor` for the fix."
         )
         return fallback
+
+
+def environments_for(settings: Settings) -> Environments:
+    """Where the runner environments of this worker live: beside the task workspaces."""
+    from hivemind_worker.engine.runners.environments import Environments
+
+    return Environments(
+        settings.work_dir / ENVIRONMENTS_DIR,
+        find_links=[settings.runner_find_links] if settings.runner_find_links else [],
+    )
 
 
 def _docker_executor(settings: Settings, node_id: str) -> Executor:
@@ -100,5 +113,5 @@ def ready_for_python(executor: Executor, settings: Settings) -> Executor:
     except ExecutorError as exc:
         log.warning("%s; the demo runs its tasks in the process sandbox instead", exc)
         executor.client.close()
-        return ProcessExecutor(settings.work_dir)
+        return ProcessExecutor(settings.work_dir, environments=environments_for(settings))
     return executor

@@ -131,6 +131,13 @@ class Executor(abc.ABC):
     #: (so it must not block); only executors that pull images call it.
     on_pull: Callable[[str, int, int], None] | None = None
 
+    #: Whether this executor can build runner environments (the ml and data task kinds).
+    runs_runners: bool = False
+
+    #: Told (task id, environment name, one line) while a runner environment is built for a
+    #: task being prepared, from a worker thread (so it must not block).
+    on_environment: Callable[[str, str, str], None] | None = None
+
     #: Why this executor stands in for a better one (Docker enabled but unusable); the
     #: engine tells the person once at start. Empty when nothing needs saying.
     notice: str = ""
@@ -213,6 +220,15 @@ class Executor(abc.ABC):
 
     async def preload(self, images: list[str]) -> None:  # noqa: B027 - optional hook
         """Fetch images the pool says its tasks will use; only executors with images do."""
+
+    def _environment_progress(self, task_id: str) -> Callable[[str, str], None]:
+        """A progress callback for an environment built for `task_id`."""
+
+        def told(name: str, line: str) -> None:
+            if self.on_environment is not None:
+                self.on_environment(task_id, name, line)
+
+        return told
 
     def describe_error(self, exc: Exception) -> str:
         """A human line for an unexpected failure inside _run()."""

@@ -36,6 +36,7 @@ from hivemind_worker.engine.executors.workspace import (
     rmtree,
     workspace_path,
 )
+from hivemind_worker.engine.runners.environments import Environments
 from hivemind_worker.tasks import (
     MiB,
     TaskKind,
@@ -133,9 +134,15 @@ class ProcessExecutor(Executor):
         python: str | None = None,
         log_tail_bytes: int = 64 * 1024,
         max_result_files: int = 10_000,
+        environments: Environments | None = None,
     ) -> None:
         self._work_dir = Path(work_dir)
         self._python = python or _default_python()
+        # Tasks with requirements (the ml and data runners among them) run with the
+        # interpreter of a read-only virtualenv built once per requirement set.
+        self._environments = environments
+        self.runs_runners = environments is not None
+        self._task_python: dict[str, str] = {}
         self._log_tail_bytes = max(int(log_tail_bytes), 0)
         self._max_result_files = max_result_files
         self._workspaces: dict[str, Path] = {}
@@ -162,7 +169,7 @@ class ProcessExecutor(Executor):
     async def prepare(self, task: TaskSpec) -> None:
         if task.kind is not TaskKind.PYTHON:
             raise ExecutorError("container tasks need Docker; this worker runs without it")
-        if task.requirements:
+        if task.requirements and self._environments is None:
             raise ExecutorError(
                 "tasks with pip requirements need Docker; this worker runs without it"
             )
@@ -179,6 +186,16 @@ class ProcessExecutor(Executor):
             await asyncio.to_thread(rmtree, previous)
         self._workspaces[task.task_id] = workspace
         self._cancel_requested.discard(task.task_id)
+        self._task_python.pop(task.task_id, None)
+        if task.requirements and self._environments is not None:
+            python = await asyncio.to_thread(
+                self._environments.venv_python,
+                task.environment or "python",
+                task.requirements,
+                self._python,
+                self._environment_progress(task.task_id),
+            )
+            self._task_python[task.task_id] = str(python)
         try:
             await asyncio.to_thread(prepare_workspace, task, workspace, self._work_dir)
         except BaseException:
@@ -210,7 +227,9 @@ class ProcessExecutor(Executor):
         )
         try:
             proc = await asyncio.create_subprocess_exec(
-                *plimits.launch_argv(self._python, limits, "main.py", task.argv),
+                *plimits.launch_argv(
+                    self._task_python.get(task.task_id, self._python), limits, "main.py", task.argv
+                ),
                 cwd=workspace,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -380,6 +399,7 @@ class ProcessExecutor(Executor):
                 run.cancelled = True
             self._signal(run, signal.SIGKILL)
         self._cancel_requested.discard(task_id)
+        self._task_python.pop(task_id, None)
         workspace = self._workspaces.pop(task_id, None)
         if workspace is not None:
             await asyncio.to_thread(rmtree, workspace)

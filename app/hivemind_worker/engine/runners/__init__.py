@@ -14,14 +14,21 @@ import dataclasses
 import json
 from importlib import resources
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
+from hivemind_worker.engine.events import TaskProgress
+from hivemind_worker.task_params import RUNNER_DIR
 from hivemind_worker.tasks import (
-    RUNNER_DIR,
     InputFile,
     TaskKind,
+    TaskResult,
     TaskSpec,
     TaskSpecError,
+    TaskStatus,
 )
+
+if TYPE_CHECKING:
+    from hivemind_worker.config import Settings
 
 PROGRAMS = {
     "scikit-learn": "sklearn_train.py",
@@ -102,8 +109,59 @@ def materialize(task: TaskSpec) -> TaskSpec:
     )
 
 
+def enabled_capabilities(settings: Settings) -> list[str]:
+    """The runner capabilities the person's settings allow, in a fixed order."""
+    enabled = {
+        "scikit-learn": settings.ml_scikit_learn,
+        "tensorflow": settings.ml_tensorflow,
+        "pytorch": settings.ml_pytorch,
+        DATA_ENVIRONMENT: settings.data_processing,
+    }
+    return [capability_of(name) for name, on in enabled.items() if on]
+
+
+class ProgressReader:
+    """Finds a runner's progress lines in its output, which arrives in arbitrary chunks."""
+
+    MAX_LINE = 4096
+
+    def __init__(self) -> None:
+        self._partial = ""
+
+    def feed(self, task_id: str, text: str) -> list[TaskProgress]:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()[-self.MAX_LINE :]
+        return [progress_event(task_id, p) for p in map(parse_progress, lines) if p is not None]
+
+
+def progress_event(task_id: str, fields: dict[str, object]) -> TaskProgress:
+    """A runner's progress line as an event; fields of the wrong type are left out."""
+
+    def number(key: str) -> int:
+        value = fields.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    value = fields.get("value")
+    return TaskProgress(
+        task_id,
+        number("step"),
+        number("steps"),
+        str(fields.get("unit") or "step")[:32],
+        str(fields.get("metric") or "")[:32],
+        float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None,
+    )
+
+
+def with_reason(result: TaskResult, task: TaskSpec) -> TaskResult:
+    """A failed runner task's error is the reason the runner gave (naming the bad input)."""
+    if result.status is TaskStatus.FAILED and (task.kind.runs_a_runner or task.environment):
+        result.error = error_reason(result.log_tail) or result.error
+    return result
+
+
 def parse_progress(line: str) -> dict[str, object] | None:
     """The fields of a runner's progress line, or None for any other line."""
+    line = line.rstrip("\r")
     if not line.startswith(PROGRESS_PREFIX):
         return None
     try:

@@ -67,21 +67,42 @@ class Environments:
         self._find_links = tuple(f for f in find_links if f)
         self._uv = uv
         self.on_progress = on_progress
+        self._progress: Progress | None = None  # of the build under way (one at a time)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # One build at a time: each downloads hundreds of MB and uses every core it can.
+        self._build_lock = threading.Lock()
 
-    def venv_python(self, name: str, requirements: Sequence[str], base_python: str) -> Path:
+    def venv_python(
+        self,
+        name: str,
+        requirements: Sequence[str],
+        base_python: str,
+        on_progress: Progress | None = None,
+    ) -> Path:
         """The interpreter of a virtualenv on `base_python` holding `requirements` (blocking)."""
         base = os.path.realpath(base_python)
         key = _key("venv", base, *requirements)
-        folder = self._ensure(name, key, requirements, lambda tmp: self._build_venv(tmp, base))
+        folder = self._ensure(
+            name, key, requirements, lambda tmp: self._build_venv(tmp, base), on_progress
+        )
         return _venv_interpreter(folder)
 
-    def target_dir(self, name: str, requirements: Sequence[str], python_version: str) -> Path:
+    def target_dir(
+        self,
+        name: str,
+        requirements: Sequence[str],
+        python_version: str,
+        on_progress: Progress | None = None,
+    ) -> Path:
         """A folder to put on PYTHONPATH of a `python_version` interpreter (blocking)."""
         key = _key("target", python_version, *requirements)
         return self._ensure(
-            name, key, requirements, lambda tmp: self._build_target(tmp, python_version)
+            name,
+            key,
+            requirements,
+            lambda tmp: self._build_target(tmp, python_version),
+            on_progress,
         )
 
     def built(self) -> list[Path]:
@@ -98,6 +119,7 @@ class Environments:
         key: str,
         requirements: Sequence[str],
         create: Callable[[Path], list[str]],
+        on_progress: Progress | None = None,
     ) -> Path:
         for line in requirements:
             if not line.strip() or line.lstrip().startswith("-"):
@@ -106,7 +128,7 @@ class Environments:
         final = self.root / f"{_safe(name)}-{key}"
         if (final / COMPLETE_MARKER).exists():
             return final
-        with self._lock(key):
+        with self._build_lock, self._lock(key):
             if (final / COMPLETE_MARKER).exists():
                 return final
             self.root.mkdir(parents=True, exist_ok=True)
@@ -114,6 +136,7 @@ class Environments:
                 _remove(stale)
             tmp = self.root / f".build-{key}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
+            self._progress = on_progress or self.on_progress
             started = time.monotonic()
             self._say(name, f"building the {name} environment ({len(requirements)} packages)")
             try:
@@ -188,9 +211,10 @@ class Environments:
 
     def _say(self, name: str, line: str) -> None:
         log.info("environment %s: %s", name, line)
-        if self.on_progress is not None:
+        progress = self._progress
+        if progress is not None:
             try:
-                self.on_progress(name, line)
+                progress(name, line)
             except Exception:
                 log.exception("environment progress callback failed")
 
