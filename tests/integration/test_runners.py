@@ -289,3 +289,48 @@ async def test_the_pool_offers_only_what_the_worker_enabled(
     finally:
         await worker.stop()
         await pool.stop()
+
+
+async def test_submit_and_extract_from_the_command_line(
+    tmp_path: Path, envs: Environments
+) -> None:
+    """The README's commands: `submit --ml ... --train`, `submit --data ...`, `result --extract`."""
+    import asyncio
+    import os
+    import sys
+
+    from helpers.harness import PASSWORD, USER
+
+    table = tmp_path / "data.csv"
+    table.write_text("a,b,label\n" + "".join(f"{i},{i % 4},{i % 2}\n" for i in range(40)))
+    pool = await start_pool(tmp_path / "pool.db")
+    worker = await start_worker(tmp_path / "node", pool.address, executor=process_executor(envs))
+    env = {**os.environ, "HIVEMIND_PASSWORD": PASSWORD}
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "hivemind_worker.pool.cli", *args, "--pool", pool.address,
+             "--user", USER], capture_output=True, text=True, timeout=300, env=env, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    try:
+        train = await asyncio.to_thread(
+            cli, "submit", "--ml", "scikit-learn", "--model", "random-forest-classifier",
+            "--train", str(table), "--target", "label", "--param", "n_estimators=20",
+        )  # fmt: skip
+        words = await asyncio.to_thread(
+            cli, "submit", "--data", "csv-analysis", "--input", str(table), "--group-by", "label"
+        )
+        async with queue_client(pool.address) as queue:
+            done = await queue.wait_done([train, words], timeout=300)
+        assert all(i.status == pb.TASK_STATUS_SUCCEEDED for i in done.values()), done
+        out = tmp_path / "out"
+        await asyncio.to_thread(cli, "result", train, "--extract", str(out))
+        metrics = json.loads((out / "results" / "metrics.json").read_text())
+        assert metrics["estimator"] == "RandomForestClassifier" and metrics["rows"] == 40
+        assert (out / "results" / "model.joblib").stat().st_size > 0
+    finally:
+        await worker.stop()
+        await pool.stop()
