@@ -3,6 +3,7 @@ pandas and Pillow in uv-built environments, and numbers checked against independ
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -86,7 +87,8 @@ async def test_random_forest_on_iris_reaches_090_and_the_model_reloads(
     # The saved model reloads (in the runner's own environment) and predicts.
     model = tmp_path / "model.joblib"
     model.write_bytes(files["results/model.joblib"])
-    check = subprocess.run(
+    check = await asyncio.to_thread(
+        subprocess.run,
         [env_python(envs, "scikit-learn"), "-c",
          "import joblib, sys; from sklearn.datasets import load_iris; d = load_iris();"
          "m = joblib.load(sys.argv[1]); print((m.predict(d.data) == d.target).mean())",
@@ -206,7 +208,7 @@ TEXT = "The cat sat on the mat.\nThe dog sat too!\n"
 async def test_text_analysis_word_counts(tmp_path: Path, envs: Environments) -> None:
     spec = data_task(
         "text_analysis", "corpus",
-        {"corpus/one.txt": TEXT.encode(), "corpus/two.txt": "Cat and dog.\n".encode()},
+        {"corpus/one.txt": TEXT.encode(), "corpus/two.txt": b"Cat and dog.\n"},
         ngrams=[2], stop_words=["the", "on", "and", "too"],
     )  # fmt: skip
     (info,), (files,), _ = await run_tasks(tmp_path, envs, spec)
@@ -248,7 +250,8 @@ async def test_each_bad_input_fails_with_a_reason_naming_it(
                 target="label", inputs={"t.csv": table}),
         data_task("image_processing", "pics", {"pics/ok.png": png((8, 8), (1, 2, 3)),
                   "pics/broken.jpg": b"\xff\xd8\xff\xe0 not really a jpeg"}, format="png"),
-        data_task("text_analysis", "notes.txt", {"notes.txt": b"fine\nstill fine\nbad \xff here\n"}),
+        data_task("text_analysis", "notes.txt",
+                  {"notes.txt": b"fine\nstill fine\nbad \xff here\n"}),
         ml_task(framework="scikit-learn", model="mlp-classifier", dataset="iris", epochs=100000,
                 timeout=20),
     ]  # fmt: skip
@@ -291,11 +294,8 @@ async def test_the_pool_offers_only_what_the_worker_enabled(
         await pool.stop()
 
 
-async def test_submit_and_extract_from_the_command_line(
-    tmp_path: Path, envs: Environments
-) -> None:
+async def test_submit_and_extract_from_the_command_line(tmp_path: Path, envs: Environments) -> None:
     """The README's commands: `submit --ml ... --train`, `submit --data ...`, `result --extract`."""
-    import asyncio
     import os
     import sys
 
