@@ -316,21 +316,26 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, paths: Paths) -> int:
 async def _demo(
     settings: Settings, paths: Paths, credentials: CredentialStore, pool: DemoPool
 ) -> int:
-    from hivemind_worker.engine.events import EngineState, StateChanged, TaskFinished
+    from hivemind_worker.engine.events import EngineState, StateChanged, TaskFinished, TaskProgress
     from hivemind_worker.pool.client import TaskQueueClient
     from hivemind_worker.tasks import TaskStatus
 
     try:
         settings = await pool.start(settings, credentials)
+        print(f"Local pool running at {settings.node_pool_address}")
+        engine = make_engine(settings, paths, credentials, demo=True)
+        for line in await pool.submit_runner_samples(engine):
+            print(line)
         names = pool.submitted
         ids = list(names)
-        print(f"Local pool running at {settings.node_pool_address}")
         print(f"Submitted {len(ids)} sample tasks; the worker takes them now.\n")
-        engine = make_engine(settings, paths, credentials, demo=True)
         finished: dict[str, str] = {}
 
         def on_event(event: object) -> None:
-            if isinstance(event, TaskFinished) and event.task_id in names:
+            if isinstance(event, TaskProgress) and event.task_id in names:
+                # A runner's steps, and the first-use build of its environment.
+                print(f"  {names[event.task_id]}: {event.label()}", flush=True)
+            elif isinstance(event, TaskFinished) and event.task_id in names:
                 finished[event.task_id] = event.status.value
                 print(
                     f"[{len(finished)}/{len(ids)}] {event.name}: {event.status.value} "
@@ -345,7 +350,9 @@ async def _demo(
         await queue.login(DEMO_ACCOUNT, pool.password)
         runner = asyncio.create_task(run_headless(engine, settings.drain_timeout))
         try:
-            infos = await queue.wait_done(ids, timeout=max(300.0, 60.0 * len(ids)))
+            infos = await queue.wait_done(
+                ids, timeout=max(300.0, 60.0 * len(ids)) + pool.extra_wait
+            )
         except TimeoutError:
             engine.shutdown()
             await runner

@@ -16,6 +16,7 @@ import subprocess
 import tarfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hivemind_worker.config import Settings
 from hivemind_worker.credentials import CredentialStore
@@ -23,9 +24,15 @@ from hivemind_worker.errors import HiveMindError
 from hivemind_worker.paths import Paths
 from hivemind_worker.wiring import login_to_pool, self_command
 
+if TYPE_CHECKING:
+    from hivemind_worker.engine.engine import WorkerEngine
+
 log = logging.getLogger(__name__)
 
 DEMO_ACCOUNT = "demo"
+# Time for the first use of the ml and data samples: their environments (about 350 MB) are
+# downloaded and built before they run.
+RUNNER_SAMPLES_SECONDS = 1800.0
 
 
 class DemoError(HiveMindError):
@@ -107,6 +114,7 @@ class DemoPool:
         self.tasks = tasks
         self.password = secrets.token_urlsafe(16)
         self.submitted: dict[str, str] = {}  # task id -> sample name
+        self.extra_wait = 0.0  # seconds beyond the plain samples' to wait for the results
 
     async def start(self, settings: Settings, credentials: CredentialStore) -> Settings:
         """Start the pool, log in as `demo`, submit the sample tasks; the settings to use."""
@@ -126,6 +134,40 @@ class DemoPool:
         finally:
             await queue.close()
         return settings
+
+    async def submit_runner_samples(self, engine: WorkerEngine) -> list[str]:
+        """Submit the scikit-learn and data-processing samples this worker runs; for each
+        other one, a line saying why it was left out (never a task nobody takes)."""
+        from hivemind_worker.engine.runners import enabled_capabilities
+        from hivemind_worker.pool.client import TaskQueueClient
+        from hivemind_worker.samples import runner_samples
+
+        executor = engine.executor
+        offered = set(enabled_capabilities(engine.settings)) if executor.runs_runners else set()
+        skipped: list[str] = []
+        chosen = []
+        for sample in runner_samples():
+            if sample.needs in offered:
+                chosen.append(sample)
+            elif not executor.runs_runners:
+                skipped.append(
+                    f"{sample.name}: skipped, the {executor.capability} executor does not run "
+                    f"{sample.needs} tasks (the process sandbox does: run the demo with --no-docker)"
+                )
+            else:
+                skipped.append(f"{sample.name}: skipped, {sample.needs} tasks are off in the "
+                               "settings")  # fmt: skip
+        if not chosen:
+            return skipped
+        queue = TaskQueueClient(self.pool.address)
+        try:
+            await queue.login(DEMO_ACCOUNT, self.password)
+            for sample in chosen:
+                self.submitted[await queue.submit(sample.spec)] = sample.name
+        finally:
+            await queue.close()
+        self.extra_wait = RUNNER_SAMPLES_SECONDS
+        return skipped
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.pool.stop)

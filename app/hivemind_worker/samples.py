@@ -6,6 +6,7 @@ import textwrap
 from dataclasses import dataclass
 
 from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.task_params import param_value
 
 _PRIMES = """
     import sys
@@ -100,6 +101,7 @@ _TEXT = (
 class Sample:
     name: str
     spec: pb.TaskSpec
+    needs: str = ""  # the capability beyond an executor's (ml and data samples)
 
 
 def _python(name: str, source: str, *argv: str, **fields: object) -> Sample:
@@ -130,3 +132,58 @@ def demo_tasks(count: int = 6) -> list[Sample]:
         lambda k: _python("draw the Mandelbrot set", _MANDELBROT),
     ]
     return [kinds[i % len(kinds)](1 + i // len(kinds)) for i in range(count)]
+
+
+def _sales_csv(rows: int = 2000) -> bytes:
+    """A made-up sales table (region, product, units, price) with a few gaps, reproducible."""
+    regions, products = ("north", "south", "east", "west"), ("apple", "pear", "plum")
+    lines = ["region,product,units,price"]
+    for i in range(rows):
+        units = "" if i % 97 == 0 else str((i * 37) % 50 + 1)
+        price = f"{1 + ((i * 13) % 300) / 100:.2f}"
+        lines.append(f"{regions[i % 4]},{products[(i // 4) % 3]},{units},{price}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+RUNNER_RESOURCES = pb.Resources(cpus=1, memory_bytes=1536 << 20, disk_bytes=256 << 20)
+
+
+def runner_samples() -> list[Sample]:
+    """The ml and data samples: a random forest on iris, and a CSV summarised by region. They
+    run the worker's own runners, so each needs its capability (and its environment, built
+    on first use)."""
+    forest = pb.MlParams(
+        framework="scikit-learn", model="random-forest-classifier", dataset="iris",
+        validation_split=0.3, seed=7,
+    )  # fmt: skip
+    forest.hyperparameters["n_estimators"].CopyFrom(param_value(100))
+    sales = pb.DataParams(
+        processing="csv_analysis",
+        input_path="sales.csv",
+        csv=pb.CsvAnalysis(group_by=["region"], aggregations=["sum", "mean", "count"]),
+    )
+    return [
+        Sample(
+            "random forest on iris (scikit-learn)",
+            pb.TaskSpec(
+                kind=pb.TASK_KIND_ML,
+                name="random forest on iris",
+                ml=forest,
+                resources=RUNNER_RESOURCES,
+                timeout_seconds=600,
+            ),
+            needs="ml:scikit-learn",
+        ),
+        Sample(
+            "sales by region (csv analysis)",
+            pb.TaskSpec(
+                kind=pb.TASK_KIND_DATA,
+                name="sales by region",
+                data=sales,
+                input_files=[pb.InputFile(path="sales.csv", content=_sales_csv())],
+                resources=RUNNER_RESOURCES,
+                timeout_seconds=600,
+            ),
+            needs="data",
+        ),
+    ]

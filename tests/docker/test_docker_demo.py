@@ -15,9 +15,10 @@ from helpers.images import TEST_IMAGE
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(240)]
 
 
-def demo(home: Path, image: str, tasks: int) -> subprocess.CompletedProcess[str]:
+def demo(home: Path, image: str, tasks: int, **settings: str) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
+        **settings,
         "HIVEMIND_HOME": str(home),
         "DOCKER_ENABLED": "true",
         "DOCKER_PYTHON_IMAGE": image,
@@ -36,6 +37,11 @@ def test_demo_runs_in_docker_with_the_python_image(
     done = demo(tmp_path, TEST_IMAGE, 1)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Done: 1 of 1 tasks succeeded." in done.stdout
+    # The ml and data samples are not left waiting for a worker that cannot take them.
+    assert (
+        "random forest on iris (scikit-learn): skipped, the docker executor does not run "
+        "ml:scikit-learn tasks" in done.stdout
+    )
     log = (tmp_path / "logs" / "worker.jsonl").read_text()
     assert "docker sandbox" in log or "task containers" in log
     assert "process sandbox instead" not in log
@@ -44,7 +50,10 @@ def test_demo_runs_in_docker_with_the_python_image(
 def test_demo_without_the_python_image_falls_back_and_says_why(
     tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
-    done = demo(tmp_path, "hivemind-no-such-image:never", 2)
+    # The ml and data samples off: in the process sandbox they would run, building their
+    # environments first (tests/integration/test_runners.py runs them).
+    off = {"HIVEMIND_ML_SCIKIT_LEARN": "false", "HIVEMIND_DATA_PROCESSING": "false"}
+    done = demo(tmp_path, "hivemind-no-such-image:never", 2, **off)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Done: 2 of 2 tasks succeeded." in done.stdout
     assert "process sandbox instead" in done.stderr  # a warning the person sees

@@ -334,3 +334,38 @@ async def test_submit_and_extract_from_the_command_line(tmp_path: Path, envs: En
     finally:
         await worker.stop()
         await pool.stop()
+
+
+async def test_the_demo_runs_the_ml_and_data_samples_showing_progress(tmp_path: Path) -> None:
+    """`hivemind-worker demo` as a person runs it, first use: the environments are built while
+    the person watches, then the forest's accuracy and the CSV's summary are printed."""
+    import os
+    import sys
+
+    env = {**os.environ, "HIVEMIND_HOME": str(tmp_path), "DOCKER_ENABLED": "false"}
+    for name in (
+        "NODE_ID",
+        "NODE_POOL_ADDRESS",
+        "MAX_CPU_CORES",
+        "HIVEMIND_ACCOUNT",
+        "HIVEMIND_ML_SCIKIT_LEARN",
+        "HIVEMIND_DATA_PROCESSING",
+        "WORK_DIR",
+    ):
+        env.pop(name, None)  # fmt: skip
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "hivemind_worker", "demo", "--headless", "--tasks", "1"],
+        capture_output=True, text=True, env=env, timeout=540, check=False,
+    )  # fmt: skip
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    assert "Done: 3 of 3 tasks succeeded." in out
+    forest = "random forest on iris (scikit-learn)"
+    assert f"{forest}: preparing: scikit-learn: building the scikit-learn environment" in out
+    assert f"{forest}: preparing: scikit-learn: the scikit-learn environment is ready" in out
+    assert f"{forest}: step 10 of 10" in out
+    accuracy = out.split(f"{forest}: random-forest-classifier on the iris data set: accuracy ")
+    assert len(accuracy) == 2 and float(accuracy[1].split(",")[0]) >= 0.9, out
+    assert "sales by region (csv analysis): preparing: data: building the data environment" in out
+    assert "sales by region (csv analysis): sales.csv: 2000 rows, 4 columns (2 numeric), " in out
