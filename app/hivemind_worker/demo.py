@@ -152,7 +152,7 @@ class DemoPool:
             elif not executor.runs_runners:
                 skipped.append(
                     f"{sample.name}: skipped, the {executor.capability} executor does not run "
-                    f"{sample.needs} tasks (the process sandbox does: run the demo with --no-docker)"
+                    f"{sample.needs} tasks (the process sandbox does: demo --no-docker)"
                 )
             else:
                 skipped.append(f"{sample.name}: skipped, {sample.needs} tasks are off in the "

@@ -496,6 +496,8 @@ def checked(
     data: pb.DataParams | None,
     *,
     requirements: tuple[str, ...],
+    env: Mapping[str, str],
+    argv: tuple[str, ...],
     input_paths: Iterable[PurePosixPath],
     has_archive: bool,
 ) -> tuple[MlParams | None, DataParams | None]:
@@ -506,16 +508,35 @@ def checked(
         return None, None
     if requirements:
         raise TaskSpecError("requirements", "the runner brings its own environment")
+    if env or argv:  # a PYTHONPATH, say, would let the submitter's files run as the runner
+        raise TaskSpecError("env" if env else "argv", "the runner takes its parameters only")
     paths = list(input_paths)
     for path in paths:
         if str(path) == RUNNER_PROGRAM or path.parts[0] == RUNNER_DIR:
             raise TaskSpecError(
                 "input_files", f"{str(path)!r} is a name the runner keeps for itself"
             )
-    inputs = None if has_archive else {str(p) for p in paths}
+        if _importable(path):
+            raise TaskSpecError(
+                "input_files", f"{str(path)!r} would be importable by the runner; rename it"
+            )
+    if has_archive:  # its names are unknown until unpacked: inputs come as checked files
+        raise TaskSpecError("input_archive", f"{kind} tasks take their inputs as input_files")
+    inputs = {str(p) for p in paths}
     if kind == "ml":
         return MlParams.from_proto(ml or pb.MlParams(), inputs), None
     return None, DataParams.from_proto(data or pb.DataParams(), inputs)
+
+
+_CODE_SUFFIXES = (".py", ".pyc", ".pyw", ".pyd", ".so", ".pth", ".zip", ".egg")
+
+
+def _importable(path: PurePosixPath) -> bool:
+    """Whether Python could import `path` from the workspace as a module or a package: the
+    runner's own imports (and the sandbox launcher's) must never reach the submitter's files."""
+    if len(path.parts) == 1:
+        return path.name.lower().endswith(_CODE_SUFFIXES)
+    return len(path.parts) == 2 and path.parts[1].startswith("__init__.")
 
 
 def check_environment(name: str) -> str:

@@ -420,7 +420,8 @@ class TaskSpec:
         if total > MAX_INPUT_BYTES:
             raise TaskSpecError("input_files", f"inputs larger than {MAX_INPUT_BYTES} bytes")
         ml, data = task_params.checked(
-            kind.value, msg.ml, msg.data, requirements=requirements, input_paths=seen,
+            kind.value, msg.ml, msg.data, requirements=requirements, env=env, argv=argv,
+            input_paths=seen,
             has_archive=bool(msg.input_archive),
         )  # fmt: skip
 

@@ -80,6 +80,24 @@ def test_a_runner_kind_runs_nothing_of_the_submitters() -> None:
     spec.input_files.append(pb.InputFile(path="_hivemind/params.json", content=b"{}"))
     with pytest.raises(TaskSpecError, match="keeps for itself"):
         TaskSpec.from_proto(spec)
+    for field, value in (("env", {"PYTHONPATH": "inputs"}), ("argv", ["--evil"])):
+        spec = ml_spec(dataset="iris")
+        getattr(spec, field).update(value) if field == "env" else spec.argv.extend(value)
+        with pytest.raises(TaskSpecError, match="takes its parameters only") as err:
+            TaskSpec.from_proto(spec)
+        assert err.value.field == field
+    for name in ("json.py", "numpy/__init__.py", "evil.pth", "lib.cpython-311-x86_64.so"):
+        spec = ml_spec(dataset="iris")
+        spec.input_files.append(pb.InputFile(path=name, content=b"import os"))
+        with pytest.raises(TaskSpecError, match="would be importable by the runner"):
+            TaskSpec.from_proto(spec)
+    spec = ml_spec(dataset="iris")
+    spec.input_archive = b"\x1f\x8b"
+    with pytest.raises(TaskSpecError, match="take their inputs as input_files"):
+        TaskSpec.from_proto(spec)
+    spec = ml_spec(dataset="iris")
+    spec.input_files.append(pb.InputFile(path="code/numpy.py", content=b"fine: not importable"))
+    assert TaskSpec.from_proto(spec).ml is not None
     python = pb.TaskSpec(task_id="t3", kind=pb.TASK_KIND_PYTHON, source="x", ml=pb.MlParams())
     with pytest.raises(TaskSpecError, match="only for ml/data tasks"):
         TaskSpec.from_proto(python)

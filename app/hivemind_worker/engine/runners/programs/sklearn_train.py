@@ -1,7 +1,7 @@
 """scikit-learn training: an allow-listed estimator on a CSV/Parquet file or a shipped data set.
 
 Hold-out split or k-fold, the metrics that fit the problem, the fitted model (model.joblib,
-plus model.onnx where skl2onnx converts it), metrics.json and summary.txt under results/.
+plus model.onnx when asked and skl2onnx converts it), metrics.json and summary.txt under results/.
 Parameters are data: estimator arguments are plain values checked against the estimator's
 own parameter names. Needs scikit-learn, pandas, joblib (skl2onnx optional).
 """
@@ -274,11 +274,12 @@ def main(p: dict[str, Any]) -> None:
             ).tolist()
     joblib.dump(estimator, hr.results_dir() / "model.joblib")
     result["artifacts"] = ["model.joblib"]
-    onnx_note = export_onnx(estimator, len(features))
-    if onnx_note is None:
-        result["artifacts"].append("model.onnx")
-    else:
-        result["onnx"] = onnx_note
+    if p["export_onnx"]:  # asked for: importing onnx alone takes about a second
+        onnx_note = export_onnx(estimator, len(features))
+        if onnx_note is None:
+            result["artifacts"].append("model.onnx")
+        else:
+            result["onnx"] = onnx_note
     result["seconds"] = round(time.monotonic() - started, 3)
     hr.write_json("metrics.json", result)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items() if v is not None)
