@@ -143,17 +143,15 @@ class DemoPool:
         from hivemind_worker.samples import runner_samples
 
         executor = engine.executor
-        offered = set(enabled_capabilities(engine.settings)) if executor.runs_runners else set()
+        problem = await asyncio.to_thread(executor.runner_problem)
+        offered = set() if problem else set(enabled_capabilities(engine.settings))
         skipped: list[str] = []
         chosen = []
         for sample in runner_samples():
             if sample.needs in offered:
                 chosen.append(sample)
-            elif not executor.runs_runners:
-                skipped.append(
-                    f"{sample.name}: skipped, the {executor.capability} executor does not run "
-                    f"{sample.needs} tasks (the process sandbox does: demo --no-docker)"
-                )
+            elif problem:
+                skipped.append(f"{sample.name}: skipped, {problem}")
             else:
                 skipped.append(f"{sample.name}: skipped, {sample.needs} tasks are off in the "
                                "settings")  # fmt: skip

@@ -10,12 +10,14 @@ from pathlib import Path
 import docker
 import pytest
 
-from helpers.images import TEST_IMAGE
+from helpers.images import STDLIB_IMAGE, TEST_IMAGE
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(240)]
 
 
-def demo(home: Path, image: str, tasks: int, **settings: str) -> subprocess.CompletedProcess[str]:
+def demo(
+    home: Path, image: str, tasks: int, timeout: float = 200, **settings: str
+) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         **settings,
@@ -26,7 +28,7 @@ def demo(home: Path, image: str, tasks: int, **settings: str) -> subprocess.Comp
     }
     return subprocess.run(
         [sys.executable, "-m", "hivemind_worker", "demo", "--headless", "--tasks", str(tasks)],
-        capture_output=True, text=True, env=env, timeout=200, check=False,
+        capture_output=True, text=True, env=env, timeout=timeout, check=False,
     )  # fmt: skip
 
 
@@ -39,8 +41,8 @@ def test_demo_runs_in_docker_with_the_python_image(
     assert "Done: 1 of 1 tasks succeeded." in done.stdout
     # The ml and data samples are not left waiting for a worker that cannot take them.
     assert (
-        "random forest on iris (scikit-learn): skipped, the docker executor does not run "
-        "ml:scikit-learn tasks" in done.stdout
+        f"random forest on iris (scikit-learn): skipped, the Python in {TEST_IMAGE} lacks the "
+        "standard library the ml and data runners need" in done.stdout
     )
     log = (tmp_path / "logs" / "worker.jsonl").read_text()
     assert "docker sandbox" in log or "task containers" in log
@@ -58,3 +60,28 @@ def test_demo_without_the_python_image_falls_back_and_says_why(
     assert "Done: 2 of 2 tasks succeeded." in done.stdout
     assert "process sandbox instead" in done.stderr  # a warning the person sees
     assert "hivemind-no-such-image:never" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_runs_the_ml_and_data_samples_in_docker(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    """With a Python image that has the whole standard library, the runner samples run in
+    containers too: their environments built, copied into images, the metrics printed."""
+    done = demo(tmp_path, STDLIB_IMAGE, 1, timeout=840)
+    try:
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "Done: 3 of 3 tasks succeeded." in done.stdout
+        forest = "random forest on iris (scikit-learn)"
+        assert f"{forest}: preparing: scikit-learn: copying the scikit-learn environment" in (
+            done.stdout
+        )
+        assert f"{forest}: random-forest-classifier on the iris data set: accuracy " in (
+            done.stdout
+        )
+        assert "sales by region (csv analysis): sales.csv: 2000 rows" in done.stdout
+    finally:
+        for image in docker_client.images.list(filters={"label": "hivemind.runner"}):
+            if any(t.startswith("hivemind-runner-") for t in image.tags):
+                docker_client.images.remove(image.id, force=True)

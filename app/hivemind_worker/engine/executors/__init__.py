@@ -85,6 +85,7 @@ def _docker_executor(settings: Settings, node_id: str) -> Executor:
             network=settings.docker_network,
             cgroup_parent=parent,
             image_budget_bytes=settings.disk_cap_bytes(),
+            environments=environments_for(settings),
         )
         removed = executor.remove_leftovers()
         if removed:

@@ -221,6 +221,10 @@ class Executor(abc.ABC):
     async def preload(self, images: list[str]) -> None:  # noqa: B027 - optional hook
         """Fetch images the pool says its tasks will use; only executors with images do."""
 
+    def runner_problem(self) -> str:
+        """Why this executor cannot run the ml and data runners now, or "" (blocking)."""
+        return "" if self.runs_runners else f"the {self.capability} executor does not run them"
+
     def _environment_progress(self, task_id: str) -> Callable[[str, str], None]:
         """A progress callback for an environment built for `task_id`."""
 

@@ -44,6 +44,7 @@ from hivemind_worker.engine.executors.images import (
     ImageStore,
     docker_reason,
 )
+from hivemind_worker.engine.executors.runner_images import RunnerImages
 from hivemind_worker.engine.executors.workspace import (
     ARCHIVES_DIR,
     prepare_workspace,
@@ -52,6 +53,7 @@ from hivemind_worker.engine.executors.workspace import (
     workspace_path,
     write_archive,
 )
+from hivemind_worker.engine.runners.environments import Environments
 from hivemind_worker.tasks import (
     MiB,
     Resources,
@@ -168,6 +170,7 @@ class DockerExecutor(Executor):
         log_tail_bytes: int = 64 * 1024,
         max_result_files: int = 10_000,
         image_budget_bytes: int = 0,
+        environments: Environments | None = None,
     ) -> None:
         self._client = client
         self._work_dir = Path(work_dir)
@@ -181,6 +184,9 @@ class DockerExecutor(Executor):
             budget_bytes=image_budget_bytes,
             on_progress=self._pull_progress,
         )
+        if environments is not None:  # the ml and data runners, in images of their own
+            self.images.runner_images = RunnerImages(client, environments)
+            self.runs_runners = True
         self._network = network
         self._cgroup_parent = cgroup_parent
         self._user = user or worker_user()
@@ -321,13 +327,22 @@ class DockerExecutor(Executor):
 
     # ---------------------------------------------------------------- prepare
 
+    def runner_problem(self) -> str:
+        if self.images.runner_images is None:
+            return super().runner_problem()
+        try:  # the runners need a Python image with the whole standard library
+            self.images.runner_images.python_version(self.images.python_image)
+        except ExecutorError as exc:
+            return str(exc)
+        return ""
+
     async def prepare(self, task: TaskSpec) -> None:
         if task.task_id in self._running:
             raise ExecutorError(f"task {task.task_id} is already running")
         self.images.check(task)
         if task.network not in ("none", self._network):
             raise TaskSpecError("network", f"'{task.network}' is not allowed on this worker")
-        await self.images.acquire(task)
+        await self.images.acquire(task, self._environment_progress(task.task_id))
 
         workspace = workspace_path(self._work_dir, task)
         previous = self._workspaces.get(task.task_id)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import docker
 import docker.errors
@@ -21,6 +22,9 @@ import requests.exceptions
 
 from hivemind_worker.engine.executors.base import ExecutorError
 from hivemind_worker.tasks import TaskKind, TaskSpec, TaskSpecError
+
+if TYPE_CHECKING:
+    from hivemind_worker.engine.executors.runner_images import RunnerImages
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,7 @@ class ImageStore:
             raise ValueError(f"pull policy must be one of {', '.join(PULL_POLICIES)}")
         self._client = client
         self._python_image = python_image
+        self.python_image = python_image
         self._pull_policy = pull_policy
         self._allowlist = tuple(allowlist)
         self._preloaded: set[str] = set()
@@ -114,6 +119,8 @@ class ImageStore:
         self._build_locks: dict[str, threading.Lock] = {}
         self._build_locks_lock = threading.Lock()
         self.ledger = _ImageLedger(Path(work_dir) / IMAGES_FILE)
+        # Set by the executor when it runs the ml and data runners (runner_images.py).
+        self.runner_images: RunnerImages | None = None
         self._budget = budget_bytes
 
     def image_for(self, task: TaskSpec) -> str:
@@ -133,12 +140,21 @@ class ImageStore:
         if task.kind is TaskKind.CONTAINER and not image_allowed(image, self._allowlist):
             raise TaskSpecError("image", f"{image} is not in this worker's image allowlist")
 
-    async def acquire(self, task: TaskSpec) -> None:
-        """Make the task's image present (pulled, or built with its requirements) and keep it
-        from pruning until release(); raises ExecutorError with the reason it cannot."""
+    async def acquire(
+        self, task: TaskSpec, on_environment: Callable[[str, str], None] | None = None
+    ) -> None:
+        """Make the task's image present (pulled, or built with its requirements or its
+        runner's environment) and keep it from pruning until release(); raises ExecutorError
+        with the reason it cannot. `on_environment` is told how a runner's image build goes."""
         image = self.image_for(task)
         await asyncio.to_thread(self._ensure_image, image)
-        if task.kind is TaskKind.PYTHON and task.requirements:
+        if task.kind is TaskKind.PYTHON and task.environment and self.runner_images is not None:
+            image = await asyncio.to_thread(
+                self.runner_images.image, image, task.environment, task.requirements,
+                on_environment,
+            )  # fmt: skip
+            await asyncio.to_thread(self.ledger.touch, image)  # pruned like any it built
+        elif task.kind is TaskKind.PYTHON and task.requirements:
             image = await asyncio.to_thread(self._requirements_image, task.requirements)
         self._images[task.task_id] = image
         await asyncio.to_thread(self.ledger.touch, image, only_known=True)

@@ -94,14 +94,17 @@ class Environments:
         requirements: Sequence[str],
         python_version: str,
         on_progress: Progress | None = None,
+        *,
+        python_platform: str = "",
     ) -> Path:
-        """A folder to put on PYTHONPATH of a `python_version` interpreter (blocking)."""
-        key = _key("target", python_version, *requirements)
+        """A folder to put on PYTHONPATH of a `python_version` interpreter (blocking); for
+        another machine's platform (uv's name, e.g. x86_64-manylinux_2_28) when given."""
+        key = _key("target", python_version, python_platform, *requirements)
         return self._ensure(
             name,
             key,
             requirements,
-            lambda tmp: self._build_target(tmp, python_version),
+            lambda tmp: self._build_target(tmp, python_version, python_platform),
             on_progress,
         )
 
@@ -173,8 +176,9 @@ class Environments:
         self._uv_run(tmp.name, ["venv", "--python", base, "--no-project", "--quiet", str(tmp)])
         return ["--python", str(_venv_interpreter(tmp))]
 
-    def _build_target(self, tmp: Path, python_version: str) -> list[str]:
-        return ["--target", str(tmp), "--python-version", python_version]
+    def _build_target(self, tmp: Path, python_version: str, python_platform: str) -> list[str]:
+        platform = ["--python-platform", python_platform] if python_platform else []
+        return ["--target", str(tmp), "--python-version", python_version, *platform]
 
     def _uv_run(self, name: str, args: list[str]) -> None:
         env = dict(os.environ)
