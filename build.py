@@ -117,6 +117,20 @@ def cmd_test(args: argparse.Namespace) -> None:
     run([py, "-m", "pytest", *args.rest])
 
 
+# Where PyTorch's CPU build lies on these machines (it is not on PyPI; uv looks only where told).
+LOCAL_WHEELS = Path("/opt/wheels")
+
+
+def cmd_test_ml(args: argparse.Namespace) -> None:
+    """The TensorFlow and PyTorch runners' tier, apart for its downloads (about 2.5 GB of
+    environments): `pytest -m ml_frameworks tests/ml`."""
+    bootstrap()
+    env = dict(os.environ)
+    if not env.get("HIVEMIND_RUNNER_FIND_LINKS") and LOCAL_WHEELS.is_dir():
+        env["HIVEMIND_RUNNER_FIND_LINKS"] = str(LOCAL_WHEELS)
+    run([venv_python(), "-m", "pytest", "-m", "ml_frameworks", "tests/ml", *args.rest], env=env)
+
+
 def cmd_test_on(args: argparse.Namespace) -> None:
     """The test suite on another interpreter, in its own venv: `test-on PYTHON [pytest args]`.
 
@@ -226,6 +240,7 @@ def main() -> None:
         ("proto", cmd_proto, "regenerate the gRPC stubs from proto/"),
         ("run", cmd_run, "set up and run the demo: a local pool and the worker"),
         ("test", cmd_test, "set up and run lint, type checks and the whole test suite"),
+        ("test-ml", cmd_test_ml, "run the TensorFlow and PyTorch runners' tests (large downloads)"),
         ("test-on", cmd_test_on, "run tests on another interpreter: test-on PYTHON [pytest args]"),
         ("bench", cmd_bench, "run the benchmarks and write docs/benchmarks.md"),
         ("screenshots", cmd_screenshots, "render the desktop app into docs/screenshots/"),

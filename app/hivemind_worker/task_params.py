@@ -172,7 +172,8 @@ class MlParams:
                 "ml.dataset", f"{msg.dataset} is a {DATASETS[msg.dataset]} data set, "
                 f"not one for the {problem} model {msg.model}"
             )  # fmt: skip
-        if msg.train_path and problem != "clustering" and not msg.target:
+        # A cnn's classes are the folders of its images; any other model names its target.
+        if msg.train_path and problem != "clustering" and msg.model != "cnn" and not msg.target:
             raise TaskSpecError("ml.target", f"a {problem} model needs the target column")
         for name, value in (("ml.target", msg.target), *(("ml.features", f) for f in msg.features)):
             if len(value) > _COLUMN_MAX or any(ord(c) < 32 for c in value):
@@ -208,6 +209,8 @@ class MlParams:
             raise TaskSpecError("ml.optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         if msg.loss not in LOSSES:
             raise TaskSpecError("ml.loss", f"must be one of {', '.join(LOSSES[1:])}")
+        if msg.loss and (msg.loss == "cross-entropy") != (problem == "classification"):
+            raise TaskSpecError("ml.loss", f"{msg.loss} does not fit {problem}")
         if msg.epochs > MAX_EPOCHS:
             raise TaskSpecError("ml.epochs", f"must be at most {MAX_EPOCHS}")
         if msg.batch_size > MAX_BATCH_SIZE:

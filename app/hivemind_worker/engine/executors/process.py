@@ -36,6 +36,7 @@ from hivemind_worker.engine.executors.workspace import (
     rmtree,
     workspace_path,
 )
+from hivemind_worker.engine.runners import EXTRA_ADDRESS_SPACE
 from hivemind_worker.engine.runners.environments import Environments
 from hivemind_worker.tasks import (
     MiB,
@@ -220,7 +221,9 @@ class ProcessExecutor(Executor):
         disk = task.resources.disk_bytes
         cpus = task.resources.cpus
         limits = plimits.ProcessLimits(
-            address_space_bytes=memory + ADDRESS_SPACE_ALLOWANCE,
+            address_space_bytes=memory
+            + ADDRESS_SPACE_ALLOWANCE
+            + EXTRA_ADDRESS_SPACE.get(task.environment, 0),
             cpu_seconds=task.timeout_seconds * max(1, math.ceil(cpus)) + CPU_LIMIT_SLACK_SECONDS,
             # Per file, not per workspace: a backstop against filling the disk in one write.
             file_size_bytes=disk,

@@ -39,12 +39,20 @@ PROGRAMS = {
     "text_analysis": "text_analysis.py",
 }
 # The helpers every runner may import from _hivemind/.
-HELPERS = ("hivemind_runner.py", "tables.py")
+HELPERS = ("hivemind_runner.py", "tables.py", "networks.py")
 DATA_ENVIRONMENT = "data"
 # Opt-in frameworks and what their first use downloads (measured: the built environment's
 # size on disk, Linux x86-64, Python 3.11). The person is told before saying yes.
 DOWNLOAD_MB = {"scikit-learn": 190, "tensorflow": 1300, "pytorch": 800, DATA_ENVIRONMENT: 170}
 READ_ONLY = 0o444
+# The runner's process environment, set by the worker (a submitter gives none): glibc's
+# malloc otherwise reserves an arena of 64 MiB address space per thread, up to 8 per core,
+# which TensorFlow's thread pools turn into gigabytes the sandbox's address-space limit counts.
+RUNNER_ENV = {"MALLOC_ARENA_MAX": "2"}
+# Address space beyond the task's memory that a framework maps without using (thread stacks,
+# reserved regions); measured with tensorflow-cpu 2.21 on 2 cores: it fails to start within
+# memory + 256 MiB. The process sandbox adds this to its RLIMIT_AS for these environments.
+EXTRA_ADDRESS_SPACE = {"tensorflow": 1 << 30}
 PROGRESS_PREFIX = "HIVEMIND_PROGRESS "
 ERROR_PREFIX = "HIVEMIND_ERROR "
 
@@ -103,6 +111,7 @@ def materialize(task: TaskSpec) -> TaskSpec:
         source=program_text(program),
         input_files=(*task.input_files, *own),
         requirements=requirements(environment_of(task)),
+        env=dict(RUNNER_ENV),
         environment=environment_of(task),
         ml=None,
         data=None,
