@@ -33,6 +33,10 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
         "LANG": "C.UTF-8",
         # The demo's sample image would come from a registry these machines cannot reach.
         "DOCKER_ENABLED": "false",
+        # The demo's ml and data samples download their environments on first use; only the
+        # test of them (test_binary.py) turns them on.
+        "HIVEMIND_ML_SCIKIT_LEARN": "false",
+        "HIVEMIND_DATA_PROCESSING": "false",
     }
     env.update(extra)
     return env

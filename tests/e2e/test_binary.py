@@ -72,6 +72,28 @@ def test_headless_demo_completes_every_task(binary: Path, tmp_path: Path) -> Non
     check_demo(binary, tmp_path)
 
 
+def test_the_bundled_uv_builds_the_data_runners_environment(binary: Path, tmp_path: Path) -> None:
+    """The runner programs, their requirement sets and uv travel in the binary: with only the
+    system's PATH, the demo's data sample gets its environment built and runs."""
+    home = tmp_path / "home"
+    home.mkdir()
+    # The machine's uv cache (the integration tier filled it) spares a second download.
+    cache = os.environ.get("UV_CACHE_DIR") or str(Path.home() / ".cache" / "uv")
+    env = clean_env(home, HIVEMIND_DATA_PROCESSING="true", UV_CACHE_DIR=cache)
+    demo = [binary, "--data-dir", home / "data", "demo", "--headless", "--tasks", "1"]
+    done = run(demo, env=env, timeout=600)
+    report = f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert done.returncode == 0, report
+    assert "Done: 2 of 2 tasks succeeded." in done.stdout, report
+    assert "sales by region (csv analysis): preparing: data: building the data environment" in (
+        done.stdout
+    ), report
+    assert "sales by region (csv analysis): sales.csv: 2000 rows, 4 columns" in done.stdout
+    assert "random forest on iris (scikit-learn): skipped, ml:scikit-learn tasks are off" in (
+        done.stdout
+    )
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="an X11 test")
 def test_desktop_app_starts_on_x11(
     binary: Path, need_tool: Callable[[str], str], tmp_path: Path

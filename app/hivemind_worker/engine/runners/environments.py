@@ -36,7 +36,12 @@ Progress = Callable[[str, str], None]
 
 
 def uv_binary() -> str:
-    """The uv executable: the one the `uv` package ships, else one on PATH."""
+    """The uv executable: the one bundled in the one-file build, the one the `uv` package
+    ships, else one on PATH."""
+    if getattr(sys, "frozen", False):
+        bundled = Path(getattr(sys, "_MEIPASS", "")) / ("uv.exe" if os.name == "nt" else "uv")
+        if bundled.is_file():
+            return str(bundled)
     try:
         import uv
 
@@ -184,6 +189,11 @@ class Environments:
         env = dict(os.environ)
         env["UV_PYTHON_DOWNLOADS"] = "never"  # never fetch an interpreter: use the given one
         env["UV_NO_PROGRESS"] = "1"
+        # The system's certificates, as a browser would: behind a proxy with its own CA (in
+        # offices, on these build machines) uv's built-in roots refuse PyPI. The older name
+        # for older uv releases.
+        env.setdefault("UV_SYSTEM_CERTS", "1")
+        env.setdefault("UV_NATIVE_TLS", "1")
         env.pop("VIRTUAL_ENV", None)
         command = [self._uv or uv_binary(), *args]
         log.debug("running %s", " ".join(command))
