@@ -8,9 +8,10 @@ import json
 import secrets
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from hivemind_worker.tasks import TaskKind, TaskStatus
+from hivemind_worker.tasks import Resources, TaskKind, TaskSpec, TaskStatus
 from hivemind_worker.protocol import nodepool_pb2 as pb
 
 #: What a Python task can run on, and what a container task can run on.
@@ -130,6 +131,44 @@ class TaskRecord:
             ),
             cancel_requested=self.cancel_requested,
         )
+
+
+@dataclass(frozen=True)
+class TaskNeed:
+    """What a queued task asks of a worker: enough to pick a parked poll that can run it."""
+
+    task_id: str
+    kind: TaskKind
+    resources: Resources
+    timeout_seconds: int
+    network: str
+
+    @classmethod
+    def of(cls, task: TaskSpec, task_id: str) -> TaskNeed:
+        return cls(
+            task_id=task_id,
+            kind=task.kind,
+            resources=task.resources,
+            timeout_seconds=task.timeout_seconds,
+            network=task.network or "none",
+        )
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """One UpdateNodeStatus, as the store records it (many at once: heartbeat_batch)."""
+
+    node_id: str
+    status: int
+    metrics: dict[str, float]
+    lease_ids: Sequence[str] = ()
+    usage: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HeartbeatOutcome:
+    lost: list[str]  # leases the worker listed that the pool no longer honours
+    cancels: list[str]  # the node's running tasks whose submitter asked to cancel
 
 
 @dataclass(frozen=True)

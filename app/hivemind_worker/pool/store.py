@@ -18,6 +18,8 @@ from hivemind_worker.pool.records import (
     MAX_LOG_TAIL_BYTES,
     DuplicateTask,
     ExpiryOutcome,
+    Heartbeat,
+    HeartbeatOutcome,
     NodeNotFound,
     NodeOwnedByOther,
     NodeRecord,
@@ -26,6 +28,7 @@ from hivemind_worker.pool.records import (
     ResultMismatch,
     StaleLease,
     StoreError,
+    TaskNeed,
     TaskRecord,
     TokenExpired,
     _task_record,
@@ -43,6 +46,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "DuplicateTask",
     "ExpiryOutcome",
+    "Heartbeat",
+    "HeartbeatOutcome",
     "NodeNotFound",
     "NodeOwnedByOther",
     "NodeRecord",
@@ -52,6 +57,7 @@ __all__ = [
     "ResultMismatch",
     "StaleLease",
     "StoreError",
+    "TaskNeed",
     "TaskRecord",
     "TokenExpired",
     "hash_password",
@@ -156,7 +162,11 @@ class PoolStore(ResultStore):
 
     def get_node(self, node_id: str, owner: str) -> NodeRecord:
         """The node, checked to belong to `owner`; NodeNotFound / NodeOwnedByOther otherwise."""
-        row = self._db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+        row = self._db.execute(
+            "SELECT node_id, owner, capabilities, last_seen_ms, status FROM nodes"
+            " WHERE node_id = ?",
+            (node_id,),
+        ).fetchone()
         if row is None:
             raise NodeNotFound(node_id)
         if row["owner"] != owner:
@@ -234,32 +244,27 @@ class PoolStore(ResultStore):
         fit. So is one whose timeout or network this worker does not accept
         (`max_timeout_seconds` 0: any timeout). Each returned spec carries its new lease id
         and attempt number.
+
+        The candidates are read first, outside any write transaction: a poll that finds
+        nothing costs one indexed read and never takes the write lock. Only a poll with
+        candidates runs a (short) lease transaction, which re-checks each one is still queued.
         """
         caps = set(capabilities)
         kinds = [k.value for k, needs in KIND_CAPABILITIES.items() if needs & caps]
         if not kinds or max_tasks <= 0:
             return []
-        now = now if now is not None else now_ms()
-        expires = now + int(lease_seconds * 1000)
         remaining = free
-        leased: list[pb.TaskSpec] = []
-        with self._tx() as db:
-            marks = ",".join("?" * len(kinds))
-            rows = db.execute(
-                "SELECT task_id, spec, cpus, memory_bytes, disk_bytes, gpus, attempt FROM tasks"
-                f" WHERE status = ? AND kind IN ({marks})"
-                " AND cpus <= ? AND memory_bytes <= ? AND disk_bytes <= ? AND gpus <= ?"
-                " ORDER BY submitted_ms, seq",
-                (
-                    TaskStatus.QUEUED.value,
-                    *kinds,
-                    free.cpus + 1e-9,
-                    free.memory_bytes,
-                    free.disk_bytes,
-                    free.gpus,
-                ),
-            )
-            for row in rows.fetchall():
+        picked: list[tuple[str, pb.TaskSpec, int]] = []
+        marks = ",".join("?" * len(kinds))
+        cur = self._db.execute(
+            "SELECT task_id, spec, cpus, memory_bytes, disk_bytes, gpus, attempt FROM tasks"
+            f" WHERE status = 'queued' AND kind IN ({marks})"
+            " AND cpus <= ? AND memory_bytes <= ? AND disk_bytes <= ? AND gpus <= ?"
+            " ORDER BY submitted_ms, seq",
+            (*kinds, free.cpus + 1e-9, free.memory_bytes, free.disk_bytes, free.gpus),
+        )
+        try:
+            for row in cur:  # lazily, in index order: stops at the first max_tasks that fit
                 need = Resources(
                     float(row["cpus"]),
                     int(row["memory_bytes"]),
@@ -273,21 +278,75 @@ class PoolStore(ResultStore):
                     continue
                 if (spec.network or "none") not in networks:
                     continue
-                lease_id = uuid.uuid4().hex
-                db.execute(
-                    "UPDATE tasks SET status = ?, node_id = ?, lease_id = ?, lease_expires_ms = ?,"
-                    " started_ms = ? WHERE task_id = ?",
-                    (TaskStatus.RUNNING.value, node_id, lease_id, expires, now, row["task_id"]),
-                )
-                spec.lease_id = lease_id
-                spec.attempt = int(row["attempt"])
-                leased.append(spec)
+                picked.append((str(row["task_id"]), spec, int(row["attempt"])))
                 remaining = remaining - need
-                if len(leased) >= max_tasks:
+                if len(picked) >= max_tasks:
                     break
+        finally:
+            cur.close()
+        if not picked:
+            return []
+        now = now if now is not None else now_ms()
+        expires = now + int(lease_seconds * 1000)
+        leased: list[pb.TaskSpec] = []
+        with self._tx() as db:
+            self.lease_transactions += 1
+            for task_id, spec, attempt in picked:
+                lease_id = uuid.uuid4().hex
+                # Still queued? Another process on this file may have taken it since the read.
+                taken = db.execute(
+                    "UPDATE tasks SET status = ?, node_id = ?, lease_id = ?, lease_expires_ms = ?,"
+                    " started_ms = ? WHERE task_id = ? AND status = ? AND attempt = ?",
+                    (
+                        TaskStatus.RUNNING.value,
+                        node_id,
+                        lease_id,
+                        expires,
+                        now,
+                        task_id,
+                        TaskStatus.QUEUED.value,
+                        attempt,
+                    ),
+                ).rowcount
+                if not taken:
+                    continue
+                spec.lease_id = lease_id
+                spec.attempt = attempt
+                leased.append(spec)
             if leased:
                 self._bump(db, "leased", len(leased))
         return leased
+
+    def task_need(self, task_id: str) -> TaskNeed | None:
+        """What a queued task asks of a worker; None unless it is queued (to offer it again)."""
+        row = self._db.execute(
+            "SELECT spec FROM tasks WHERE task_id = ? AND status = 'queued'", (task_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return TaskNeed.of(TaskSpec.from_proto(pb.TaskSpec.FromString(row["spec"])), task_id)
+
+    def heartbeat_batch(
+        self, beats: Sequence[Heartbeat], lease_seconds: float, now: int | None = None
+    ) -> list[HeartbeatOutcome]:
+        """Record many heartbeats in one transaction (group commit); an outcome for each.
+
+        Each notes its node alive, renews the leases it lists (`renew`'s rules) and returns
+        the node's pending cancels. One commit for the lot is what keeps thousands of workers'
+        heartbeats cheap.
+        """
+        now = now if now is not None else now_ms()
+        out: list[HeartbeatOutcome] = []
+        with self._tx() as db:
+            for beat in beats:
+                db.execute(
+                    "UPDATE nodes SET last_seen_ms = ?, status = ?, metrics = ? WHERE node_id = ?",
+                    (now, beat.status, json.dumps(beat.metrics), beat.node_id),
+                )
+                lost = self._renew(db, beat.node_id, beat.lease_ids, lease_seconds, beat.usage, now)
+                out.append(HeartbeatOutcome(lost, self.cancels_for(beat.node_id)))
+            self._bump(db, "heartbeats", len(beats))
+        return out
 
     def renew(
         self,
@@ -302,30 +361,40 @@ class PoolStore(ResultStore):
         A lease already reported is neither renewed nor lost: the worker is done with it.
         """
         now = now if now is not None else now_ms()
-        expires = now + int(lease_seconds * 1000)
-        usage = usage or {}
-        lost: list[str] = []
         with self._tx() as db:
-            for lease_id in dict.fromkeys(lease_ids):
-                cur = db.execute(
-                    "UPDATE tasks SET lease_expires_ms = MAX(lease_expires_ms, ?),"
-                    " usage = COALESCE(?, usage)"
-                    " WHERE lease_id = ? AND node_id = ? AND status = ?",
-                    (
-                        expires,
-                        json.dumps(usage[lease_id]) if lease_id in usage else None,
-                        lease_id,
-                        node_id,
-                        TaskStatus.RUNNING.value,
-                    ),
-                )
-                if cur.rowcount:
-                    continue
-                reported = db.execute(
-                    "SELECT 1 FROM reports WHERE lease_id = ? AND node_id = ?", (lease_id, node_id)
-                ).fetchone()
-                if reported is None:
-                    lost.append(lease_id)
+            return self._renew(db, node_id, lease_ids, lease_seconds, usage or {}, now)
+
+    @staticmethod
+    def _renew(
+        db: sqlite3.Connection,
+        node_id: str,
+        lease_ids: Sequence[str],
+        lease_seconds: float,
+        usage: dict[str, dict[str, float]],
+        now: int,
+    ) -> list[str]:
+        expires = now + int(lease_seconds * 1000)
+        lost: list[str] = []
+        for lease_id in dict.fromkeys(lease_ids):
+            cur = db.execute(
+                "UPDATE tasks SET lease_expires_ms = MAX(lease_expires_ms, ?),"
+                " usage = COALESCE(?, usage)"
+                " WHERE lease_id = ? AND node_id = ? AND status = ?",
+                (
+                    expires,
+                    json.dumps(usage[lease_id]) if lease_id in usage else None,
+                    lease_id,
+                    node_id,
+                    TaskStatus.RUNNING.value,
+                ),
+            )
+            if cur.rowcount:
+                continue
+            reported = db.execute(
+                "SELECT 1 FROM reports WHERE lease_id = ? AND node_id = ?", (lease_id, node_id)
+            ).fetchone()
+            if reported is None:
+                lost.append(lease_id)
         return lost
 
     def extend_running_leases(self, until_ms: int) -> int:
@@ -344,8 +413,8 @@ class PoolStore(ResultStore):
         with self._tx() as db:
             rows = db.execute(
                 "SELECT task_id, attempt, max_attempts, node_id, cancel_requested FROM tasks"
-                " WHERE status = ? AND lease_expires_ms <= ?",
-                (TaskStatus.RUNNING.value, now),
+                " WHERE status = 'running' AND lease_expires_ms <= ?",  # tasks_running_by_expiry
+                (now,),
             ).fetchall()
             for row in rows:
                 task_id = str(row["task_id"])
@@ -419,8 +488,10 @@ class PoolStore(ResultStore):
 
     def cancels_for(self, node_id: str) -> list[str]:
         rows = self._db.execute(
-            "SELECT task_id FROM tasks WHERE node_id = ? AND status = ? AND cancel_requested = 1",
-            (node_id, TaskStatus.RUNNING.value),
+            # Literal conditions, so SQLite can use the partial index tasks_cancels_by_node.
+            "SELECT task_id FROM tasks WHERE node_id = ? AND status = 'running'"
+            " AND cancel_requested = 1",
+            (node_id,),
         ).fetchall()
         return [str(r["task_id"]) for r in rows]
 
