@@ -129,15 +129,14 @@ class PoolCore:
         self.waiters.park(waiter)
         try:
             # A client that cancels its call cancels this task: CancelledError ends the wait.
-            await asyncio.wait_for(waiter.woken.wait(), timeout)
-        except TimeoutError:
-            pass
+            await asyncio.wait((waiter.woken,), timeout=timeout)
         except asyncio.CancelledError:
             if waiter.woken_for is not None:  # woken, but gone before taking it: pass it on
                 self.offer_queued([waiter.woken_for.task_id])
             raise
         finally:
             self.waiters.unpark(waiter)
+            waiter.woken.cancel()  # no-op once woken; else nobody may wake it any more
         return waiter.woken_for
 
     # ------------------------------------------------------------------------- auth

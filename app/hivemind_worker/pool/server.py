@@ -490,6 +490,16 @@ class PoolServer:
         return self._port
 
     @property
+    def parked_polls(self) -> int:
+        """GetAssignedTasks calls waiting for work now."""
+        return len(self._core.waiters) if self._core is not None else 0
+
+    @property
+    def wakeups(self) -> int:
+        """Parked polls woken for a task since start."""
+        return self._core.waiters.wakeups if self._core is not None else 0
+
+    @property
     def address(self) -> str:
         """Where a client on this machine reaches the pool, e.g. '127.0.0.1:50051'."""
         host, _ = split_host_port(self.config.listen)

@@ -22,7 +22,12 @@ class Waiter:
     capabilities: frozenset[str]
     max_timeout_seconds: int  # 0: any timeout
     networks: frozenset[str]
-    woken: asyncio.Event = field(default_factory=asyncio.Event)
+    # A future, not an Event under wait_for: on Python 3.11 wait_for returns an inner result
+    # that is ready even when its caller was cancelled, and a poll whose caller is gone must
+    # not go on to take a lease.
+    woken: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
     woken_for: TaskNeed | None = None
 
     def can_take(self, need: TaskNeed) -> bool:
@@ -58,10 +63,10 @@ class WaiterQueue:
     def offer(self, need: TaskNeed) -> Waiter | None:
         """Wake the oldest parked poll that can run `need`; that poll, or None if none can."""
         for waiter in self._parked:
-            if waiter.can_take(need):
+            if waiter.can_take(need) and not waiter.woken.done():
                 del self._parked[waiter]
                 waiter.woken_for = need
-                waiter.woken.set()
+                waiter.woken.set_result(None)
                 self.wakeups += 1
                 return waiter
         return None
