@@ -39,7 +39,7 @@ from hivemind_worker.protocol import nodepool_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 USER, PASSWORD = "bench", "bench-password"
-WORKERS_PER_CHANNEL = 100  # simulated workers sharing one HTTP/2 connection
+WORKERS_PER_CHANNEL = int(os.environ.get("POOL_SCALE_PER_CHANNEL", "100"))  # per HTTP/2 conn
 RPC_DEADLINE = 10.0  # seconds; a heartbeat slower than this is an error, as for a real worker
 FREE = pb.Resources(cpus=4, memory_bytes=4 << 30, disk_bytes=20 << 30)
 
@@ -59,6 +59,9 @@ def serve(args: argparse.Namespace) -> None:
     from hivemind_worker.pool.server import PoolConfig, PoolServer
     from hivemind_worker.pool.store import PoolStore
 
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)  # a log line per RPC would measure the logging
     store = PoolStore(args.db)
     store.add_user(USER, PASSWORD)
     store.close()
@@ -134,6 +137,7 @@ class Fleet:
         self.metadata: tuple[tuple[str, str], ...] = ()
         self.latency: dict[str, list[float]] = defaultdict(list)
         self.errors: Counter[str] = Counter()
+        self.details: dict[str, str] = {}  # one message per error kind, for the log
         self.handout: list[float] = []
         self.tasks: list[str] = []
         self.measuring = False
@@ -147,7 +151,12 @@ class Fleet:
             reply = await fn(request, metadata=self.metadata, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             if self.measuring and not self.stopping:
-                self.errors[f"{name} {exc.code().name}"] += 1
+                key = f"{name} {exc.code().name}"
+                self.errors[key] += 1
+                elapsed = time.perf_counter() - start
+                self.details.setdefault(
+                    key, f"{str(exc.details())[:200]} after {elapsed:.1f} s: {exc.debug_error_string()}"
+                )
             return None
         if self.measuring:
             self.latency[name].append(time.perf_counter() - start)
@@ -250,6 +259,7 @@ def workers(args: argparse.Namespace) -> None:
                 {
                     "latency": fleet.latency,
                     "errors": fleet.errors,
+                    "details": fleet.details,
                     "handout": fleet.handout,
                     "tasks": fleet.tasks,
                 }
@@ -422,6 +432,8 @@ class Rung:
             for name, values in out["latency"].items():
                 latency[name].extend(values)
             errors.update(out["errors"])
+            for key, text in out["details"].items():
+                print(f"{key}: {text}", file=sys.stderr)
             handout.extend(out["handout"])
             received.extend(out["tasks"])
         latency["SubmitTask"] = submit_latency

@@ -66,6 +66,8 @@ __all__ = [
 
 log = logging.getLogger("hivemind_worker.pool")
 
+MAX_PENDING_CALLS = 20_000
+
 
 async def _until(
     messages: AsyncIterator[pb.UploadTaskResultRequest], stop: asyncio.Event
@@ -561,6 +563,12 @@ class PoolServer:
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.so_reuseport", 0),
+                # Calls that arrived but that the loop has not picked up yet. gRPC's defaults
+                # (1,000, and 3,000 at most) cancel calls at random past them: with thousands
+                # of workers a burst of heartbeats and re-polls crosses that in a busy moment,
+                # and each cancelled worker retries, adding load. Queue them instead.
+                ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
             ]
         )
         pb_grpc.add_NodeManagerServicer_to_server(NodeManagerService(core), server)
