@@ -116,7 +116,15 @@ def serve(args: argparse.Namespace) -> None:
         await asyncio.to_thread(Path(args.stats_file).write_text, json.dumps(out))
         await pool.stop(0)
 
-    asyncio.run(main())
+    profile = os.environ.get("POOL_SCALE_PROFILE")  # a file: where the pool's profile goes
+    if not profile:
+        asyncio.run(main())
+        return
+    import cProfile
+
+    with cProfile.Profile() as prof:
+        asyncio.run(main())
+    prof.dump_stats(profile)
 
 
 # ------------------------------------------------------------------- simulated workers
@@ -570,7 +578,7 @@ def main() -> None:
     w.add_argument("--prefix", required=True)
     w.add_argument("--count", type=int, required=True)
     parser.add_argument(
-        "--ladder", type=lambda v: [int(x) for x in v.split(",")], default=[100, 1000, 3000, 10000]
+        "--ladder", type=lambda v: [int(x) for x in v.split(",") if x], default=[100, 1000, 3000, 10000]
     )
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--seconds", type=float, default=30.0)

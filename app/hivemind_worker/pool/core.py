@@ -127,16 +127,18 @@ class PoolCore:
             networks=poll.networks,
         )
         self.waiters.park(waiter)
+        # A timer that resolves the future, rather than asyncio.wait or wait_for: one handle
+        # per parked poll, and a cancel (the caller left) still ends the wait at once.
+        timer = asyncio.get_running_loop().call_later(timeout, _time_up, waiter.woken)
         try:
-            # A client that cancels its call cancels this task: CancelledError ends the wait.
-            await asyncio.wait((waiter.woken,), timeout=timeout)
+            await waiter.woken
         except asyncio.CancelledError:
             if waiter.woken_for is not None:  # woken, but gone before taking it: pass it on
                 self.offer_queued([waiter.woken_for.task_id])
             raise
         finally:
+            timer.cancel()
             self.waiters.unpark(waiter)
-            waiter.woken.cancel()  # no-op once woken; else nobody may wake it any more
         return waiter.woken_for
 
     # ------------------------------------------------------------------------- auth
@@ -160,3 +162,8 @@ class PoolCore:
         if username is None:
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, "unknown token; log in again")
         return username
+
+
+def _time_up(woken: asyncio.Future[None]) -> None:
+    if not woken.done():
+        woken.set_result(None)

@@ -13,7 +13,7 @@ log = logging.getLogger("hivemind_worker.pool")
 #: How long the first beat of a batch waits for others to join it. Small next to the heartbeat
 #: deadline (seconds) and to a lease's life (a minute); large enough to gather the beats of a
 #: thousand workers into a few commits a second.
-GROUP_COMMIT_SECONDS = 0.005
+GROUP_COMMIT_SECONDS = 0.002
 #: A batch is written at once when it reaches this many beats, so no transaction grows long.
 MAX_BATCH = 500
 

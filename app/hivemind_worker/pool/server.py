@@ -159,7 +159,7 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
         core = self._core
         user = core.user(context)
         node_id = require_id("node_id", request.node_id)
-        core.store.get_node(node_id, user)
+        core.store.node_capabilities(node_id, user)
         lease_ids: list[str] = []
         usage: dict[str, dict[str, float]] = {}
         for running in request.running:
@@ -196,7 +196,7 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
         core = self._core
         user = core.user(context)
         node_id = require_id("node_id", request.node_id)
-        node = core.store.get_node(node_id, user)
+        node_capabilities = core.store.node_capabilities(node_id, user)
         core.stats.get_assigned_calls[node_id] += 1
         free = Resources.from_proto(request.free)
         cpus_ok = math.isfinite(free.cpus) and free.cpus >= 0
@@ -212,7 +212,7 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
             node_id=node_id,
             free=free,
             max_tasks=min(request.max_tasks or 1, MAX_TASKS_PER_POLL),
-            capabilities=frozenset(request.capabilities) or node.capabilities,
+            capabilities=frozenset(request.capabilities) or node_capabilities,
             max_timeout_seconds=max(request.max_timeout_seconds, 0),
             networks=frozenset(request.networks) | {"none"},
         )
@@ -245,7 +245,7 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
             require_sha256("result_sha256", request.result_sha256)
         if request.result_size < 0:
             raise invalid("result_size", "is negative")
-        core.store.get_node(node_id, user)
+        core.store.node_capabilities(node_id, user)
         try:
             outcome = core.store.record_report(
                 node_id=node_id,
@@ -318,7 +318,7 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
         total = head.total_size
         if total < 0:
             raise invalid("header.total_size", "is negative")
-        core.store.get_node(node_id, user)
+        core.store.node_capabilities(node_id, user)
         task = core.store.get_task(task_id)
         if task is None or not core.store.lease_is_current(task_id, lease_id, node_id):
             raise StaleLease(lease_id, task_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -40,6 +41,10 @@ from hivemind_worker.pool.records import (
 from hivemind_worker.pool.results import ResultStore
 from hivemind_worker.pool.schema import SCHEMA_VERSION
 from hivemind_worker.protocol import nodepool_pb2 as pb
+
+#: How long a node's owner and capabilities are trusted without reading them again (seconds).
+CACHE_SECONDS = 5.0
+MAX_CACHED = 100_000
 
 __all__ = [
     "KIND_CAPABILITIES",
@@ -82,6 +87,10 @@ class PoolStore(ResultStore):
         # Lease transactions run (lease_tasks calls that found a candidate): the count a test
         # reads to show one submit wakes one parked poll, not all of them.
         self.lease_transactions = 0
+        # Every call a worker makes checks its node's owner: kept here a few seconds
+        # (CACHE_SECONDS) rather than read and parsed each time. Nodes change only through
+        # upsert_node, on this store, which drops the entry.
+        self._nodes: dict[str, tuple[str, frozenset[str], float]] = {}  # -> owner, caps, read at
         # Blobs that no result names and no upload is writing (after a crash mid-upload).
         self._db.execute(
             "INSERT OR IGNORE INTO garbage_blobs(blob_id) SELECT DISTINCT blob_id"
@@ -128,7 +137,11 @@ class PoolStore(ResultStore):
         return token, expires
 
     def token_user(self, token: str, now: int | None = None) -> str | None:
-        """The user a token belongs to; None if unknown, TokenExpired if expired."""
+        """The user a token belongs to; None if unknown, TokenExpired if expired.
+
+        Read every time (about 12 us), never cached: a password changed by `hivemind-pool
+        add-user` from another process signs the old sessions out at once.
+        """
         row = self._db.execute(
             "SELECT username, expires_ms FROM tokens WHERE token_sha256 = ?",
             (_token_digest(token),),
@@ -159,6 +172,20 @@ class PoolStore(ResultStore):
                 (node_id, owner, info_json, caps_json, now, now),
             )
             self._bump(db, "registrations")
+        self._nodes.pop(node_id, None)
+
+    def node_capabilities(self, node_id: str, owner: str) -> frozenset[str]:
+        """The capabilities the node registered, checked to belong to `owner` (as get_node)."""
+        cached = self._nodes.get(node_id)
+        if cached is None or time.monotonic() - cached[2] >= CACHE_SECONDS:
+            node = self.get_node(node_id, owner)
+            if len(self._nodes) >= MAX_CACHED:
+                self._nodes.clear()
+            self._nodes[node_id] = (node.owner, node.capabilities, time.monotonic())
+            return node.capabilities
+        if cached[0] != owner:
+            raise NodeOwnedByOther(node_id)
+        return cached[1]
 
     def get_node(self, node_id: str, owner: str) -> NodeRecord:
         """The node, checked to belong to `owner`; NodeNotFound / NodeOwnedByOther otherwise."""
