@@ -12,8 +12,8 @@ import grpc
 from hivemind_worker.tasks import Resources
 from hivemind_worker.pool.common import Context, LoginThrottle, PoolConfig, PoolStats, Refused
 from hivemind_worker.pool.heartbeats import HeartbeatBatcher
+from hivemind_worker.pool.interface import TaskStore
 from hivemind_worker.pool.records import TaskNeed
-from hivemind_worker.pool.store import PoolStore
 from hivemind_worker.pool.waiters import Waiter, WaiterQueue
 from hivemind_worker.protocol import nodepool_pb2 as pb
 
@@ -43,7 +43,7 @@ class PollRequest:
 class PoolCore:
     """What both services share: config, store, stats, auth, long-polls and heartbeats."""
 
-    def __init__(self, config: PoolConfig, store: PoolStore, stats: PoolStats) -> None:
+    def __init__(self, config: PoolConfig, store: TaskStore, stats: PoolStats) -> None:
         self.config = config
         self.store = store
         self.stats = stats

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from hivemind_worker.pool.interface import TaskStore
 from hivemind_worker.pool.records import Heartbeat, HeartbeatOutcome
-from hivemind_worker.pool.store import PoolStore
 
 log = logging.getLogger("hivemind_worker.pool")
 
@@ -26,7 +26,7 @@ class HeartbeatBatcher:
     renewed before it is.
     """
 
-    def __init__(self, store: PoolStore, lease_seconds: float) -> None:
+    def __init__(self, store: TaskStore, lease_seconds: float) -> None:
         self._store = store
         self._lease_seconds = lease_seconds
         self._pending: list[tuple[Heartbeat, asyncio.Future[HeartbeatOutcome]]] = []
