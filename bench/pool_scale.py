@@ -56,15 +56,37 @@ def pct(values: list[float], q: float) -> float:
 
 def serve(args: argparse.Namespace) -> None:
     """The pool in this process; SIGUSR1 starts the measured window, SIGTERM ends it."""
+    import logging
+
     from hivemind_worker.pool.server import PoolConfig, PoolServer
     from hivemind_worker.pool.store import PoolStore
-
-    import logging
 
     logging.basicConfig(level=logging.WARNING)  # a log line per RPC would measure the logging
     store = PoolStore(args.db)
     store.add_user(USER, PASSWORD)
     store.close()
+
+    from hivemind_worker.pool import server as pool_server
+
+    handler_seconds: dict[str, list[float]] = defaultdict(list)
+
+    def timed(name: str) -> None:  # each handler's own time, to tell queueing from service
+        inner = getattr(pool_server.NodeManagerService, name)
+
+        async def wrapper(self: Any, request: Any, context: Any) -> Any:
+            start = time.perf_counter()
+            if getattr(request, "timestamp_unix_ms", 0):  # sent -> handler start: queueing
+                queued = time.time() - request.timestamp_unix_ms / 1000
+                handler_seconds["UpdateNodeStatus queued"].append(queued)
+            try:
+                return await inner(self, request, context)
+            finally:
+                handler_seconds[name].append(time.perf_counter() - start)
+
+        setattr(pool_server.NodeManagerService, name, wrapper)
+
+    for name in ("UpdateNodeStatus", "ReportTaskResult"):
+        timed(name)
 
     async def main() -> None:
         pool = PoolServer(PoolConfig(db_path=Path(args.db), listen="127.0.0.1:0"))
@@ -77,6 +99,7 @@ def serve(args: argparse.Namespace) -> None:
 
         def mark() -> None:
             lags.clear()
+            handler_seconds.clear()
             pool.store.tx_seconds.clear()
             marks.update(
                 writes=pool.store.write_transactions,
@@ -112,6 +135,10 @@ def serve(args: argparse.Namespace) -> None:
             "lag_p50_ms": pct(lags, 0.5) * 1000,
             "lag_p99_ms": pct(lags, 0.99) * 1000,
             "lag_max_ms": max(lags, default=0.0) * 1000,
+            "handler_ms": {
+                name: [pct(v, 0.5) * 1000, pct(v, 0.99) * 1000]
+                for name, v in handler_seconds.items()
+            },
         }
         await asyncio.to_thread(Path(args.stats_file).write_text, json.dumps(out))
         await pool.stop(0)
@@ -135,7 +162,12 @@ class Fleet:
 
     def __init__(self, address: str, prefix: str, count: int) -> None:
         channels = max(1, (count + WORKERS_PER_CHANNEL - 1) // WORKERS_PER_CHANNEL)
-        options = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_permit_without_calls", 1)]
+        # Own connections: gRPC would otherwise share one among channels with the same target.
+        options = [
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
         self.channels = [
             grpc.aio.insecure_channel(address, options=options) for _ in range(channels)
         ]
@@ -162,9 +194,7 @@ class Fleet:
                 key = f"{name} {exc.code().name}"
                 self.errors[key] += 1
                 elapsed = time.perf_counter() - start
-                self.details.setdefault(
-                    key, f"{str(exc.details())[:200]} after {elapsed:.1f} s: {exc.debug_error_string()}"
-                )
+                self.details.setdefault(key, f"{exc.details()!s:.200} after {elapsed:.1f} s")
             return None
         if self.measuring:
             self.latency[name].append(time.perf_counter() - start)
@@ -203,6 +233,7 @@ class Fleet:
                 request = pb.UpdateNodeStatusRequest(
                     node_id=node_id,
                     status=pb.NODE_STATUS_BUSY if running else pb.NODE_STATUS_IDLE,
+                    timestamp_unix_ms=int(time.time() * 1000),
                     running=[pb.RunningTask(lease_id=lease) for lease in running],
                 )
                 await self.call("UpdateNodeStatus", stub.UpdateNodeStatus, request, RPC_DEADLINE)
@@ -578,7 +609,9 @@ def main() -> None:
     w.add_argument("--prefix", required=True)
     w.add_argument("--count", type=int, required=True)
     parser.add_argument(
-        "--ladder", type=lambda v: [int(x) for x in v.split(",") if x], default=[100, 1000, 3000, 10000]
+        "--ladder",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[100, 1000, 3000, 10000],
     )
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--seconds", type=float, default=30.0)
