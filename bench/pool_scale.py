@@ -89,7 +89,10 @@ def serve(args: argparse.Namespace) -> None:
         timed(name)
 
     async def main() -> None:
-        pool = PoolServer(PoolConfig(db_path=Path(args.db), listen="127.0.0.1:0"))
+        config = PoolConfig(db_path=Path(args.db), listen="127.0.0.1:0")
+        if args.heartbeat_interval:
+            config.heartbeat_interval = args.heartbeat_interval
+        pool = PoolServer(config)
         await pool.start()
         await asyncio.to_thread(Path(args.port_file).write_text, str(pool.port))
         core = pool._core
@@ -315,8 +318,11 @@ def workers(args: argparse.Namespace) -> None:
 class Rung:
     """One measured run: a fresh pool, `workers` simulated workers, submits for `seconds`."""
 
-    def __init__(self, home: Path, workers: int, rate: float | None, seconds: float) -> None:
+    def __init__(
+        self, home: Path, workers: int, rate: float | None, seconds: float, heartbeat: int = 0
+    ) -> None:
         self.home = home
+        self.heartbeat = heartbeat  # 0: the pool's default interval
         self.workers = workers
         self.rate = rate  # None: as fast as the pool accepts
         self.seconds = seconds
@@ -344,6 +350,8 @@ class Rung:
         port_file, stats_file = self.home / "port", self.home / "pool-stats.json"
         pool = self.spawn(
             "serve",
+            "--heartbeat-interval",
+            str(self.heartbeat),
             "--db",
             str(self.db),
             "--port-file",
@@ -478,6 +486,7 @@ class Rung:
         latency["SubmitTask"] = submit_latency
         return {
             "workers": self.workers,
+            "heartbeat": self.heartbeat,
             "rate": self.rate,
             "window_s": window,
             "drain_s": drain,
@@ -538,8 +547,9 @@ def row(r: dict[str, Any]) -> str:
         )
     )
     rate = f"{r['rate']:g}" if r["rate"] else "max"
+    workers = f"{r['workers']:,}" + (f" (heartbeat {r['heartbeat']} s)" if r["heartbeat"] else "")
     return (
-        f"| {r['workers']:,} | {rate} | {lat('UpdateNodeStatus')} | {lat('GetAssignedTasks')} "
+        f"| {workers} | {rate} | {lat('UpdateNodeStatus')} | {lat('GetAssignedTasks')} "
         f"| {lat('ReportTaskResult')} | {lat('SubmitTask')} "
         f"| {r['handout_p50_ms']:.1f} / {r['handout_p99_ms']:.1f} "
         f"| {r['completed_per_s']:.1f} | {errors} | {once} "
@@ -586,7 +596,7 @@ async def orchestrate(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     for workers, rate in plan:
         with tempfile.TemporaryDirectory(prefix="pool-scale-") as tmp:
-            rung = Rung(Path(tmp), workers, rate, args.seconds)
+            rung = Rung(Path(tmp), workers, rate, args.seconds, args.heartbeat_interval)
             try:
                 result = await asyncio.wait_for(rung.run(args.processes), args.seconds + 300)
             finally:
@@ -604,6 +614,7 @@ def main() -> None:
     s.add_argument("--db", required=True)
     s.add_argument("--port-file", required=True)
     s.add_argument("--stats-file", required=True)
+    s.add_argument("--heartbeat-interval", type=int, default=0)
     w = sub.add_parser("workers")
     w.add_argument("--address", required=True)
     w.add_argument("--prefix", required=True)
@@ -617,6 +628,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--max-workers", type=int, default=1000, help="0: no max-throughput run")
     parser.add_argument("--processes", type=int, default=PROCESSES)
+    parser.add_argument(
+        "--heartbeat-interval", type=int, default=0, help="seconds; 0: the pool's default"
+    )
     parser.add_argument("--no-write", action="store_true", help="print, leave docs alone")
     args = parser.parse_args()
     if args.command == "serve":
