@@ -590,13 +590,16 @@ PROCESSES = 4
 
 
 async def orchestrate(args: argparse.Namespace) -> list[dict[str, Any]]:
-    plan: list[tuple[int, float | None]] = [(n, args.rate) for n in args.ladder]
+    hb = args.heartbeat_interval
+    plan: list[tuple[int, float | None, int]] = [(n, args.rate, hb) for n in args.ladder]
     if args.max_workers:
-        plan.append((args.max_workers, None))
+        plan.append((args.max_workers, None, hb))
+    if args.also_heartbeat and args.ladder:  # the largest rung again, with a longer interval
+        plan.append((max(args.ladder), args.rate, args.also_heartbeat))
     results = []
-    for workers, rate in plan:
+    for workers, rate, heartbeat in plan:
         with tempfile.TemporaryDirectory(prefix="pool-scale-") as tmp:
-            rung = Rung(Path(tmp), workers, rate, args.seconds, args.heartbeat_interval)
+            rung = Rung(Path(tmp), workers, rate, args.seconds, heartbeat)
             try:
                 result = await asyncio.wait_for(rung.run(args.processes), args.seconds + 300)
             finally:
@@ -630,6 +633,12 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=PROCESSES)
     parser.add_argument(
         "--heartbeat-interval", type=int, default=0, help="seconds; 0: the pool's default"
+    )
+    parser.add_argument(
+        "--also-heartbeat",
+        type=int,
+        default=0,
+        help="run the largest rung once more with this heartbeat interval (seconds)",
     )
     parser.add_argument("--no-write", action="store_true", help="print, leave docs alone")
     args = parser.parse_args()
