@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from hivemind_worker.engine.tasks import GiB, Resources, TaskSpec
 from hivemind_worker.pool.heartbeats import MAX_BATCH, HeartbeatBatcher
 from hivemind_worker.pool.records import Heartbeat
 from hivemind_worker.pool.store import PoolStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import GiB, Resources, TaskSpec
 
 BIG = Resources(8, 8 * GiB, 100 * GiB, 0)
 

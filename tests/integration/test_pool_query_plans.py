@@ -6,10 +6,10 @@ import hashlib
 import re
 from pathlib import Path
 
-from hivemind_worker.engine.tasks import GiB, Resources, TaskSpec, TaskStatus
 from hivemind_worker.pool.records import Heartbeat
 from hivemind_worker.pool.store import PoolStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import GiB, Resources, TaskSpec, TaskStatus
 
 BIG = Resources(8, 8 * GiB, 100 * GiB, 0)
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from hivemind_worker.engine.tasks import GiB, MiB, Resources, TaskSpec
 from hivemind_worker.pool.core import PollRequest
 from hivemind_worker.pool.records import TaskNeed
 from hivemind_worker.pool.server import PoolConfig, PoolServer
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.protocol import nodepool_pb2_grpc as pb_grpc
+from hivemind_worker.tasks import GiB, MiB, Resources, TaskSpec
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from hivemind_worker.engine.tasks import GiB, MiB, Resources, TaskKind
 from hivemind_worker.pool.records import TaskNeed
 from hivemind_worker.pool.waiters import Waiter, WaiterQueue
+from hivemind_worker.tasks import GiB, MiB, Resources, TaskKind
 
 BIG = Resources(8, 8 * GiB, 100 * GiB, 0)
 

@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 
 import grpc
 
-from hivemind_worker.tasks import MAX_ID_LEN, GiB, MiB, TaskSpecError
 from hivemind_worker.pool.store import (
     DuplicateTask,
     NodeNotFound,
@@ -25,6 +24,7 @@ from hivemind_worker.pool.store import (
     TokenExpired,
 )
 from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import MAX_ID_LEN, GiB, MiB, TaskSpecError
 
 log = logging.getLogger("hivemind_worker.pool")
 

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from hivemind_worker.tasks import Resources
 from hivemind_worker.pool.common import Context, LoginThrottle, PoolConfig, PoolStats, Refused
 from hivemind_worker.pool.heartbeats import HeartbeatBatcher
 from hivemind_worker.pool.interface import TaskStore
 from hivemind_worker.pool.records import TaskNeed
 from hivemind_worker.pool.waiters import Waiter, WaiterQueue
 from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import Resources
 
 log = logging.getLogger("hivemind_worker.pool")
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from hivemind_worker.engine.tasks import Resources, TaskSpec, TaskStatus
 from hivemind_worker.pool.records import (
     ExpiryOutcome,
     Heartbeat,
@@ -31,6 +30,7 @@ from hivemind_worker.pool.records import (
     TaskRecord,
 )
 from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import Resources, TaskSpec, TaskStatus
 
 
 class TaskStore(Protocol):

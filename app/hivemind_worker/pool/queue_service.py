@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from hivemind_worker.tasks import TaskSpec, TaskSpecError, TaskStatus
 from hivemind_worker.pool.common import (
     MAX_LIST_LIMIT,
     MAX_MAX_ATTEMPTS,
@@ -23,6 +22,7 @@ from hivemind_worker.pool.records import TaskNeed
 from hivemind_worker.pool.store import StoreError
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.protocol import nodepool_pb2_grpc as pb_grpc
+from hivemind_worker.tasks import TaskSpec, TaskSpecError, TaskStatus
 
 log = logging.getLogger("hivemind_worker.pool")
 

@@ -11,8 +11,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from hivemind_worker.tasks import Resources, TaskKind, TaskSpec, TaskStatus
 from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import Resources, TaskKind, TaskSpec, TaskStatus
 
 #: What a Python task can run on, and what a container task can run on.
 KIND_CAPABILITIES: dict[TaskKind, frozenset[str]] = {

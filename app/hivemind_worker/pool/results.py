@@ -6,9 +6,9 @@ import sqlite3
 import uuid
 from collections.abc import Iterable
 
-from hivemind_worker.tasks import TaskStatus
 from hivemind_worker.pool.database import Database
 from hivemind_worker.pool.records import ResultInfo, StaleLease, StoreError
+from hivemind_worker.tasks import TaskStatus
 
 
 class ResultStore(Database):

@@ -18,7 +18,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hivemind_worker import __version__
 from hivemind_worker.net import is_loopback_host
-from hivemind_worker.tasks import MAX_ID_LEN, Resources, TaskSpecError, TaskStatus
 from hivemind_worker.pool.common import (
     CHUNK_BYTES,
     MAX_CAPABILITIES,
@@ -53,6 +52,7 @@ from hivemind_worker.pool.store import (
 )
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.protocol import nodepool_pb2_grpc as pb_grpc
+from hivemind_worker.tasks import MAX_ID_LEN, Resources, TaskSpecError, TaskStatus
 
 __all__ = [
     "LoginThrottle",

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from hivemind_worker.tasks import Resources, TaskSpec, TaskStatus
 from hivemind_worker.pool.records import (
     KIND_CAPABILITIES,
     MAX_ERROR_CHARS,
@@ -41,6 +40,7 @@ from hivemind_worker.pool.records import (
 from hivemind_worker.pool.results import ResultStore
 from hivemind_worker.pool.schema import SCHEMA_VERSION
 from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import Resources, TaskSpec, TaskStatus
 
 #: How long a node's owner and capabilities are trusted without reading them again (seconds).
 CACHE_SECONDS = 5.0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from hivemind_worker.tasks import Resources, TaskKind
 from hivemind_worker.pool.records import KIND_CAPABILITIES, TaskNeed
+from hivemind_worker.tasks import Resources, TaskKind
 
 
 @dataclass(eq=False)
