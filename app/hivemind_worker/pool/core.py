@@ -83,15 +83,7 @@ class PoolCore:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
-            specs = self.store.lease_tasks(
-                poll.node_id,
-                poll.free,
-                poll.max_tasks,
-                poll.capabilities,
-                lease_seconds=self.config.lease_timeout,
-                max_timeout_seconds=poll.max_timeout_seconds,
-                networks=poll.networks,
-            )
+            specs = self._lease(poll)
             if specs:
                 return specs
             left = deadline - loop.time()
@@ -100,22 +92,26 @@ class PoolCore:
             woken_for = await self._park(poll, left)
             if woken_for is None:
                 return []
-            specs = self.store.lease_tasks(
-                poll.node_id,
-                poll.free,
-                poll.max_tasks,
-                poll.capabilities,
-                lease_seconds=self.config.lease_timeout,
-                max_timeout_seconds=poll.max_timeout_seconds,
-                networks=poll.networks,
-            )
+            specs = self._lease(poll)
             if specs:
                 if woken_for.task_id not in {s.task_id for s in specs}:
                     # It took an older task that fits; the one it was woken for may still
                     # be queued. (Only after a lease: an empty one means it is gone.)
                     self.offer_queued([woken_for.task_id])
                 return specs
-            # Someone else took the task first (a new poll, or an earlier-woken one).
+            # Someone else took the task first (a new poll, or an earlier-woken one): park
+            # again. The read at the top of the loop finds nothing and writes nothing.
+
+    def _lease(self, poll: PollRequest) -> list[pb.TaskSpec]:
+        return self.store.lease_tasks(
+            poll.node_id,
+            poll.free,
+            poll.max_tasks,
+            poll.capabilities,
+            lease_seconds=self.config.lease_timeout,
+            max_timeout_seconds=poll.max_timeout_seconds,
+            networks=poll.networks,
+        )
 
     async def _park(self, poll: PollRequest, timeout: float) -> TaskNeed | None:
         """Wait in the queue until woken (the task offered) or `timeout` ends (None)."""
