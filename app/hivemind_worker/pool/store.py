@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import secrets
 import sqlite3
 import time
 import uuid
@@ -32,13 +31,12 @@ from hivemind_worker.pool.records import (
     TaskRecord,
     TokenExpired,
     _task_record,
-    _token_digest,
     hash_password,
     now_ms,
     verify_password,
 )
-from hivemind_worker.pool.results import ResultStore
 from hivemind_worker.pool.schema import SCHEMA_VERSION
+from hivemind_worker.pool.users import UserStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.tasks import Resources, TaskSpec, TaskStatus
 
@@ -71,7 +69,7 @@ __all__ = [
 ]
 
 
-class PoolStore(ResultStore):
+class PoolStore(UserStore):
     """The pool's state in one SQLite file: the seam a pool server talks to (pool/interface.py).
 
     One connection, used from one thread only: the pool server calls it inline on its event
@@ -96,61 +94,6 @@ class PoolStore(ResultStore):
             "INSERT OR IGNORE INTO garbage_blobs(blob_id) SELECT DISTINCT blob_id"
             " FROM blob_chunks WHERE blob_id NOT IN (SELECT blob_id FROM results)"
         )
-
-    # ------------------------------------------------------------ users, tokens
-
-    def add_user(self, username: str, password: str) -> bool:
-        """Create the user, or set a new password and revoke its sessions; True if created."""
-        stored = hash_password(password)
-        with self._tx() as db:
-            exists = db.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone()
-            if exists:
-                db.execute("UPDATE users SET password = ? WHERE username = ?", (stored, username))
-                db.execute("DELETE FROM tokens WHERE username = ?", (username,))
-                return False
-            db.execute(
-                "INSERT INTO users(username, password, created_ms) VALUES(?, ?, ?)",
-                (username, stored, now_ms()),
-            )
-            return True
-
-    def password_hash(self, username: str) -> str | None:
-        row = self._db.execute(
-            "SELECT password FROM users WHERE username = ?", (username,)
-        ).fetchone()
-        return None if row is None else str(row["password"])
-
-    def check_password(self, username: str, password: str) -> bool:
-        return verify_password(password, self.password_hash(username))
-
-    def issue_token(self, username: str, ttl_seconds: int) -> tuple[str, int]:
-        """A new session token and its expiry (unix ms); only its sha256 is stored."""
-        token = secrets.token_urlsafe(32)
-        now = now_ms()
-        expires = now + ttl_seconds * 1000
-        with self._tx() as db:
-            db.execute("DELETE FROM tokens WHERE expires_ms <= ?", (now,))
-            db.execute(
-                "INSERT INTO tokens(token_sha256, username, expires_ms) VALUES(?, ?, ?)",
-                (_token_digest(token), username, expires),
-            )
-        return token, expires
-
-    def token_user(self, token: str, now: int | None = None) -> str | None:
-        """The user a token belongs to; None if unknown, TokenExpired if expired.
-
-        Read every time (about 12 us), never cached: a password changed by `hivemind-pool
-        add-user` from another process signs the old sessions out at once.
-        """
-        row = self._db.execute(
-            "SELECT username, expires_ms FROM tokens WHERE token_sha256 = ?",
-            (_token_digest(token),),
-        ).fetchone()
-        if row is None:
-            return None
-        if int(row["expires_ms"]) <= (now if now is not None else now_ms()):
-            raise TokenExpired()
-        return str(row["username"])
 
     # -------------------------------------------------------------------- nodes
 
