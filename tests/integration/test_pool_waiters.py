@@ -197,3 +197,44 @@ async def test_a_woken_poll_whose_caller_left_passes_its_task_to_the_next(
     (spec,) = await asyncio.wait_for(second, GUARD)
     assert spec.task_id == task_id
     assert pool.store.get_task(task_id).node_id == "n2"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("how", ["lease expires", "worker gives it back"])
+async def test_a_requeued_task_wakes_a_parked_poll(tmp_path: Path, how: str) -> None:
+    # Without the offer on requeue, the parked poll would sit out its 30 s and come back
+    # empty; with it, it is woken and leases the task's second attempt.
+    config = PoolConfig(
+        db_path=tmp_path / "pool.db", listen="127.0.0.1:0", lease_timeout=1, reaper_interval=0.2
+    )
+    pool = PoolServer(config)
+    await pool.start()
+    pool.store.add_user(USER, PASSWORD)
+    fleet = Fleet(pool, channels=1)
+    try:
+        await fleet.login()
+        for node in ("first", "second"):
+            await fleet.register(node, ["process"])
+        task_id = await fleet.submit()
+        (spec,) = (await fleet.poll(0, "first")).tasks
+        waiting = fleet.poll(0, "second")
+        await until(lambda: pool.parked_polls == 1, "the second poll parked")
+        wakeups = pool.wakeups
+        if how == "worker gives it back":
+            await fleet.stubs[0].ReportTaskResult(
+                pb.ReportTaskResultRequest(
+                    node_id="first",
+                    task_id=task_id,
+                    lease_id=spec.lease_id,
+                    status=pb.TASK_STATUS_CANCELLED,
+                ),
+                metadata=fleet.metadata,
+                timeout=GUARD,
+            )
+        # else: "first" sends no heartbeat, and the reaper expires its lease.
+        (again,) = (await waiting).tasks
+        assert (again.task_id, again.attempt) == (task_id, 2)
+        assert again.lease_id != spec.lease_id
+        assert pool.wakeups == wakeups + 1
+    finally:
+        await fleet.close()
+        await pool.stop(0)
