@@ -441,7 +441,7 @@ class Rung:
                     await asyncio.sleep(1)
 
             sampling = asyncio.create_task(sampler())
-            await asyncio.gather(*(flood() for _ in range(16)))
+            await asyncio.gather(*(flood() for _ in range(SUBMITTERS)))
             sampler_done.set()
             await sampling
         window = time.perf_counter() - t0
@@ -589,6 +589,7 @@ def report(results: list[dict[str, Any]], load: tuple[float, float, float], seco
 
 
 PROCESSES = 4
+SUBMITTERS = int(os.environ.get("POOL_SCALE_SUBMITTERS", "16"))  # concurrent submits, max runs
 
 
 async def orchestrate(args: argparse.Namespace) -> list[dict[str, Any]]:
