@@ -1,4 +1,4 @@
-"""The reference Node Pool: NodeManager, TaskQueue and health services over the SQLite store."""
+"""The reference Node Pool: PoolServer (serve, stop, lease reaper) and its worker-facing service."""
 
 from __future__ import annotations
 
