@@ -256,6 +256,9 @@ def test_migrates_a_version_1_database(tmp_path: Path) -> None:
         DROP TABLE blob_chunks;
         DROP TABLE garbage_blobs;
         ALTER TABLE results DROP COLUMN blob_id;
+        DROP INDEX tasks_running_by_expiry;
+        DROP INDEX tasks_cancels_by_node;
+        DROP INDEX tokens_by_expiry;
         PRAGMA user_version = 1;
         COMMIT;
         """
@@ -263,7 +266,7 @@ def test_migrates_a_version_1_database(tmp_path: Path) -> None:
     store.close()
 
     migrated = PoolStore(path)
-    assert int(migrated._db.execute("PRAGMA user_version").fetchone()[0]) == 2
+    assert int(migrated._db.execute("PRAGMA user_version").fetchone()[0]) == 3
     assert migrated.result_bytes(tid) == data
     assert _garbage(migrated) == (0, 2)
     migrated.close()
