@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.pool.store import (
     DuplicateTask,
     NodeNotFound,
@@ -115,8 +116,11 @@ class PoolStats:
     uploads: int = 0
 
 
-class PoolStartError(RuntimeError):
+class PoolStartError(HiveMindError):
     """The pool cannot start (address in use, TLS files missing, plaintext refused...)."""
+
+    kind = ErrorKind.BAD_SETTING
+    title = "The pool cannot start"
 
 
 class Refused(Exception):

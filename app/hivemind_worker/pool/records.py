@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.tasks import Resources, TaskKind, TaskSpec, TaskStatus
 
@@ -34,8 +35,11 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class StoreError(Exception):
+class StoreError(HiveMindError):
     """A request the store refuses; `str()` is the reason given to the caller."""
+
+    kind = ErrorKind.POOL_REFUSED
+    title = "Request refused"
 
 
 class DuplicateTask(StoreError):
