@@ -32,6 +32,7 @@ class StateChanged:
     message: str = ""
     retry_at: float | None = None  # epoch seconds of the next attempt, in CONNECTING or ERROR
     error_kind: ErrorKind | None = None  # why, in CONNECTING or ERROR
+    details: str = ""  # the raw library text behind `message`, for a Details box and the log
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,16 @@ __all__ = [
     "verify_password",
 ]
 
+# Version 3: tasks a person cancelled on their own node, never to be leased to that node again
+# (ReportTaskResultRequest.exclude_this_node). Deleted with the task.
+_MIGRATE_V3 = """
+CREATE TABLE task_exclusions (
+    task_id TEXT NOT NULL REFERENCES tasks(task_id) ON DELETE CASCADE,
+    node_id TEXT NOT NULL,
+    PRIMARY KEY (task_id, node_id)
+);
+"""
+
 
 class PoolStore(UserStore):
     """The pool's state in one SQLite file: the seam a pool server talks to (pool/interface.py).
@@ -483,13 +493,15 @@ class PoolStore(UserStore):
         started_ms: int = 0,
         finished_ms: int = 0,
         usage: dict[str, float] | None = None,
+        exclude_node: bool = False,
         now: int | None = None,
     ) -> ReportOutcome:
         """Record a worker's final report for its lease; idempotent per lease.
 
         CANCELLED wins over whatever the worker says once the submitter asked to cancel. A
         CANCELLED report nobody asked for means the worker gave the task back (it stopped or
-        was drained): the task is requeued like an expired lease, attempt + 1.
+        was drained): the task is requeued like an expired lease, attempt + 1; with
+        `exclude_node` (the person cancelled it there) it is never leased to that node again.
         """
         now = now if now is not None else now_ms()
         with self._tx() as db:
@@ -545,6 +557,11 @@ class PoolStore(UserStore):
                     (TaskStatus.QUEUED.value, task_id),
                 )
                 db.execute("DELETE FROM results WHERE task_id = ?", (task_id,))
+                if exclude_node:
+                    db.execute(
+                        "INSERT OR IGNORE INTO task_exclusions(task_id, node_id) VALUES(?, ?)",
+                        (task_id, node_id),
+                    )
             else:
                 db.execute(
                     "UPDATE tasks SET status = ?, lease_expires_ms = NULL, exit_code = ?,"
