@@ -16,7 +16,13 @@ from typing import Any
 
 from PySide6.QtCore import QByteArray, QObject, Qt, QTimer, Signal
 from PySide6.QtNetwork import QLocalServer, QLocalSocket
-from PySide6.QtWidgets import QApplication, QMessageBox, QProgressDialog, QSystemTrayIcon
+from PySide6.QtWidgets import (
+    QApplication,
+    QMessageBox,
+    QProgressBar,
+    QProgressDialog,
+    QSystemTrayIcon,
+)
 
 from hivemind_worker import __version__
 from hivemind_worker.config import Settings, read_state, save_settings
@@ -32,9 +38,10 @@ from hivemind_worker.gui.engine_thread import (
     install_excepthooks,
 )
 from hivemind_worker.gui.icons import app_icon
-from hivemind_worker.gui.model import WorkerModel
+from hivemind_worker.gui.model import Status, WorkerModel, describe
 from hivemind_worker.gui.settings_dialog import SettingsDialog
 from hivemind_worker.gui.tray import Tray, needs_person
+from hivemind_worker.gui.words import cap_warning, for_kind
 from hivemind_worker.paths import Paths
 from hivemind_worker.wiring import make_engine
 
@@ -42,6 +49,17 @@ log = logging.getLogger(__name__)
 
 SHOW_MESSAGE = b"show\n"
 SNOOZE_CHECK_MS = 15_000
+CONTRIBUTING_KEY = "contributing"  # in the state file: resume contributing at the next start
+
+
+def was_contributing(paths: Paths) -> bool:
+    """Whether the person left the app contributing (quitting keeps it; Stop and sign-out end
+    it), so that the next start, at login say, carries on."""
+    return read_state(paths).get(CONTRIBUTING_KEY) is True
+
+
+def should_start(settings: Settings, paths: Paths) -> bool:
+    return settings.start_on_launch or was_contributing(paths)
 
 
 def instance_name(paths: Paths) -> str:
@@ -133,8 +151,11 @@ class WorkerApp(QObject):
         self.engine_thread = EngineThread(
             engine, self.bridge, autostart=autostart_engine, before=before, after=after
         )
-        self.dashboard = Dashboard(self.model, close_to_tray=self._close_to_tray)
-        self.tray = Tray(self.model)
+        self.signed_out = False  # the person signed out: no account until they sign in again
+        self.dashboard = Dashboard(
+            self.model, close_to_tray=self._close_to_tray, status=self.status
+        )
+        self.tray = Tray(self.model, status=self.status)
         self.show_tray = show_tray and QSystemTrayIcon.isSystemTrayAvailable()
         self.settings_dialog: SettingsDialog | None = None
         self.progress: QProgressDialog | None = None
@@ -157,6 +178,7 @@ class WorkerApp(QObject):
             (d.resumeRequested, self.resume),
             (t.resumeRequested, self.resume),
             (d.stopRequested, self.stop),
+            (t.stopRequested, self.stop),
             (d.settingsRequested, self.open_settings),
             (t.settingsRequested, self.open_settings),
             (d.quitRequested, self.quit),
@@ -171,6 +193,8 @@ class WorkerApp(QObject):
         self.bridge.error.connect(self._on_error)
         self.bridge.engineStopped.connect(self._on_engine_stopped)
         self.model.stateChanged.connect(self._update_connection)
+        self.model.tasksChanged.connect(self.dashboard._update_state)
+        self.model.stateChanged.connect(self.dashboard._update_results)
         self.settingsChangedOnLoop.connect(self._on_settings_from_loop)
 
     # ------------------------------------------------------------------ lifecycle
@@ -214,6 +238,10 @@ class WorkerApp(QObject):
             self.dashboard if self.dashboard.isVisible() else None,
         )
         self.progress.setWindowTitle("Quitting HiveMind Worker")
+        # The label says how long is left; a percentage on the bar would only straddle it.
+        bar = QProgressBar(self.progress)
+        bar.setTextVisible(False)
+        self.progress.setBar(bar)
         self.progress.setWindowModality(Qt.WindowModality.ApplicationModal)
         self.progress.setMinimumDuration(0)
         self.progress.setAutoClose(False)
@@ -280,9 +308,21 @@ class WorkerApp(QObject):
 
     # ------------------------------------------------------------------ commands
 
+    def status(self) -> Status:
+        """What the header, the tray icon and its tooltip show, all from one place."""
+        return describe(self.model, self.settings.node_pool_address, cap_warning(self.settings))
+
+    def _remember_contributing(self, on: bool) -> None:
+        def put(state: dict[str, Any]) -> None:
+            state[CONTRIBUTING_KEY] = on
+
+        self.model.write_state(put)
+
     def start(self) -> None:
-        self.snooze_until = None
+        self._set_snooze(None)
+        self.signed_out = False
         self.engine.start()
+        self._remember_contributing(True)
         if self.model.state is EngineState.PAUSED:
             self.engine.resume()
 
@@ -290,23 +330,30 @@ class WorkerApp(QObject):
         self.engine.pause()
 
     def resume(self) -> None:
-        self.snooze_until = None
-        self._snooze_timer.stop()
+        self._set_snooze(None)
         self.engine.resume()
 
     def stop(self) -> None:
-        self.snooze_until = None
+        self._set_snooze(None)
         self.engine.stop()
+        self._remember_contributing(False)
 
     def cancel_task(self, task_id: str) -> None:
-        self.model.add_log("task", f"Cancelling {task_id}")
+        name = self.model.running[task_id].name if task_id in self.model.running else task_id
+        self.model.add_log("task", f"Cancelling {name}; the pool will not send it here again")
         self.engine.cancel_task(task_id)
 
+    def _set_snooze(self, until: float | None) -> None:
+        self.snooze_until = until
+        if until is None:
+            self._snooze_timer.stop()
+        self.model.set_snooze(until)
+
     def snooze(self, seconds: float) -> None:
-        self.snooze_until = time.time() + seconds
         self.engine.pause()
+        self._set_snooze(time.time() + seconds)
         self._snooze_timer.start()
-        until = time.strftime("%H:%M", time.localtime(self.snooze_until))
+        until = time.strftime("%H:%M", time.localtime(time.time() + seconds))
         self.model.add_log("state", f"Snoozed until {until}")
 
     def _check_snooze(self) -> None:
@@ -321,7 +368,7 @@ class WorkerApp(QObject):
                 self.paths,
                 self.credentials,
                 self.engine_thread,
-                set_autostart=lambda on: autostart().set_enabled(on),
+                set_autostart=lambda on: autostart(self.paths).set_enabled(on),
                 persist=self._persist,
                 parent=self.dashboard,
             )
@@ -353,11 +400,22 @@ class WorkerApp(QObject):
         self.settings = settings
         self.engine.apply_settings(settings)
         self._update_connection()
+        self.model.stateChanged.emit()  # the header re-checks the caps
         self.model.add_log("state", "Settings applied")
 
     def _on_login_changed(self, account: str) -> None:
         if account:
+            self.signed_out = False
             self.apply_settings(dataclasses.replace(self.settings, account=account))
+            return
+        # Signed out: take no new task, let running ones finish and deliver (the session
+        # stays up for that), then stop. Starting again needs a new sign-in.
+        self.signed_out = True
+        self._remember_contributing(False)
+        if self.model.state is not EngineState.STOPPED:
+            self.engine.drain()
+        self.model.add_log("state", "Signed out: no new tasks; running ones finish")
+        self._update_connection()
 
     def _on_settings_from_loop(self, settings: Settings) -> None:
         self.settings = settings
@@ -372,22 +430,23 @@ class WorkerApp(QObject):
 
     def _update_connection(self) -> None:
         s = self.settings
-        account = s.account or "no account set"
-        connected = self.model.state in (
-            EngineState.IDLE,
-            EngineState.BUSY,
-            EngineState.PAUSED,
-            EngineState.DRAINING,
+        account = (
+            "signed out" if self.signed_out or not s.account else f"signed in as {s.account}"
+        )
+        sandbox = (
+            "tasks run in Docker containers"
+            if self.engine.executor.capability == "docker"
+            else "tasks run in the process sandbox"
         )
         self.dashboard.set_connection(
-            f"Pool {s.node_pool_address} ({'connected' if connected else 'not connected'}) · "
-            f"account {account} · node {self.engine.node_id} · "
-            f"{self.engine.executor.capability} sandbox · v{__version__}"
+            f"Pool {s.node_pool_address} · {account} · {sandbox} · v{__version__}"
         )
 
     def _on_error(self, event: ErrorRaised) -> None:
         if needs_person(event):
-            self.tray.notify(event.title, event.message)
+            # Words from the kind; the engine's own text is in the event log and the log file.
+            words = for_kind(event.kind, self.settings.node_pool_address)
+            self.tray.notify(event.title, words.text)
 
     def show_crash(self, title: str, details: str) -> None:
         self.model.add_log("error", f"{title}: {details.strip().splitlines()[-1]}")
@@ -451,7 +510,7 @@ def run_gui(
     credentials = CredentialStore(paths)
     engine = make_engine(settings, paths, credentials, demo=demo_tasks is not None)
     before = after = None
-    autostart_engine = settings.start_on_launch
+    autostart_engine = should_start(settings, paths)
     window: list[WorkerApp] = []
     if demo_tasks is not None:
         from hivemind_worker.demo import DemoPool

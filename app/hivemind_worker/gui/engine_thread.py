@@ -18,6 +18,7 @@ from hivemind_worker.engine.engine import WorkerEngine
 from hivemind_worker.engine.events import (
     ErrorRaised,
     Event,
+    ImagePull,
     MetricsSample,
     ResultDelivered,
     StateChanged,
@@ -39,9 +40,11 @@ class Bridge(QObject):
     slot connected here runs on the GUI thread (the Electrum pattern).
     """
 
+    event = Signal(object)  # every event, whatever its type
     stateChanged = Signal(object)  # StateChanged
     metrics = Signal(object)  # MetricsSample
     taskStarted = Signal(object)  # TaskStarted
+    imagePull = Signal(object)  # ImagePull
     taskOutput = Signal(object)  # TaskOutput
     taskFinished = Signal(object)  # TaskFinished
     resultDelivered = Signal(object)  # ResultDelivered
@@ -50,21 +53,26 @@ class Bridge(QObject):
     engineStopped = Signal()  # engine.run() returned: the thread is about to end
 
     def publish(self, event: Event) -> None:
-        match event:
-            case StateChanged():
-                self.stateChanged.emit(event)
-            case MetricsSample():
-                self.metrics.emit(event)
-            case TaskStarted():
-                self.taskStarted.emit(event)
-            case TaskOutput():
-                self.taskOutput.emit(event)
-            case TaskFinished():
-                self.taskFinished.emit(event)
-            case ResultDelivered():
-                self.resultDelivered.emit(event)
-            case ErrorRaised():
-                self.error.emit(event)
+        name = SIGNALS.get(type(event))
+        if name is None:
+            # A new event type nobody mapped: said loudly, and still on `event`.
+            log.error("the GUI has no signal for %s events", type(event).__name__)
+        else:
+            getattr(self, name).emit(event)
+        self.event.emit(event)
+
+
+# One signal per event type; a test checks that every member of `Event` is here.
+SIGNALS: dict[type, str] = {
+    StateChanged: "stateChanged",
+    MetricsSample: "metrics",
+    TaskStarted: "taskStarted",
+    ImagePull: "imagePull",
+    TaskOutput: "taskOutput",
+    TaskFinished: "taskFinished",
+    ResultDelivered: "resultDelivered",
+    ErrorRaised: "error",
+}
 
 
 class EngineThread(QThread):
