@@ -377,6 +377,9 @@ class WorkerApp(QObject):
             self.settings_dialog.finished.connect(self._forget_settings_dialog)
         else:
             self.settings_dialog.load(self.settings)
+        self.settings_dialog.show_docker_status(
+            self.engine.executor.capability, self.engine.executor.notice
+        )
         self.settings_dialog.show()
         self.settings_dialog.raise_()
         self.settings_dialog.activateWindow()
