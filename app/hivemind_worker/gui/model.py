@@ -179,6 +179,17 @@ class WorkerModel(QObject):
 
     def _on_state(self, event: StateChanged) -> None:
         changed = event.state != self.state
+        retrying = (
+            event.state is EngineState.CONNECTING
+            and event.error_kind is None
+            and self.state in (EngineState.CONNECTING, EngineState.ERROR)
+            and self.state_kind is not None
+        )
+        if retrying:
+            # Each new attempt after a failure: still the same trouble until it succeeds, so
+            # the header does not flip between "Disconnected" and "Connecting" every retry.
+            self.state = event.state
+            return
         self.state, self.state_message, self.retry_at = event.state, event.message, event.retry_at
         self.state_kind, self.state_details = event.error_kind, event.details
         if changed or event.message:
