@@ -37,6 +37,7 @@ from hivemind_worker.gui.engine_thread import (
     EngineThread,
     install_excepthooks,
 )
+from hivemind_worker.gui.first_run import FirstRunWizard
 from hivemind_worker.gui.icons import app_icon
 from hivemind_worker.gui.model import Status, WorkerModel, describe
 from hivemind_worker.gui.settings_dialog import SettingsDialog
@@ -158,6 +159,7 @@ class WorkerApp(QObject):
         self.tray = Tray(self.model, status=self.status)
         self.show_tray = show_tray and QSystemTrayIcon.isSystemTrayAvailable()
         self.settings_dialog: SettingsDialog | None = None
+        self.setup: FirstRunWizard | None = None
         self.progress: QProgressDialog | None = None
         self.quitting = False
         self.snooze_until: float | None = None
@@ -188,6 +190,7 @@ class WorkerApp(QObject):
         ):
             source.connect(slot)
         d.cancelRequested.connect(self.cancel_task)
+        d.setupRequested.connect(self.open_setup)
         d.geometryChanged.connect(self._save_geometry)
         t.snoozeRequested.connect(self.snooze)
         self.bridge.error.connect(self._on_error)
@@ -204,7 +207,7 @@ class WorkerApp(QObject):
         self.engine_thread.start()
         if self.show_tray:
             self.tray.show()
-        if show_dashboard or not self.show_tray:
+        if show_dashboard or (not self.show_tray and self.setup is None):
             self.dashboard.show_and_raise()
 
     def toggle_dashboard(self) -> None:
@@ -302,6 +305,9 @@ class WorkerApp(QObject):
         if self.settings_dialog is not None:
             self.settings_dialog.deleteLater()
             self.settings_dialog = None
+        if self.setup is not None:
+            self.setup.deleteLater()
+            self.setup = None
         self.tray.menu.deleteLater()
         self.dashboard._tick.stop()
         self.dashboard.deleteLater()
@@ -383,6 +389,43 @@ class WorkerApp(QObject):
         self.settings_dialog.show()
         self.settings_dialog.raise_()
         self.settings_dialog.activateWindow()
+
+    def open_setup(self) -> None:
+        """The first-run flow; also from the menu, to set up again."""
+        if self.setup is None:
+            self.setup = FirstRunWizard(
+                self.settings,
+                self.paths,
+                self.credentials,
+                self.engine_thread,
+                self.engine.executor.capability,
+                parent=None,
+            )
+            self.setup.completed.connect(self._on_setup_done)
+            self.setup.finished.connect(self._forget_setup)
+        self.setup.show()
+        self.setup.raise_()
+        self.setup.activateWindow()
+
+    def _forget_setup(self) -> None:
+        if self.setup is not None:
+            self.setup.deleteLater()
+            self.setup = None
+        if not self.quitting:  # finished or cancelled: the dashboard is where things are
+            self.dashboard.show_and_raise()
+
+    def _on_setup_done(self, settings: Settings, start_now: bool) -> None:
+        try:
+            self._persist(settings)
+            autostart(self.paths).set_enabled(settings.start_at_login)
+        except OSError as exc:
+            log.error("could not save the settings from the first-run flow: %s", exc)
+            self.model.add_log("error", f"Could not save the settings: {exc}")
+        self.signed_out = False
+        self.apply_settings(settings)
+        if start_now:
+            self.start()
+        self.dashboard.show_and_raise()
 
     def _persist(self, settings: Settings) -> None:
         if self.demo:
@@ -540,6 +583,9 @@ def run_gui(
     window.append(worker_app)
     single.activated.connect(worker_app.dashboard.show_and_raise)
     _quit_on_signals(worker_app)
+    if not paths.settings_file.exists() and demo_tasks is None:
+        worker_app.open_setup()  # the first run: the setup flow instead of the dashboard
+        hidden = True
     worker_app.start_engine(show_dashboard=not hidden)
     return app.exec()
 

@@ -152,6 +152,7 @@ class Dashboard(QMainWindow):
     stopRequested = Signal()
     cancelRequested = Signal(str)  # task id
     settingsRequested = Signal()
+    setupRequested = Signal()
     quitRequested = Signal()
     geometryChanged = Signal(QByteArray)
 
@@ -340,6 +341,9 @@ class Dashboard(QMainWindow):
             action.setShortcut(shortcut)
             action.triggered.connect(signal)
             menu.addAction(action)
+        setup = QAction("Set &up again…", self)
+        setup.triggered.connect(self.setupRequested)
+        menu.insertAction(menu.actions()[1], setup)
         close = QAction("&Close window", self)
         close.setShortcut(QKeySequence.StandardKey.Close)
         close.triggered.connect(self.close)
