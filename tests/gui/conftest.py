@@ -41,9 +41,11 @@ def gui_app(qtbot, tmp_path: Path, memory_keyring) -> Iterator[tuple[WorkerApp, 
     app.start_engine(show_dashboard=True)
     # Until the pool's address has reached the app: a test's own settings come after it.
     qtbot.waitUntil(
-        lambda: world.pool is not None
-        and world.pool.port > 0
-        and app.settings.node_pool_address == world.pool.address,
+        lambda: (
+            world.pool is not None
+            and world.pool.port > 0
+            and app.settings.node_pool_address == world.pool.address
+        ),
         timeout=20_000,
     )
     try:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PySide6.QtWidgets import QMessageBox
 
 from helpers.guikit import LoopPool, World, busy_task, make_world
 from helpers.harness import USER, login_token
@@ -17,7 +18,6 @@ from hivemind_worker.config import read_state
 from hivemind_worker.engine.events import EngineState
 from hivemind_worker.gui.app import SingleInstance, WorkerApp
 from hivemind_worker.gui.engine_thread import Bridge, CrashReporter, EngineThread
-from PySide6.QtWidgets import QMessageBox
 from hivemind_worker.pool.store import PoolStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.tasks import Resources, TaskStatus
@@ -388,7 +388,9 @@ def test_a_lost_pool_reads_as_one_sentence_with_the_result_waiting(
     qtbot.waitUntil(lambda: dash.state_label.text() == "Disconnected", timeout=60_000)
     height = dash.state_detail.height()
     qtbot.waitUntil(lambda: len(app.model.results) == 1, timeout=30_000)
-    qtbot.waitUntil(lambda: "will be sent when it is back" in dash.state_detail.text(), timeout=30_000)
+    qtbot.waitUntil(
+        lambda: "will be sent when it is back" in dash.state_detail.text(), timeout=30_000
+    )
     detail = dash.state_detail.text()
     assert f"Can't reach the pool at {address}." in detail
     for raw in ("UNKNOWN", "ipv4", "failed to connect", "StatusCode", "gRPC"):

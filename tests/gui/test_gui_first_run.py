@@ -70,7 +70,9 @@ def test_first_run_from_an_empty_folder_to_contributing_by_keyboard(
         press(Qt.Key.Key_Tab)  # Test connection
         assert focus() is wizard.pool.test_button
         press(Qt.Key.Key_Space)
-        qtbot.waitUntil(lambda: "Reached the pool" in wizard.pool.test_result.text(), timeout=15_000)
+        qtbot.waitUntil(
+            lambda: "Reached the pool" in wizard.pool.test_result.text(), timeout=15_000
+        )
         press(Qt.Key.Key_Tab)
         assert focus() is wizard.pool.account
         type_text(USER)

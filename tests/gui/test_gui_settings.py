@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
+from PySide6.QtCore import Qt
 
 from helpers.guikit import LoopPool
 from helpers.harness import PASSWORD, USER
@@ -15,7 +16,6 @@ from hivemind_worker.config import load_settings, settings_table
 from hivemind_worker.gui.app import WorkerApp
 from hivemind_worker.gui.autostart import RUN_KEY, RUN_VALUE, WindowsRunKey, XdgAutostart
 from hivemind_worker.gui.settings_dialog import SettingsDialog
-from PySide6.QtCore import Qt
 
 
 def open_dialog(app: WorkerApp) -> SettingsDialog:

@@ -476,9 +476,7 @@ class WorkerApp(QObject):
 
     def _update_connection(self) -> None:
         s = self.settings
-        account = (
-            "signed out" if self.signed_out or not s.account else f"signed in as {s.account}"
-        )
+        account = "signed out" if self.signed_out or not s.account else f"signed in as {s.account}"
         sandbox = (
             "tasks run in Docker containers"
             if self.engine.executor.capability == "docker"

@@ -40,7 +40,7 @@ class Bridge(QObject):
     slot connected here runs on the GUI thread (the Electrum pattern).
     """
 
-    event = Signal(object)  # every event, whatever its type
+    anyEvent = Signal(object)  # every event, whatever its type (not `event`: QObject.event)
     stateChanged = Signal(object)  # StateChanged
     metrics = Signal(object)  # MetricsSample
     taskStarted = Signal(object)  # TaskStarted
@@ -55,11 +55,11 @@ class Bridge(QObject):
     def publish(self, event: Event) -> None:
         name = SIGNALS.get(type(event))
         if name is None:
-            # A new event type nobody mapped: said loudly, and still on `event`.
+            # A new event type nobody mapped: said loudly, and still on `anyEvent`.
             log.error("the GUI has no signal for %s events", type(event).__name__)
         else:
             getattr(self, name).emit(event)
-        self.event.emit(event)
+        self.anyEvent.emit(event)
 
 
 # One signal per event type; a test checks that every member of `Event` is here.

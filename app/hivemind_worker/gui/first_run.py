@@ -138,7 +138,7 @@ class PoolPage(QWizardPage):
         )
         self._edited()
 
-    def initializePage(self) -> None:  # noqa: N802 - Qt's name
+    def initializePage(self) -> None:
         self.address.setFocus()
         self.address.selectAll()
 
@@ -160,7 +160,7 @@ class PoolPage(QWizardPage):
         self.signed_in = ""  # another pool or account: sign in again
         self.completeChanged.emit()
 
-    def isComplete(self) -> bool:  # noqa: N802 - Qt's name
+    def isComplete(self) -> bool:
         return bool(self.signed_in)
 
     def test(self) -> None:
@@ -257,7 +257,7 @@ class GivePage(QWizardPage):
         form.addRow("", self.warning)
         self._check()
 
-    def initializePage(self) -> None:  # noqa: N802 - Qt's name
+    def initializePage(self) -> None:
         self.fields["max_cpu_cores"].setFocus()
 
     def values(self) -> dict[str, Any]:
@@ -286,10 +286,10 @@ class GivePage(QWizardPage):
         self.warning.setVisible(bool(problems))
         self.completeChanged.emit()  # after the errors are known: Next follows them
 
-    def isComplete(self) -> bool:  # noqa: N802 - Qt's name
+    def isComplete(self) -> bool:
         return not any(label.text() for label in self.errors.values())
 
-    def validatePage(self) -> bool:  # noqa: N802 - Qt's name
+    def validatePage(self) -> bool:
         if not self.isComplete():
             return False
         self.w.settings = dataclasses.replace(self.w.settings, **self.values())
@@ -311,10 +311,10 @@ class WhenPage(QWizardPage):
         layout.addWidget(self.start_on_launch)
         layout.addStretch(1)
 
-    def initializePage(self) -> None:  # noqa: N802 - Qt's name
+    def initializePage(self) -> None:
         self.start_at_login.setFocus()
 
-    def validatePage(self) -> bool:  # noqa: N802 - Qt's name
+    def validatePage(self) -> bool:
         self.w.settings = dataclasses.replace(
             self.w.settings,
             start_at_login=self.start_at_login.isChecked(),

@@ -26,9 +26,7 @@ class Look(StrEnum):
     STOPPED = "stopped"  # not contributing, on purpose
 
 
-def look_for(
-    state: EngineState, *, attention: bool = False, disconnected: bool = False
-) -> Look:
+def look_for(state: EngineState, *, attention: bool = False, disconnected: bool = False) -> Look:
     if attention or state is EngineState.ERROR:
         return Look.ATTENTION
     if disconnected:

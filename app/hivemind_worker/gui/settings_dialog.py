@@ -38,8 +38,8 @@ from hivemind_worker.wiring import login_to_pool
 ERROR_STYLE = "color: #d64541;"  # mid red: readable on light and dark backgrounds
 WARN_STYLE = "color: #b7791f;"  # amber
 OK_STYLE = "color: #3fa66b;"
-# What a pool account name may be: letters, digits and . _ @ - (no spaces, no slashes).
-ACCOUNT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+# What a pool account name may be (the pool's own rule): 1-64 of letters, digits and . _ @ -.
+ACCOUNT_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 NUMBER_KEYS = ("max_cpu_cores", "max_memory_gb", "max_disk_gb", "max_concurrent_tasks")
 
 
@@ -47,8 +47,8 @@ def account_problem(text: str) -> str:
     """'' if `text` is a usable account name (or empty), else what is wrong with it."""
     if not text or ACCOUNT_RE.fullmatch(text):
         return ""
-    if len(text) > 128:
-        return "expected text of at most 128 characters"
+    if len(text) > 64:
+        return "expected at most 64 characters"
     return "expected letters, digits and . _ @ - only (no spaces or slashes)"
 
 
@@ -63,11 +63,14 @@ class EnterRuns(QObject):
         self.action = action
         field.installEventFilter(self)
 
-    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt's name
-        if event.type() == QEvent.Type.KeyPress and isinstance(event, QKeyEvent):
-            if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter):
-                self.action()
-                return True
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        if (
+            event.type() == QEvent.Type.KeyPress
+            and isinstance(event, QKeyEvent)
+            and event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter)
+        ):
+            self.action()
+            return True
         return False
 
 
@@ -419,8 +422,10 @@ class SettingsDialog(QDialog):
         if capability == "docker":
             text = "Docker is running: tasks run in containers, the safest way."
         else:
-            why = "Docker is switched off here" if not self.settings.docker_enabled else (
-                "Docker was not found or is not running"
+            why = (
+                "Docker is switched off here"
+                if not self.settings.docker_enabled
+                else ("Docker was not found or is not running")
             )
             text = (
                 f"{why}, so tasks run in the built-in process sandbox and container tasks "
