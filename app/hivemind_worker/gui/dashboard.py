@@ -259,7 +259,7 @@ class Dashboard(QMainWindow):
         grid = QGridLayout(charts)
         grid.setContentsMargins(0, 0, 0, 0)
         self.cpu_chart = _Chart("CPU (% of this computer)", "%", 100)
-        self.mem_chart = _Chart("Memory", "GiB", None)
+        self.mem_chart = _Chart("Memory", "GiB", 1.0)
         self.cpu_legend = QLabel()
         self.mem_legend = QLabel()
         for legend in (self.cpu_legend, self.mem_legend):
@@ -426,10 +426,7 @@ class Dashboard(QMainWindow):
                 f"Memory (of {human_bytes(model.host.memory_total_bytes)})",
                 color=self.palette().color(QPalette.ColorRole.Text).name(),
             )
-            # From zero to all of it: a 0.01 GiB band would turn noise into cliffs.
-            self.mem_chart.getPlotItem().setYRange(
-                0, max(1.0, model.host.memory_total_bytes / GIB), padding=0.02
-            )
+
         xs = [t - now for t, _, _ in host]
         span = -xs[0] if xs else 0
         self.cpu_chart.set_span(span)
@@ -458,6 +455,13 @@ class Dashboard(QMainWindow):
             )
         self.cpu_chart.drop_except(keep)
         self.mem_chart.drop_except(keep)
+        # From zero, in steps of 1, 2, 4, 8… GiB: a 0.01 GiB band would turn noise into cliffs,
+        # and a top that only moves in doublings does not make the lines jump every second.
+        peak = max((m for _, _, m in host), default=0) / GIB
+        top = 1.0
+        while top < peak * 1.15:
+            top *= 2
+        self.mem_chart.getPlotItem().setYRange(0, top, padding=0)
         self.cpu_legend.setText(self.cpu_chart.legend_html())
         self.mem_legend.setText(self.mem_chart.legend_html())
         self._colors = {k: v for k, v in self._colors.items() if k in keep}

@@ -145,6 +145,8 @@ class SettingsDialog(QDialog):
         self.logged_in_as = ""
         self._login_generation = 0
         self._syncing = False  # slider and CPU field updating each other
+        self._units: dict[QLineEdit, QLabel] = {}
+        self.free_disk = float("inf")  # known once load() has looked
         # Login status follows the address and account as typed, checked once typing pauses.
         self._login_timer = QTimer(self)
         self._login_timer.setSingleShot(True)
@@ -296,11 +298,12 @@ class SettingsDialog(QDialog):
         field.textChanged.connect(self.validate)
         return field
 
-    @staticmethod
-    def _unit(field: QLineEdit) -> QHBoxLayout:
+    def _unit(self, field: QLineEdit) -> QHBoxLayout:
         row = QHBoxLayout()
         row.addWidget(field)
-        row.addWidget(QLabel(str(field.property("unit"))), 1)
+        unit = QLabel(str(field.property("unit")))
+        self._units[field] = unit
+        row.addWidget(unit, 1)
         return row
 
     def _slider_moved(self, tenths: int) -> None:
@@ -337,7 +340,7 @@ class SettingsDialog(QDialog):
         self.memory.setText(f"{settings.max_memory_gb:g}")
         free = free_disk_gb(settings)
         self.free_disk = free
-        self.disk.setProperty("unit", f"GiB ({free:.1f} GiB free)")
+        self._units[self.disk].setText(f"GiB ({free:.1f} GiB free)")
         self.disk.setText(f"{settings.max_disk_gb:g}")
         self.concurrent.setText(str(settings.max_concurrent_tasks))
         self.docker_enabled.setChecked(settings.docker_enabled)
@@ -405,14 +408,13 @@ class SettingsDialog(QDialog):
 
     def _show_cap_warning(self) -> None:
         """Caps no task fits in are allowed (the person may mean it) but never silent."""
-        problems: list[str] = []
-        if not any(k in self.errors for k in ("max_cpu_cores", "max_memory_gb")):
-            probe = dataclasses.replace(
-                self.settings,
-                max_cpu_cores=float(self.cpu_spin.text()),
-                max_memory_gb=float(self.memory.text()),
-            )
-            problems = cap_problems(probe)
+        # Each cap on its own: a bad memory value must not hide a CPU cap no task fits in.
+        probe = self.settings
+        if "max_cpu_cores" not in self.errors:
+            probe = dataclasses.replace(probe, max_cpu_cores=float(self.cpu_spin.text()))
+        if "max_memory_gb" not in self.errors:
+            probe = dataclasses.replace(probe, max_memory_gb=float(self.memory.text()))
+        problems = cap_problems(probe)
         text = f"No task can run: {'; '.join(problems)}." if problems else ""
         self.cap_warning.setText(text)
         self.cap_warning.setVisible(bool(text))
