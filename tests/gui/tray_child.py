@@ -97,7 +97,7 @@ def main() -> None:
     found["snoozed_menu"] = tray.status_action.text()
     found["snoozed_tooltip"] = tray.icon.toolTip()
 
-    tray.stop_action.trigger()  # running tasks go back to the pool; quit then has nothing to wait for
+    tray.stop_action.trigger()  # tasks go back to the pool; quit then has nothing to wait for
     pump_until(lambda: worker.model.state is EngineState.STOPPED, 30, "the engine to stop")
     quit_done: list[bool] = []
     worker.quitFinished.connect(lambda: quit_done.append(True))
