@@ -160,6 +160,7 @@ class WorkerApp(QObject):
         self.show_tray = show_tray and QSystemTrayIcon.isSystemTrayAvailable()
         self.settings_dialog: SettingsDialog | None = None
         self.setup: FirstRunWizard | None = None
+        self.override_box: QMessageBox | None = None
         self.progress: QProgressDialog | None = None
         self.quitting = False
         self.snooze_until: float | None = None
@@ -336,8 +337,40 @@ class WorkerApp(QObject):
         self.engine.pause()
 
     def resume(self) -> None:
+        if self.model.state.value == "waiting" and self.model.policy is not None:
+            self.offer_contribute_anyway()  # the person's rules hold it, not a pause
+            return
         self._set_snooze(None)
         self.engine.resume()
+
+    def offer_contribute_anyway(self) -> None:
+        """Say what holds the tasks, and offer to contribute anyway for an hour."""
+        decision = self.model.policy.decision
+        hint = f" ({decision.hint})" if decision.hint else ""
+        box = QMessageBox(
+            QMessageBox.Icon.Question,
+            "HiveMind Worker",
+            f"Paused: {decision.text}{hint}.",
+            parent=self.dashboard if self.dashboard.isVisible() else None,
+        )
+        box.setInformativeText(
+            "Your rules for when to contribute are holding the tasks. You can contribute "
+            "anyway for an hour; after that your rules apply again."
+        )
+        anyway = box.addButton("Contribute anyway for 1 &hour", QMessageBox.ButtonRole.AcceptRole)
+        box.addButton("&Keep waiting", QMessageBox.ButtonRole.RejectRole)
+        box.setDefaultButton(anyway)
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+
+        def answered() -> None:
+            self.override_box = None
+            if box.clickedButton() is anyway:
+                self.engine.contribute_anyway(3600)  # type: ignore[attr-defined]
+                self.model.add_log("state", "Contributing anyway for 1 hour")
+
+        box.finished.connect(answered)
+        self.override_box = box
+        box.open()
 
     def stop(self) -> None:
         self._set_snooze(None)

@@ -370,7 +370,7 @@ class Dashboard(QMainWindow):
         state = self.model.state
         if state in (EngineState.STOPPED, EngineState.ERROR):
             self.startRequested.emit()
-        elif state is EngineState.PAUSED:
+        elif state is EngineState.PAUSED or state.value == "waiting":
             self.resumeRequested.emit()
         else:
             self.pauseRequested.emit()
@@ -391,7 +391,8 @@ class Dashboard(QMainWindow):
             EngineState.PAUSED: "Resume",
             EngineState.DRAINING: "Finishing…",
         }
-        self.main_button.setText(labels.get(state, "Pause"))
+        waiting = state.value == "waiting"  # held by the when-to-contribute rules
+        self.main_button.setText("Resume" if waiting else labels.get(state, "Pause"))
         self.main_button.setEnabled(state is not EngineState.DRAINING)
         # In the error state the engine still retries: Stop is how to make it give up.
         self.stop_button.setEnabled(state is not EngineState.STOPPED)

@@ -14,6 +14,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QThread, Signal
 
+from hivemind_worker.engine import events
 from hivemind_worker.engine.engine import WorkerEngine
 from hivemind_worker.engine.events import (
     ErrorRaised,
@@ -49,6 +50,7 @@ class Bridge(QObject):
     taskFinished = Signal(object)  # TaskFinished
     resultDelivered = Signal(object)  # ResultDelivered
     error = Signal(object)  # ErrorRaised
+    policyChanged = Signal(object)  # PolicyChanged (issue 11), once the engine has it
     crashed = Signal(str, str)  # title, details: an uncaught exception anywhere
     engineStopped = Signal()  # engine.run() returned: the thread is about to end
 
@@ -73,6 +75,11 @@ SIGNALS: dict[type, str] = {
     ResultDelivered: "resultDelivered",
     ErrorRaised: "error",
 }
+# The when-to-contribute decision (engine/policy.py, issue 11): mapped as soon as the engine
+# publishes it, so the test that every event type has a signal holds before and after.
+_POLICY_EVENT: type | None = getattr(events, "PolicyChanged", None)
+if _POLICY_EVENT is not None:
+    SIGNALS[_POLICY_EVENT] = "policyChanged"
 
 
 class EngineThread(QThread):

@@ -19,8 +19,9 @@ class Look(StrEnum):
     """What the tray shows; several engine states share one look."""
 
     CONTRIBUTING = "contributing"
-    WAITING = "waiting"  # connected, no task yet (or none fits)
-    PAUSED = "paused"
+    READY = "ready"  # connected, waiting for the pool to send work
+    WAITING = "waiting"  # your rules for when to contribute hold the tasks (on battery, …)
+    PAUSED = "paused"  # paused or snoozed by hand
     DISCONNECTED = "disconnected"  # trying to reach the pool
     ATTENTION = "attention"  # the person must act (sign in, fix a setting)
     STOPPED = "stopped"  # not contributing, on purpose
@@ -31,10 +32,12 @@ def look_for(state: EngineState, *, attention: bool = False, disconnected: bool 
         return Look.ATTENTION
     if disconnected:
         return Look.DISCONNECTED
+    if state.value == "waiting":  # EngineState.WAITING, from the when-to-contribute policy
+        return Look.WAITING
     return {
         EngineState.BUSY: Look.CONTRIBUTING,
         EngineState.DRAINING: Look.CONTRIBUTING,
-        EngineState.IDLE: Look.WAITING,
+        EngineState.IDLE: Look.READY,
         EngineState.PAUSED: Look.PAUSED,
         EngineState.CONNECTING: Look.DISCONNECTED,
         EngineState.STOPPED: Look.STOPPED,
@@ -45,7 +48,8 @@ def look_for(state: EngineState, *, attention: bool = False, disconnected: bool 
 # has its own mark, so none depends on colour alone.
 _FILL = {
     Look.CONTRIBUTING: QColor("#f2a900"),  # honey: working
-    Look.WAITING: QColor("#3fa66b"),  # green: connected, waiting for work
+    Look.READY: QColor("#3fa66b"),  # green: connected, waiting for work
+    Look.WAITING: QColor("#8e6bbf"),  # violet: held by the person's rules
     Look.PAUSED: QColor("#4a8fd8"),
     Look.ATTENTION: QColor("#d64541"),
     Look.DISCONNECTED: QColor("#7d8793"),
@@ -90,10 +94,16 @@ def draw(look: Look, size: int) -> QImage:
         p.setBrush(_MARK)
         for dx, dy in ((-5, 4), (5, 4), (0, -4.5)):
             p.drawPath(_hexagon(QPointF(c.x() + dx * s, c.y() + dy * s), 4.6 * s))
-    elif look is Look.WAITING:
+    elif look is Look.READY:
         p.setPen(Qt.PenStyle.NoPen)
         p.setBrush(_MARK)
         p.drawEllipse(c, 5 * s, 5 * s)
+    elif look is Look.WAITING:  # a clock: it goes on by itself later
+        p.setPen(QPen(_MARK, max(1.2, size / 14), Qt.PenStyle.SolidLine, Qt.PenCapStyle.RoundCap))
+        p.setBrush(Qt.BrushStyle.NoBrush)
+        p.drawEllipse(c, 8 * s, 8 * s)
+        p.drawLine(c, QPointF(c.x(), c.y() - 5.5 * s))
+        p.drawLine(c, QPointF(c.x() + 4 * s, c.y()))
     elif look is Look.PAUSED:
         p.setPen(Qt.PenStyle.NoPen)
         p.setBrush(_MARK)

@@ -94,6 +94,9 @@ STATE_TEXT = {
     EngineState.DRAINING: "Finishing running tasks",
     EngineState.ERROR: "Needs attention",
 }
+# The policy's state (issue 11): its own words come from the decision (see describe()).
+for _state in EngineState:
+    STATE_TEXT.setdefault(_state, "Waiting")
 
 
 class WorkerModel(QObject):
@@ -116,6 +119,7 @@ class WorkerModel(QObject):
         self.state_details = ""
         self.snooze_until: float | None = None  # set by the app; shown in header and tray
         self.pulls: dict[str, tuple[int, int]] = {}  # image -> (done, total bytes)
+        self.policy: Any = None  # the last PolicyChanged event (issue 11), if any
         self.host: HostSample | None = None
         self.host_history: collections.deque[tuple[float, float, int]] = collections.deque(
             maxlen=HISTORY_SECONDS + 5
@@ -134,6 +138,7 @@ class WorkerModel(QObject):
         bridge.resultDelivered.connect(self._on_delivered)
         bridge.error.connect(self._on_error)
         bridge.imagePull.connect(self._on_pull)
+        bridge.policyChanged.connect(self._on_policy)
 
     # ------------------------------------------------------------------ totals
 
@@ -197,6 +202,11 @@ class WorkerModel(QObject):
             # The log keeps the engine's own words and the raw details.
             message = f"{event.message} ({event.details})" if event.details else event.message
             self.add_log("state", f"{text}: {message}" if message else text)
+        self.stateChanged.emit()
+
+    def _on_policy(self, event: Any) -> None:
+        self.policy = event
+        self.add_log("state", f"When to contribute: {event.line}")
         self.stateChanged.emit()
 
     def set_snooze(self, until: float | None) -> None:
@@ -349,6 +359,22 @@ def _describe(model: WorkerModel, address: str, cap_warning: str) -> Status:
         )
     if state is EngineState.CONNECTING:
         return Status("Connecting", f"Connecting to the pool at {address}…{pending}", raw)
+    if state.value == "waiting" and model.policy is not None:
+        # Held by the person's own rules: say which, and how it ends.
+        decision = model.policy.decision
+        hint = decision.hint or "it goes on by itself when that changes"
+        return Status(
+            f"Paused: {decision.text}",
+            f"{hint[0].upper()}{hint[1:]}. Running tasks are frozen; nothing is lost.",
+        )
+    override = model.policy.override_until if model.policy is not None else None
+    if override and state in (EngineState.IDLE, EngineState.BUSY):
+        running = len(model.running)
+        return Status(
+            STATE_TEXT[state],
+            f"Contributing anyway until {clock(override)}, whatever your rules say. "
+            f"{running} task(s) running.",
+        )
     if state is EngineState.PAUSED:
         if model.snooze_until is not None:
             return Status(

@@ -197,4 +197,3 @@ class PolicyPage(QWidget):
         self.validate()
         self.preset.setCurrentText(self._matching_preset())
         self.changed.emit()
-
