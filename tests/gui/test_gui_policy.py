@@ -65,7 +65,7 @@ def test_the_policy_reason_and_until_when_from_published_policy_events(
 ) -> None:
     # The events the engine's policy loop publishes (see tests/integration/test_policy_engine
     # for the loop itself against real probes); here they drive the GUI's words.
-    from hivemind_worker.engine.policy import Decision, Reason, Verdict
+    from hivemind_worker.engine.policy import Decision, Reason, Verdict  # noqa: I001
     from hivemind_worker.gui.icons import Look
 
     app, _ = gui_app
