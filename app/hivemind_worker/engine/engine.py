@@ -131,15 +131,16 @@ class WorkerEngine(Session, TaskRuns):
         """Stop contributing now: running tasks are killed and go back to the pool."""
         self._call(self._do_stop)
 
-    def cancel_task(self, task_id: str) -> None:
+    def cancel_task(self, task_id: str, *, exclude_here: bool = True) -> None:
         """Stop one running task; it is reported CANCELLED and the pool hands it out again,
-        to another node: the report asks the pool not to give it back to this one."""
+        to another node: the report asks the pool not to give it back to this one (unless
+        `exclude_here` is False: then it is given back as a stop gives tasks back)."""
 
         def cancel() -> None:
             run = self._running.get(task_id)
             if run is not None and not run.finished and not run.cancel_requested:
                 run.cancel_requested = True
-                run.exclude_here = True
+                run.exclude_here = exclude_here
                 self._spawn(self.executor.cancel(task_id), "cancel")
 
         self._call(cancel)

@@ -559,6 +559,12 @@ class Dashboard(QMainWindow):
             ]
             for c, value in enumerate(values):
                 item = QTableWidgetItem(value)
+                if c == len(values) - 1 and value:
+                    # The raw reason can be long (a registry's or the sandbox's words): one
+                    # line in the table, the whole of it on hover.
+                    first = value.strip().splitlines()[0]
+                    item.setText(first if len(first) <= 80 else first[:79] + "…")
+                    item.setToolTip(value)
                 if c == 1 and result.status is not TaskStatus.SUCCEEDED:
                     item.setForeground(QColor("#d64541"))
                 table.setItem(r, c, item)
