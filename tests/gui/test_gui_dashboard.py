@@ -439,18 +439,17 @@ async def _collect() -> None:
 def test_image_pull_progress_reaches_the_header_and_the_tooltip(
     qtbot, gui_app: tuple[WorkerApp, LoopPool]
 ) -> None:
-    # The Docker executor publishes these while it pulls; here the engine's own publish()
-    # stands in for it (no registry is reachable from this machine).
-    from hivemind_worker.engine.events import ImagePull
-
+    # The Docker executor's image store calls on_pull from its pull thread; here the test
+    # calls it in its place (no registry is reachable from this machine).
     app, _ = gui_app
     app.start()
     qtbot.waitUntil(lambda: app.model.state is EngineState.IDLE, timeout=20_000)
-    app.engine.publish(ImagePull("python:3.12-slim", 45_000_000, 120_000_000))
+    assert app.engine.executor.on_pull is not None
+    app.engine.executor.on_pull("python:3.12-slim", 45_000_000, 120_000_000)
     qtbot.waitUntil(lambda: "Downloading" in app.dashboard.state_detail.text(), timeout=5_000)
     assert "python:3.12-slim: 45 of 120 MB" in app.dashboard.state_detail.text()
     assert "python:3.12-slim: 45 of 120 MB" in app.tray.tooltip_text()
-    app.engine.publish(ImagePull("python:3.12-slim", 120_000_000, 120_000_000))
+    app.engine.executor.on_pull("python:3.12-slim", 120_000_000, 120_000_000)
     qtbot.waitUntil(lambda: "Downloading" not in app.dashboard.state_detail.text(), timeout=5_000)
 
 

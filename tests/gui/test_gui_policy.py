@@ -63,16 +63,16 @@ def test_when_to_contribute_page_presets_and_errors_beside_the_field(
 def test_the_policy_reason_and_until_when_from_published_policy_events(
     qtbot, gui_app: tuple[WorkerApp, LoopPool]
 ) -> None:
-    # The events the engine's policy loop publishes (see tests/integration/test_policy_engine
-    # for the loop itself against real probes); here they drive the GUI's words.
+    # The events the engine's policy loop publishes, handed to the bridge as the engine hands
+    # them (tests/integration/test_policy_engine runs the loop itself on real probes).
     from hivemind_worker.engine.policy import Decision, Reason, Verdict  # noqa: I001
     from hivemind_worker.gui.icons import Look
 
     app, _ = gui_app
     decision = Decision(Verdict.SUSPEND, Reason.ON_BATTERY, time.time(),
                         hint="resumes when plugged in")  # fmt: skip
-    app.engine.publish(events.PolicyChanged(decision, decision.line()))
-    app.engine.publish(events.StateChanged(events.EngineState.WAITING, "on battery"))
+    app.bridge.publish(events.PolicyChanged(decision, decision.line()))
+    app.bridge.publish(events.StateChanged(events.EngineState.WAITING, "on battery"))
     qtbot.waitUntil(lambda: app.dashboard.state_label.text() == "Paused: on battery", 5_000)
     assert "Resumes when plugged in" in app.dashboard.state_detail.text()
     assert "Paused: on battery" in app.tray.tooltip_text()

@@ -116,7 +116,7 @@ class _Chart(pg.PlotWidget):  # type: ignore[misc]
         item.setMenuEnabled(False)
         self.lines: dict[str, pg.PlotDataItem] = {}
         self.names: dict[str, tuple[str, str]] = {}  # key -> (name, colour), for the legend
-        self.setMinimumHeight(160)
+        self.setMinimumHeight(120)
 
     def set_span(self, seconds: float) -> None:
         span = min(HISTORY_SECONDS, max(MIN_SPAN, seconds))
