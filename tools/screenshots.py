@@ -89,6 +89,7 @@ def dark_palette() -> QPalette:
         QPalette.ColorRole.ToolTipBase: "#3a3d41",
         QPalette.ColorRole.ToolTipText: "#e8e8e8",
         QPalette.ColorRole.PlaceholderText: "#9a9da2",
+        QPalette.ColorRole.Link: "#7fb2ff",
     }
     for role, color in colors.items():
         p.setColor(role, QColor(color))

@@ -284,7 +284,7 @@ class GivePage(QWizardPage):
         problems: list[str] = []
         if self.isComplete():
             problems = cap_problems(dataclasses.replace(self.w.settings, **self.values()))
-        self.warning.setText(f"No task can run: {'; '.join(problems)}." if problems else "")
+        self.warning.setText(f"No task can run: {' and '.join(problems)}." if problems else "")
         self.warning.setVisible(bool(problems))
         self.completeChanged.emit()  # after the errors are known: Next follows them
 

@@ -29,7 +29,7 @@ from hivemind_worker.engine.monitor import HostSample
 from hivemind_worker.errors import ErrorKind
 from hivemind_worker.gui.engine_thread import Bridge
 from hivemind_worker.gui.icons import Look, look_for
-from hivemind_worker.gui.words import clock, for_kind
+from hivemind_worker.gui.words import clock, for_kind, plural
 from hivemind_worker.paths import Paths
 from hivemind_worker.tasks import TaskStatus
 
@@ -345,7 +345,9 @@ def _describe(model: WorkerModel, address: str, cap_warning: str) -> Status:
     state = model.state
     raw = model.state_details or model.state_message
     waiting = model.waiting_results
-    pending = f" {waiting} finished result(s) will be sent when it is back." if waiting else ""
+    pending = (
+        f" {plural(waiting, 'finished result')} will be sent when it is back." if waiting else ""
+    )
     pull = model.pull_text()
     if state in (EngineState.ERROR, EngineState.CONNECTING) and model.state_kind is not None:
         words = for_kind(model.state_kind, address, model.retry_at)
@@ -373,7 +375,7 @@ def _describe(model: WorkerModel, address: str, cap_warning: str) -> Status:
         return Status(
             STATE_TEXT[state],
             f"Contributing anyway until {clock(override)}, whatever your rules say. "
-            f"{running} task(s) running.",
+            f"{plural(running, 'task')} running.",
         )
     if state is EngineState.PAUSED:
         if model.snooze_until is not None:
@@ -390,11 +392,12 @@ def _describe(model: WorkerModel, address: str, cap_warning: str) -> Status:
         return Status(STATE_TEXT[state], pull or "Connected; waiting for the pool to send a task.")
     if state is EngineState.BUSY:
         running = len(model.running)
-        text = f"{running} task(s) running." if running else "Starting a task."
+        text = f"{plural(running, 'task')} running." if running else "Starting a task."
         return Status(STATE_TEXT[state], f"{text} {pull}".strip())
     if state is EngineState.DRAINING:
         return Status(
-            STATE_TEXT[state], f"Finishing {len(model.running)} task(s); taking no new ones."
+            STATE_TEXT[state],
+            f"Finishing {plural(len(model.running), 'task')}; taking no new ones.",
         )
     if state is EngineState.ERROR:
         return Status(STATE_TEXT[state], "The worker stopped.", raw, attention=True)

@@ -436,9 +436,12 @@ class SettingsDialog(QDialog):
         if "max_memory_gb" not in self.errors:
             probe = dataclasses.replace(probe, max_memory_gb=float(self.memory.text()))
         problems = cap_problems(probe)
-        text = f"No task can run: {'; '.join(problems)}." if problems else ""
+        text = f"No task can run: {' and '.join(problems)}." if problems else ""
         self.cap_warning.setText(text)
         self.cap_warning.setVisible(bool(text))
+        if self.isVisible():  # grow to show a new message whole, never clip it
+            hint = self.sizeHint()
+            self.resize(max(self.width(), hint.width()), max(self.height(), hint.height()))
 
     def show_docker_status(self, capability: str, notice: str) -> None:
         """What the running engine uses (the executor is chosen when the app starts)."""

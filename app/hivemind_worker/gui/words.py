@@ -92,24 +92,31 @@ def for_kind(kind: ErrorKind | None, address: str, retry_at: float | None = None
             )
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def cap_problems(settings: Settings) -> list[str]:
     """Limits no task can fit in: tasks ask for 1 CPU and 512 MiB unless they say otherwise."""
     problems = []
     if settings.cpu_cap() < DEFAULT_CPUS:
-        problems.append(
-            f"tasks on this pool ask for at least {DEFAULT_CPUS:g} CPU, "
-            f"and the limit is {settings.cpu_cap():g}"
-        )
+        problems.append(f"tasks ask for at least {DEFAULT_CPUS:g} CPU")
     if settings.memory_cap_bytes() < DEFAULT_MEMORY_BYTES:
-        problems.append(
-            f"tasks ask for at least {DEFAULT_MEMORY_BYTES / GIB:g} GiB of memory, "
-            f"and the limit is {settings.memory_cap_bytes() / GIB:.1f} GiB"
-        )
+        problems.append(f"tasks ask for at least {DEFAULT_MEMORY_BYTES / GIB:g} GiB of memory")
     return problems
 
 
 def cap_warning(settings: Settings) -> str:
+    """For the header: which limit, what it is, and what to do."""
     problems = cap_problems(settings)
     if not problems:
         return ""
-    return f"No task can run: {'; '.join(problems)}. Raise it in Settings."
+    limits = []
+    if settings.cpu_cap() < DEFAULT_CPUS:
+        limits.append(f"the CPU limit is {settings.cpu_cap():g}")
+    if settings.memory_cap_bytes() < DEFAULT_MEMORY_BYTES:
+        limits.append(f"the memory limit is {settings.memory_cap_bytes() / GIB:.1f} GiB")
+    return (
+        f"No task can run: {' and '.join(problems)}, and {' and '.join(limits)}. "
+        "Raise it in Settings."
+    )
