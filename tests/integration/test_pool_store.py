@@ -259,6 +259,7 @@ def test_migrates_a_version_1_database(tmp_path: Path) -> None:
         DROP INDEX tasks_running_by_expiry;
         DROP INDEX tasks_cancels_by_node;
         DROP INDEX tokens_by_expiry;
+        DROP TABLE task_exclusions;
         PRAGMA user_version = 1;
         COMMIT;
         """
@@ -266,7 +267,7 @@ def test_migrates_a_version_1_database(tmp_path: Path) -> None:
     store.close()
 
     migrated = PoolStore(path)
-    assert int(migrated._db.execute("PRAGMA user_version").fetchone()[0]) == 3
+    assert int(migrated._db.execute("PRAGMA user_version").fetchone()[0]) == 4
     assert migrated.result_bytes(tid) == data
     assert _garbage(migrated) == (0, 2)
     migrated.close()

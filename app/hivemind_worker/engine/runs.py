@@ -34,6 +34,7 @@ class _Running:
     finished: bool = False  # execution over; the result may still be on its way to the pool
     adopted: bool = False  # left running by an earlier run of this worker; re-attached
     cancel_requested: bool = False  # checked after prepare(), so an early cancel is not lost
+    exclude_here: bool = False  # the person cancelled it here: the pool must not hand it back
 
 
 class TaskRuns:
@@ -205,6 +206,7 @@ class TaskRuns:
                 )
             )
             result = await self._execute(spec, adopted=run.adopted)
+            result.exclude_this_node = run.exclude_here
             run.finished = True
             self._refresh_state()
             self._poke()

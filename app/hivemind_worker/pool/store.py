@@ -68,16 +68,6 @@ __all__ = [
     "verify_password",
 ]
 
-# Version 3: tasks a person cancelled on their own node, never to be leased to that node again
-# (ReportTaskResultRequest.exclude_this_node). Deleted with the task.
-_MIGRATE_V3 = """
-CREATE TABLE task_exclusions (
-    task_id TEXT NOT NULL REFERENCES tasks(task_id) ON DELETE CASCADE,
-    node_id TEXT NOT NULL,
-    PRIMARY KEY (task_id, node_id)
-);
-"""
-
 
 class PoolStore(UserStore):
     """The pool's state in one SQLite file: the seam a pool server talks to (pool/interface.py).
@@ -240,8 +230,11 @@ class PoolStore(UserStore):
             "SELECT task_id, spec, cpus, memory_bytes, disk_bytes, gpus, attempt FROM tasks"
             f" WHERE status = 'queued' AND kind IN ({marks})"
             " AND cpus <= ? AND memory_bytes <= ? AND disk_bytes <= ? AND gpus <= ?"
+            # Not a task the person cancelled on this very node (exclude_this_node).
+            " AND NOT EXISTS (SELECT 1 FROM task_exclusions x"
+            " WHERE x.task_id = tasks.task_id AND x.node_id = ?)"
             " ORDER BY submitted_ms, seq",
-            (*kinds, free.cpus + 1e-9, free.memory_bytes, free.disk_bytes, free.gpus),
+            (*kinds, free.cpus + 1e-9, free.memory_bytes, free.disk_bytes, free.gpus, node_id),
         )
         try:
             for row in cur:  # lazily, in index order: stops at the first max_tasks that fit
