@@ -29,6 +29,7 @@ from hivemind_worker.config import Settings, read_state, save_settings
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.engine.engine import WorkerEngine
 from hivemind_worker.engine.events import EngineState, ErrorRaised
+from hivemind_worker.errors import ErrorKind
 from hivemind_worker.gui.autostart import autostart
 from hivemind_worker.gui.dashboard import Dashboard
 from hivemind_worker.gui.engine_thread import (
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 SHOW_MESSAGE = b"show\n"
 SNOOZE_CHECK_MS = 15_000
+NOTIFY_AGAIN_SECONDS = 600.0
 CONTRIBUTING_KEY = "contributing"  # in the state file: resume contributing at the next start
 
 
@@ -161,6 +163,7 @@ class WorkerApp(QObject):
         self.settings_dialog: SettingsDialog | None = None
         self.setup: FirstRunWizard | None = None
         self.override_box: QMessageBox | None = None
+        self._notified: dict[ErrorKind, float] = {}  # kind -> when the tray last said it
         self.progress: QProgressDialog | None = None
         self.quitting = False
         self.snooze_until: float | None = None
@@ -520,7 +523,14 @@ class WorkerApp(QObject):
         )
 
     def _on_error(self, event: ErrorRaised) -> None:
+        # One balloon per kind of trouble in a while: 24 tasks that cannot get their image
+        # are one problem to the person, not 24 notifications.
+        now = time.monotonic()
+        last = self._notified.get(event.kind)
+        if last is not None and now - last < NOTIFY_AGAIN_SECONDS:
+            return
         if needs_person(event):
+            self._notified[event.kind] = now
             # Words from the kind; the engine's own text is in the event log and the log file.
             words = for_kind(event.kind, self.settings.node_pool_address)
             self.tray.notify(event.title, words.text)
