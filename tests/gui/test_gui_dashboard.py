@@ -477,3 +477,35 @@ def test_charts_read_right(qtbot, gui_app: tuple[WorkerApp, LoopPool]) -> None:
     assert high <= max(2.0, 2.5 * peak)  # and not so tall that the lines flatten out
     assert task.name in dash.cpu_legend.text() and "this computer" in dash.mem_legend.text()
     assert dash.cpu_chart.getPlotItem().legend is None  # nothing drawn over the lines
+
+
+def test_not_signed_in_says_what_to_do_without_a_terminal_and_stop_works(
+    qtbot, gui_app: tuple[WorkerApp, LoopPool]
+) -> None:
+    """Bug 9: 'Run `hivemind-worker login` first', and Stop disabled in the error state."""
+    from hivemind_worker.errors import ErrorKind
+    from hivemind_worker.gui.icons import Look
+
+    app, pool = gui_app
+    assert pool.world.pool is not None
+    address = pool.world.pool.address
+    app.credentials.delete_token(address, USER)
+    notified: list[tuple[str, str]] = []
+    app.tray.notify = lambda title, message: notified.append((title, message))  # type: ignore[method-assign]
+    app.start()
+    dash = app.dashboard
+    qtbot.waitUntil(lambda: app.model.state is EngineState.ERROR, timeout=20_000)
+    assert app.model.state_kind is ErrorKind.LOGIN
+    assert dash.state_label.text() == "Needs attention"
+    assert (
+        dash.state_detail.text()
+        == f"Not signed in to the pool at {address}. Sign in from Settings."
+    )
+    qtbot.waitUntil(lambda: bool(notified), timeout=5_000)
+    shown = " ".join([dash.state_detail.text(), app.tray.tooltip_text(), *notified[0]])
+    for jargon in ("hivemind-worker", "terminal", "`", "Run "):
+        assert jargon not in shown
+    assert app.status().look is Look.ATTENTION
+    assert dash.stop_button.isEnabled()  # the engine retries; Stop makes it give up
+    qtbot.mouseClick(dash.stop_button, _left())
+    qtbot.waitUntil(lambda: app.model.state is EngineState.STOPPED, timeout=20_000)

@@ -439,7 +439,11 @@ class SettingsDialog(QDialog):
         text = f"No task can run: {' and '.join(problems)}." if problems else ""
         self.cap_warning.setText(text)
         self.cap_warning.setVisible(bool(text))
-        if self.isVisible():  # grow to show a new message whole, never clip it
+        self._fit()
+
+    def _fit(self) -> None:
+        """Grow to show a new message whole (an error, a login answer): never clip it."""
+        if self.isVisible():
             hint = self.sizeHint()
             self.resize(max(self.width(), hint.width()), max(self.height(), hint.height()))
 
@@ -527,16 +531,19 @@ class SettingsDialog(QDialog):
         self.test_button.setEnabled(False)
         self.test_result.setStyleSheet("")
         self.test_result.setText("Connecting…")
+        self._fit()
 
         def ok(message: str) -> None:
             self.test_button.setEnabled(True)
             self.test_result.setStyleSheet(OK_STYLE)
             self.test_result.setText(message)
+            self._fit()
 
         def fail(message: str) -> None:
             self.test_button.setEnabled(True)
             self.test_result.setStyleSheet(ERROR_STYLE)
             self.test_result.setText(f"Could not reach the pool: {message}")
+            self._fit()
 
         self._run(test_connection(self.address.text().strip(), self.settings.insecure), ok, fail)
 
@@ -568,6 +575,7 @@ class SettingsDialog(QDialog):
         if not account or not password or "node_pool_address" in self.errors:
             self.login_result.setStyleSheet(ERROR_STYLE)
             self.login_result.setText("Enter a valid pool address, account name and password.")
+            self._fit()
             return
         target = dataclasses.replace(
             self.settings, node_pool_address=self.address.text().strip(), account=account
@@ -575,6 +583,7 @@ class SettingsDialog(QDialog):
         self.login_button.setEnabled(False)
         self.login_result.setStyleSheet("")
         self.login_result.setText("Logging in…")
+        self._fit()
 
         def ok(name: str) -> None:
             self.password.clear()
@@ -590,6 +599,7 @@ class SettingsDialog(QDialog):
             self.login_button.setEnabled(True)
             self.login_result.setStyleSheet(ERROR_STYLE)
             self.login_result.setText(f"Login failed: {message}")
+            self._fit()
 
         self._run(log_in(target, self.credentials, account, password), ok, fail)
 
@@ -600,11 +610,13 @@ class SettingsDialog(QDialog):
         def ok(_: object) -> None:
             self.login_result.setStyleSheet("")
             self.login_result.setText(f"Logged out of {address}.")
+            self._fit()
             self.refresh_login()
             self.loginChanged.emit("")
 
         def fail(message: str) -> None:
             self.login_result.setStyleSheet(ERROR_STYLE)
             self.login_result.setText(f"Log out failed: {message}")
+            self._fit()
 
         self._run(log_out(self.credentials, address, account), ok, fail)
