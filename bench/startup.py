@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Start-up benchmark: the one-file and one-folder builds, cold and warm, to `--version` and to a window.
+"""Start-up of the one-file and one-folder builds, cold and warm, to `--version` and to a window.
 
 Like hyperfine: warm-up runs, then N timed runs per cell, medians reported. "Cold" drops
 the build's files from the page cache before every run (posix_fadvise DONTNEED, no root
@@ -87,7 +87,8 @@ def series(
 def command(cmd: list[str], env: dict[str, str]) -> Callable[[], float]:
     def once() -> float:
         began = time.perf_counter()
-        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        quiet = subprocess.DEVNULL
+        subprocess.run(cmd, env=env, stdout=quiet, stderr=quiet, check=True)
         return time.perf_counter() - began
 
     return once
@@ -239,7 +240,7 @@ def main() -> None:
         base = series(command([python, "-I", "-c", "pass"], env), args.runs, args.warmup)
         base_ms = statistics.median(base)
         rows.append(
-            f"| baseline: `python3 -I -c pass` | – | {median_ms(base)} | 1.0× | – | – | – |"
+            f"| baseline: `python3 -I -c pass` | - | {median_ms(base)} | 1.0x | - | - | - |"
         )
         windows: dict[str, tuple[list[float], list[float] | None]] = {}
         if not args.no_window and shutil.which("Xvfb"):
@@ -251,21 +252,20 @@ def main() -> None:
             warm = series(command(cmd, env), args.runs, args.warmup)
             helps = series(command([str(program), "run", "--help"], env), args.runs, 1)
             shown, shown_cold = windows.get(label, ([], None))
-            window_cells = (
-                f"{median_ms(shown)} ({statistics.median(shown) / statistics.median(bare_window):.1f}×)"
-                if shown and bare_window
-                else "–"
-            )
+            window_cells = "-"
+            if shown and bare_window:
+                ratio = statistics.median(shown) / statistics.median(bare_window)
+                window_cells = f"{median_ms(shown)} ({ratio:.1f}x)"
             rows.append(
                 f"| {label}: `{program.relative_to(ROOT)}` | {median_ms(cold)} | "
-                f"{median_ms(warm)} | {statistics.median(warm) / base_ms:.1f}× | "
+                f"{median_ms(warm)} | {statistics.median(warm) / base_ms:.1f}x | "
                 f"{median_ms(helps)} | {window_cells} | "
-                f"{median_ms(shown_cold) if shown_cold else '–'} |"
+                f"{median_ms(shown_cold) if shown_cold else '-'} |"
             )
         if bare_window:
             rows.append(
-                f"| baseline: a bare PySide6 window (venv) | – | – | – | – | "
-                f"{median_ms(bare_window)} (1.0×) | – |"
+                f"| baseline: a bare PySide6 window (venv) | - | - | - | - | "
+                f"{median_ms(bare_window)} (1.0x) | - |"
             )
         others = []
         for other in (path.resolve() for path in args.compare):
@@ -273,7 +273,7 @@ def main() -> None:
             label = other.relative_to(ROOT) if other.is_relative_to(ROOT) else other
             others.append(
                 f"| `{label} --version` | {other.stat().st_size / 1e6:.1f} MB | "
-                f"{median_ms(warm)} | {statistics.median(warm) / base_ms:.1f}× |"
+                f"{median_ms(warm)} | {statistics.median(warm) / base_ms:.1f}x |"
             )
     finally:
         shutil.rmtree(home, ignore_errors=True)
@@ -292,8 +292,8 @@ def main() -> None:
             "`--version` against a bare interpreter start, the window against a bare PySide6 "
             "window, both measured in the same run.",
             "",
-            "| build | `--version` cold | `--version` warm | × interpreter | "
-            "`run --help` warm | to a window, warm (× bare Qt) | to a window, cold |",
+            "| build | `--version` cold | `--version` warm | x interpreter | "
+            "`run --help` warm | to a window, warm (x bare Qt) | to a window, cold |",
             "|---|---|---|---|---|---|---|",
             *rows,
             "",
@@ -307,7 +307,7 @@ def main() -> None:
                     "",
                     "Other builds of the same spec, warm, for comparison:",
                     "",
-                    "| command | size | warm | × interpreter |",
+                    "| command | size | warm | x interpreter |",
                     "|---|---|---|---|",
                     *others,
                 ]
