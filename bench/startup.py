@@ -71,16 +71,24 @@ def median_ms(times: list[float]) -> str:
     return f"{statistics.median(times) * 1000:.0f} ms"
 
 
-def series(
-    start: Callable[[], float], runs: int, warmup: int, cold: list[Path] | None = None
-) -> list[float]:
+Cell = tuple[str, Callable[[], float], list[Path] | None]  # name, one start, files to evict
+
+
+def interleaved(cells: list[Cell], runs: int, warmup: int) -> dict[str, list[float]]:
+    """Times per cell, taken round-robin so that every cell sees the same load.
+
+    On a shared machine the load drifts within seconds; timing the baseline first and the
+    builds later would put the drift into the ratios.
+    """
     for _ in range(warmup):
-        start()
-    times = []
+        for _name, start, _cold in cells:
+            start()
+    times: dict[str, list[float]] = {name: [] for name, _start, _cold in cells}
     for _ in range(runs):
-        if cold is not None:
-            evict(cold)
-        times.append(start())
+        for name, start, cold in cells:
+            if cold is not None:
+                evict(cold)
+            times[name].append(start())
     return times
 
 
@@ -237,46 +245,53 @@ def main() -> None:
     builds = [("one-folder (installers)", ONE_FOLDER), ("one-file (download and run)", ONE_FILE)]
     rows = []
     try:
-        base = series(command([python, "-I", "-c", "pass"], env), args.runs, args.warmup)
-        base_ms = statistics.median(base)
-        rows.append(
-            f"| baseline: `python3 -I -c pass` | - | {median_ms(base)} | 1.0x | - | - | - |"
-        )
-        windows: dict[str, tuple[list[float], list[float] | None]] = {}
+        cells: list[Cell] = [("base", command([python, "-I", "-c", "pass"], env), None)]
+        for label, program in builds:
+            version = command([str(program), "--version"], env)
+            cells += [
+                (f"{label} cold", version, files_of(program)),
+                (f"{label} warm", version, None),
+                (f"{label} help", command([str(program), "run", "--help"], env), None),
+            ]
+        others = [path.resolve() for path in args.compare]
+        cells += [(str(o), command([str(o), "--version"], env), None) for o in others]
+        cli = interleaved(cells, args.runs, args.warmup)
+        windows: dict[str, list[float]] = {}
         if not args.no_window and shutil.which("Xvfb"):
             windows = time_windows(builds, env, home, args)
-        bare_window = windows.pop("bare", ([], None))[0]
-        for label, program in builds:
-            cmd = [str(program), "--version"]
-            cold = series(command(cmd, env), args.runs, args.warmup, files_of(program))
-            warm = series(command(cmd, env), args.runs, args.warmup)
-            helps = series(command([str(program), "run", "--help"], env), args.runs, 1)
-            shown, shown_cold = windows.get(label, ([], None))
-            window_cells = "-"
-            if shown and bare_window:
-                ratio = statistics.median(shown) / statistics.median(bare_window)
-                window_cells = f"{median_ms(shown)} ({ratio:.1f}x)"
-            rows.append(
-                f"| {label}: `{program.relative_to(ROOT)}` | {median_ms(cold)} | "
-                f"{median_ms(warm)} | {statistics.median(warm) / base_ms:.1f}x | "
-                f"{median_ms(helps)} | {window_cells} | "
-                f"{median_ms(shown_cold) if shown_cold else '-'} |"
-            )
-        if bare_window:
-            rows.append(
-                f"| baseline: a bare PySide6 window (venv) | - | - | - | - | "
-                f"{median_ms(bare_window)} (1.0x) | - |"
-            )
-        others = []
-        for other in (path.resolve() for path in args.compare):
-            warm = series(command([str(other), "--version"], env), args.runs, args.warmup)
-            label = other.relative_to(ROOT) if other.is_relative_to(ROOT) else other
-            others.append(
-                f"| `{label} --version` | {other.stat().st_size / 1e6:.1f} MB | "
-                f"{median_ms(warm)} | {statistics.median(warm) / base_ms:.1f}x |"
-            )
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+    base_ms = statistics.median(cli["base"])
+    base_cell = median_ms(cli["base"])
+    rows.append(f"| baseline: `python3 -I -c pass` | - | {base_cell} | 1.0x | - | - | - |")
+    bare_window = windows.get("bare", [])
+    for label, program in builds:
+        warm = cli[f"{label} warm"]
+        shown, shown_cold = windows.get(f"{label} warm"), windows.get(f"{label} cold")
+        window_cells = "-"
+        if shown and bare_window:
+            ratio = statistics.median(shown) / statistics.median(bare_window)
+            window_cells = f"{median_ms(shown)} ({ratio:.1f}x)"
+        rows.append(
+            f"| {label}: `{program.relative_to(ROOT)}` | {median_ms(cli[f'{label} cold'])} | "
+            f"{median_ms(warm)} | {statistics.median(warm) / base_ms:.1f}x | "
+            f"{median_ms(cli[f'{label} help'])} | {window_cells} | "
+            f"{median_ms(shown_cold) if shown_cold else '-'} |"
+        )
+    if bare_window:
+        rows.append(
+            f"| baseline: a bare PySide6 window (venv) | - | - | - | - | "
+            f"{median_ms(bare_window)} (1.0x) | - |"
+        )
+    compared = []
+    for other in others:
+        warm = cli[str(other)]
+        shown_name = other.relative_to(ROOT) if other.is_relative_to(ROOT) else other
+        compared.append(
+            f"| `{shown_name} --version` | {other.stat().st_size / 1e6:.1f} MB | "
+            f"{median_ms(warm)} | {statistics.median(warm) / base_ms:.1f}x |"
+        )
 
     folder_mb = sum(p.stat().st_size for p in files_of(ONE_FOLDER)) / 1e6
     section = "\n".join(
@@ -309,9 +324,9 @@ def main() -> None:
                     "",
                     "| command | size | warm | x interpreter |",
                     "|---|---|---|---|",
-                    *others,
+                    *compared,
                 ]
-                if others
+                if compared
                 else []
             ),
         ]
@@ -323,24 +338,25 @@ def main() -> None:
 
 def time_windows(
     builds: list[tuple[str, Path]], env: dict[str, str], home: Path, args: argparse.Namespace
-) -> dict[str, tuple[list[float], list[float] | None]]:
+) -> dict[str, list[float]]:
     """Time to a mapped window for each build (warm and cold) and for a bare PySide6 window."""
-    results: dict[str, tuple[list[float], list[float] | None]] = {}
     with xvfb() as display:
         x11 = X11(display)
         try:
             shown_env = {**env, "DISPLAY": display, "QT_QPA_PLATFORM": "xcb"}
-            bare = window([sys.executable, "-c", BARE_WINDOW], shown_env, x11)
-            results["bare"] = (series(bare, args.window_runs, 1), None)
+            cells: list[Cell] = [
+                ("bare", window([sys.executable, "-c", BARE_WINDOW], shown_env, x11), None)
+            ]
             for label, program in builds:
                 data = home / f"data-{program.parent.name}"
                 start = window([str(program), "--data-dir", str(data), "gui"], shown_env, x11)
-                warm = series(start, args.window_runs, 1)
-                cold = series(start, max(3, args.window_runs // 2), 0, files_of(program))
-                results[label] = (warm, cold)
+                cells += [
+                    (f"{label} cold", start, files_of(program)),
+                    (f"{label} warm", start, None),
+                ]
+            return interleaved(cells, args.window_runs, 1)
         finally:
             x11.close()
-    return results
 
 
 if __name__ == "__main__":

@@ -389,8 +389,7 @@ LINTIAN_OVERRIDES = {
     "the bundled libpython at load time, as upstream builds them",
     "library-not-linked-against-libc": "Python extension modules built by CPython, "
     "loaded into the bundled interpreter",
-    "unstripped-binary-or-object": "numpy's auditwheel-repaired OpenBLAS breaks when "
-    "stripped; a few CPython modules are collected before the spec strips",
+    "unstripped-binary-or-object": "numpy's auditwheel-repaired OpenBLAS breaks when stripped",
 }
 
 
@@ -543,14 +542,12 @@ def wizard_artwork(out_dir: Path) -> tuple[Path, Path]:
     Their colours are the icon's own (its outline and its fill), so they follow it when it
     changes. Modern UI wants 24-bit BMPs of exactly these sizes (at 96 dpi).
     """
-    from collections import Counter
-
     from PIL import Image, ImageDraw
 
     out_dir.mkdir(parents=True, exist_ok=True)
     icon = _icon_image(256)
-    opaque = Counter(px[:3] for px in icon.get_flattened_data() if px[3] == 255)
-    colours = [c for c, _ in opaque.most_common() if c != (255, 255, 255)]
+    counted = sorted(icon.getcolors(maxcolors=256 * 256) or [], reverse=True)
+    colours = [rgba[:3] for _, rgba in counted if rgba[3] == 255 and rgba[:3] != (255, 255, 255)]
     dark, fill = sorted(colours[:2], key=sum)
 
     sidebar = Image.new("RGB", (164, 314), dark)

@@ -63,6 +63,9 @@ def test_wizard_shows_the_products_artwork(
     done = run([seven_zip, "x", f"-o{unpacked}", setup], timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     plugins = unpacked / "$PLUGINSDIR"
+    with Image.open(ROOT / "resources/icons/hivemind-worker-256.png") as icon:
+        counted = icon.convert("RGBA").getcolors(maxcolors=1 << 16) or []
+    icon_colour = max((n, c) for n, c in counted if c[3] == 255 and c[:3] != (255, 255, 255))
     for name, ours, size in (
         ("modern-wizard.bmp", ARTWORK / "wizard.bmp", (164, 314)),
         ("modern-header.bmp", ARTWORK / "header.bmp", (150, 57)),
@@ -71,9 +74,9 @@ def test_wizard_shows_the_products_artwork(
         assert shipped.read_bytes() == ours.read_bytes(), f"{name} is not the product's artwork"
         with Image.open(shipped) as image:
             assert image.size == size
-            # Drawn from the icon: its amber fill is in there.
+            # Drawn from the icon: its main colour is in there.
             colours = {c for _, c in image.convert("RGB").getcolors(maxcolors=1 << 16) or []}
-            assert (242, 169, 0) in colours, f"{name}: no trace of the icon"
+            assert icon_colour[1][:3] in colours, f"{name}: no trace of the icon"
     stock = Path("/usr/share/nsis/Contrib/Graphics/Wizard/win.bmp")
     if stock.exists():
         assert (plugins / "modern-wizard.bmp").read_bytes() != stock.read_bytes()
