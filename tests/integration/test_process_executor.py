@@ -21,6 +21,7 @@ import pytest
 from hivemind_worker.engine.executors import limits
 from hivemind_worker.engine.executors.base import ExecutorError
 from hivemind_worker.engine.executors.process import ProcessExecutor
+from hivemind_worker.engine.executors.workspace import TRASH_DIR, wait_for_discards
 from hivemind_worker.engine.tasks import (
     MiB,
     Resources,
@@ -92,7 +93,27 @@ def archive_members(result: TaskResult) -> dict[str, bytes | None]:
     return out
 
 
-def is_gone(pid: int) -> bool:
+def host_pid(token: str) -> int | None:
+    """The host pid of the process a task named as 'pid:[ns inode]@pid in its namespace'
+    (the task sees only its own PID namespace); None when no such process is left."""
+    ns, _, inner = token.partition("@")
+    for pid in psutil.pids():
+        try:
+            if os.readlink(f"/proc/{pid}/ns/pid") != ns:
+                continue
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("NSpid:") and line.split()[-1] == inner:
+                        return pid
+        except OSError:
+            continue
+    return None
+
+
+def is_gone(token: str) -> bool:
+    pid = host_pid(token)
+    if pid is None:
+        return True
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -343,10 +364,10 @@ async def test_bad_results_fail_the_task(work_dir: Path, source: str, message: s
 GRANDCHILD = (
     "import os, subprocess, sys, time\n"
     "child = subprocess.Popen([sys.executable, '-c', \"import os, time; "
-    "open('child.tmp', 'w').write(os.readlink('/proc/self')); "
+    "open('child.tmp', 'w').write(os.readlink('/proc/self/ns/pid') + '@' + os.readlink('/proc/self')); "
     "os.rename('child.tmp', 'child.pid'); time.sleep(60)\"])\n"
     "while not os.path.exists('child.pid'): time.sleep(0.01)\n"
-    "open('pids.tmp', 'w').write(os.readlink('/proc/self') + ' ' + open('child.pid').read())\n"
+    "open('pids.tmp', 'w').write(os.readlink('/proc/self/ns/pid') + '@' + os.readlink('/proc/self') + ' ' + open('child.pid').read())\n"
     "os.rename('pids.tmp', 'pids.txt')\n"
 )
 
@@ -361,7 +382,7 @@ async def test_timeout_kills_the_whole_group(executor: ProcessExecutor, work_dir
     assert result.status is TaskStatus.TIMED_OUT
     assert result.error == "killed after 2 s timeout"
     assert 2 <= elapsed < 10
-    leader, grandchild = map(int, (work_dir / "t1-l1" / "pids.txt").read_text().split())
+    leader, grandchild = (work_dir / "t1-l1" / "pids.txt").read_text().split()
     assert is_gone(leader)
     assert is_gone(grandchild)
     assert result.cpu_seconds > 0.5  # sampled while it spun
@@ -376,7 +397,7 @@ async def test_processes_left_behind_are_killed_at_exit(
     source = GRANDCHILD + (
         "import time\n"
         "escaped = subprocess.Popen([sys.executable, '-c', \"import os, time; "
-        "open('escaped.tmp', 'w').write(os.readlink('/proc/self')); "
+        "open('escaped.tmp', 'w').write(os.readlink('/proc/self/ns/pid') + '@' + os.readlink('/proc/self')); "
         "os.rename('escaped.tmp', 'escaped.txt'); time.sleep(60)\"],\n"
         "                           start_new_session=True, stdout=subprocess.DEVNULL)\n"
         "while not os.path.exists('escaped.txt'): time.sleep(0.01)\n"
@@ -387,8 +408,8 @@ async def test_processes_left_behind_are_killed_at_exit(
     assert result.status is TaskStatus.SUCCEEDED, result
     assert time.monotonic() - started < 10
     workspace = work_dir / "t1-l1"
-    _, grandchild = map(int, (workspace / "pids.txt").read_text().split())
-    escaped = int((workspace / "escaped.txt").read_text())
+    _, grandchild = (workspace / "pids.txt").read_text().split()
+    escaped = (workspace / "escaped.txt").read_text()
     assert is_gone(grandchild)
     assert is_gone(escaped)
 
@@ -403,7 +424,7 @@ async def test_cancel_mid_run(executor: ProcessExecutor, work_dir: Path) -> None
     result = await asyncio.wait_for(running, 10)
     assert result.status is TaskStatus.CANCELLED
     assert result.archive is None
-    assert all(is_gone(int(pid)) for pid in pids.split())
+    assert all(is_gone(pid) for pid in pids.split())
     assert executor.usage() == {}
 
 
@@ -484,14 +505,14 @@ async def test_worker_environment_is_not_inherited(
     result = await run_task(executor, task)
     assert result.status is TaskStatus.SUCCEEDED, result
     env = json.loads(archive_members(result)["results/env.json"] or b"")
-    workspace = work_dir / "t1-l1"
     assert "HIVEMIND_SECRET_TEST" not in env
     assert env["FOO"] == "bar"
     assert env["PATH"] == os.defpath
     assert env["HIVEMIND_TASK_ID"] == "t1"
-    assert env["HIVEMIND_RESULTS_DIR"] == str(workspace / "results")
-    assert env["HOME"] == str(workspace)
-    assert env["TMPDIR"] == str(workspace / "tmp")
+    # The task's own view (a mount namespace), the same as in a Docker container.
+    assert env["HIVEMIND_RESULTS_DIR"] == "/workspace/results"
+    assert env["HOME"] == "/tmp"
+    assert env["TMPDIR"] == "/tmp"
     assert set(env) <= {
         "PATH", "HOME", "TMPDIR", "LANG", "PYTHONDONTWRITEBYTECODE", "FOO",
         "HIVEMIND_TASK_ID", "HIVEMIND_RESULTS_DIR", "LC_CTYPE",
@@ -526,7 +547,7 @@ async def test_pause_freezes_and_resume_finishes(executor: ProcessExecutor, work
     loops = 30_000_000
     source = (
         "import os\n"
-        "open('pid.tmp', 'w').write(os.readlink('/proc/self')); os.rename('pid.tmp', 'pid.txt')\n"
+        "open('pid.tmp', 'w').write(os.readlink('/proc/self/ns/pid') + '@' + os.readlink('/proc/self')); os.rename('pid.tmp', 'pid.txt')\n"
         "n = 0\n"
         f"for _ in range({loops}):\n"
         "    n += 1\n"
@@ -535,7 +556,8 @@ async def test_pause_freezes_and_resume_finishes(executor: ProcessExecutor, work
     task = make_task(source)
     await executor.prepare(task)
     running = asyncio.create_task(executor.run(task, task.resources))
-    pid = int(await wait_for_file(work_dir / "t1-l1" / "pid.txt"))
+    pid = host_pid(await wait_for_file(work_dir / "t1-l1" / "pid.txt"))
+    assert pid is not None
     await asyncio.sleep(0.3)
     assert "t1" in executor.usage()
 
@@ -561,7 +583,7 @@ async def test_paused_time_does_not_count_against_the_timeout(
 ) -> None:
     source = (
         "import os, time\n"
-        "open('pid.tmp', 'w').write(os.readlink('/proc/self')); os.rename('pid.tmp', 'pid.txt')\n"
+        "open('pid.tmp', 'w').write(os.readlink('/proc/self/ns/pid') + '@' + os.readlink('/proc/self')); os.rename('pid.tmp', 'pid.txt')\n"
         "for _ in range(15):\n"
         "    time.sleep(0.1)\n"
     )
@@ -622,9 +644,11 @@ async def test_prepare_again_under_a_new_lease_replaces_the_workspace(
     await executor.prepare(make_task("pass", lease_id="old"))
     await executor.prepare(make_task("pass", lease_id="new"))
     assert executor.workspace("t1") == work_dir / "t1-new"
-    assert listdir(work_dir) == ["t1-new"]
+    assert [name for name in listdir(work_dir) if name != TRASH_DIR] == ["t1-new"]
     await executor.cleanup("t1")
-    assert listdir(work_dir) == []
+    assert [name for name in listdir(work_dir) if name != TRASH_DIR] == []
+    assert wait_for_discards(30)
+    assert listdir(work_dir / TRASH_DIR) == []
 
 
 # ------------------------------------------------------------------------- portability
@@ -680,7 +704,7 @@ async def test_double_forked_daemon_dies_with_the_task(
         "if os.fork() == 0:\n"
         "    os.setsid()\n"
         "    if os.fork() == 0:\n"
-        "        open('daemon.tmp', 'w').write(os.readlink('/proc/self'))\n"
+        "        open('daemon.tmp', 'w').write(os.readlink('/proc/self/ns/pid') + '@' + os.readlink('/proc/self'))\n"
         "        os.rename('daemon.tmp', 'daemon.pid')\n"
         "        time.sleep(120)\n"
         "    os._exit(0)\n"
@@ -688,7 +712,7 @@ async def test_double_forked_daemon_dies_with_the_task(
     )
     result = await run_task(executor, make_task(source))
     assert result.status is TaskStatus.SUCCEEDED, result
-    daemon = int((work_dir / "t1-l1" / "daemon.pid").read_text())
+    daemon = (work_dir / "t1-l1" / "daemon.pid").read_text()
     for _ in range(100):  # the kernel tears the namespace down right after the task's exit
         if is_gone(daemon):
             break

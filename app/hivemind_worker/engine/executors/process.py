@@ -18,7 +18,9 @@ from pathlib import Path
 
 import psutil
 
+from hivemind_worker.engine.executors import launcher
 from hivemind_worker.engine.executors import limits as plimits
+from hivemind_worker.engine.executors import sandbox_linux
 from hivemind_worker.engine.executors.base import (
     Executor,
     ExecutorError,
@@ -30,6 +32,8 @@ from hivemind_worker.engine.executors.workspace import (
     ARCHIVES_DIR,
     TMP_DIR,
     ResultError,
+    discard,
+    disk_usage,
     pack_results,
     prepare_workspace,
     rmtree,
@@ -66,6 +70,8 @@ READ_CHUNK = 64 * 1024
 # caught a MemoryError earlier and failed later for another reason is not called OOM.
 _OOM_MARKERS = (b"MemoryError", b"std::bad_alloc")
 _OOM_SCAN_BYTES = 4096
+# The private /tmp (a tmpfs, so memory) is capped like the Docker executor's.
+TMPFS_MAX_BYTES = 256 * MiB
 
 
 @dataclass(eq=False)
@@ -89,19 +95,28 @@ class _Running(PausableRun):
     sampled_at: float = 0.0  # when the last sample was taken, for cpu_percent
     tail: bytearray = field(default_factory=bytearray)
     output_bytes: int = 0
+    workspace: Path | None = None
+    disk_limit: int = 0  # bytes; 0: not watched
+    disk_exceeded: bool = False
 
 
 class ProcessExecutor(Executor):
     """Runs TaskKind.PYTHON tasks as `python -E -s main.py *argv` in a private workspace.
 
-    Lower trust than Docker: the task runs as the worker's user, with a scrubbed
-    environment, its own session and process group, rlimits (address space = memory cap
-    + 256 MiB, CPU time backstop, file size = disk cap, no core dumps) and nice 10.
-    Nothing stops it from reading files that user can read, and cpus are not enforced
-    beyond the nice value and the CPU-time backstop.
+    Walls on Linux (launcher.py builds them; sandbox_linux.probe() says which this machine
+    gives, and a task is refused rather than run behind none): user, PID, network, IPC and
+    UTS namespaces; a minimal read-only root holding /usr, the /etc essentials, a fresh
+    /proc, a few devices, a private size-capped /tmp and the workspace at /workspace, and
+    nothing else; no capabilities; Landlock (writes only in /workspace and /tmp); a seccomp
+    filter; RLIMIT_NPROC counted per namespace (a cap on the whole tree); rlimits per process
+    (address space = memory cap + 256 MiB, CPU time backstop, file size = disk cap, no core
+    dumps); nice 10; a scrubbed environment. When the worker runs as root, tasks run as
+    nobody. The workspace is watched: past the disk cap the task is killed and FAILED
+    ("used more than its N MiB disk limit").
 
     Workspace: `work_dir/<task_id>-<lease_id or 'nolease'>` (0700), holding main.py, the
-    inputs, `tmp/` (TMPDIR, HOME is the workspace) and the results folder.
+    inputs, `tmp/` and the results folder; the task sees it as /workspace (its cwd), with
+    HOME and TMPDIR /tmp, as in the Docker executor.
 
     Results: once the task has ended (any status but CANCELLED) the results folder is packed
     into `work_dir/_archives/<task_id>-<lease_id>.tar.gz`, owned by the engine from then on.
@@ -143,6 +158,7 @@ class ProcessExecutor(Executor):
         self._running: dict[str, _Running] = {}
         self._cancel_requested: set[str] = set()
         self._paused = False
+        self._confinement: sandbox_linux.Confinement | None = None
 
     @property
     def python(self) -> str:
@@ -158,6 +174,21 @@ class ProcessExecutor(Executor):
         """The workspace of a prepared task, until cleanup."""
         return self._workspaces.get(task_id)
 
+    async def confinement(self) -> sandbox_linux.Confinement | None:
+        """The walls tasks get on this machine (probed once, by a real launch); None off Linux."""
+        if not sys.platform.startswith("linux"):
+            return None
+        if self._confinement is None:
+            self._confinement = await asyncio.to_thread(sandbox_linux.probe, self._python)
+            log.info("%s", self._confinement.summary())
+            if self._confinement.run_as:
+                log.warning(
+                    "the worker runs as root: tasks run as uid %d instead; run the worker as "
+                    "an ordinary user",
+                    self._confinement.run_as[0],
+                )
+        return self._confinement
+
     # ---------------------------------------------------------------- prepare
 
     async def prepare(self, task: TaskSpec) -> None:
@@ -171,17 +202,22 @@ class ProcessExecutor(Executor):
             # Windows needs a Job Object for memory and CPU limits; until it has one, refuse
             # rather than run a task without the limits it was promised.
             raise ExecutorError(plimits.unsupported_reason())
+        confinement = await self.confinement()
+        if confinement is not None and not confinement.usable:
+            raise ExecutorError(confinement.problem)
         if task.task_id in self._running:
             raise ExecutorError(f"task {task.task_id} is already running")
         workspace = workspace_path(self._work_dir, task)
         previous = self._workspaces.get(task.task_id)
         if previous is not None and previous != workspace:
             # Prepared again under a new lease without a cleanup in between.
-            await asyncio.to_thread(rmtree, previous)
+            await asyncio.to_thread(discard, previous, self._work_dir)
         self._workspaces[task.task_id] = workspace
         self._cancel_requested.discard(task.task_id)
         try:
             await asyncio.to_thread(prepare_workspace, task, workspace, self._work_dir)
+            if confinement is not None and confinement.run_as is not None:
+                await asyncio.to_thread(sandbox_linux.chown_tree, workspace, confinement.run_as)
         except BaseException:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(rmtree, workspace)
@@ -204,27 +240,50 @@ class ProcessExecutor(Executor):
         memory = caps.memory_bytes if caps.memory_bytes > 0 else task.resources.memory_bytes
         disk = caps.disk_bytes if caps.disk_bytes > 0 else task.resources.disk_bytes
         cpus = caps.cpus if caps.cpus > 0 else task.resources.cpus
+        confinement = await self.confinement()
+        walls = confinement.walls if confinement is not None else ""
         limits = plimits.ProcessLimits(
             address_space_bytes=memory + ADDRESS_SPACE_ALLOWANCE,
             cpu_seconds=task.timeout_seconds * max(1, math.ceil(cpus)) + CPU_LIMIT_SLACK_SECONDS,
-            # Per file, not per workspace: a backstop against filling the disk in one write.
+            # Per file: a backstop against filling the disk in one write; the workspace as a
+            # whole is watched (_sample).
             file_size_bytes=disk,
+            max_processes=(
+                sandbox_linux.MAX_PROCESSES
+                if confinement is not None and confinement.process_cap
+                else None
+            ),
         )
+        if "M" in walls:
+            # The task's view, as in the Docker executor.
+            results_dir = Path(launcher.WORKSPACE, *task.result_path.parts)
+        argv = plimits.launch_argv(
+            confinement.python if confinement is not None else self._python,
+            limits,
+            "main.py",
+            task.argv,
+            walls=walls,
+            tmp_bytes=max(min(disk or TMPFS_MAX_BYTES, TMPFS_MAX_BYTES, memory // 2), MiB),
+            binds=confinement.binds if confinement is not None else (),
+            seccomp_filter=confinement.seccomp_filter if "S" in walls and confinement else b"",
+        )
+        identity = sandbox_linux.identity_kwargs(confinement.run_as if confinement else None)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *plimits.launch_argv(self._python, limits, "main.py", task.argv),
+                *argv,
                 cwd=workspace,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=_task_environment(task, workspace, results_dir),
+                env=_task_environment(task, workspace, results_dir, confined="M" in walls),
                 limit=READ_CHUNK,
+                **identity,  # type: ignore[arg-type]
             )
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             result.error = f"could not start the task: {exc}"
             return
-        run = _Running(task, proc, started=time.monotonic())
+        run = _Running(task, proc, started=time.monotonic(), workspace=workspace, disk_limit=disk)
         # Registered before any await, so a pause() from here on reaches this task.
         self._running[task.task_id] = run
         if self._paused:
@@ -253,6 +312,8 @@ class ProcessExecutor(Executor):
         elif run.timed_out:
             result.status = TaskStatus.TIMED_OUT
             result.error = f"killed after {task.timeout_seconds} s timeout"
+        elif run.disk_exceeded:
+            result.error = f"used more than its {_mib(disk)} disk limit"
         elif rc == 0:
             result.status = TaskStatus.SUCCEEDED
         elif any(m in run.tail[-_OOM_SCAN_BYTES:] for m in _OOM_MARKERS):
@@ -261,10 +322,10 @@ class ProcessExecutor(Executor):
         elif rc < 0:
             result.error = f"killed by signal {_signal_name(-rc)}"
         elif rc == plimits.ISOLATION_FAILED and plimits.ISOLATION_MARKER in run.tail:
-            result.error = (
-                "this computer does not allow the process sandbox's isolation (unprivileged "
-                "user namespaces are off); install Docker, or enable user namespaces"
-            )
+            marker = run.tail.rfind(plimits.ISOLATION_MARKER)
+            reason = run.tail[marker:].split(b"\n", 1)[0].decode(errors="replace")
+            log.error("task %s could not be isolated: %s", task.task_id, reason)
+            result.error = sandbox_linux.isolation_problem(reason.split("(", 1)[-1].rstrip(")"))
         else:
             result.error = f"exited with code {rc}"
         if result.status is TaskStatus.CANCELLED:
@@ -294,6 +355,8 @@ class ProcessExecutor(Executor):
             if now - run.last_sample >= SAMPLE_INTERVAL:
                 run.last_sample = now
                 await asyncio.to_thread(_sample, run)
+                if run.disk_exceeded and not run.cancelled:
+                    self._signal(run, signal.SIGKILL)
                 continue
             if not run.cancelled and run.paused_at is None and run.active_seconds(now) >= timeout:
                 run.timed_out = True
@@ -403,7 +466,9 @@ class ProcessExecutor(Executor):
         self._cancel_requested.discard(task_id)
         workspace = self._workspaces.pop(task_id, None)
         if workspace is not None:
-            await asyncio.to_thread(rmtree, workspace)
+            # Moved aside at once and deleted in the background: a workspace of 100,000
+            # files must not hold up the report that waits for this cleanup.
+            await asyncio.to_thread(discard, workspace, self._work_dir)
 
     def usage(self) -> dict[str, Usage]:
         return {task_id: run.usage for task_id, run in self._running.items()}
@@ -433,12 +498,14 @@ def _default_python() -> str:
     return sys.executable
 
 
-def _task_environment(task: TaskSpec, workspace: Path, results_dir: Path) -> dict[str, str]:
+def _task_environment(
+    task: TaskSpec, workspace: Path, results_dir: Path, *, confined: bool
+) -> dict[str, str]:
     """A minimal environment: nothing is inherited from the worker, which may hold secrets."""
     env = {
         "PATH": os.defpath,
-        "HOME": str(workspace),
-        "TMPDIR": str(workspace / TMP_DIR),
+        "HOME": "/tmp" if confined else str(workspace),
+        "TMPDIR": "/tmp" if confined else str(workspace / TMP_DIR),
         "LANG": "C.UTF-8",
         # `-E` makes the task's own interpreter ignore PYTHON* variables; this one reaches
         # the Python processes the task starts without -I/-E.
@@ -499,6 +566,12 @@ def _sample(run: _Running) -> None:
     percent = (run.cpu_seconds - previous_cpu) / elapsed * 100 if previous_at and elapsed else 0.0
     run.usage = Usage(cpu_percent=percent, memory_bytes=rss, cpu_seconds=run.cpu_seconds)
     run.sampled_at = now
+    if run.disk_limit > 0 and run.workspace is not None and not run.disk_exceeded:
+        run.disk_exceeded = disk_usage(run.workspace, run.disk_limit) > run.disk_limit
+
+
+def _mib(size: int) -> str:
+    return f"{size // MiB} MiB" if size >= MiB else f"{size} bytes"
 
 
 def _signal_name(number: int) -> str:

@@ -1,0 +1,260 @@
+"""What the process sandbox can build on this Linux machine, probed once by a real launch.
+
+The probe runs the launcher (launcher.py) in its "try" mode on an empty task and reads back
+which walls it built, so what `doctor` and the log say is what a task really gets. Tasks are
+then launched requiring exactly those walls: a wall that stops working later fails the task
+with a clear reason rather than letting it run behind fewer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import logging
+import os
+import platform
+import shutil
+import stat
+import subprocess
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from hivemind_worker.engine.executors import launcher, seccomp
+from hivemind_worker.engine.executors import limits as plimits
+
+log = logging.getLogger(__name__)
+
+NOBODY = 65534
+# The process-count cap of one task's tree (threads count too), as Docker's pids_limit.
+MAX_PROCESSES = 256
+PROBE_TIMEOUT = 30.0
+# Where an interpreter may live without an extra bind: these are in every task's view.
+_SYSTEM_DIRS = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/lib32/", "/libx32/")
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """The walls the process sandbox builds here, and how tasks are launched behind them."""
+
+    walls: str  # letters of launcher.WALLS that the probe built
+    python: str  # the interpreter tasks run with
+    binds: tuple[str, ...]  # extra read-only folders in the task's view (the interpreter's)
+    run_as: tuple[int, int] | None  # (uid, gid) tasks run as; None: the worker's own
+    process_cap: bool  # RLIMIT_NPROC counts per user namespace (Linux 5.14+)
+    landlock_abi: int
+    seccomp_filter: bytes
+    problem: str = ""  # why the namespaces could not be made; "" when they were
+
+    @property
+    def usable(self) -> bool:
+        """Whether tasks can run at all (the namespaces are the wall that is never skipped)."""
+        return "N" in self.walls
+
+    def lines(self) -> list[tuple[str, bool, str]]:
+        """(wall, built, what it means) for doctor and the log, one per wall."""
+        w = self.walls
+        who = (
+            f"as uid {self.run_as[0]} (the worker runs as root; better run it as a person)"
+            if self.run_as
+            else "as the worker's user"
+        )
+        return [
+            (
+                "namespaces",
+                "N" in w,
+                f"user, PID, network (none at all), IPC and UTS namespaces; tasks run {who}"
+                if "N" in w
+                else self.problem or "not available",
+            ),
+            (
+                "mount view",
+                "M" in w,
+                "a minimal read-only root: /usr, /etc essentials, /workspace, private /tmp"
+                + (", fresh /proc" if "P" in w else ", no /proc (this kernel refused a new one)")
+                if "M" in w
+                else "not available: tasks see every file the worker's user can read",
+            ),
+            (
+                "landlock",
+                "L" in w,
+                f"writes only in /workspace and /tmp (Landlock ABI {self.landlock_abi})"
+                if "L" in w
+                else "not available (needs Linux 5.13+ with Landlock enabled)",
+            ),
+            (
+                "seccomp",
+                "S" in w,
+                f"{len(seccomp.DENIED)} kernel calls refused (ptrace, mount, bpf, keyctl, ...)"
+                if "S" in w
+                else f"not available on this {platform.machine()} kernel",
+            ),
+            (
+                "process cap",
+                self.process_cap and "N" in w,
+                f"at most {MAX_PROCESSES} processes per task (per-namespace RLIMIT_NPROC)"
+                if self.process_cap
+                else "none: Linux older than 5.14 counts RLIMIT_NPROC per user, not per task",
+            ),
+        ]
+
+    def summary(self) -> str:
+        """One line for the log."""
+        built = [name for name, ok, _ in self.lines() if ok]
+        missing = [name for name, ok, _ in self.lines() if not ok]
+        text = "process sandbox walls: " + (", ".join(built) or "none")
+        if missing:
+            text += "; missing: " + ", ".join(missing)
+        if self.run_as:
+            text += f"; tasks run as uid {self.run_as[0]} because the worker runs as root"
+        return text
+
+
+def task_identity() -> tuple[int, int] | None:
+    """(uid, gid) for tasks when the worker runs as root (never root on the host), else None."""
+    if os.geteuid() != 0:
+        return None
+    import pwd  # POSIX-only, and this module is Linux-only
+
+    try:
+        entry = pwd.getpwnam("nobody")
+        return entry.pw_uid, entry.pw_gid
+    except KeyError:
+        return NOBODY, NOBODY
+
+
+def _reachable_by_others(path: str) -> bool:
+    """Whether a user other than the owner can run `path` (every folder on the way searchable)."""
+    try:
+        if not os.stat(path).st_mode & stat.S_IXOTH:
+            return False
+        parent = os.path.dirname(path)
+        while parent and parent != "/":
+            if not os.stat(parent).st_mode & stat.S_IXOTH:
+                return False
+            parent = os.path.dirname(parent)
+    except OSError:
+        return False
+    return True
+
+
+def task_python(python: str, run_as: tuple[int, int] | None) -> str:
+    """The interpreter for tasks: `python` itself (resolved), or, when tasks run as another
+    user who cannot reach it (an interpreter under /root), the system's python3."""
+    real = os.path.realpath(python)
+    if run_as is None or _reachable_by_others(real):
+        return real
+    for folder in ("/usr/local/bin", "/usr/bin", "/bin"):
+        candidate = shutil.which("python3", path=folder)
+        if candidate and _reachable_by_others(os.path.realpath(candidate)):
+            log.info(
+                "tasks run with %s: %s cannot be run by uid %d", candidate, real, run_as[0]
+            )
+            return os.path.realpath(candidate)
+    return real
+
+
+def interpreter_binds(python: str) -> tuple[str, ...]:
+    """The interpreter's installation, when it is outside the folders every task sees."""
+    if python.startswith(_SYSTEM_DIRS):
+        return ()
+    prefix = os.path.dirname(os.path.dirname(python))  # .../bin/python3 -> ...
+    if not prefix or prefix == "/" or "\n" in prefix:
+        return ()
+    return (prefix,)
+
+
+def process_cap_supported() -> bool:
+    """Linux 5.14+ counts RLIMIT_NPROC per user namespace (ucounts), so it caps one task."""
+    release = platform.release().split(".")
+    try:
+        major, minor = int(release[0]), int("".join(c for c in release[1] if c.isdigit()))
+    except (IndexError, ValueError):
+        return False
+    return (major, minor) >= (5, 14)
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, 0 without Landlock."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        abi = int(libc.syscall(ctypes.c_long(444), None, ctypes.c_long(0), ctypes.c_long(1)))
+    except (OSError, AttributeError):
+        return 0
+    return max(abi, 0)
+
+
+@functools.lru_cache(maxsize=4)
+def probe(python: str) -> Confinement:
+    """Launch an empty task with every wall tried, and see which were built (cached)."""
+    run_as = task_identity()
+    interpreter = task_python(python, run_as)
+    binds = interpreter_binds(interpreter)
+    filter_ = seccomp.build_filter() if seccomp.supported_machine() else b""
+    process_cap = process_cap_supported()
+    base = Confinement("", interpreter, binds, run_as, process_cap, landlock_abi(), filter_)
+    folder = tempfile.mkdtemp(prefix="hivemind-probe-")
+    try:
+        Path(folder, "main.py").write_text("pass\n")
+        if run_as is not None:
+            for path in (folder, os.path.join(folder, "main.py")):
+                os.chown(path, *run_as)
+        argv = plimits.launch_argv(
+            interpreter,
+            plimits.ProcessLimits(max_processes=MAX_PROCESSES if process_cap else None),
+            "main.py",
+            (),
+            walls="T" + launcher.WALLS,
+            binds=binds,
+            seccomp_filter=filter_,
+        )
+        try:
+            proc = subprocess.run(
+                argv,
+                cwd=folder,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=PROBE_TIMEOUT,
+                env={"PATH": os.defpath, "LANG": "C.UTF-8"},
+                **identity_kwargs(run_as),
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            return replace(base, problem=f"the sandbox launcher could not start: {exc}")
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(folder)
+    walls = ""
+    for line in proc.stderr.decode(errors="replace").splitlines():
+        if line.startswith("hivemind-walls: "):
+            walls = line.split(": ", 1)[1].strip()
+    if not walls:
+        detail = proc.stderr.decode(errors="replace").strip().splitlines()
+        reason = detail[-1] if detail else f"exit code {proc.returncode}"
+        log.warning("the process sandbox cannot isolate tasks here: %s", reason)
+        return replace(base, problem=isolation_problem(reason))
+    return replace(base, walls=walls)
+
+
+def isolation_problem(reason: str) -> str:
+    """One sentence for a machine where the namespaces cannot be made."""
+    return (
+        "this computer does not allow the process sandbox's isolation (unprivileged user "
+        "namespaces are off or restricted, e.g. by AppArmor); install Docker, or allow user "
+        f"namespaces ({reason})"
+    )
+
+
+def identity_kwargs(run_as: tuple[int, int] | None) -> dict[str, object]:
+    """Popen arguments that start the launcher as `run_as` (set in C between fork and exec)."""
+    if run_as is None:
+        return {}
+    return {"user": run_as[0], "group": run_as[1], "extra_groups": []}
+
+
+def chown_tree(root: Path, owner: tuple[int, int]) -> None:
+    """Give a freshly prepared workspace to the task's uid, never following a symlink."""
+    os.lchown(root, *owner)
+    for folder, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            os.lchown(os.path.join(folder, name), *owner)
