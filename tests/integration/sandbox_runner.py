@@ -4,7 +4,8 @@ The sandbox tests start it as root (a worker run with sudo) and under `setpriv -
 (an ordinary person's worker): `python sandbox_runner.py WORK_DIR < tasks.json`, one JSON
 object per task (source, files, memory, disk, timeout), answered on stdout with one JSON list:
 status, error, exit code, output and the result archive's files, and how often a ticker on
-the executor's event loop ticked while the run and the cleanup were under way.
+the executor's event loop ticked during the run, after the task printed END-OF-TASK (while
+the worker packs its results), and while its workspace was deleted in the background.
 """
 
 from __future__ import annotations
@@ -72,13 +73,21 @@ async def run_all(work_dir: Path, items: list[dict[str, Any]]) -> list[dict[str,
             workspace = executor.workspace(spec.task_id)
             assert workspace is not None
             before = ticks
-            result = await executor.run(spec, spec.resources)
+            marked: list[int] = []
+
+            def on_log(task_id: str, chunk: bytes, marked: list[int] = marked) -> None:
+                if b"END-OF-TASK" in chunk:
+                    marked.append(ticks)  # the task's last words: what follows is the worker's
+
+            result = await executor.run(spec, spec.resources, on_log)
             run_ticks = ticks - before
+            ticks_after_task = ticks - marked[0] if marked else -1
             files = archive_files(result.archive)
-            before = ticks
             await executor.cleanup(spec.task_id)
-            cleanup_ticks = ticks - before
             gone_at_once = not workspace.exists()
+            before = ticks
+            await asyncio.to_thread(wait_for_discards, 120)
+            ticks_while_deleting = ticks - before
             out.append(
                 {
                     "status": result.status.value,
@@ -87,7 +96,8 @@ async def run_all(work_dir: Path, items: list[dict[str, Any]]) -> list[dict[str,
                     "output": result.log_tail.decode(errors="replace"),
                     "files": files,
                     "run_ticks": run_ticks,
-                    "cleanup_ticks": cleanup_ticks,
+                    "ticks_after_task": ticks_after_task,
+                    "ticks_while_deleting": ticks_while_deleting,
                     "workspace_gone_at_cleanup": gone_at_once,
                 }
             )

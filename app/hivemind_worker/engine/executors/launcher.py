@@ -21,7 +21,8 @@ from __future__ import annotations
 ISOLATION_FAILED = 125
 ISOLATION_MARKER = b"hivemind: cannot isolate the task"
 # N: namespaces (user, PID, network, UTS, IPC; always built), M: the minimal mount view,
-# P: a fresh /proc for the task's PID namespace, L: Landlock, S: seccomp.
+# P: a fresh /proc for the task's PID namespace, L: Landlock, S: seccomp. Not probed: G, wait
+# for one byte on stdin before anything else (the worker is putting the task in its cgroup).
 WALLS = "NMPLS"
 WORKSPACE = "/workspace"
 
@@ -29,6 +30,12 @@ LAUNCHER = r'''
 def _hivemind():
     import os, resource, signal, sys
     A = sys.argv
+    if "G" in A[4]:
+        # Wait until the worker has put this process in the task's cgroup (one byte on stdin).
+        os.read(0, 1)
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
     for item in filter(None, A[1].split(",")):
         name, value = item.split("=")
         which, value = getattr(resource, name), int(value)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from hivemind_worker.engine.executors import launcher
+from hivemind_worker.engine.executors import cgroups, launcher
 from hivemind_worker.engine.executors import limits as plimits
 from hivemind_worker.engine.executors import sandbox_linux
 from hivemind_worker.engine.executors.base import (
@@ -98,6 +98,8 @@ class _Running(PausableRun):
     workspace: Path | None = None
     disk_limit: int = 0  # bytes; 0: not watched
     disk_exceeded: bool = False
+    disk_checked_at: float = 0.0  # time.monotonic() of the last walk of the workspace
+    disk_walk_seconds: float = 0.0  # how long that walk took
 
 
 class ProcessExecutor(Executor):
@@ -159,6 +161,7 @@ class ProcessExecutor(Executor):
         self._cancel_requested: set[str] = set()
         self._paused = False
         self._confinement: sandbox_linux.Confinement | None = None
+        self._cgroups: cgroups.Cgroups | None = None
 
     @property
     def python(self) -> str:
@@ -173,6 +176,15 @@ class ProcessExecutor(Executor):
     def workspace(self, task_id: str) -> Path | None:
         """The workspace of a prepared task, until cleanup."""
         return self._workspaces.get(task_id)
+
+    async def cgroups(self) -> cgroups.Cgroups | None:
+        """How a task's whole tree is limited here (probed once); None off Linux."""
+        if not sys.platform.startswith("linux"):
+            return None
+        if self._cgroups is None:
+            self._cgroups = await asyncio.to_thread(cgroups.probe)
+            log.info("process sandbox limits for the task tree: %s", self._cgroups.reason)
+        return self._cgroups
 
     async def confinement(self) -> sandbox_linux.Confinement | None:
         """The walls tasks get on this machine (probed once, by a real launch); None off Linux."""
@@ -254,6 +266,20 @@ class ProcessExecutor(Executor):
                 else None
             ),
         )
+        tree = cgroups.TaskLimits(
+            max_processes=sandbox_linux.MAX_PROCESSES,
+            memory_bytes=memory,
+            cpus=cpus if cpus > 0 else float(os.cpu_count() or 1),
+        )
+        limiter = await self.cgroups()
+        group: cgroups.TaskCgroup | None = None
+        if limiter is not None and limiter.kind in ("v1", "v2"):
+            try:
+                group = await asyncio.to_thread(limiter.make, task.task_id, tree)
+            except OSError as exc:
+                result.error = f"could not limit the task's processes: {exc}"
+                return
+            walls += "G"  # wait until the worker has put it in its cgroup
         if "M" in walls:
             # The task's view, as in the Docker executor.
             results_dir = Path(launcher.WORKSPACE, *task.result_path.parts)
@@ -267,12 +293,14 @@ class ProcessExecutor(Executor):
             binds=confinement.binds if confinement is not None else (),
             seccomp_filter=confinement.seccomp_filter if "S" in walls and confinement else b"",
         )
+        if limiter is not None:
+            argv = limiter.wrap(argv, tree)
         identity = sandbox_linux.identity_kwargs(confinement.run_as if confinement else None)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 cwd=workspace,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if group is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -282,6 +310,10 @@ class ProcessExecutor(Executor):
             )
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             result.error = f"could not start the task: {exc}"
+            if group is not None:
+                await asyncio.to_thread(group.remove)
+            return
+        if group is not None and not await self._enter(proc, group, result):
             return
         run = _Running(task, proc, started=time.monotonic(), workspace=workspace, disk_limit=disk)
         # Registered before any await, so a pause() from here on reaches this task.
@@ -299,6 +331,10 @@ class ProcessExecutor(Executor):
             self._signal(run, signal.SIGKILL)
             self._running.pop(task.task_id, None)
             await self._drain(run, reader)
+            oom = False
+            if group is not None:
+                oom = await asyncio.to_thread(group.oom_killed)
+                await asyncio.to_thread(group.remove)
 
         rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
         result.finished_at = time.time()
@@ -316,7 +352,7 @@ class ProcessExecutor(Executor):
             result.error = f"used more than its {_mib(disk)} disk limit"
         elif rc == 0:
             result.status = TaskStatus.SUCCEEDED
-        elif any(m in run.tail[-_OOM_SCAN_BYTES:] for m in _OOM_MARKERS):
+        elif oom or any(m in run.tail[-_OOM_SCAN_BYTES:] for m in _OOM_MARKERS):
             result.status = TaskStatus.OUT_OF_MEMORY
             result.error = f"ran out of memory (limit {memory // MiB} MiB)"
         elif rc < 0:
@@ -343,6 +379,24 @@ class ProcessExecutor(Executor):
                 result.error = f"{result.error}; results not collected: {reason}"
             return
         result.archive, result.archive_sha256, result.archive_size = archive, digest, size
+
+    async def _enter(
+        self, proc: asyncio.subprocess.Process, group: cgroups.TaskCgroup, result: TaskResult
+    ) -> bool:
+        """Put the waiting launcher in the task's cgroup, then let it go on (wall "G")."""
+        try:
+            await asyncio.to_thread(group.add, proc.pid)
+        except OSError as exc:
+            result.error = f"could not limit the task's processes: {exc}"
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            await asyncio.to_thread(group.remove)
+            return False
+        assert proc.stdin is not None
+        proc.stdin.write(b"g")
+        proc.stdin.close()
+        return True
 
     async def _supervise(self, run: _Running, reader: asyncio.Task[None]) -> None:
         # asyncio's Process.wait() only returns once the stdout pipe is closed too, which a
@@ -566,8 +620,13 @@ def _sample(run: _Running) -> None:
     percent = (run.cpu_seconds - previous_cpu) / elapsed * 100 if previous_at and elapsed else 0.0
     run.usage = Usage(cpu_percent=percent, memory_bytes=rss, cpu_seconds=run.cpu_seconds)
     run.sampled_at = now
-    if run.disk_limit > 0 and run.workspace is not None and not run.disk_exceeded:
+    # The walk's cost grows with the number of files; it is spaced out so that it takes at
+    # most a tenth of the time (a workspace of 100,000 files is then walked every few seconds).
+    due = run.disk_checked_at + max(SAMPLE_INTERVAL, 10 * run.disk_walk_seconds)
+    if run.disk_limit > 0 and run.workspace is not None and not run.disk_exceeded and now >= due:
         run.disk_exceeded = disk_usage(run.workspace, run.disk_limit) > run.disk_limit
+        run.disk_checked_at = time.monotonic()
+        run.disk_walk_seconds = run.disk_checked_at - now
 
 
 def _mib(size: int) -> str:
