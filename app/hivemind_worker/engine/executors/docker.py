@@ -37,9 +37,12 @@ from hivemind_worker.engine.executors.base import (
 )
 from hivemind_worker.engine.executors.workspace import (
     ARCHIVES_DIR,
+    TRASH_DIR,
     ResultError,
     prepare_workspace,
     repack_results,
+    discard,
+    disk_usage,
     rmtree,
     workspace_path,
     write_archive,
@@ -174,6 +177,15 @@ class _Running(PausableRun):
     pending: bytearray = field(default_factory=bytearray)
     dropped: int = 0
     flush_scheduled: bool = False
+    # The disk request: the read-only root leaves the bind-mounted workspace as the one
+    # writable place on disk (/tmp is a size-capped tmpfs, counted as memory), so it is the
+    # one watched. --storage-opt size= would cap nothing more, and works only on overlay2
+    # over xfs with project quotas.
+    workspace: Path | None = None
+    disk_limit: int = 0  # bytes; 0: not watched
+    disk_exceeded: bool = False
+    disk_checked_at: float = 0.0
+    disk_walk_seconds: float = 0.0
 
 
 class DockerExecutor(Executor):
@@ -199,8 +211,9 @@ class DockerExecutor(Executor):
     and byte caps) into the same archive format as the process executor.
 
     Status: exit 0 is SUCCEEDED; killed by the kernel's OOM killer is OUT_OF_MEMORY; past
-    the timeout (paused time not counted) is TIMED_OUT; cancel() is CANCELLED; any other exit
-    is FAILED. Usage is sampled from the stats API at 1 Hz in a thread per container.
+    the timeout (paused time not counted) is TIMED_OUT; cancel() is CANCELLED; a workspace
+    grown past the disk request gets the container killed and FAILED ("used more than its
+    N MiB disk limit"); any other exit is FAILED. Usage is sampled from the stats API at 1 Hz in a thread per container.
     Output is followed in a thread and handed to the log sink (thinned, never buffered
     without bound, when the task outpaces it); the tail in the result comes from the capped
     log file once the container has stopped.
@@ -329,7 +342,7 @@ class DockerExecutor(Executor):
                 if (
                     path is not None
                     and path.parent == work_dir
-                    and path.name not in (ARCHIVES_DIR, SPECS_DIR)
+                    and path.name not in (ARCHIVES_DIR, SPECS_DIR, TRASH_DIR)
                 ):
                     rmtree(path)
         specs = self._work_dir / SPECS_DIR
@@ -640,7 +653,8 @@ class DockerExecutor(Executor):
             result.error = f"could not create the container: {_reason(exc)}"
             return
         self._containers[task.task_id] = container
-        run = _Running(task, container, started=time.monotonic())
+        run = _Running(task, container, started=time.monotonic(), workspace=workspace)
+        run.disk_limit = caps.disk_bytes if caps.disk_bytes > 0 else task.resources.disk_bytes
         # Registered before the start, so cancel() and pause() from here on reach it.
         self._running[task.task_id] = run
         # A cancel() that came while the container was being created found no run to stop.
@@ -674,7 +688,8 @@ class DockerExecutor(Executor):
             result.started_at = begun
         # The timeout counts from the container's start, not from this re-attachment.
         elapsed = max(time.time() - begun, 0.0) if begun else 0.0
-        run = _Running(task, container, started=time.monotonic() - elapsed)
+        run = _Running(task, container, started=time.monotonic() - elapsed, workspace=workspace)
+        run.disk_limit = task.resources.disk_bytes
         self._running[task.task_id] = run
         run.cancelled = task.task_id in self._cancel_requested
         try:
@@ -733,6 +748,8 @@ class DockerExecutor(Executor):
         elif run.timed_out:
             result.status = TaskStatus.TIMED_OUT
             result.error = f"killed after {task.timeout_seconds} s timeout"
+        elif run.disk_exceeded:
+            result.error = f"used more than its {_size(run.disk_limit)} disk limit"
         elif state.get("OOMKilled"):
             result.status = TaskStatus.OUT_OF_MEMORY
             result.error = f"ran out of memory (limit {memory // MiB} MiB)"
@@ -782,6 +799,18 @@ class DockerExecutor(Executor):
                 run.timed_out = True
                 await asyncio.to_thread(_kill, run.container)
                 break
+            if run.disk_limit > 0 and run.workspace is not None and now >= (
+                run.disk_checked_at + max(SAMPLE_INTERVAL, 10 * run.disk_walk_seconds)
+            ):
+                # Spaced by its cost: a workspace of many files is walked less often.
+                used = await asyncio.to_thread(disk_usage, run.workspace, run.disk_limit)
+                run.disk_checked_at = time.monotonic()
+                run.disk_walk_seconds = run.disk_checked_at - now
+                if used > run.disk_limit and not run.cancelled:
+                    run.disk_exceeded = True
+                    await asyncio.to_thread(_kill, run.container)
+                    break
+                continue
             await asyncio.wait({waiter}, timeout=POLL_INTERVAL)
         with contextlib.suppress(*_DockerErrors):
             await waiter  # the exit itself; errors mean the container is gone already
@@ -932,7 +961,8 @@ class DockerExecutor(Executor):
         await self._remove_container(task_id)
         workspace = self._workspaces.pop(task_id, None)
         if workspace is not None:
-            await asyncio.to_thread(rmtree, workspace)
+            # Moved aside at once, deleted in the background: the report waits for cleanup().
+            await asyncio.to_thread(discard, workspace, self._work_dir)
         spec_file = self._spec_files.pop(task_id, None)
         if spec_file is not None:
             await asyncio.to_thread(spec_file.unlink, missing_ok=True)
@@ -1023,6 +1053,10 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, docker.errors.APIError) and exc.explanation:
         return str(exc.explanation)
     return str(exc) or type(exc).__name__
+
+
+def _size(size: int) -> str:
+    return f"{size // MiB} MiB" if size >= MiB else f"{size} bytes"
 
 
 def _signal_name(number: int) -> str:
