@@ -55,11 +55,7 @@ class Confinement:
     def lines(self) -> list[tuple[str, bool, str]]:
         """(wall, built, what it means) for doctor and the log, one per wall."""
         w = self.walls
-        who = (
-            f"as uid {self.run_as[0]} (the worker runs as root; better run it as a person)"
-            if self.run_as
-            else "as the worker's user"
-        )
+        who = f"as uid {self.run_as[0]}, not root" if self.run_as else "as the worker's user"
         return [
             (
                 "namespaces",
