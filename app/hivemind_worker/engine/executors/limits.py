@@ -1,4 +1,4 @@
-"""Per-process resource limits for the process executor (POSIX rlimits; none yet on Windows)."""
+"""Per-process resource limits for the process executor (POSIX rlimits; Windows: windows_job)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ class ProcessLimits:
 
 
 def supported() -> bool:
-    """Whether this platform can enforce ProcessLimits (POSIX rlimits)."""
-    return os.name == "posix" and sys.platform != "win32"
+    """Whether this platform can limit a task: POSIX rlimits, or a Job Object on Windows."""
+    return os.name == "posix" or sys.platform == "win32"
 
 
 def unsupported_reason() -> str:

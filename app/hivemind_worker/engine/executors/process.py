@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from hivemind_worker.engine.executors import cgroups, launcher
+from hivemind_worker.engine.executors import cgroups, launcher, windows_job
 from hivemind_worker.engine.executors import limits as plimits
 from hivemind_worker.engine.executors import sandbox_linux
 from hivemind_worker.engine.executors.base import (
@@ -70,6 +70,11 @@ READ_CHUNK = 64 * 1024
 # caught a MemoryError earlier and failed later for another reason is not called OOM.
 _OOM_MARKERS = (b"MemoryError", b"std::bad_alloc")
 _OOM_SCAN_BYTES = 4096
+# Windows has no such signals; there they stand for the Job Object's terminate, and for
+# suspending and resuming the task's processes (_signal).
+SIGKILL = getattr(signal, "SIGKILL", 9)
+SIGSTOP = getattr(signal, "SIGSTOP", 19)
+SIGCONT = getattr(signal, "SIGCONT", 18)
 # The private /tmp (a tmpfs, so memory) is capped like the Docker executor's.
 TMPFS_MAX_BYTES = 256 * MiB
 
@@ -100,6 +105,7 @@ class _Running(PausableRun):
     disk_exceeded: bool = False
     disk_checked_at: float = 0.0  # time.monotonic() of the last walk of the workspace
     disk_walk_seconds: float = 0.0  # how long that walk took
+    job: windows_job.Job | None = None  # Windows: the Job Object holding the task's tree
 
 
 class ProcessExecutor(Executor):
@@ -230,6 +236,8 @@ class ProcessExecutor(Executor):
             await asyncio.to_thread(prepare_workspace, task, workspace, self._work_dir)
             if confinement is not None and confinement.run_as is not None:
                 await asyncio.to_thread(sandbox_linux.chown_tree, workspace, confinement.run_as)
+            if sys.platform == "win32":
+                await asyncio.to_thread(windows_job.label_low, str(workspace))
         except BaseException:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(rmtree, workspace)
@@ -295,7 +303,18 @@ class ProcessExecutor(Executor):
         )
         if limiter is not None:
             argv = limiter.wrap(argv, tree)
-        identity = sandbox_linux.identity_kwargs(confinement.run_as if confinement else None)
+        identity: dict[str, object] = sandbox_linux.identity_kwargs(
+            confinement.run_as if confinement else None
+        )
+        job: windows_job.Job | None = None
+        if sys.platform == "win32":
+            argv = windows_job.launch_argv(self._python, "main.py", task.argv)
+            identity = {"creationflags": windows_job.creation_flags()}
+            try:
+                job = windows_job.Job(windows_job.JobLimits(memory, tree.cpus, tree.max_processes))
+            except OSError as exc:
+                result.error = f"could not limit the task: {exc}"
+                return
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -312,15 +331,26 @@ class ProcessExecutor(Executor):
             result.error = f"could not start the task: {exc}"
             if group is not None:
                 await asyncio.to_thread(group.remove)
+            if job is not None:
+                job.close()
             return
         if group is not None and not await self._enter(proc, group, result):
             return
+        if job is not None:
+            try:
+                job.adopt(proc.pid)  # it was created suspended: nothing ran outside the job
+            except OSError as exc:
+                result.error = f"could not limit the task: {exc}"
+                job.close()  # kill-on-close ends it
+                await proc.wait()
+                return
         run = _Running(task, proc, started=time.monotonic(), workspace=workspace, disk_limit=disk)
+        run.job = job
         # Registered before any await, so a pause() from here on reaches this task.
         self._running[task.task_id] = run
         if self._paused:
             run.paused_at = run.started
-            self._signal(run, signal.SIGSTOP)
+            self._signal(run, SIGSTOP)
         reader = asyncio.create_task(self._pump(run, on_log))
         try:
             run.leader = await asyncio.to_thread(_psutil_process, proc.pid)
@@ -328,15 +358,17 @@ class ProcessExecutor(Executor):
         finally:
             # However the run ends (exit, timeout, cancel, or this coroutine being cancelled),
             # nothing the task started may outlive it.
-            self._signal(run, signal.SIGKILL)
+            self._signal(run, SIGKILL)
             self._running.pop(task.task_id, None)
             await self._drain(run, reader)
             oom = False
+            if job is not None:
+                job.close()
             if group is not None:
                 oom = await asyncio.to_thread(group.oom_killed)
                 await asyncio.to_thread(group.remove)
 
-        rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
+        rc = proc.returncode if proc.returncode is not None else -SIGKILL
         result.finished_at = time.time()
         result.exit_code = 128 - rc if rc < 0 else rc
         result.log_tail = bytes(run.tail)
@@ -410,7 +442,7 @@ class ProcessExecutor(Executor):
                 run.last_sample = now
                 await asyncio.to_thread(_sample, run)
                 if run.disk_exceeded and not run.cancelled:
-                    self._signal(run, signal.SIGKILL)
+                    self._signal(run, SIGKILL)
                 continue
             if not run.cancelled and run.paused_at is None and run.active_seconds(now) >= timeout:
                 run.timed_out = True
@@ -429,7 +461,7 @@ class ProcessExecutor(Executor):
         # Polled: no event fires at the exit itself (see _supervise).
         while run.proc.returncode is None and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(POLL_INTERVAL)
-        self._signal(run, signal.SIGKILL)
+        self._signal(run, SIGKILL)
 
     async def _pump(self, run: _Running, on_log: LogSink | None) -> None:
         stream = run.proc.stdout
@@ -471,6 +503,9 @@ class ProcessExecutor(Executor):
     def _signal(self, run: _Running, sig: int) -> None:
         # Plain syscalls (kill, and a /proc read per known process to guard against pid
         # reuse): microseconds each, so done inline on the loop.
+        if run.job is not None:  # Windows: the job holds the whole tree
+            self._signal_job(run, sig)
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             # After the leader is reaped its pid stays the group id while any member lives
             # (Linux never reuses a pid still in use as a process group id).
@@ -480,6 +515,22 @@ class ProcessExecutor(Executor):
         for p in known:
             with contextlib.suppress(psutil.Error, OSError):
                 p.send_signal(sig)
+
+    def _signal_job(self, run: _Running, sig: int) -> None:
+        assert run.job is not None
+        if sig in (SIGKILL, signal.SIGTERM):
+            run.job.terminate()
+            return
+        with run.lock:
+            known = list(run.known)
+        if run.leader is not None:
+            known.append(run.leader)
+        for p in known:
+            with contextlib.suppress(psutil.Error, OSError):
+                if sig == SIGSTOP:
+                    p.suspend()
+                elif sig == SIGCONT:
+                    p.resume()
 
     # ---------------------------------------------------------------- control
 
@@ -491,7 +542,7 @@ class ProcessExecutor(Executor):
             return
         if not run.timed_out:
             run.cancelled = True
-        self._signal(run, signal.SIGKILL)
+        self._signal(run, SIGKILL)
 
     async def pause(self) -> None:
         self._paused = True
@@ -499,7 +550,7 @@ class ProcessExecutor(Executor):
         for run in list(self._running.values()):
             if run.paused_at is None:
                 run.paused_at = now
-                self._signal(run, signal.SIGSTOP)
+                self._signal(run, SIGSTOP)
 
     async def resume(self) -> None:
         self._paused = False
@@ -509,14 +560,14 @@ class ProcessExecutor(Executor):
                 # The paused time is not counted against the task's timeout.
                 run.paused_total += now - run.paused_at
                 run.paused_at = None
-                self._signal(run, signal.SIGCONT)
+                self._signal(run, SIGCONT)
 
     async def cleanup(self, task_id: str) -> None:
         run = self._running.get(task_id)
         if run is not None:
             if not run.timed_out:
                 run.cancelled = True
-            self._signal(run, signal.SIGKILL)
+            self._signal(run, SIGKILL)
         self._cancel_requested.discard(task_id)
         workspace = self._workspaces.pop(task_id, None)
         if workspace is not None:
@@ -531,7 +582,7 @@ class ProcessExecutor(Executor):
         for run in list(self._running.values()):
             if not run.timed_out:
                 run.cancelled = True
-            self._signal(run, signal.SIGKILL)
+            self._signal(run, SIGKILL)
 
 
 # -------------------------------------------------------------------- helpers
@@ -565,6 +616,12 @@ def _task_environment(
         # the Python processes the task starts without -I/-E.
         "PYTHONDONTWRITEBYTECODE": "1",
     }
+    if sys.platform == "win32":
+        # Python needs SYSTEMROOT on Windows (sockets, random); temporary files go to the
+        # workspace, the one folder a Low-integrity task may write.
+        root = os.environ.get("SYSTEMROOT", r"C:\Windows")
+        env.update(SYSTEMROOT=root, PATH=rf"{root}\System32;{root}",
+                   TEMP=env["TMPDIR"], TMP=env["TMPDIR"], USERPROFILE=str(workspace))  # fmt: skip
     for name, value in task.env.items():
         if name == "PATH" or name.startswith("HIVEMIND_"):
             continue  # the worker's values win
