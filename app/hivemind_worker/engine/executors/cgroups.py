@@ -185,6 +185,9 @@ def _prepare_v2() -> None:
     if wanted - enabled:
         _write(ROOT, "cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(wanted - enabled)))
     _write(parent, "cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(wanted)))
+    # The weight is relative among siblings: the parent of all tasks gets the lowest, so the
+    # tasks together yield to the person's programs (the tasks' own weights only rank them).
+    _write(parent, "cpu.weight", "1")
 
 
 def _prepare_v1() -> None:
@@ -192,6 +195,8 @@ def _prepare_v1() -> None:
         if not (ROOT / controller / "cgroup.procs").exists():
             raise OSError(f"no cgroup v1 {controller} hierarchy at {ROOT / controller}")
         (ROOT / controller / GROUP).mkdir(exist_ok=True)
+    # As for v2: the lowest weight on the parent of all tasks, which competes with the rest.
+    _write(ROOT / "cpu" / GROUP, "cpu.shares", "2")
 
 
 def _systemd_user_works() -> str:
