@@ -39,9 +39,8 @@ import threading
 import time
 from pathlib import Path
 
-from _report import write_section
-
 import psutil
+from _report import write_section
 
 from hivemind_worker.engine.executors import docker as dockerx
 from hivemind_worker.engine.executors.base import Executor
@@ -110,7 +109,7 @@ class Foreground:
     async def reported_past(self, t: float, limit: float = 10.0) -> None:
         """Wait until every process has reported after `t` (a loaded machine delays them)."""
         deadline = time.monotonic() + limit
-        while time.monotonic() < deadline and any(
+        while time.monotonic() < deadline and any(  # noqa: ASYNC110 - polled
             not times or times[-1] <= t for times, _ in self._series
         ):
             await asyncio.sleep(0.05)

@@ -29,11 +29,11 @@ from hivemind_worker.engine.events import Event, ResultDelivered, TaskFinished, 
 from hivemind_worker.engine.executors import cgroups
 from hivemind_worker.engine.executors.process import ProcessExecutor
 from hivemind_worker.engine.pool_client import NodePoolClient
+from hivemind_worker.engine.tasks import MiB, Resources, TaskKind, TaskSpec
 from hivemind_worker.paths import default_paths
 from hivemind_worker.pool.client import TaskQueueClient
 from hivemind_worker.pool.server import PoolConfig, PoolServer
 from hivemind_worker.pool.store import PoolStore
-from hivemind_worker.engine.tasks import MiB, Resources, TaskKind, TaskSpec
 from hivemind_worker.protocol import nodepool_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ async def wall_runs(n: int, work: Path) -> tuple[dict[str, list[float]], str]:
     full = ProcessExecutor(work / "full")
     bare = ProcessExecutor(work / "bare")
     confinement = await full.confinement()
-    limiter = await full.cgroups()
+    limiter = await full.tree_limiter()
     assert confinement is not None and limiter is not None
     bare._confinement = dataclasses.replace(confinement, walls="N", process_cap=False)
     bare._cgroups = cgroups.Cgroups("", "off for the comparison")

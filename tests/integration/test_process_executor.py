@@ -364,10 +364,12 @@ async def test_bad_results_fail_the_task(work_dir: Path, source: str, message: s
 GRANDCHILD = (
     "import os, subprocess, sys, time\n"
     "child = subprocess.Popen([sys.executable, '-c', \"import os, time; "
-    "open('child.tmp', 'w').write(os.readlink('/proc/self/ns/pid') + '@' + os.readlink('/proc/self')); "
+    "open('child.tmp', 'w').write(os.readlink('/proc/self/ns/pid') + '@' + "
+    "os.readlink('/proc/self')); "
     "os.rename('child.tmp', 'child.pid'); time.sleep(60)\"])\n"
     "while not os.path.exists('child.pid'): time.sleep(0.01)\n"
-    "open('pids.tmp', 'w').write(os.readlink('/proc/self/ns/pid') + '@' + os.readlink('/proc/self') + ' ' + open('child.pid').read())\n"
+    "open('pids.tmp', 'w').write(os.readlink('/proc/self/ns/pid') + '@' + "
+    "os.readlink('/proc/self') + ' ' + open('child.pid').read())\n"
     "os.rename('pids.tmp', 'pids.txt')\n"
 )
 
@@ -397,7 +399,8 @@ async def test_processes_left_behind_are_killed_at_exit(
     source = GRANDCHILD + (
         "import time\n"
         "escaped = subprocess.Popen([sys.executable, '-c', \"import os, time; "
-        "open('escaped.tmp', 'w').write(os.readlink('/proc/self/ns/pid') + '@' + os.readlink('/proc/self')); "
+        "open('escaped.tmp', 'w').write(os.readlink('/proc/self/ns/pid') + '@' + "
+        "os.readlink('/proc/self')); "
         "os.rename('escaped.tmp', 'escaped.txt'); time.sleep(60)\"],\n"
         "                           start_new_session=True, stdout=subprocess.DEVNULL)\n"
         "while not os.path.exists('escaped.txt'): time.sleep(0.01)\n"
@@ -547,7 +550,8 @@ async def test_pause_freezes_and_resume_finishes(executor: ProcessExecutor, work
     loops = 30_000_000
     source = (
         "import os\n"
-        "open('pid.tmp', 'w').write(os.readlink('/proc/self/ns/pid') + '@' + os.readlink('/proc/self')); os.rename('pid.tmp', 'pid.txt')\n"
+        "open('pid.tmp', 'w').write(os.readlink('/proc/self/ns/pid') + '@' + "
+        "os.readlink('/proc/self')); os.rename('pid.tmp', 'pid.txt')\n"
         "n = 0\n"
         f"for _ in range({loops}):\n"
         "    n += 1\n"
@@ -583,7 +587,8 @@ async def test_paused_time_does_not_count_against_the_timeout(
 ) -> None:
     source = (
         "import os, time\n"
-        "open('pid.tmp', 'w').write(os.readlink('/proc/self/ns/pid') + '@' + os.readlink('/proc/self')); os.rename('pid.tmp', 'pid.txt')\n"
+        "open('pid.tmp', 'w').write(os.readlink('/proc/self/ns/pid') + '@' + "
+        "os.readlink('/proc/self')); os.rename('pid.tmp', 'pid.txt')\n"
         "for _ in range(15):\n"
         "    time.sleep(0.1)\n"
     )
@@ -704,7 +709,8 @@ async def test_double_forked_daemon_dies_with_the_task(
         "if os.fork() == 0:\n"
         "    os.setsid()\n"
         "    if os.fork() == 0:\n"
-        "        open('daemon.tmp', 'w').write(os.readlink('/proc/self/ns/pid') + '@' + os.readlink('/proc/self'))\n"
+        "        open('daemon.tmp', 'w').write(os.readlink('/proc/self/ns/pid') + '@' + "
+        "os.readlink('/proc/self'))\n"
         "        os.rename('daemon.tmp', 'daemon.pid')\n"
         "        time.sleep(120)\n"
         "    os._exit(0)\n"

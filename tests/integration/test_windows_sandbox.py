@@ -21,7 +21,9 @@ if sys.platform == "win32":
     from hivemind_worker.engine.tasks import MiB, Resources, TaskKind, TaskSpec, TaskStatus
 
 
-def start_in_job(limits: "wj.JobLimits", code: str, cwd: Path) -> tuple[subprocess.Popen[str], "wj.Job"]:
+def start_in_job(
+    limits: wj.JobLimits, code: str, cwd: Path
+) -> tuple[subprocess.Popen[str], wj.Job]:
     job = wj.Job(limits)
     proc = subprocess.Popen(
         [sys.executable, "-c", code], cwd=cwd, creationflags=wj.creation_flags(),
@@ -44,7 +46,8 @@ def test_job_active_process_limit_caps_children(tmp_path: Path) -> None:
         "kids = []\n"
         "try:\n"
         "    for _ in range(10):\n"
-        "        kids.append(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']))\n"
+        "        kids.append(subprocess.Popen([sys.executable, '-c',\n"
+        "                                      'import time; time.sleep(30)']))\n"
         "    print('UNCAPPED')\n"
         "except OSError as exc:\n"
         "    print('CAPPED', len(kids))\n"
@@ -57,7 +60,9 @@ def test_job_active_process_limit_caps_children(tmp_path: Path) -> None:
 
 
 def test_closing_the_job_kills_the_tree(tmp_path: Path) -> None:
-    proc, job = start_in_job(wj.JobLimits(512 * MiB, 1.0, 8), "import time; time.sleep(60)", tmp_path)
+    proc, job = start_in_job(
+        wj.JobLimits(512 * MiB, 1.0, 8), "import time; time.sleep(60)", tmp_path
+    )
     job.close()
     assert proc.wait(timeout=30) == wj.EXIT_KILLED or proc.returncode != 0
 

@@ -110,7 +110,7 @@ class Cgroups:
 
 def systemd_run_prefix(limits: TaskLimits) -> list[str]:
     """systemd-run arguments putting a command in a transient user scope with `limits`."""
-    quota = max(int(math.ceil(limits.cpus * 100)), 1)
+    quota = max(math.ceil(limits.cpus * 100), 1)
     return [
         shutil.which("systemd-run") or "systemd-run",
         "--user", "--scope", "--quiet", "--collect",

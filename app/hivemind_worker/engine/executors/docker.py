@@ -39,10 +39,10 @@ from hivemind_worker.engine.executors.workspace import (
     ARCHIVES_DIR,
     TRASH_DIR,
     ResultError,
-    prepare_workspace,
-    repack_results,
     discard,
     disk_usage,
+    prepare_workspace,
+    repack_results,
     rmtree,
     workspace_path,
     write_archive,
@@ -213,7 +213,8 @@ class DockerExecutor(Executor):
     Status: exit 0 is SUCCEEDED; killed by the kernel's OOM killer is OUT_OF_MEMORY; past
     the timeout (paused time not counted) is TIMED_OUT; cancel() is CANCELLED; a workspace
     grown past the disk request gets the container killed and FAILED ("used more than its
-    N MiB disk limit"); any other exit is FAILED. Usage is sampled from the stats API at 1 Hz in a thread per container.
+    N MiB disk limit"); any other exit is FAILED. Usage is sampled from the stats API at 1 Hz
+    in a thread per container.
     Output is followed in a thread and handed to the log sink (thinned, never buffered
     without bound, when the task outpaces it); the tail in the result comes from the capped
     log file once the container has stopped.
@@ -799,8 +800,10 @@ class DockerExecutor(Executor):
                 run.timed_out = True
                 await asyncio.to_thread(_kill, run.container)
                 break
-            if run.disk_limit > 0 and run.workspace is not None and now >= (
-                run.disk_checked_at + max(SAMPLE_INTERVAL, 10 * run.disk_walk_seconds)
+            if (
+                run.disk_limit > 0
+                and run.workspace is not None
+                and now >= (run.disk_checked_at + max(SAMPLE_INTERVAL, 10 * run.disk_walk_seconds))
             ):
                 # Spaced by its cost: a workspace of many files is walked less often.
                 used = await asyncio.to_thread(disk_usage, run.workspace, run.disk_limit)

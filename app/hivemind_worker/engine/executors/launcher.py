@@ -26,7 +26,7 @@ ISOLATION_MARKER = b"hivemind: cannot isolate the task"
 WALLS = "NMPLS"
 WORKSPACE = "/workspace"
 
-LAUNCHER = r'''
+LAUNCHER = r"""
 def _hivemind():
     import os, resource, signal, sys
     A = sys.argv
@@ -45,10 +45,10 @@ def _hivemind():
         resource.setrlimit(which, (value, value))
     if int(A[2]):
         os.nice(int(A[2]))
-    code = compile(open(A[8], "rb").read(), A[8], "exec") if not sys.platform.startswith("linux") else None
-    if code is not None:
+    if not sys.platform.startswith("linux"):
         sys.argv = A[8:]
-        return code
+        with open(A[8], "rb") as f:
+            return compile(f.read(), A[8], "exec")
     import ctypes
     F, trying = A[4], "T" in A[4]
     got = "N"
@@ -170,7 +170,8 @@ def _hivemind():
             os.mkdir(R + "/workspace", 0o755)
             bind(here, R + "/workspace", False)
             os.mkdir(R + "/dev", 0o755)
-            mnt(tmpfs, R + "/dev", tmpfs, NOSUID | NOEXEC, b"mode=0755,size=64k,nr_inodes=64", "/dev")
+            small = b"mode=0755,size=64k,nr_inodes=64"
+            mnt(tmpfs, R + "/dev", tmpfs, NOSUID | NOEXEC, small, "/dev")
             for name, fd in devices:
                 open(R + "/dev/" + name, "w").close()
                 bind(fd, R + "/dev/" + name, False, nodev=False)
@@ -183,7 +184,8 @@ def _hivemind():
             os.mkdir(R + "/tmp", 0o755)
             mnt(tmpfs, R + "/tmp", tmpfs, NOSUID | NODEV, b"mode=1777," + size, "/tmp")
             os.mkdir(R + "/proc", 0o555)
-            if libc.mount(b"proc", (R + "/proc").encode(), b"proc", NOSUID | NODEV | NOEXEC, None) == 0:
+            proc = (R + "/proc").encode()
+            if libc.mount(b"proc", proc, b"proc", NOSUID | NODEV | NOEXEC, None) == 0:
                 got += "P"
             elif "P" in F and not trying:
                 fail("/proc")
@@ -199,10 +201,12 @@ def _hivemind():
                     with open(R + "/etc/" + name, "w") as f:
                         f.write(text)
             os.chdir(R)
-            pivot = {"x86_64": 155, "aarch64": 41, "armv7l": 218, "i686": 217}.get(os.uname().machine)
+            pivot = {"x86_64": 155, "aarch64": 41, "armv7l": 218, "i686": 217}
+            pivot = pivot.get(os.uname().machine)
             if ok[0] and pivot and sysc(pivot, b".", b".") == 0 and libc.umount2(b".", 2) == 0:
                 os.chdir("/")
-                mnt(None, "/", None, BIND | REMOUNT | RDONLY | NOSUID | NODEV, None, "read-only root")
+                flags = BIND | REMOUNT | RDONLY | NOSUID | NODEV
+                mnt(None, "/", None, flags, None, "read-only root")
                 os.chdir("/workspace")
                 if ok[0]:
                     got += "M"
@@ -289,4 +293,4 @@ def _hivemind():
 
 __file__ = "main.py"
 exec(globals().pop("_hivemind")())
-'''
+"""

@@ -15,12 +15,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
-from hivemind_worker.engine.executors import cgroups, launcher, windows_job
+from hivemind_worker.engine.executors import cgroups, launcher, sandbox_linux, windows_job
 from hivemind_worker.engine.executors import limits as plimits
-from hivemind_worker.engine.executors import sandbox_linux
 from hivemind_worker.engine.executors.base import (
     Executor,
     ExecutorError,
@@ -183,7 +183,7 @@ class ProcessExecutor(Executor):
         """The workspace of a prepared task, until cleanup."""
         return self._workspaces.get(task_id)
 
-    async def cgroups(self) -> cgroups.Cgroups | None:
+    async def tree_limiter(self) -> cgroups.Cgroups | None:
         """How a task's whole tree is limited here (probed once); None off Linux."""
         if not sys.platform.startswith("linux"):
             return None
@@ -279,7 +279,7 @@ class ProcessExecutor(Executor):
             memory_bytes=memory,
             cpus=cpus if cpus > 0 else float(os.cpu_count() or 1),
         )
-        limiter = await self.cgroups()
+        limiter = await self.tree_limiter()
         group: cgroups.TaskCgroup | None = None
         if limiter is not None and limiter.kind in ("v1", "v2"):
             try:
@@ -303,7 +303,7 @@ class ProcessExecutor(Executor):
         )
         if limiter is not None:
             argv = limiter.wrap(argv, tree)
-        identity: dict[str, object] = sandbox_linux.identity_kwargs(
+        identity: dict[str, Any] = sandbox_linux.identity_kwargs(
             confinement.run_as if confinement else None
         )
         job: windows_job.Job | None = None
@@ -325,7 +325,7 @@ class ProcessExecutor(Executor):
                 start_new_session=True,
                 env=_task_environment(task, workspace, results_dir, confined="M" in walls),
                 limit=READ_CHUNK,
-                **identity,  # type: ignore[arg-type]
+                **identity,
             )
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             result.error = f"could not start the task: {exc}"

@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from hivemind_worker.engine.executors import launcher, seccomp
 from hivemind_worker.engine.executors import limits as plimits
@@ -144,9 +145,7 @@ def task_python(python: str, run_as: tuple[int, int] | None) -> str:
     for folder in ("/usr/local/bin", "/usr/bin", "/bin"):
         candidate = shutil.which("python3", path=folder)
         if candidate and _reachable_by_others(os.path.realpath(candidate)):
-            log.info(
-                "tasks run with %s: %s cannot be run by uid %d", candidate, real, run_as[0]
-            )
+            log.info("tasks run with %s: %s cannot be run by uid %d", candidate, real, run_as[0])
             return os.path.realpath(candidate)
     return real
 
@@ -212,6 +211,7 @@ def probe(python: str) -> Confinement:
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 timeout=PROBE_TIMEOUT,
+                check=False,
                 env={"PATH": os.defpath, "LANG": "C.UTF-8"},
                 **identity_kwargs(run_as),
             )
@@ -241,7 +241,7 @@ def isolation_problem(reason: str) -> str:
     )
 
 
-def identity_kwargs(run_as: tuple[int, int] | None) -> dict[str, object]:
+def identity_kwargs(run_as: tuple[int, int] | None) -> dict[str, Any]:
     """Popen arguments that start the launcher as `run_as` (set in C between fork and exec)."""
     if run_as is None:
         return {}

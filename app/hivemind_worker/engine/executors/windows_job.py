@@ -128,7 +128,7 @@ def cpu_rate(cpus: float, cores: int) -> CpuRate:
     share = min(max(cpus, 0.01) / max(cores, 1), 1.0)
     return CpuRate(
         JOB_OBJECT_CPU_RATE_CONTROL_ENABLE | JOB_OBJECT_CPU_RATE_CONTROL_HARD_CAP,
-        max(int(math.ceil(share * 10_000)), 1),
+        max(math.ceil(share * 10_000), 1),
     )
 
 
@@ -225,7 +225,7 @@ def describe() -> list[tuple[str, bool, str]]:
 # Runs as `python -E -s -c WINDOWS_LAUNCHER main.py ARGS...` in the task's workspace, inside
 # its job: removes every privilege from its own token and lowers it to Low integrity (a
 # process may lower, never raise, its own level), then runs main.py.
-WINDOWS_LAUNCHER = r'''
+WINDOWS_LAUNCHER = r"""
 def _hivemind():
     import ctypes, sys
     from ctypes import wintypes as W
@@ -268,7 +268,7 @@ def _hivemind():
 
 __file__ = "main.py"
 exec(globals().pop("_hivemind")())
-'''
+"""
 
 
 def launch_argv(python: str, script: str, argv: tuple[str, ...]) -> list[str]:
