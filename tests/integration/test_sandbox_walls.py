@@ -395,3 +395,27 @@ def test_result_entries_follow_the_one_rule(worker: Worker) -> None:
     assert result["status"] == "failed", _outcome(result)
     assert "backslashes" in result["error"]
     assert result["files"] == {}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("worker", ["root"], indirect=True)  # a cgroup needs root here
+def test_memory_cap_holds_for_the_whole_tree(worker: Worker) -> None:
+    # Two children of 100 MiB each: each is under the per-process address-space limit
+    # (cap + 256 MiB), together they are over the 128 MiB cap of the tree.
+    source = (
+        "import os, time\n"
+        "kids = []\n"
+        "for _ in range(2):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        block = bytearray(100 << 20)\n"
+        "        for i in range(0, len(block), 4096): block[i] = 1\n"
+        "        time.sleep(5); os._exit(0)\n"
+        "    kids.append(pid)\n"
+        "codes = [os.waitpid(pid, 0)[1] for pid in kids]\n"
+        "print('children', codes)\n"
+        "raise SystemExit(1 if any(codes) else 0)\n"
+    )
+    (result,) = worker.run({"source": source, "memory": 128 * MiB})
+    assert result["status"] == "out_of_memory", _outcome(result)
+    assert result["error"] == "ran out of memory (limit 128 MiB)"
