@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from sandbox_pids import host_pid
 
 from hivemind_worker.engine.executors import limits
 from hivemind_worker.engine.executors.base import ExecutorError
@@ -91,23 +92,6 @@ def archive_members(result: TaskResult) -> dict[str, bytes | None]:
             f = tar.extractfile(m) if m.isfile() else None
             out[m.name] = f.read() if f else None
     return out
-
-
-def host_pid(token: str) -> int | None:
-    """The host pid of the process a task named as 'pid:[ns inode]@pid in its namespace'
-    (the task sees only its own PID namespace); None when no such process is left."""
-    ns, _, inner = token.partition("@")
-    for pid in psutil.pids():
-        try:
-            if os.readlink(f"/proc/{pid}/ns/pid") != ns:
-                continue
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("NSpid:") and line.split()[-1] == inner:
-                        return pid
-        except OSError:
-            continue
-    return None
 
 
 def is_gone(token: str) -> bool:

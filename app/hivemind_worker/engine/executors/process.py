@@ -291,16 +291,22 @@ class ProcessExecutor(Executor):
         if "M" in walls:
             # The task's view, as in the Docker executor.
             results_dir = Path(launcher.WORKSPACE, *task.result_path.parts)
-        argv = plimits.launch_argv(
-            confinement.python if confinement is not None else self._python,
-            limits,
-            "main.py",
-            task.argv,
-            walls=walls,
-            tmp_bytes=max(min(disk or TMPFS_MAX_BYTES, TMPFS_MAX_BYTES, memory // 2), MiB),
-            binds=confinement.binds if confinement is not None else (),
-            seccomp_filter=confinement.seccomp_filter if "S" in walls and confinement else b"",
-        )
+        tmp_bytes = max(min(disk or TMPFS_MAX_BYTES, TMPFS_MAX_BYTES, memory // 2), MiB)
+        workspace_fd = -1
+        if confinement is not None:
+            # Open for bubblewrap, which binds it by descriptor (see sandbox_linux.launch).
+            workspace_fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            command = sandbox_linux.launch(
+                confinement, limits, "main.py", task.argv, walls=walls, tmp_bytes=tmp_bytes,
+                workspace_fd=workspace_fd,
+            )  # fmt: skip
+        else:
+            command = sandbox_linux.Launch(
+                plimits.launch_argv(
+                    self._python, limits, "main.py", task.argv, walls=walls, tmp_bytes=tmp_bytes
+                )
+            )
+        argv = command.argv
         if limiter is not None:
             argv = limiter.wrap(argv, tree)
         identity: dict[str, Any] = sandbox_linux.identity_kwargs(
@@ -325,15 +331,22 @@ class ProcessExecutor(Executor):
                 start_new_session=True,
                 env=_task_environment(task, workspace, results_dir, confined="M" in walls),
                 limit=READ_CHUNK,
+                pass_fds=command.pass_fds,
                 **identity,
             )
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             result.error = f"could not start the task: {exc}"
+            command.close()
+            if workspace_fd >= 0:
+                os.close(workspace_fd)
             if group is not None:
                 await asyncio.to_thread(group.remove)
             if job is not None:
                 job.close()
             return
+        command.close()
+        if workspace_fd >= 0:
+            os.close(workspace_fd)
         if group is not None and not await self._enter(proc, group, result):
             return
         if job is not None:

@@ -4,6 +4,15 @@ The probe runs the launcher (launcher.py) in its "try" mode on an empty task and
 which walls it built, so what `doctor` and the log say is what a task really gets. Tasks are
 then launched requiring exactly those walls: a wall that stops working later fails the task
 with a clear reason rather than letting it run behind fewer.
+
+Two ways to make the namespaces and the mount view: the launcher itself (unshare, mounts,
+pivot_root), or bubblewrap (`bwrap`, Debian/Ubuntu package bubblewrap), with the launcher
+inside it adding what bwrap does not (Landlock, seccomp, the per-namespace process cap). The
+launcher's own way comes first: it needs nothing installed (the one-file binary on any
+desktop) and it can wait, before it forks, until the worker has put it in its cgroup. Where
+it cannot make a user namespace but bwrap can (Ubuntu 23.10+ allows unprivileged user
+namespaces only to programs with an AppArmor profile, and bwrap ships one), tasks go through
+bwrap. HIVEMIND_SANDBOX=bwrap or =builtin chooses one way only (troubleshooting, tests).
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ class Confinement:
     landlock_abi: int
     seccomp_filter: bytes
     problem: str = ""  # why the namespaces could not be made; "" when they were
+    bwrap: str = ""  # bubblewrap's path when tasks are launched through it
+    bwrap_sized_tmpfs: bool = False  # this bwrap knows --size (0.8+)
 
     @property
     def usable(self) -> bool:
@@ -70,6 +81,7 @@ class Confinement:
                 "M" in w,
                 "a minimal read-only root: /usr, /etc essentials, /workspace, private /tmp"
                 + (", fresh /proc" if "P" in w else ", no /proc (this kernel refused a new one)")
+                + (f" (made by {self.bwrap})" if self.bwrap else "")
                 if "M" in w
                 else "not available: tasks see every file the worker's user can read",
             ),
@@ -180,6 +192,127 @@ def landlock_abi() -> int:
     return max(abi, 0)
 
 
+@dataclass
+class Launch:
+    """A task's command and the descriptors it inherits; `owned` (pipes made for it) are
+    closed by close() once it has started, the others belong to the caller."""
+
+    argv: list[str]
+    pass_fds: tuple[int, ...] = ()
+    owned: tuple[int, ...] = ()
+
+    def close(self) -> None:
+        for fd in self.owned:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.owned = ()
+
+
+def launch(
+    conf: Confinement,
+    limits: plimits.ProcessLimits,
+    script: str,
+    argv: tuple[str, ...],
+    *,
+    walls: str,
+    tmp_bytes: int,
+    workspace_fd: int,
+) -> Launch:
+    """The command that runs `script` in the current folder (the workspace, also open as
+    `workspace_fd`) behind `walls`; "T" tries each wall and reports, "G" waits on stdin."""
+    if not conf.bwrap:
+        return Launch(
+            plimits.launch_argv(
+                conf.python, limits, script, argv, walls=walls, tmp_bytes=tmp_bytes,
+                binds=conf.binds, seccomp_filter=conf.seccomp_filter if "S" in walls else b"",
+            )
+        )  # fmt: skip
+    inner = "B" + "".join(w for w in walls if w in "TLS")
+    command = plimits.launch_argv(
+        conf.python, limits, script, argv, walls=inner, tmp_bytes=tmp_bytes,
+        seccomp_filter=conf.seccomp_filter if "S" in walls else b"",
+    )  # fmt: skip
+    prefix, fds = _bwrap_prefix(conf, tmp_bytes, workspace_fd)
+    full = [*prefix, "--", *command]
+    if "G" in walls:
+        # bwrap forks at once; a shell waits for the go byte, then becomes bwrap (exec), so
+        # bwrap and everything under it start inside the task's cgroup.
+        full = ["/bin/sh", "-c", 'head -c 1 >/dev/null; exec "$@"', "sh", *full]
+    return Launch(full, (*fds, workspace_fd), tuple(fds))
+
+
+def _etc_files(uid: int, gid: int) -> dict[str, str]:
+    return {
+        "passwd": "root:x:0:0:root:/root:/bin/sh\n"
+        f"task:x:{uid}:{gid}:task:/tmp:/bin/sh\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        "group": f"root:x:0:\ntask:x:{gid}:\nnogroup:x:65534:\n",
+        "hosts": "127.0.0.1 localhost hivemind\n::1 localhost\n",
+        "hostname": "hivemind\n",
+    }
+
+
+_BWRAP_ETC = (
+    "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "ssl", "ca-certificates", "pki",
+    "crypto-policies", "localtime", "timezone", "alternatives", "mime.types",
+    "nsswitch.conf", "gai.conf",
+)  # fmt: skip
+
+
+def _bwrap_prefix(
+    conf: Confinement, tmp_bytes: int, workspace_fd: int
+) -> tuple[list[str], list[int]]:
+    """bubblewrap's arguments for the same view the launcher builds; the generated /etc
+    files come through pipes (--ro-bind-data), returned to be closed after the start."""
+    args = [
+        conf.bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
+        "--unshare-uts", "--unshare-cgroup-try", "--die-with-parent", "--hostname", "hivemind",
+        "--cap-drop", "ALL",
+    ]  # fmt: skip
+    for path in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", *conf.binds):
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    for name in _BWRAP_ETC:
+        path = "/etc/" + name
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.exists(path):
+            args += ["--ro-bind", path, path]
+    size = ["--size", str(tmp_bytes)] if conf.bwrap_sized_tmpfs else []
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    args += [*size, "--perms", "1777", "--tmpfs", "/tmp"]
+    args += [*size, "--perms", "1777", "--tmpfs", "/dev/shm"]
+    # The workspace by descriptor: under a root worker its path is not reachable by nobody.
+    args += ["--bind", f"/proc/self/fd/{workspace_fd}", launcher.WORKSPACE]
+    args += ["--chdir", launcher.WORKSPACE]
+    fds: list[int] = []
+    uid, gid = conf.run_as or (os.getuid(), os.getgid())
+    for name, text in _etc_files(uid, gid).items():
+        r, w = os.pipe()
+        os.write(w, text.encode())
+        os.close(w)
+        fds.append(r)
+        args += ["--ro-bind-data", str(r), "/etc/" + name]
+    args += ["--remount-ro", "/"]
+    return args, fds
+
+
+def _bwrap() -> tuple[str, bool]:
+    """(bubblewrap's path or "", whether it knows --size)."""
+    path = shutil.which("bwrap") or ""
+    if not path:
+        return "", False
+    try:
+        text = subprocess.run(
+            [path, "--help"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "", False
+    return path, "--size" in text
+
+
 @functools.lru_cache(maxsize=4)
 def probe(python: str) -> Confinement:
     """Launch an empty task with every wall tried, and see which were built (cached)."""
@@ -189,34 +322,56 @@ def probe(python: str) -> Confinement:
     filter_ = seccomp.build_filter() if seccomp.supported_machine() else b""
     process_cap = process_cap_supported()
     base = Confinement("", interpreter, binds, run_as, process_cap, landlock_abi(), filter_)
+    choice = os.environ.get("HIVEMIND_SANDBOX", "").strip().lower()
+    builtin = base if choice != "bwrap" else None
+    if builtin is not None:
+        builtin = _probe_with(builtin)
+        if builtin.usable or choice == "builtin":
+            return builtin
+    bwrap, sized = _bwrap()
+    if not bwrap:
+        return builtin or replace(base, problem=isolation_problem("bubblewrap is not installed"))
+    through_bwrap = _probe_with(replace(base, bwrap=bwrap, bwrap_sized_tmpfs=sized))
+    if through_bwrap.usable or builtin is None:
+        return through_bwrap
+    return builtin
+
+
+def _probe_with(conf: Confinement) -> Confinement:
     folder = tempfile.mkdtemp(prefix="hivemind-probe-")
+    run_as = conf.run_as
     try:
         Path(folder, "main.py").write_text("pass\n")
         if run_as is not None:
             for path in (folder, os.path.join(folder, "main.py")):
                 os.chown(path, *run_as)
-        argv = plimits.launch_argv(
-            interpreter,
-            plimits.ProcessLimits(max_processes=MAX_PROCESSES if process_cap else None),
+        workspace_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        started = launch(
+            conf,
+            plimits.ProcessLimits(max_processes=MAX_PROCESSES if conf.process_cap else None),
             "main.py",
             (),
             walls="T" + launcher.WALLS,
-            binds=binds,
-            seccomp_filter=filter_,
+            tmp_bytes=16 << 20,
+            workspace_fd=workspace_fd,
         )
         try:
             proc = subprocess.run(
-                argv,
+                started.argv,
                 cwd=folder,
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 timeout=PROBE_TIMEOUT,
                 check=False,
                 env={"PATH": os.defpath, "LANG": "C.UTF-8"},
+                pass_fds=started.pass_fds,
                 **identity_kwargs(run_as),
             )
         except (OSError, subprocess.SubprocessError) as exc:
-            return replace(base, problem=f"the sandbox launcher could not start: {exc}")
+            return replace(conf, problem=f"the sandbox launcher could not start: {exc}")
+        finally:
+            started.close()
+            os.close(workspace_fd)
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(folder)
@@ -227,9 +382,10 @@ def probe(python: str) -> Confinement:
     if not walls:
         detail = proc.stderr.decode(errors="replace").strip().splitlines()
         reason = detail[-1] if detail else f"exit code {proc.returncode}"
-        log.warning("the process sandbox cannot isolate tasks here: %s", reason)
-        return replace(base, problem=isolation_problem(reason))
-    return replace(base, walls=walls)
+        how = f"through {conf.bwrap}" if conf.bwrap else "with the built-in launcher"
+        log.warning("the process sandbox cannot isolate tasks here %s: %s", how, reason)
+        return replace(conf, problem=isolation_problem(reason))
+    return replace(conf, walls=walls)
 
 
 def isolation_problem(reason: str) -> str:
