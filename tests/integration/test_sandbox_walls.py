@@ -2,7 +2,9 @@
 
 Each test runs tasks through a real ProcessExecutor in a worker process of its own
 (sandbox_runner.py): once as root (as with `sudo`; tasks must then run as nobody), and once
-as an ordinary user (`setpriv --reuid=nobody`, or the test's own user when it is not root).
+as an ordinary user (`setpriv --reuid=nobody`, or the test's own user when it is not root);
+each both with the built-in launcher and through bubblewrap (HIVEMIND_SANDBOX=bwrap, the way
+taken where only bwrap may make user namespaces).
 Every wall is checked against a control: the same uid, outside the sandbox, can do what the
 task is refused (read the secret, write the open folder, connect to the socket).
 """
@@ -65,7 +67,7 @@ def _python_for_nobody() -> str | None:
 class Worker:
     """A worker process of one identity, and folders the tests share with it."""
 
-    mode: str  # "root" or "user"
+    mode: str  # "root" or "user", then "-bwrap" when tasks go through bubblewrap
     command: list[str]
     env: dict[str, str]
     work_dir: Path
@@ -101,12 +103,15 @@ def _open_dir(prefix: str) -> Path:
     return path
 
 
-@pytest.fixture(params=["root", "user"])
+@pytest.fixture(params=["root", "user", "root-bwrap", "user-bwrap"])
 def worker(request: pytest.FixtureRequest) -> Iterator[Worker]:
-    mode = request.param
+    mode, _, how = str(request.param).partition("-")
+    if how == "bwrap" and shutil.which("bwrap") is None:
+        _unavailable("bubblewrap is not installed (Debian package bubblewrap)")
     base = _open_dir("hivemind-sandbox-")
     work_dir = base / "work"
     env = {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8", "HOME": str(base)}
+    env["HIVEMIND_SANDBOX"] = how or "builtin"
     app_dir = str(Path(hivemind_worker.__file__).resolve().parents[1])
     site = sysconfig.get_paths()["purelib"]
     try:
@@ -132,7 +137,7 @@ def worker(request: pytest.FixtureRequest) -> Iterator[Worker]:
         work_dir.mkdir(mode=0o700)
         if os.geteuid() == 0:
             os.chown(work_dir, *owner)
-        yield Worker(mode, command, env, work_dir, task_uid)
+        yield Worker(str(request.param), command, env, work_dir, task_uid)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -261,7 +266,7 @@ def test_task_cannot_reach_a_unix_socket_or_a_loopback_port(worker: Worker) -> N
     try:
         # Control: outside the sandbox the task's uid can connect to the socket.
         control = worker.as_task_user(
-            sys.executable if worker.mode == "root" and os.geteuid() != 0 else "/usr/bin/python3",
+            "/usr/bin/python3",
             "-c",
             f"import socket; socket.socket(socket.AF_UNIX).connect({str(sock_path)!r})",
         )
@@ -318,8 +323,12 @@ def test_kernel_calls_a_computation_never_needs_are_refused(worker: Worker) -> N
     lines = {line.split()[0]: line.split()[1:] for line in result["output"].splitlines()}
     for call in ("mount", "umount2", "unshare", "ptrace", "syscall"):
         assert lines[call] == ["-1", "EPERM"], result["output"]
-    _inside, outside, _count = eval(" ".join(lines["uid_map"]))
-    assert int(outside) == worker.task_uid != 0  # never root on the host
+    inside, outside, count = eval(" ".join(lines["uid_map"]))
+    # One uid only, the unprivileged one; the built-in launcher maps it to itself, bubblewrap
+    # through a namespace of its own (so its outer side reads 0 from inside).
+    assert int(inside) == worker.task_uid != 0 and int(count) == 1
+    if not worker.mode.endswith("bwrap"):
+        assert int(outside) == worker.task_uid  # never root on the host
     assert lines["caps"] == ["['0000000000000000']"]
     assert eval(" ".join(lines["pids"])) == [1, 2]
     assert set("NMPLS") <= set(result["walls"]), result["walls"]
@@ -398,7 +407,7 @@ def test_result_entries_follow_the_one_rule(worker: Worker) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("worker", ["root"], indirect=True)  # a cgroup needs root here
+@pytest.mark.parametrize("worker", ["root", "root-bwrap"], indirect=True)  # cgroups need root
 def test_memory_cap_holds_for_the_whole_tree(worker: Worker) -> None:
     # Two children of 100 MiB each: each is under the per-process address-space limit
     # (cap + 256 MiB), together they are over the 128 MiB cap of the tree.

@@ -236,6 +236,9 @@ class ProcessExecutor(Executor):
             await asyncio.to_thread(prepare_workspace, task, workspace, self._work_dir)
             if confinement is not None and confinement.run_as is not None:
                 await asyncio.to_thread(sandbox_linux.chown_tree, workspace, confinement.run_as)
+                problem = sandbox_linux.open_work_dir_to_tasks(confinement, self._work_dir)
+                if problem:
+                    raise ExecutorError(problem)
             if sys.platform == "win32":
                 await asyncio.to_thread(windows_job.label_low, str(workspace))
         except BaseException:

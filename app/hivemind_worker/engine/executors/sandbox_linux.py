@@ -57,7 +57,7 @@ class Confinement:
     seccomp_filter: bytes
     problem: str = ""  # why the namespaces could not be made; "" when they were
     bwrap: str = ""  # bubblewrap's path when tasks are launched through it
-    bwrap_sized_tmpfs: bool = False  # this bwrap knows --size (0.8+)
+    bwrap_features: frozenset[str] = frozenset()  # options of this bwrap (--size)
 
     @property
     def usable(self) -> bool:
@@ -280,12 +280,12 @@ def _bwrap_prefix(
             args += ["--symlink", os.readlink(path), path]
         elif os.path.exists(path):
             args += ["--ro-bind", path, path]
-    size = ["--size", str(tmp_bytes)] if conf.bwrap_sized_tmpfs else []
+    size = ["--size", str(tmp_bytes)] if "--size" in conf.bwrap_features else []
     args += ["--proc", "/proc", "--dev", "/dev"]
     args += [*size, "--perms", "1777", "--tmpfs", "/tmp"]
     args += [*size, "--perms", "1777", "--tmpfs", "/dev/shm"]
-    # The workspace by descriptor: under a root worker its path is not reachable by nobody.
-    args += ["--bind", f"/proc/self/fd/{workspace_fd}", launcher.WORKSPACE]
+    # By path (open_work_dir_to_tasks makes it reachable under a root worker).
+    args += ["--bind", os.readlink(f"/proc/self/fd/{workspace_fd}"), launcher.WORKSPACE]
     args += ["--chdir", launcher.WORKSPACE]
     fds: list[int] = []
     uid, gid = conf.run_as or (os.getuid(), os.getgid())
@@ -299,18 +299,18 @@ def _bwrap_prefix(
     return args, fds
 
 
-def _bwrap() -> tuple[str, bool]:
-    """(bubblewrap's path or "", whether it knows --size)."""
+def _bwrap() -> tuple[str, frozenset[str]]:
+    """(bubblewrap's path or "", which of the options used here it knows)."""
     path = shutil.which("bwrap") or ""
     if not path:
-        return "", False
+        return "", frozenset()
     try:
         text = subprocess.run(
             [path, "--help"], capture_output=True, text=True, timeout=10, check=False
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return "", False
-    return path, "--size" in text
+        return "", frozenset()
+    return path, frozenset(o for o in ("--size",) if o in text.split())
 
 
 @functools.lru_cache(maxsize=4)
@@ -328,10 +328,10 @@ def probe(python: str) -> Confinement:
         builtin = _probe_with(builtin)
         if builtin.usable or choice == "builtin":
             return builtin
-    bwrap, sized = _bwrap()
+    bwrap, features = _bwrap()
     if not bwrap:
         return builtin or replace(base, problem=isolation_problem("bubblewrap is not installed"))
-    through_bwrap = _probe_with(replace(base, bwrap=bwrap, bwrap_sized_tmpfs=sized))
+    through_bwrap = _probe_with(replace(base, bwrap=bwrap, bwrap_features=features))
     if through_bwrap.usable or builtin is None:
         return through_bwrap
     return builtin
@@ -402,6 +402,33 @@ def identity_kwargs(run_as: tuple[int, int] | None) -> dict[str, Any]:
     if run_as is None:
         return {}
     return {"user": run_as[0], "group": run_as[1], "extra_groups": []}
+
+
+def open_work_dir_to_tasks(conf: Confinement, work_dir: Path) -> str:
+    """Let bubblewrap, started as nobody under a root worker, reach the workspaces: it finds
+    them by path (even with --bind-fd, bwrap 0.8 resolves the path). The work folder gets
+    o+x (search, not listing); the workspaces themselves stay 0700 and nobody's. Returns
+    why that cannot be done ("" when done or not needed)."""
+    if not conf.bwrap or conf.run_as is None:
+        return ""
+    parents = [p for p in work_dir.resolve().parents if str(p) != "/"]
+    if not all(_searchable_by_others(p) for p in parents):
+        return (
+            f"tasks run through bubblewrap as nobody, who cannot reach the work folder "
+            f"{work_dir}: set work_dir to a folder outside /root (e.g. /var/lib/hivemind-worker), "
+            "or run the worker as an ordinary user"
+        )
+    mode = work_dir.stat().st_mode
+    if not mode & stat.S_IXOTH:
+        os.chmod(work_dir, stat.S_IMODE(mode) | stat.S_IXOTH)
+    return ""
+
+
+def _searchable_by_others(folder: Path) -> bool:
+    try:
+        return bool(folder.stat().st_mode & stat.S_IXOTH)
+    except OSError:
+        return False
 
 
 def chown_tree(root: Path, owner: tuple[int, int]) -> None:
