@@ -13,17 +13,25 @@ from pathlib import Path
 
 import psutil
 
-# A Python expression, for a task's source: this process's name as host_pid() reads it.
-TASK_PID = "os.readlink('/proc/self/ns/pid') + '@' + os.readlink('/proc/self')"
+# A Python expression, for a task's source: this process's name as host_pid() reads it:
+# its PID namespace, its pid there, and its start time (ticks since boot, the same inside and
+# outside), so that a namespace inode and pid reused after the task ended never match.
+TASK_PID = (
+    "os.readlink('/proc/self/ns/pid') + '@' + os.readlink('/proc/self') + '@' + "
+    "open('/proc/self/stat').read().rsplit(')', 1)[1].split()[19]"
+)
 
 
 def host_pid(token: str) -> int | None:
     """The host pid of the process a task named with TASK_PID; None when none is left."""
-    ns, _, inner = token.strip().partition("@")
+    ns, inner, started = token.strip().split("@")
     for pid in psutil.pids():
         try:
             if os.readlink(f"/proc/{pid}/ns/pid") != ns:
                 continue
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[19] != started:
+                    continue
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
                     if line.startswith("NSpid:") and line.split()[-1] == inner:
