@@ -124,9 +124,10 @@ async def worker_runs(n: int, home: Path) -> dict[str, list[float]]:
 
 
 async def wall_runs(n: int, work: Path) -> tuple[dict[str, list[float]], str]:
-    """Seconds of the process executor's run() per task, alternating two executors: one
+    """Seconds of the process executor's run() per task, alternating three executors: one
     behind namespaces only (the sandbox as it was before the mount view, Landlock, seccomp,
-    the process cap and cgroups) and one behind every wall this machine gives."""
+    the process cap and cgroups), one behind every wall but the cgroup, and one behind every
+    wall this machine gives."""
     full = ProcessExecutor(work / "full")
     walls_only = ProcessExecutor(work / "walls")
     bare = ProcessExecutor(work / "bare")
@@ -215,7 +216,7 @@ def main() -> None:
             "set-up, the result archive, the durable outbox write, the upload and the report.",
             "",
             "The process sandbox's walls, `run()` of the same task in the process executor, "
-            "the two alternating in the same run:",
+            "the three alternating in the same run:",
             "",
             "| walls | median run() | vs. namespaces only |",
             "|---|---|---|",
