@@ -30,12 +30,12 @@ from hivemind_worker.engine.events import Event, ResultDelivered, TaskFinished, 
 from hivemind_worker.engine.executors import cgroups
 from hivemind_worker.engine.executors.process import ProcessExecutor
 from hivemind_worker.engine.pool_client import NodePoolClient
-from hivemind_worker.engine.tasks import MiB, Resources, TaskKind, TaskSpec
 from hivemind_worker.paths import default_paths
 from hivemind_worker.pool.client import TaskQueueClient
 from hivemind_worker.pool.server import PoolConfig, PoolServer
 from hivemind_worker.pool.store import PoolStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import MiB, Resources, TaskKind, TaskSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -153,7 +153,7 @@ async def wall_runs(n: int, work: Path) -> tuple[dict[str, list[float]], str]:
             )
             await executor.prepare(task)
             start = time.perf_counter()
-            result = await executor.run(task, task.resources)
+            result = await executor.run(task)
             elapsed = time.perf_counter() - start
             await executor.cleanup(task.task_id)
             if result.archive is not None:

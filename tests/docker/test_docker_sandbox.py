@@ -9,7 +9,7 @@ import pytest
 
 from hivemind_worker.engine.executors import docker as dockerx
 from hivemind_worker.engine.executors.workspace import wait_for_discards
-from hivemind_worker.engine.tasks import MiB, Resources, TaskKind, TaskResult, TaskSpec, TaskStatus
+from hivemind_worker.tasks import MiB, Resources, TaskKind, TaskResult, TaskSpec, TaskStatus
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
 
@@ -61,7 +61,7 @@ async def test_disk_request_is_enforced_on_the_workspace(make_executor: MakeExec
     results: list[TaskResult] = []
     for task in (over, within):
         await executor.prepare(task)
-        results.append(await executor.run(task, task.resources))
+        results.append(await executor.run(task))
         await executor.cleanup(task.task_id)
     assert results[0].status is TaskStatus.FAILED, results[0]
     assert results[0].error == "used more than its 8 MiB disk limit"
@@ -91,7 +91,7 @@ async def test_a_hundred_thousand_result_files_are_refused_promptly(
             marked.append(ticker.ticks)
 
     try:
-        result = await executor.run(task, task.resources, on_log)
+        result = await executor.run(task, on_log)
         after_task = ticker.ticks - marked[0] if marked else -1
         await executor.cleanup(task.task_id)
         gone_at_once = not workspace.exists()
@@ -116,7 +116,7 @@ async def test_result_entries_follow_the_same_rule_as_the_process_sandbox(
     executor = make_executor()
     task = make_task("open('results/..\\\\..\\\\escape', 'w').write('x')\n", "names")
     await executor.prepare(task)
-    result = await executor.run(task, task.resources)
+    result = await executor.run(task)
     await executor.cleanup(task.task_id)
     assert result.status is TaskStatus.FAILED, result
     assert "backslashes" in result.error

@@ -1,10 +1,10 @@
 """A hostile task against the real process sandbox, with the worker as root and as a person.
 
 Each test runs tasks through a real ProcessExecutor in a worker process of its own
-(sandbox_runner.py): once as root (as with `sudo`; tasks must then run as nobody), and once
-as an ordinary user (`setpriv --reuid=nobody`, or the test's own user when it is not root);
-each both with the built-in launcher and through bubblewrap (HIVEMIND_SANDBOX=bwrap, the way
-taken where only bwrap may make user namespaces).
+(tests/helpers/sandbox_runner.py): once as root (as with `sudo`; tasks must then run as
+nobody), and once as an ordinary user (`setpriv --reuid=nobody`, or the test's own user
+when it is not root); each both with the built-in launcher and through bubblewrap
+(HIVEMIND_SANDBOX=bwrap, the way taken where only bwrap may make user namespaces).
 Every wall is checked against a control: the same uid, outside the sandbox, can do what the
 task is refused (read the secret, write the open folder, connect to the socket).
 """
@@ -31,14 +31,14 @@ import pytest
 
 import hivemind_worker
 from hivemind_worker.engine.executors import sandbox_linux
-from hivemind_worker.engine.tasks import MiB
+from hivemind_worker.tasks import MiB
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux process sandbox"),
 ]
 
-RUNNER = Path(__file__).with_name("sandbox_runner.py")
+RUNNER = Path(__file__).resolve().parents[1] / "helpers" / "sandbox_runner.py"
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 NOBODY_SETPRIV = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "win32", reason="needs Windows (
 if sys.platform == "win32":
     from hivemind_worker.engine.executors import windows_job as wj
     from hivemind_worker.engine.executors.process import ProcessExecutor
-    from hivemind_worker.engine.tasks import MiB, Resources, TaskKind, TaskSpec, TaskStatus
+    from hivemind_worker.tasks import MiB, Resources, TaskKind, TaskSpec, TaskStatus
 
 
 def start_in_job(
@@ -105,7 +105,7 @@ async def test_process_executor_runs_a_task_on_windows(tmp_path: Path) -> None:
     )  # fmt: skip
     await executor.prepare(task)
     started = time.monotonic()
-    result = await executor.run(task, task.resources)
+    result = await executor.run(task)
     await executor.cleanup(task.task_id)
     await executor.close()
     assert result.status is TaskStatus.SUCCEEDED, (result.error, result.log_tail)

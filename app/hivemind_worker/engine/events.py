@@ -10,7 +10,8 @@ from threading import Lock
 
 from hivemind_worker.engine.executors.base import Usage
 from hivemind_worker.engine.monitor import HostSample
-from hivemind_worker.engine.tasks import Resources, TaskStatus
+from hivemind_worker.errors import ErrorKind, HiveMindError
+from hivemind_worker.tasks import Resources, TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class StateChanged:
     state: EngineState
     message: str = ""
     retry_at: float | None = None  # epoch seconds of the next attempt, in CONNECTING or ERROR
+    error_kind: ErrorKind | None = None  # why, in CONNECTING or ERROR
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,17 @@ class ResultDelivered:
 
 @dataclass(frozen=True)
 class ErrorRaised:
+    """An error the person may need to see; front-ends choose wording from `kind`."""
+
     title: str
     message: str
+    kind: ErrorKind = ErrorKind.INTERNAL
+    details: str = ""
+    needs_action: bool = False
+
+    @classmethod
+    def of(cls, error: HiveMindError) -> ErrorRaised:
+        return cls(error.title, error.message, error.kind, error.details, error.needs_action)
 
 
 Event = (

@@ -27,11 +27,12 @@ from hivemind_worker.engine.executors.base import (
     LogSink,
     PausableRun,
     Usage,
+    collect_results,
+    settle_status,
 )
 from hivemind_worker.engine.executors.workspace import (
     ARCHIVES_DIR,
     TMP_DIR,
-    ResultError,
     discard,
     disk_usage,
     pack_results,
@@ -39,13 +40,11 @@ from hivemind_worker.engine.executors.workspace import (
     rmtree,
     workspace_path,
 )
-from hivemind_worker.engine.tasks import (
+from hivemind_worker.tasks import (
     MiB,
-    Resources,
     TaskKind,
     TaskResult,
     TaskSpec,
-    TaskStatus,
 )
 
 log = logging.getLogger(__name__)
@@ -254,15 +253,14 @@ class ProcessExecutor(Executor):
     async def _run(
         self,
         task: TaskSpec,
-        caps: Resources,
         on_log: LogSink | None,
         workspace: Path,
         result: TaskResult,
     ) -> None:
         results_dir = workspace / Path(*task.result_path.parts)
-        memory = caps.memory_bytes if caps.memory_bytes > 0 else task.resources.memory_bytes
-        disk = caps.disk_bytes if caps.disk_bytes > 0 else task.resources.disk_bytes
-        cpus = caps.cpus if caps.cpus > 0 else task.resources.cpus
+        memory = task.resources.memory_bytes
+        disk = task.resources.disk_bytes
+        cpus = task.resources.cpus
         confinement = await self.confinement()
         walls = confinement.walls if confinement is not None else ""
         limits = plimits.ProcessLimits(
@@ -390,43 +388,26 @@ class ProcessExecutor(Executor):
         result.log_tail = bytes(run.tail)
         result.cpu_seconds = run.cpu_seconds
         result.max_memory_bytes = run.max_rss
-        if run.cancelled:
-            result.status = TaskStatus.CANCELLED
-            result.error = "cancelled"
-        elif run.timed_out:
-            result.status = TaskStatus.TIMED_OUT
-            result.error = f"killed after {task.timeout_seconds} s timeout"
-        elif run.disk_exceeded:
-            result.error = f"used more than its {_mib(disk)} disk limit"
-        elif rc == 0:
-            result.status = TaskStatus.SUCCEEDED
-        elif oom or any(m in run.tail[-_OOM_SCAN_BYTES:] for m in _OOM_MARKERS):
-            result.status = TaskStatus.OUT_OF_MEMORY
-            result.error = f"ran out of memory (limit {memory // MiB} MiB)"
-        elif rc < 0:
-            result.error = f"killed by signal {_signal_name(-rc)}"
-        elif rc == plimits.ISOLATION_FAILED and plimits.ISOLATION_MARKER in run.tail:
-            marker = run.tail.rfind(plimits.ISOLATION_MARKER)
-            reason = run.tail[marker:].split(b"\n", 1)[0].decode(errors="replace")
-            log.error("task %s could not be isolated: %s", task.task_id, reason)
-            result.error = sandbox_linux.isolation_problem(reason.split("(", 1)[-1].rstrip(")"))
-        else:
-            result.error = f"exited with code {rc}"
-        if result.status is TaskStatus.CANCELLED:
-            return
-        try:
-            archive, digest, size = await asyncio.to_thread(
-                pack_results, task, workspace, self.archive_dir, self._max_result_files
-            )
-        except (ResultError, OSError) as exc:
-            reason = str(exc) if isinstance(exc, ResultError) else f"cannot pack results: {exc}"
-            if result.status is TaskStatus.SUCCEEDED:
-                result.status = TaskStatus.FAILED
-                result.error = reason
-            else:
-                result.error = f"{result.error}; results not collected: {reason}"
-            return
-        result.archive, result.archive_sha256, result.archive_size = archive, digest, size
+        settle_status(
+            result,
+            task,
+            cancelled=run.cancelled,
+            timed_out=run.timed_out,
+            disk_exceeded=run.disk_exceeded,
+            disk_limit=disk,
+            # Only a failed exit: a task that caught a MemoryError and went on succeeded. The
+            # task's cgroup (where it has one) tells of the kernel's OOM killer.
+            out_of_memory=rc != 0
+            and (oom or any(m in run.tail[-_OOM_SCAN_BYTES:] for m in _OOM_MARKERS)),
+            memory_limit=memory,
+            failure=_exit_error(rc, run.tail),
+        )
+        await collect_results(
+            result,
+            lambda: pack_results(task, workspace, self.archive_dir, self._max_result_files),
+            (OSError,),
+            "pack",
+        )
 
     async def _enter(
         self, proc: asyncio.subprocess.Process, group: cgroups.TaskCgroup, result: TaskResult
@@ -702,8 +683,16 @@ def _sample(run: _Running) -> None:
         run.disk_walk_seconds = run.disk_checked_at - now
 
 
-def _mib(size: int) -> str:
-    return f"{size // MiB} MiB" if size >= MiB else f"{size} bytes"
+def _exit_error(rc: int, tail: bytes | bytearray) -> str:
+    """The error of a non-zero exit: `rc` as asyncio reports it (-N for signal N)."""
+    if rc < 0:
+        return f"killed by signal {_signal_name(-rc)}"
+    if rc == plimits.ISOLATION_FAILED and plimits.ISOLATION_MARKER in tail:
+        marker = tail.rfind(plimits.ISOLATION_MARKER)
+        reason = bytes(tail[marker:]).split(b"\n", 1)[0].decode(errors="replace")
+        log.error("a task could not be isolated: %s", reason)
+        return sandbox_linux.isolation_problem(reason.split("(", 1)[-1].rstrip(")"))
+    return f"exited with code {rc}"
 
 
 def _signal_name(number: int) -> str:

@@ -21,8 +21,8 @@ from typing import Any
 
 from hivemind_worker.engine.executors.process import ProcessExecutor
 from hivemind_worker.engine.executors.workspace import TRASH_DIR, wait_for_discards
-from hivemind_worker.engine.tasks import MiB, TaskSpec
 from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import MiB, TaskSpec
 
 
 def make_spec(item: dict[str, Any], index: int) -> TaskSpec:
@@ -79,7 +79,7 @@ async def run_all(work_dir: Path, items: list[dict[str, Any]]) -> list[dict[str,
                 if b"END-OF-TASK" in chunk:
                     marked.append(ticks)  # the task's last words: what follows is the worker's
 
-            result = await executor.run(spec, spec.resources, on_log)
+            result = await executor.run(spec, on_log)
             run_ticks = ticks - before
             ticks_after_task = ticks - marked[0] if marked else -1
             files = archive_files(result.archive)
