@@ -15,9 +15,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
+from hivemind_worker.engine.executors import cgroups, launcher, sandbox_linux, windows_job
 from hivemind_worker.engine.executors import limits as plimits
 from hivemind_worker.engine.executors.base import (
     Executor,
@@ -31,6 +33,8 @@ from hivemind_worker.engine.executors.base import (
 from hivemind_worker.engine.executors.workspace import (
     ARCHIVES_DIR,
     TMP_DIR,
+    discard,
+    disk_usage,
     pack_results,
     prepare_workspace,
     rmtree,
@@ -65,6 +69,13 @@ READ_CHUNK = 64 * 1024
 # caught a MemoryError earlier and failed later for another reason is not called OOM.
 _OOM_MARKERS = (b"MemoryError", b"std::bad_alloc")
 _OOM_SCAN_BYTES = 4096
+# Windows has no such signals; there they stand for the Job Object's terminate, and for
+# suspending and resuming the task's processes (_signal).
+SIGKILL = getattr(signal, "SIGKILL", 9)
+SIGSTOP = getattr(signal, "SIGSTOP", 19)
+SIGCONT = getattr(signal, "SIGCONT", 18)
+# The private /tmp (a tmpfs, so memory) is capped like the Docker executor's.
+TMPFS_MAX_BYTES = 256 * MiB
 
 
 @dataclass(eq=False)
@@ -88,19 +99,31 @@ class _Running(PausableRun):
     sampled_at: float = 0.0  # when the last sample was taken, for cpu_percent
     tail: bytearray = field(default_factory=bytearray)
     output_bytes: int = 0
+    workspace: Path | None = None
+    disk_limit: int = 0  # bytes; 0: not watched
+    disk_exceeded: bool = False
+    disk_checked_at: float = 0.0  # time.monotonic() of the last walk of the workspace
+    disk_walk_seconds: float = 0.0  # how long that walk took
+    job: windows_job.Job | None = None  # Windows: the Job Object holding the task's tree
 
 
 class ProcessExecutor(Executor):
     """Runs TaskKind.PYTHON tasks as `python -E -s main.py *argv` in a private workspace.
 
-    Lower trust than Docker: the task runs as the worker's user, with a scrubbed
-    environment, its own session and process group, rlimits (address space = memory cap
-    + 256 MiB, CPU time backstop, file size = disk cap, no core dumps) and nice 10.
-    Nothing stops it from reading files that user can read, and cpus are not enforced
-    beyond the nice value and the CPU-time backstop.
+    Walls on Linux (launcher.py builds them; sandbox_linux.probe() says which this machine
+    gives, and a task is refused rather than run behind none): user, PID, network, IPC and
+    UTS namespaces; a minimal read-only root holding /usr, the /etc essentials, a fresh
+    /proc, a few devices, a private size-capped /tmp and the workspace at /workspace, and
+    nothing else; no capabilities; Landlock (writes only in /workspace and /tmp); a seccomp
+    filter; RLIMIT_NPROC counted per namespace (a cap on the whole tree); rlimits per process
+    (address space = memory cap + 256 MiB, CPU time backstop, file size = disk cap, no core
+    dumps); nice 10; a scrubbed environment. When the worker runs as root, tasks run as
+    nobody. The workspace is watched: past the disk cap the task is killed and FAILED
+    ("used more than its N MiB disk limit").
 
     Workspace: `work_dir/<task_id>-<lease_id or 'nolease'>` (0700), holding main.py, the
-    inputs, `tmp/` (TMPDIR, HOME is the workspace) and the results folder.
+    inputs, `tmp/` and the results folder; the task sees it as /workspace (its cwd), with
+    HOME and TMPDIR /tmp, as in the Docker executor.
 
     Results: once the task has ended (any status but CANCELLED) the results folder is packed
     into `work_dir/_archives/<task_id>-<lease_id>.tar.gz`, owned by the engine from then on.
@@ -142,6 +165,8 @@ class ProcessExecutor(Executor):
         self._running: dict[str, _Running] = {}
         self._cancel_requested: set[str] = set()
         self._paused = False
+        self._confinement: sandbox_linux.Confinement | None = None
+        self._cgroups: cgroups.Cgroups | None = None
 
     @property
     def python(self) -> str:
@@ -157,6 +182,30 @@ class ProcessExecutor(Executor):
         """The workspace of a prepared task, until cleanup."""
         return self._workspaces.get(task_id)
 
+    async def tree_limiter(self) -> cgroups.Cgroups | None:
+        """How a task's whole tree is limited here (probed once); None off Linux."""
+        if not sys.platform.startswith("linux"):
+            return None
+        if self._cgroups is None:
+            self._cgroups = await asyncio.to_thread(cgroups.probe)
+            log.info("process sandbox limits for the task tree: %s", self._cgroups.reason)
+        return self._cgroups
+
+    async def confinement(self) -> sandbox_linux.Confinement | None:
+        """The walls tasks get on this machine (probed once, by a real launch); None off Linux."""
+        if not sys.platform.startswith("linux"):
+            return None
+        if self._confinement is None:
+            self._confinement = await asyncio.to_thread(sandbox_linux.probe, self._python)
+            log.info("%s", self._confinement.summary())
+            if self._confinement.run_as:
+                log.warning(
+                    "the worker runs as root: tasks run as uid %d instead; run the worker as "
+                    "an ordinary user",
+                    self._confinement.run_as[0],
+                )
+        return self._confinement
+
     # ---------------------------------------------------------------- prepare
 
     async def prepare(self, task: TaskSpec) -> None:
@@ -170,17 +219,27 @@ class ProcessExecutor(Executor):
             # Windows needs a Job Object for memory and CPU limits; until it has one, refuse
             # rather than run a task without the limits it was promised.
             raise ExecutorError(plimits.unsupported_reason())
+        confinement = await self.confinement()
+        if confinement is not None and not confinement.usable:
+            raise ExecutorError(confinement.problem)
         if task.task_id in self._running:
             raise ExecutorError(f"task {task.task_id} is already running")
         workspace = workspace_path(self._work_dir, task)
         previous = self._workspaces.get(task.task_id)
         if previous is not None and previous != workspace:
             # Prepared again under a new lease without a cleanup in between.
-            await asyncio.to_thread(rmtree, previous)
+            await asyncio.to_thread(discard, previous, self._work_dir)
         self._workspaces[task.task_id] = workspace
         self._cancel_requested.discard(task.task_id)
         try:
             await asyncio.to_thread(prepare_workspace, task, workspace, self._work_dir)
+            if confinement is not None and confinement.run_as is not None:
+                await asyncio.to_thread(sandbox_linux.chown_tree, workspace, confinement.run_as)
+                problem = sandbox_linux.open_work_dir_to_tasks(confinement, self._work_dir)
+                if problem:
+                    raise ExecutorError(problem)
+            if sys.platform == "win32":
+                await asyncio.to_thread(windows_job.label_low, str(workspace))
         except BaseException:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(rmtree, workspace)
@@ -202,32 +261,110 @@ class ProcessExecutor(Executor):
         memory = task.resources.memory_bytes
         disk = task.resources.disk_bytes
         cpus = task.resources.cpus
+        confinement = await self.confinement()
+        walls = confinement.walls if confinement is not None else ""
         limits = plimits.ProcessLimits(
             address_space_bytes=memory + ADDRESS_SPACE_ALLOWANCE,
             cpu_seconds=task.timeout_seconds * max(1, math.ceil(cpus)) + CPU_LIMIT_SLACK_SECONDS,
-            # Per file, not per workspace: a backstop against filling the disk in one write.
+            # Per file: a backstop against filling the disk in one write; the workspace as a
+            # whole is watched (_sample).
             file_size_bytes=disk,
+            max_processes=(
+                sandbox_linux.MAX_PROCESSES
+                if confinement is not None and confinement.process_cap
+                else None
+            ),
         )
+        tree = cgroups.TaskLimits(
+            max_processes=sandbox_linux.MAX_PROCESSES,
+            memory_bytes=memory,
+            cpus=cpus if cpus > 0 else float(os.cpu_count() or 1),
+        )
+        limiter = await self.tree_limiter()
+        group: cgroups.TaskCgroup | None = None
+        if limiter is not None and limiter.kind in ("v1", "v2"):
+            try:
+                group = await asyncio.to_thread(limiter.make, task.task_id, tree)
+            except OSError as exc:
+                result.error = f"could not limit the task's processes: {exc}"
+                return
+            walls += "G"  # wait until the worker has put it in its cgroup
+        if "M" in walls:
+            # The task's view, as in the Docker executor.
+            results_dir = Path(launcher.WORKSPACE, *task.result_path.parts)
+        tmp_bytes = max(min(disk or TMPFS_MAX_BYTES, TMPFS_MAX_BYTES, memory // 2), MiB)
+        workspace_fd = -1
+        if confinement is not None:
+            # Open for bubblewrap, which binds it by descriptor (see sandbox_linux.launch).
+            workspace_fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            command = sandbox_linux.launch(
+                confinement, limits, "main.py", task.argv, walls=walls, tmp_bytes=tmp_bytes,
+                workspace_fd=workspace_fd,
+            )  # fmt: skip
+        else:
+            command = sandbox_linux.Launch(
+                plimits.launch_argv(
+                    self._python, limits, "main.py", task.argv, walls=walls, tmp_bytes=tmp_bytes
+                )
+            )
+        argv = command.argv
+        if limiter is not None:
+            argv = limiter.wrap(argv, tree)
+        identity: dict[str, Any] = sandbox_linux.identity_kwargs(
+            confinement.run_as if confinement else None
+        )
+        job: windows_job.Job | None = None
+        if sys.platform == "win32":
+            argv = windows_job.launch_argv(self._python, "main.py", task.argv)
+            identity = {"creationflags": windows_job.creation_flags()}
+            try:
+                job = windows_job.Job(windows_job.JobLimits(memory, tree.cpus, tree.max_processes))
+            except OSError as exc:
+                result.error = f"could not limit the task: {exc}"
+                return
         try:
             proc = await asyncio.create_subprocess_exec(
-                *plimits.launch_argv(self._python, limits, "main.py", task.argv),
+                *argv,
                 cwd=workspace,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if group is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=_task_environment(task, workspace, results_dir),
+                env=_task_environment(task, workspace, results_dir, confined="M" in walls),
                 limit=READ_CHUNK,
+                pass_fds=command.pass_fds,
+                **identity,
             )
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             result.error = f"could not start the task: {exc}"
+            command.close()
+            if workspace_fd >= 0:
+                os.close(workspace_fd)
+            if group is not None:
+                await asyncio.to_thread(group.remove)
+            if job is not None:
+                job.close()
             return
-        run = _Running(task, proc, started=time.monotonic())
+        command.close()
+        if workspace_fd >= 0:
+            os.close(workspace_fd)
+        if group is not None and not await self._enter(proc, group, result):
+            return
+        if job is not None:
+            try:
+                job.adopt(proc.pid)  # it was created suspended: nothing ran outside the job
+            except OSError as exc:
+                result.error = f"could not limit the task: {exc}"
+                job.close()  # kill-on-close ends it
+                await proc.wait()
+                return
+        run = _Running(task, proc, started=time.monotonic(), workspace=workspace, disk_limit=disk)
+        run.job = job
         # Registered before any await, so a pause() from here on reaches this task.
         self._running[task.task_id] = run
         if self._paused:
             run.paused_at = run.started
-            self._signal(run, signal.SIGSTOP)
+            self._signal(run, SIGSTOP)
         reader = asyncio.create_task(self._pump(run, on_log))
         try:
             run.leader = await asyncio.to_thread(_psutil_process, proc.pid)
@@ -235,11 +372,17 @@ class ProcessExecutor(Executor):
         finally:
             # However the run ends (exit, timeout, cancel, or this coroutine being cancelled),
             # nothing the task started may outlive it.
-            self._signal(run, signal.SIGKILL)
+            self._signal(run, SIGKILL)
             self._running.pop(task.task_id, None)
             await self._drain(run, reader)
+            oom = False
+            if job is not None:
+                job.close()
+            if group is not None:
+                oom = await asyncio.to_thread(group.oom_killed)
+                await asyncio.to_thread(group.remove)
 
-        rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
+        rc = proc.returncode if proc.returncode is not None else -SIGKILL
         result.finished_at = time.time()
         result.exit_code = 128 - rc if rc < 0 else rc
         result.log_tail = bytes(run.tail)
@@ -250,8 +393,12 @@ class ProcessExecutor(Executor):
             task,
             cancelled=run.cancelled,
             timed_out=run.timed_out,
-            # Only a failed exit: a task that caught a MemoryError and went on succeeded.
-            out_of_memory=rc != 0 and any(m in run.tail[-_OOM_SCAN_BYTES:] for m in _OOM_MARKERS),
+            disk_exceeded=run.disk_exceeded,
+            disk_limit=disk,
+            # Only a failed exit: a task that caught a MemoryError and went on succeeded. The
+            # task's cgroup (where it has one) tells of the kernel's OOM killer.
+            out_of_memory=rc != 0
+            and (oom or any(m in run.tail[-_OOM_SCAN_BYTES:] for m in _OOM_MARKERS)),
             memory_limit=memory,
             failure=_exit_error(rc, run.tail),
         )
@@ -261,6 +408,24 @@ class ProcessExecutor(Executor):
             (OSError,),
             "pack",
         )
+
+    async def _enter(
+        self, proc: asyncio.subprocess.Process, group: cgroups.TaskCgroup, result: TaskResult
+    ) -> bool:
+        """Put the waiting launcher in the task's cgroup, then let it go on (wall "G")."""
+        try:
+            await asyncio.to_thread(group.add, proc.pid)
+        except OSError as exc:
+            result.error = f"could not limit the task's processes: {exc}"
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            await asyncio.to_thread(group.remove)
+            return False
+        assert proc.stdin is not None
+        proc.stdin.write(b"g")
+        proc.stdin.close()
+        return True
 
     async def _supervise(self, run: _Running, reader: asyncio.Task[None]) -> None:
         # asyncio's Process.wait() only returns once the stdout pipe is closed too, which a
@@ -273,6 +438,8 @@ class ProcessExecutor(Executor):
             if now - run.last_sample >= SAMPLE_INTERVAL:
                 run.last_sample = now
                 await asyncio.to_thread(_sample, run)
+                if run.disk_exceeded and not run.cancelled:
+                    self._signal(run, SIGKILL)
                 continue
             if not run.cancelled and run.paused_at is None and run.active_seconds(now) >= timeout:
                 run.timed_out = True
@@ -291,7 +458,7 @@ class ProcessExecutor(Executor):
         # Polled: no event fires at the exit itself (see _supervise).
         while run.proc.returncode is None and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(POLL_INTERVAL)
-        self._signal(run, signal.SIGKILL)
+        self._signal(run, SIGKILL)
 
     async def _pump(self, run: _Running, on_log: LogSink | None) -> None:
         stream = run.proc.stdout
@@ -333,6 +500,9 @@ class ProcessExecutor(Executor):
     def _signal(self, run: _Running, sig: int) -> None:
         # Plain syscalls (kill, and a /proc read per known process to guard against pid
         # reuse): microseconds each, so done inline on the loop.
+        if run.job is not None:  # Windows: the job holds the whole tree
+            self._signal_job(run, sig)
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             # After the leader is reaped its pid stays the group id while any member lives
             # (Linux never reuses a pid still in use as a process group id).
@@ -342,6 +512,22 @@ class ProcessExecutor(Executor):
         for p in known:
             with contextlib.suppress(psutil.Error, OSError):
                 p.send_signal(sig)
+
+    def _signal_job(self, run: _Running, sig: int) -> None:
+        assert run.job is not None
+        if sig in (SIGKILL, signal.SIGTERM):
+            run.job.terminate()
+            return
+        with run.lock:
+            known = list(run.known)
+        if run.leader is not None:
+            known.append(run.leader)
+        for p in known:
+            with contextlib.suppress(psutil.Error, OSError):
+                if sig == SIGSTOP:
+                    p.suspend()
+                elif sig == SIGCONT:
+                    p.resume()
 
     # ---------------------------------------------------------------- control
 
@@ -353,7 +539,7 @@ class ProcessExecutor(Executor):
             return
         if not run.timed_out:
             run.cancelled = True
-        self._signal(run, signal.SIGKILL)
+        self._signal(run, SIGKILL)
 
     async def pause(self) -> None:
         self._paused = True
@@ -361,7 +547,7 @@ class ProcessExecutor(Executor):
         for run in list(self._running.values()):
             if run.paused_at is None:
                 run.paused_at = now
-                self._signal(run, signal.SIGSTOP)
+                self._signal(run, SIGSTOP)
 
     async def resume(self) -> None:
         self._paused = False
@@ -371,18 +557,20 @@ class ProcessExecutor(Executor):
                 # The paused time is not counted against the task's timeout.
                 run.paused_total += now - run.paused_at
                 run.paused_at = None
-                self._signal(run, signal.SIGCONT)
+                self._signal(run, SIGCONT)
 
     async def cleanup(self, task_id: str) -> None:
         run = self._running.get(task_id)
         if run is not None:
             if not run.timed_out:
                 run.cancelled = True
-            self._signal(run, signal.SIGKILL)
+            self._signal(run, SIGKILL)
         self._cancel_requested.discard(task_id)
         workspace = self._workspaces.pop(task_id, None)
         if workspace is not None:
-            await asyncio.to_thread(rmtree, workspace)
+            # Moved aside at once and deleted in the background: a workspace of 100,000
+            # files must not hold up the report that waits for this cleanup.
+            await asyncio.to_thread(discard, workspace, self._work_dir)
 
     def usage(self) -> dict[str, Usage]:
         return {task_id: run.usage for task_id, run in self._running.items()}
@@ -391,7 +579,7 @@ class ProcessExecutor(Executor):
         for run in list(self._running.values()):
             if not run.timed_out:
                 run.cancelled = True
-            self._signal(run, signal.SIGKILL)
+            self._signal(run, SIGKILL)
 
 
 # -------------------------------------------------------------------- helpers
@@ -412,17 +600,25 @@ def _default_python() -> str:
     return sys.executable
 
 
-def _task_environment(task: TaskSpec, workspace: Path, results_dir: Path) -> dict[str, str]:
+def _task_environment(
+    task: TaskSpec, workspace: Path, results_dir: Path, *, confined: bool
+) -> dict[str, str]:
     """A minimal environment: nothing is inherited from the worker, which may hold secrets."""
     env = {
         "PATH": os.defpath,
-        "HOME": str(workspace),
-        "TMPDIR": str(workspace / TMP_DIR),
+        "HOME": "/tmp" if confined else str(workspace),
+        "TMPDIR": "/tmp" if confined else str(workspace / TMP_DIR),
         "LANG": "C.UTF-8",
         # `-E` makes the task's own interpreter ignore PYTHON* variables; this one reaches
         # the Python processes the task starts without -I/-E.
         "PYTHONDONTWRITEBYTECODE": "1",
     }
+    if sys.platform == "win32":
+        # Python needs SYSTEMROOT on Windows (sockets, random); temporary files go to the
+        # workspace, the one folder a Low-integrity task may write.
+        root = os.environ.get("SYSTEMROOT", r"C:\Windows")
+        env.update(SYSTEMROOT=root, PATH=rf"{root}\System32;{root}",
+                   TEMP=env["TMPDIR"], TMP=env["TMPDIR"], USERPROFILE=str(workspace))  # fmt: skip
     for name, value in task.env.items():
         if name == "PATH" or name.startswith("HIVEMIND_"):
             continue  # the worker's values win
@@ -478,6 +674,13 @@ def _sample(run: _Running) -> None:
     percent = (run.cpu_seconds - previous_cpu) / elapsed * 100 if previous_at and elapsed else 0.0
     run.usage = Usage(cpu_percent=percent, memory_bytes=rss, cpu_seconds=run.cpu_seconds)
     run.sampled_at = now
+    # The walk's cost grows with the number of files; it is spaced out so that it takes at
+    # most a tenth of the time (a workspace of 100,000 files is then walked every few seconds).
+    due = run.disk_checked_at + max(SAMPLE_INTERVAL, 10 * run.disk_walk_seconds)
+    if run.disk_limit > 0 and run.workspace is not None and not run.disk_exceeded and now >= due:
+        run.disk_exceeded = disk_usage(run.workspace, run.disk_limit) > run.disk_limit
+        run.disk_checked_at = time.monotonic()
+        run.disk_walk_seconds = run.disk_checked_at - now
 
 
 def _exit_error(rc: int, tail: bytes | bytearray) -> str:
@@ -485,10 +688,10 @@ def _exit_error(rc: int, tail: bytes | bytearray) -> str:
     if rc < 0:
         return f"killed by signal {_signal_name(-rc)}"
     if rc == plimits.ISOLATION_FAILED and plimits.ISOLATION_MARKER in tail:
-        return (
-            "this computer does not allow the process sandbox's isolation (unprivileged "
-            "user namespaces are off); install Docker, or enable user namespaces"
-        )
+        marker = tail.rfind(plimits.ISOLATION_MARKER)
+        reason = bytes(tail[marker:]).split(b"\n", 1)[0].decode(errors="replace")
+        log.error("a task could not be isolated: %s", reason)
+        return sandbox_linux.isolation_problem(reason.split("(", 1)[-1].rstrip(")"))
     return f"exited with code {rc}"
 
 
