@@ -1,4 +1,4 @@
-"""The when-to-contribute policy: every rule, its hysteresis and their combination, on a fake clock."""
+"""The when-to-contribute policy: each rule, its hysteresis and their combination, fake clock."""
 
 from __future__ import annotations
 

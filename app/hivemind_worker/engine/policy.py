@@ -171,7 +171,9 @@ def _parse_days(text: str, entry: str) -> list[int]:
 def _parse_time(text: str, entry: str) -> int:
     match = re.fullmatch(r"(\d{1,2}):(\d{2})", text.strip())
     if match is None or int(match[2]) > 59 or int(match[1]) * 60 + int(match[2]) > 24 * 60:
-        raise ScheduleError(f"bad time {text.strip()!r} in {entry!r}; use HH:MM from 00:00 to 24:00")
+        raise ScheduleError(
+            f"bad time {text.strip()!r} in {entry!r}; use HH:MM from 00:00 to 24:00"
+        )
     return int(match[1]) * 60 + int(match[2])
 
 
@@ -349,9 +351,7 @@ class Policy:
         if s.other_cpu_percent > 0:
             other = seen.other_cpu_percent
             raw = None if other is None else other > s.other_cpu_percent
-            if self._other.update(
-                raw, t, s.other_cpu_suspend_seconds, s.other_cpu_resume_seconds
-            ):
+            if self._other.update(raw, t, s.other_cpu_suspend_seconds, s.other_cpu_resume_seconds):
                 firing.append(Reason.OTHER_LOAD)
         else:
             self._other = _Latch()
