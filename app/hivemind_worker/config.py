@@ -61,6 +61,17 @@ class Settings:
     log_dir: Path
     log_level: str
     drain_timeout: int
+    idle_only_minutes: float
+    suspend_on_battery: bool
+    battery_below_percent: int
+    other_cpu_percent: int
+    other_cpu_suspend_seconds: int
+    other_cpu_resume_seconds: int
+    suspend_fullscreen: bool
+    schedule: str
+    memory_low_percent: int
+    cpu_time_percent: int
+    give_back_minutes: float
     start_at_login: bool
     start_on_launch: bool
     close_to_tray: bool
@@ -181,6 +192,24 @@ class _Choice(Rule):
         if value not in self.choices:
             raise ValueError(value)
         return value
+
+
+class _Explained(ValueError):
+    """A value a rule refuses for a reason more precise than what it allows; str() is it."""
+
+
+@dataclass(frozen=True)
+class _Schedule(Rule):
+    def allowed(self) -> str:
+        return "days and times like 'mon-fri 18:00-08:00; sat-sun 00:00-24:00', or empty"
+
+    def check(self, value: Any) -> Any:
+        from hivemind_worker.engine.policy import Schedule, ScheduleError
+
+        try:
+            return Schedule.parse(value).text
+        except ScheduleError as exc:
+            raise _Explained(str(exc)) from None
 
 
 _NODE_ID_PATTERN = r"[A-Za-z0-9._-]{1,64}"
@@ -378,6 +407,86 @@ _SPECS: tuple[SettingSpec, ...] = (
         "Seconds to let running tasks finish when stopping.",
         _Range(0, 86400, integer=True),
     ),
+    # When to contribute (engine/policy.py); 0 turns a numeric rule off.
+    _spec(
+        "idle_only_minutes",
+        "HIVEMIND_IDLE_ONLY_MINUTES",
+        0.0,
+        "Contribute only after this many minutes without keyboard or mouse input; 0 means "
+        "also while you use the computer.",
+        _Range(0, 24 * 60),
+    ),
+    _spec(
+        "suspend_on_battery",
+        "HIVEMIND_SUSPEND_ON_BATTERY",
+        True,
+        "Pause tasks while the computer runs on battery.",
+    ),
+    _spec(
+        "battery_below_percent",
+        "HIVEMIND_BATTERY_BELOW_PERCENT",
+        0,
+        "With suspend_on_battery: pause only once the charge is below this %; 0 means at "
+        "any charge.",
+        _Range(0, 100, integer=True),
+    ),
+    _spec(
+        "other_cpu_percent",
+        "HIVEMIND_OTHER_CPU_PERCENT",
+        25,
+        "Pause tasks while other programs use more than this % of the CPU; 0 means never.",
+        _Range(0, 100, integer=True),
+    ),
+    _spec(
+        "other_cpu_suspend_seconds",
+        "HIVEMIND_OTHER_CPU_SUSPEND_SECONDS",
+        10,
+        "How long other programs must stay that busy before tasks pause, in seconds.",
+        _Range(1, 3600, integer=True),
+    ),
+    _spec(
+        "other_cpu_resume_seconds",
+        "HIVEMIND_OTHER_CPU_RESUME_SECONDS",
+        30,
+        "How long they must then stay quiet before tasks resume, in seconds.",
+        _Range(1, 3600, integer=True),
+    ),
+    _spec(
+        "suspend_fullscreen",
+        "HIVEMIND_SUSPEND_FULLSCREEN",
+        True,
+        "Pause tasks while a full-screen app or game has the focus.",
+    ),
+    _spec(
+        "schedule",
+        "HIVEMIND_SCHEDULE",
+        "",
+        "When to contribute in the week, e.g. 'mon-fri 18:00-08:00; sat-sun 00:00-24:00'; "
+        "empty means at any time.",
+        _Schedule(),
+    ),
+    _spec(
+        "memory_low_percent",
+        "HIVEMIND_MEMORY_LOW_PERCENT",
+        10,
+        "Pause tasks while less than this % of memory is available; 0 means never.",
+        _Range(0, 90, integer=True),
+    ),
+    _spec(
+        "cpu_time_percent",
+        "HIVEMIND_CPU_TIME_PERCENT",
+        100,
+        "Let tasks use at most this % of CPU time (on top of max_cpu_cores).",
+        _Range(1, 100, integer=True),
+    ),
+    _spec(
+        "give_back_minutes",
+        "HIVEMIND_GIVE_BACK_MINUTES",
+        30.0,
+        "After tasks have been paused this long, give them back to the pool to run "
+        "elsewhere, in minutes; 0 means keep them.",
+        _Range(0, 7 * 24 * 60),
+    ),
     # Desktop app only: the settings dialog writes them, the headless worker ignores them.
     _spec("start_at_login", None, False, "Start the desktop app when you log in (file only)."),
     _spec(
@@ -440,6 +549,8 @@ def _convert(spec: SettingSpec, raw: object, parse_text: bool, paths: Paths) -> 
 def _checked(spec: SettingSpec, raw: object, source: str, parse_text: bool, paths: Paths) -> Any:
     try:
         return _convert(spec, raw, parse_text, paths)
+    except _Explained as exc:
+        raise ConfigError(f"Invalid setting {spec.key} = {raw!r} ({source}): {exc}") from None
     except ValueError:
         raise ConfigError(
             f"Invalid setting {spec.key} = {raw!r} ({source}): expected {spec.allowed()}"

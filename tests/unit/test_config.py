@@ -275,3 +275,38 @@ def test_settings_table_matches_settings() -> None:
     assert by_key["schema_version"].env is None
     assert all(spec.description for spec in table)
     assert flag_name("max_cpu_cores") == "--max-cpu-cores"
+
+
+def test_when_to_contribute_defaults_a_person_at_home_accepts(paths: Paths) -> None:
+    settings = load_settings(paths, env={})
+    assert settings.idle_only_minutes == 0
+    assert settings.suspend_on_battery is True
+    assert settings.other_cpu_percent == 25
+    assert settings.suspend_fullscreen is True
+    assert settings.schedule == ""
+    assert settings.cpu_time_percent == 100
+    assert settings.give_back_minutes == 30
+
+
+def test_schedule_from_the_environment(paths: Paths) -> None:
+    env = {"HIVEMIND_SCHEDULE": " mon-fri 18:00-08:00; sat-sun 00:00-24:00 "}
+    settings = load_settings(paths, env=env)
+    assert settings.schedule == "mon-fri 18:00-08:00; sat-sun 00:00-24:00"
+
+
+def test_bad_schedule_names_the_wrong_part(paths: Paths) -> None:
+    write_file(paths, 'schedule = "mon-fri 18:00-08:00; sat-sunday 09:00-25:00"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(paths, env={})
+    message = str(caught.value)
+    assert message.startswith("Invalid setting schedule = ")
+    assert str(paths.settings_file) in message
+    assert "bad time '25:00' in 'sat-sunday 09:00-25:00'" in message
+    assert "\n" not in message
+
+
+def test_when_to_contribute_bounds(paths: Paths) -> None:
+    with pytest.raises(ConfigError, match="HIVEMIND_CPU_TIME_PERCENT.*from 1 to 100"):
+        load_settings(paths, env={"HIVEMIND_CPU_TIME_PERCENT": "0"})
+    with pytest.raises(ConfigError, match="other_cpu_percent"):
+        load_settings(paths, env={"HIVEMIND_OTHER_CPU_PERCENT": "150"})
