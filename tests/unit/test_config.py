@@ -306,7 +306,7 @@ def test_bad_schedule_names_the_wrong_part(paths: Paths) -> None:
 
 
 def test_when_to_contribute_bounds(paths: Paths) -> None:
-    with pytest.raises(ConfigError, match="HIVEMIND_CPU_TIME_PERCENT.*from 1 to 100"):
+    with pytest.raises(ConfigError, match=r"HIVEMIND_CPU_TIME_PERCENT.*from 1 to 100"):
         load_settings(paths, env={"HIVEMIND_CPU_TIME_PERCENT": "0"})
     with pytest.raises(ConfigError, match="other_cpu_percent"):
         load_settings(paths, env={"HIVEMIND_OTHER_CPU_PERCENT": "150"})
