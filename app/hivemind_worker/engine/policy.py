@@ -11,6 +11,10 @@ import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hivemind_worker.config import Settings
 
 WEEK_MINUTES = 7 * 24 * 60
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -204,6 +208,22 @@ class PolicySettings:
     memory_low_percent: float = 10.0
     cpu_time_percent: float = 100.0  # "use at most X % of CPU time"
     give_back_minutes: float = 30.0  # 0: never give leases back
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PolicySettings:
+        return cls(
+            idle_only_minutes=settings.idle_only_minutes,
+            suspend_on_battery=settings.suspend_on_battery,
+            battery_below_percent=settings.battery_below_percent,
+            other_cpu_percent=settings.other_cpu_percent,
+            other_cpu_suspend_seconds=settings.other_cpu_suspend_seconds,
+            other_cpu_resume_seconds=settings.other_cpu_resume_seconds,
+            suspend_fullscreen=settings.suspend_fullscreen,
+            schedule=Schedule.parse(settings.schedule),
+            memory_low_percent=settings.memory_low_percent,
+            cpu_time_percent=settings.cpu_time_percent,
+            give_back_minutes=settings.give_back_minutes,
+        )
 
 
 @dataclass(frozen=True)
