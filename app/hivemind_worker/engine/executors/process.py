@@ -26,6 +26,7 @@ from hivemind_worker.engine.executors.base import (
     PausableRun,
     Usage,
 )
+from hivemind_worker.engine.executors.freeze import TreeControl
 from hivemind_worker.engine.executors.workspace import (
     ARCHIVES_DIR,
     TMP_DIR,
@@ -89,6 +90,7 @@ class _Running(PausableRun):
     sampled_at: float = 0.0  # when the last sample was taken, for cpu_percent
     tail: bytearray = field(default_factory=bytearray)
     output_bytes: int = 0
+    control: TreeControl | None = None  # freeze and CPU share of the whole tree
 
 
 class ProcessExecutor(Executor):
@@ -143,6 +145,7 @@ class ProcessExecutor(Executor):
         self._running: dict[str, _Running] = {}
         self._cancel_requested: set[str] = set()
         self._paused = False
+        self._cap_factor = 1.0  # running tasks' share of their CPU request under the caps
 
     @property
     def python(self) -> str:
@@ -227,9 +230,11 @@ class ProcessExecutor(Executor):
         run = _Running(task, proc, started=time.monotonic())
         # Registered before any await, so a pause() from here on reaches this task.
         self._running[task.task_id] = run
+        run.control = TreeControl(lambda sig: self._signal(run, sig), cpus=cpus)
         if self._paused:
             run.paused_at = run.started
-            self._signal(run, signal.SIGSTOP)
+            run.control.freeze()
+        run.control.set_share(self._cap_factor * self.cpu_time_share)
         reader = asyncio.create_task(self._pump(run, on_log))
         try:
             run.leader = await asyncio.to_thread(_psutil_process, proc.pid)
@@ -237,6 +242,7 @@ class ProcessExecutor(Executor):
         finally:
             # However the run ends (exit, timeout, cancel, or this coroutine being cancelled),
             # nothing the task started may outlive it.
+            run.control.close()
             self._signal(run, signal.SIGKILL)
             self._running.pop(task.task_id, None)
             await self._drain(run, reader)
@@ -382,7 +388,8 @@ class ProcessExecutor(Executor):
         for run in list(self._running.values()):
             if run.paused_at is None:
                 run.paused_at = now
-                self._signal(run, signal.SIGSTOP)
+                if run.control is not None:
+                    run.control.freeze()
 
     async def resume(self) -> None:
         self._paused = False
@@ -392,7 +399,21 @@ class ProcessExecutor(Executor):
                 # The paused time is not counted against the task's timeout.
                 run.paused_total += now - run.paused_at
                 run.paused_at = None
-                self._signal(run, signal.SIGCONT)
+                if run.control is not None:
+                    run.control.thaw()
+
+    async def apply_caps(self, caps: Resources) -> None:
+        """Scale running tasks' CPU down to fit new caps and the CPU-time share, live.
+
+        Through the task's cgroup cpu.max where it has one, else a stop/continue duty cycle
+        of its tree (freeze.py). Memory is left alone, as in Docker: new caps bound new tasks.
+        """
+        runs = list(self._running.values())
+        wanted = sum(r.task.resources.cpus for r in runs)
+        self._cap_factor = min(1.0, caps.cpus / wanted) if wanted > 0 and caps.cpus > 0 else 1.0
+        for run in runs:
+            if run.control is not None:
+                run.control.set_share(self._cap_factor * self.cpu_time_share)
 
     async def cleanup(self, task_id: str) -> None:
         run = self._running.get(task_id)
