@@ -10,6 +10,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from hivemind_worker import __version__
@@ -22,6 +23,7 @@ from hivemind_worker.engine.events import (
     EventHub,
     ImagePull,
     MetricsSample,
+    PolicyChanged,
     ResultDelivered,
     StateChanged,
     Subscriber,
@@ -32,6 +34,7 @@ from hivemind_worker.engine.events import (
 from hivemind_worker.engine.executors.base import Executor, ExecutorError
 from hivemind_worker.engine.monitor import HostMonitor
 from hivemind_worker.engine.outbox import Outbox, OutboxFull, Pending
+from hivemind_worker.engine.policy import Decision, Policy, PolicySettings, Verdict
 from hivemind_worker.engine.pool_client import (
     AuthError,
     NodePoolClient,
@@ -42,6 +45,7 @@ from hivemind_worker.engine.pool_client import (
     client_for,
     file_sha256,
 )
+from hivemind_worker.engine.probes import NoProbes, Probes
 from hivemind_worker.engine.tasks import (
     Resources,
     TaskResult,
@@ -59,6 +63,7 @@ BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 60.0
 AUTH_RETRY_SECONDS = 60.0
 METRICS_INTERVAL = 1.0
+POLICY_INTERVAL = 1.0
 BUSY_POLL_SECONDS = 2
 GIVE_BACK_SECONDS = 5.0
 MAX_UNEXPECTED_DELIVERY_ERRORS = 10
@@ -98,6 +103,7 @@ class WorkerEngine:
         credentials: CredentialStore,
         executor: Executor,
         outbox_dir: Path,
+        probes: Probes | None = None,
     ) -> None:
         self.settings = settings
         self.node_id = node_id
@@ -127,6 +133,16 @@ class WorkerEngine:
         self._attempt = 0  # reconnect attempts since the last successful registration
         self._poll_call: asyncio.Task[list[pb.TaskSpec]] | None = None
         executor.on_pull = self._on_pull
+        # When to contribute: the probes see, the policy decides, _apply_decision acts.
+        # Without probes only the rules that need none (schedule, CPU time) can hold.
+        self._probes: Probes = probes or NoProbes()
+        self._policy = Policy(PolicySettings.from_settings(settings))
+        self._decision: Decision | None = None
+        self._suspended = False  # the policy holds the tasks (a manual pause is _paused)
+        self._suspended_at: float | None = None  # monotonic, for the give-back limit
+        self._gave_back = False  # this suspension's leases were given back already
+        self._frozen = False  # what the executor was last told: paused or not
+        self._share_applied: tuple[float, frozenset[str]] = (1.0, frozenset())
         self.tasks_done = 0
         self.tasks_failed = 0
 
@@ -194,6 +210,21 @@ class WorkerEngine:
 
         self._call(begin)
 
+    @property
+    def decision(self) -> Decision | None:
+        """The policy's latest decision; None before the first evaluation."""
+        return self._decision
+
+    def contribute_anyway(self, seconds: float) -> None:
+        """Run tasks for `seconds` whatever the policy says (0 ends it); a manual pause still
+        wins."""
+
+        def override() -> None:
+            self._policy.override(time.time() + seconds if seconds > 0 else None)
+            self._spawn(self._evaluate_policy(), "policy")
+
+        self._call(override)
+
     def apply_settings(self, settings: Settings) -> None:
         """New caps and limits apply to new tasks at once; a new pool address reconnects."""
         self._call(lambda: self._do_apply(settings))
@@ -205,6 +236,7 @@ class WorkerEngine:
         self._changed = asyncio.Event()
         self._want_running = autostart or self._want_running
         metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
+        policy = asyncio.create_task(self._policy_loop(), name="policy")
         leftovers: list[asyncio.Task[None]] = []
         spooled: set[tuple[str, str]] = set()
         if self.executor.notice:
@@ -246,6 +278,7 @@ class WorkerEngine:
                     await self._wait_changed(delay)
         finally:
             metrics.cancel()
+            policy.cancel()
             for task in leftovers:
                 task.cancel()
             await self._stop_all_tasks()
@@ -253,6 +286,7 @@ class WorkerEngine:
                 await asyncio.to_thread(self._outbox.close)
             await self._close_client()
             await self.executor.close()
+            await asyncio.to_thread(self._probes.close)
             self._set_state(EngineState.STOPPED)
 
     def _adopt_leftovers(self, spooled: set[tuple[str, str]]) -> None:
@@ -298,7 +332,7 @@ class WorkerEngine:
             return
         self._paused = True
         self._withdraw_poll()
-        self._spawn(self.executor.pause(), "pause")
+        self._sync_frozen()
         self._refresh_state()
         self._poke()
 
@@ -306,9 +340,20 @@ class WorkerEngine:
         if not self._paused:
             return
         self._paused = False
-        self._spawn(self.executor.resume(), "resume")
+        self._sync_frozen()  # the tasks stay frozen while the policy still says suspend
         self._refresh_state()
         self._poke()
+
+    def _held(self) -> bool:
+        """No new task now: paused by hand or by the policy."""
+        return self._paused or self._suspended
+
+    def _sync_frozen(self) -> None:
+        """Freeze or thaw the running tasks to match the manual pause and the policy."""
+        frozen = self._held()
+        if frozen != self._frozen:
+            self._frozen = frozen
+            self._spawn(self.executor.pause() if frozen else self.executor.resume(), "freeze")
 
     def _do_drain(self) -> None:
         self._draining = True
@@ -349,6 +394,8 @@ class WorkerEngine:
             or settings.insecure != self.settings.insecure
         )
         self.settings = settings
+        self._policy.configure(PolicySettings.from_settings(settings))
+        self._share_applied = (-1.0, frozenset())  # re-applied at the next evaluation
         if reconnect and self._client is not None:
             self._spawn(self._close_client(), "reconnect")
         if self._running:  # only then is the loop running, and is there anything to bring in
@@ -385,6 +432,13 @@ class WorkerEngine:
         active = sum(1 for r in self._running.values() if not r.finished)
         if self._paused:
             self._set_state(EngineState.PAUSED)
+        elif self._suspended and self._decision is not None:
+            decision = self._decision
+            self._set_state(
+                EngineState.WAITING,
+                decision.text + (f" — {decision.hint}" if decision.hint else ""),
+                decision.resume_at,
+            )
         elif self._draining:
             self._set_state(EngineState.DRAINING, f"{active} task(s) to finish")
         elif active:
@@ -571,7 +625,7 @@ class WorkerEngine:
         ]
         status = (
             pb.NODE_STATUS_PAUSED
-            if self._paused
+            if self._held()
             else pb.NODE_STATUS_DRAINING
             if self._draining
             else pb.NODE_STATUS_BUSY
@@ -586,6 +640,7 @@ class WorkerEngine:
                 timestamp_unix_ms=int(time.time() * 1000),
                 metrics=host.to_proto(),
                 running=running,
+                status_message=self._status_message(),
             )
         )
         for task_id in reply.cancel_task_ids:
@@ -603,7 +658,7 @@ class WorkerEngine:
 
     async def _poll_loop(self, client: NodePoolClient) -> None:
         while True:
-            if self._paused or self._draining or not self._want_running:
+            if self._held() or self._draining or not self._want_running:
                 await self._wait_changed(5.0)
                 continue
             active = sum(1 for r in self._running.values() if not r.finished)
@@ -674,7 +729,7 @@ class WorkerEngine:
                 return
             log.warning("task %s handed out twice; ignoring the second lease", spec.task_id)
             return
-        if self._paused or self._draining or not self._want_running or self._shutdown:
+        if self._held() or self._draining or not self._want_running or self._shutdown:
             problem = "this worker has just paused or is stopping"
         else:
             problem = self._check_fits(spec)
@@ -993,6 +1048,97 @@ class WorkerEngine:
             except Exception:
                 log.exception("metrics sample failed")
             await asyncio.sleep(METRICS_INTERVAL)
+
+    # ------------------------------------------------------------------ when to contribute
+
+    async def _policy_loop(self) -> None:
+        while True:
+            try:
+                await self._evaluate_policy()
+            except Exception:
+                log.exception("policy evaluation failed")
+            await asyncio.sleep(POLICY_INTERVAL)
+
+    async def _evaluate_policy(self) -> None:
+        seen = await asyncio.to_thread(self._probes.observe)
+        self._apply_decision(self._policy.evaluate(seen, datetime.now().astimezone()))
+
+    def _apply_decision(self, decision: Decision) -> None:
+        """Act on one decision: freeze or thaw, throttle, give leases back; say what changed."""
+        previous, self._decision = self._decision, decision
+        suspended = decision.verdict is Verdict.SUSPEND
+        if suspended != self._suspended:
+            self._suspended = suspended
+            self._suspended_at = time.monotonic() if suspended else None
+            self._gave_back = False
+            if suspended:
+                self._withdraw_poll()
+            self._sync_frozen()
+            self._poke()
+        if not decision.same_as(previous):
+            line = decision.line()
+            if previous is not None or decision.verdict is not Verdict.RUN:
+                log.info("when to contribute: %s", line)
+            self._publish_policy(decision)
+            self._refresh_state()
+        self._apply_share(decision)
+        limit = self._policy.settings.give_back_minutes * 60
+        if (
+            suspended
+            and limit > 0
+            and not self._gave_back
+            and self._suspended_at is not None
+            and time.monotonic() - self._suspended_at >= limit
+        ):
+            self._give_back_all(decision)
+
+    def _apply_share(self, decision: Decision) -> None:
+        """Bring running tasks to the policy's CPU-time share (and new tasks as they start)."""
+        share = decision.throttle_percent / 100.0
+        running = frozenset(r.spec.task_id for r in self._running.values() if not r.finished)
+        if (share, running) == self._share_applied:
+            return
+        changed = share != self._share_applied[0]
+        self._share_applied = (share, running)
+        self.executor.cpu_time_share = share
+        if running and (changed or share < 1.0):
+            self._spawn(self.executor.apply_caps(self._caps()), "apply CPU share")
+
+    def _give_back_all(self, decision: Decision) -> None:
+        """Suspended past the limit: stop the frozen tasks; their CANCELLED reports give the
+        leases back, so the pool runs them elsewhere. Nothing new is taken meanwhile."""
+        self._gave_back = True
+        runs = [r for r in self._running.values() if not r.finished and not r.cancel_requested]
+        if not runs:
+            return
+        minutes = self._policy.settings.give_back_minutes
+        log.warning(
+            "suspended for %g minutes (%s): giving %d task(s) back to the pool to run elsewhere",
+            minutes, decision.text, len(runs),
+        )  # fmt: skip
+        self._cancel_running()
+        self._publish_policy(decision, given_back=len(runs))
+
+    def _publish_policy(self, decision: Decision, given_back: int = 0) -> None:
+        line = decision.line()
+        if given_back:
+            line += f"; gave {given_back} task(s) back to the pool"
+        self._hub.publish(
+            PolicyChanged(
+                decision,
+                line,
+                manual_pause=self._paused,
+                override_until=self._policy.override_until,
+                given_back=given_back,
+            )
+        )
+
+    def _status_message(self) -> str:
+        if self._paused:
+            return "paused by hand"
+        if self._suspended and self._decision is not None:
+            return self._decision.text
+        return ""
 
     def publish(self, event: Event) -> None:
         """For collaborators (executors, CLI) that want to add to the event stream."""

@@ -316,6 +316,10 @@ class Policy:
         self._override_until = until
 
     @property
+    def override_until(self) -> float | None:
+        return self._override_until
+
+    @property
     def last(self) -> Decision | None:
         return self._last
 

@@ -19,6 +19,7 @@ from hivemind_worker.engine.events import (
     ErrorRaised,
     Event,
     MetricsSample,
+    PolicyChanged,
     ResultDelivered,
     StateChanged,
     TaskFinished,
@@ -45,6 +46,7 @@ class Bridge(QObject):
     taskFinished = Signal(object)  # TaskFinished
     resultDelivered = Signal(object)  # ResultDelivered
     error = Signal(object)  # ErrorRaised
+    policyChanged = Signal(object)  # PolicyChanged
     crashed = Signal(str, str)  # title, details: an uncaught exception anywhere
     engineStopped = Signal()  # engine.run() returned: the thread is about to end
 
@@ -64,6 +66,8 @@ class Bridge(QObject):
                 self.resultDelivered.emit(event)
             case ErrorRaised():
                 self.error.emit(event)
+            case PolicyChanged():
+                self.policyChanged.emit(event)
 
 
 class EngineThread(QThread):

@@ -31,6 +31,7 @@ def look_for(state: EngineState) -> Look:
         EngineState.DRAINING: Look.CONTRIBUTING,
         EngineState.IDLE: Look.IDLE,
         EngineState.PAUSED: Look.PAUSED,
+        EngineState.WAITING: Look.PAUSED,  # until the tray gets a "waiting" look of its own
         EngineState.ERROR: Look.ERROR,
         EngineState.CONNECTING: Look.DISCONNECTED,
         EngineState.STOPPED: Look.DISCONNECTED,

@@ -457,6 +457,7 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
                 "memory_total_bytes": metrics.memory_total_bytes,
                 "disk_free_bytes": metrics.disk_free_bytes,
             },
+            request.status_message[:200],
         )
         lost = store.renew(node_id, lease_ids, self._core.config.lease_timeout, usage)
         if lost:

@@ -205,6 +205,7 @@ class NodeRecord:
     capabilities: frozenset[str]
     last_seen_ms: int
     status: int
+    status_message: str = ""  # why, when the node paused by its own rules ("on battery")
 
 
 @dataclass(frozen=True)
@@ -487,14 +488,20 @@ class PoolStore:
             capabilities=frozenset(json.loads(row["capabilities"])),
             last_seen_ms=int(row["last_seen_ms"]),
             status=int(row["status"]),
+            status_message=str(json.loads(row["metrics"]).get("status_message", "")),
         )
 
-    def record_heartbeat(self, node_id: str, status: int, metrics: dict[str, float]) -> None:
-        """Note that the node is alive, with its status and host metrics."""
+    def record_heartbeat(
+        self, node_id: str, status: int, metrics: dict[str, float], status_message: str = ""
+    ) -> None:
+        """Note that the node is alive, with its status (and why, when it says) and metrics."""
+        kept: dict[str, float | str] = dict(metrics)
+        if status_message:
+            kept["status_message"] = status_message
         with self._tx() as db:
             db.execute(
                 "UPDATE nodes SET last_seen_ms = ?, status = ?, metrics = ? WHERE node_id = ?",
-                (now_ms(), status, json.dumps(metrics), node_id),
+                (now_ms(), status, json.dumps(kept), node_id),
             )
             self._bump(db, "heartbeats")
 
