@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import select
 import statistics
 import subprocess
@@ -186,7 +187,9 @@ async def freeze_latency(
         procs = task_processes()
         for _ in range(rounds):
             await wait(lambda: running() and not frozen(procs), 30)
-            await asyncio.sleep(0.3)
+            # A random moment within the evaluation period, so that the rounds sample every
+            # phase of the once-a-second loop rather than one.
+            await asyncio.sleep(0.3 + random.random())
             # Timed from before xdotool starts: its own start-up counts against us.
             start = time.perf_counter()
             mover = await asyncio.create_subprocess_exec(
@@ -243,7 +246,8 @@ def main() -> None:
             *rows,
             "",
             f"Pointer move to frozen: {args.tasks} running process-sandbox tasks, 'only when idle' "
-            f"on, {args.rounds} rounds; `xdotool mousemove` until every task process is stopped "
+            f"on, {args.rounds} rounds at random moments; `xdotool mousemove` until every task "
+            "process is stopped "
             "(polled every 2 ms), against `engine.pause()` to every task stopped in the same run. "
             "Goal: at most 1 s.",
             "",

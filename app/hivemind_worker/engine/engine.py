@@ -34,7 +34,13 @@ from hivemind_worker.engine.events import (
 from hivemind_worker.engine.executors.base import Executor, ExecutorError
 from hivemind_worker.engine.monitor import HostMonitor
 from hivemind_worker.engine.outbox import Outbox, OutboxFull, Pending
-from hivemind_worker.engine.policy import Decision, Policy, PolicySettings, Verdict
+from hivemind_worker.engine.policy import (
+    Decision,
+    Observation,
+    Policy,
+    PolicySettings,
+    Verdict,
+)
 from hivemind_worker.engine.pool_client import (
     AuthError,
     NodePoolClient,
@@ -64,6 +70,7 @@ BACKOFF_MAX = 60.0
 AUTH_RETRY_SECONDS = 60.0
 METRICS_INTERVAL = 1.0
 POLICY_INTERVAL = 1.0
+POLICY_SLICES = 4  # cheap input checks between two evaluations (see _input_seen)
 BUSY_POLL_SECONDS = 2
 GIVE_BACK_SECONDS = 5.0
 MAX_UNEXPECTED_DELIVERY_ERRORS = 10
@@ -138,6 +145,7 @@ class WorkerEngine:
         self._probes: Probes = probes or NoProbes()
         self._policy = Policy(PolicySettings.from_settings(settings))
         self._decision: Decision | None = None
+        self._last_seen = Observation()
         self._suspended = False  # the policy holds the tasks (a manual pause is _paused)
         self._suspended_at: float | None = None  # monotonic, for the give-back limit
         self._gave_back = False  # this suspension's leases were given back already
@@ -221,7 +229,9 @@ class WorkerEngine:
 
         def override() -> None:
             self._policy.override(time.time() + seconds if seconds > 0 else None)
-            self._spawn(self._evaluate_policy(), "policy")
+            # Decided again at once on what the probes saw last (the probes themselves are
+            # only ever asked from the policy loop, one call at a time).
+            self._apply_decision(self._policy.evaluate(self._last_seen, _now()))
 
         self._call(override)
 
@@ -1057,11 +1067,28 @@ class WorkerEngine:
                 await self._evaluate_policy()
             except Exception:
                 log.exception("policy evaluation failed")
-            await asyncio.sleep(POLICY_INTERVAL)
+            for _ in range(POLICY_SLICES):
+                await asyncio.sleep(POLICY_INTERVAL / POLICY_SLICES)
+                if await self._input_seen():
+                    break
+
+    async def _input_seen(self) -> bool:
+        """Between evaluations, a look at input idle time alone (one X round trip) while
+        "only when idle" lets tasks run: a person touching the mouse then freezes them well
+        within a second, without running every probe more often."""
+        minutes = self._policy.settings.idle_only_minutes
+        if minutes <= 0 or self._suspended or not self._running:
+            return False
+        try:
+            idle = await asyncio.to_thread(self._probes.idle_seconds)
+        except Exception:
+            log.exception("idle probe failed")
+            return False
+        return idle is not None and idle < minutes * 60
 
     async def _evaluate_policy(self) -> None:
-        seen = await asyncio.to_thread(self._probes.observe)
-        self._apply_decision(self._policy.evaluate(seen, datetime.now().astimezone()))
+        self._last_seen = await asyncio.to_thread(self._probes.observe)
+        self._apply_decision(self._policy.evaluate(self._last_seen, _now()))
 
     def _apply_decision(self, decision: Decision) -> None:
         """Act on one decision: freeze or thaw, throttle, give leases back; say what changed."""
@@ -1143,6 +1170,11 @@ class WorkerEngine:
     def publish(self, event: Event) -> None:
         """For collaborators (executors, CLI) that want to add to the event stream."""
         self._hub.publish(event)
+
+
+def _now() -> datetime:
+    """Local wall-clock time, for the schedule."""
+    return datetime.now().astimezone()
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

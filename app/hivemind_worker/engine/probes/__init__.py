@@ -39,6 +39,9 @@ class Probes(Protocol):
 
     def observe(self) -> Observation: ...
 
+    def idle_seconds(self) -> float | None:
+        """Input idle time alone: cheap, asked several times a second."""
+
     def close(self) -> None: ...
 
 
@@ -47,6 +50,9 @@ class NoProbes:
 
     def observe(self) -> Observation:
         return Observation()
+
+    def idle_seconds(self) -> float | None:
+        return None
 
     def close(self) -> None:
         pass
@@ -119,6 +125,9 @@ class DesktopProbes:
             memory_available_percent=self.load.memory_available_percent(),
             fullscreen=_guarded(self.fullscreen.fullscreen) if self.fullscreen else None,
         )
+
+    def idle_seconds(self) -> float | None:
+        return _guarded(self.idle.idle_seconds) if self.idle else None
 
     def close(self) -> None:
         for part in (self.idle, self.fullscreen):
