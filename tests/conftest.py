@@ -10,7 +10,6 @@ import keyring.errors
 import pytest
 from keyring.backend import KeyringBackend
 
-
 # The worker's "other programs are busy" rule reads the whole machine's CPU, which parallel
 # test processes (and other people's, on a shared machine) load at random: workers started by
 # tests (headless subprocesses, the GUI's engine) would pause for them. The tests of that

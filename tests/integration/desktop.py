@@ -1,4 +1,5 @@
-"""A private X server (Xvfb) with a real EWMH window manager (openbox), and a window to drive.
+"""Desktop test helpers: Xvfb with a real EWMH window manager (openbox), a window to drive, and
+a laptop's battery as a sysfs tree.
 
 For the when-to-contribute tests: they move the pointer with xdotool and make a real window
 full screen through the window manager, as a person's desktop would.
@@ -169,3 +170,15 @@ def set_fullscreen(display: str, window: int, on: bool) -> None:
         connection.sync()
     finally:
         connection.close()
+
+
+def write_battery(root: Path, *, plugged: bool, percent: int) -> None:
+    """A /sys/class/power_supply tree as a laptop's kernel lays it out."""
+    battery, adapter = root / "BAT0", root / "AC"
+    battery.mkdir(parents=True, exist_ok=True)
+    adapter.mkdir(parents=True, exist_ok=True)
+    (battery / "type").write_text("Battery\n")
+    (battery / "capacity").write_text(f"{percent}\n")
+    (battery / "status").write_text("Charging\n" if plugged else "Discharging\n")
+    (adapter / "type").write_text("Mains\n")
+    (adapter / "online").write_text("1\n" if plugged else "0\n")

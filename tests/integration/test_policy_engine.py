@@ -15,12 +15,21 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
 import pytest
-from desktop import app_window, missing_tools, move_pointer, set_fullscreen, xvfb
+from desktop import (
+    app_window,
+    missing_tools,
+    move_pointer,
+    set_fullscreen,
+    write_battery,
+    xvfb,
+)
 from harness import (
     Worker,
     archive_files,
@@ -30,7 +39,6 @@ from harness import (
     start_worker,
     wait_for,
 )
-from test_policy_probes import write_battery
 
 from hivemind_worker.engine.events import EngineState, PolicyChanged, TaskFinished, TaskStarted
 from hivemind_worker.engine.policy import Reason, Verdict
@@ -397,8 +405,6 @@ def cpu_rate(seconds: float) -> float:
                 spent += t.user + t.system
         return spent
 
-    import time
-
     before, start = total(), time.monotonic()
     time.sleep(seconds)
     return (total() - before) / (time.monotonic() - start)
@@ -422,8 +428,6 @@ async def test_cpu_time_limit_and_a_lower_core_cap_apply_to_a_running_task(
             free = await asyncio.to_thread(cpu_rate, 2.0)
             # "Use at most 25 % of CPU time", changed in the settings while the task runs.
             settings = worker.engine.settings
-            from dataclasses import replace
-
             worker.engine.apply_settings(replace(settings, cpu_time_percent=25))
             await wait_for(
                 lambda: (

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from desktop import app_window, missing_tools, move_pointer, set_fullscreen, xvfb
+from desktop import app_window, missing_tools, move_pointer, set_fullscreen, write_battery, xvfb
 
 from hivemind_worker.engine.probes import DesktopProbes
 from hivemind_worker.engine.probes.load import LoadProbe
@@ -19,18 +19,6 @@ needs_x = pytest.mark.skipif(
     bool(missing_tools()) and os.environ.get("CI") != "true",
     reason=f"needs {', '.join(missing_tools())} (Debian: xvfb openbox xdotool)",
 )
-
-
-def write_battery(root: Path, *, plugged: bool, percent: int) -> None:
-    """A /sys/class/power_supply tree as a laptop's kernel lays it out."""
-    battery, adapter = root / "BAT0", root / "AC"
-    battery.mkdir(parents=True, exist_ok=True)
-    adapter.mkdir(parents=True, exist_ok=True)
-    (battery / "type").write_text("Battery\n")
-    (battery / "capacity").write_text(f"{percent}\n")
-    (battery / "status").write_text("Charging\n" if plugged else "Discharging\n")
-    (adapter / "type").write_text("Mains\n")
-    (adapter / "online").write_text("1\n" if plugged else "0\n")
 
 
 @needs_x
