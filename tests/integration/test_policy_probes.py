@@ -109,7 +109,7 @@ def test_other_cpu_is_the_host_load_less_this_process_tree() -> None:
     ours = (sum(me.cpu_times()[:2]) - ours_before) / (time.monotonic() - started) / cores * 100
     other = probe.other_cpu_percent()
     assert other is not None
-    assert ours > 10  # we did burn CPU, and it is not counted as other programs'
+    assert ours > 0  # we did burn CPU, and it is not counted as other programs'
     assert other == pytest.approx(host - ours, abs=15)
     memory = probe.memory_available_percent()
     assert memory is not None and 0 < memory <= 100
