@@ -38,6 +38,7 @@ from harness import (
     start_pool,
     start_worker,
     wait_for,
+    worker_subprocess,
 )
 
 from hivemind_worker.engine.events import EngineState, PolicyChanged, TaskFinished, TaskStarted
@@ -47,7 +48,7 @@ from hivemind_worker.engine.probes.load import LoadProbe
 from hivemind_worker.engine.probes.power import PowerProbe
 from hivemind_worker.engine.probes.x11 import X11Desktop
 from hivemind_worker.engine.tasks import TaskStatus
-from hivemind_worker.pool.store import PoolStore
+from hivemind_worker.pool.store import NodeNotFound, PoolStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
 
 pytestmark = [pytest.mark.usefixtures("memory_keyring"), pytest.mark.timeout(120)]
@@ -135,11 +136,14 @@ def finished(worker: Worker) -> list[TaskFinished]:
     return [e for e in worker.events if isinstance(e, TaskFinished)]
 
 
-def node_record(db: Path, node_id: str) -> tuple[int, str]:
+def node_record(db: Path, node_id: str) -> tuple[int, str] | None:
+    """The node's status and its reason at the pool; None until it has registered."""
     store = PoolStore(db)
     try:
         node = store.get_node(node_id, "alice")
         return node.status, node.status_message
+    except NodeNotFound:
+        return None
     finally:
         store.close()
 
@@ -189,7 +193,8 @@ async def test_on_battery_freezes_past_the_lease_timeout_and_finishes_right(
             )  # fmt: skip
             files = archive_files(await queue.download(task_id))
             assert files["results/out.txt"] == expected_steps(30)
-            assert node_record(tmp_path / "pool.db", "node-a")[1] == ""
+            status, reason = node_record(tmp_path / "pool.db", "node-a") or (0, "?")
+            assert status != pb.NODE_STATUS_PAUSED and reason == ""
     finally:
         await worker.stop()
         await pool.stop()
@@ -447,4 +452,37 @@ async def test_cpu_time_limit_and_a_lower_core_cap_apply_to_a_running_task(
             assert info.status == pb.TASK_STATUS_SUCCEEDED
     finally:
         await worker.stop()
+        await pool.stop()
+
+
+async def test_headless_worker_logs_one_line_per_change_and_the_pool_sees_why(
+    tmp_path: Path,
+) -> None:
+    # A weekly window three days from now: now is outside it, whatever day this runs.
+    day = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[(time.localtime().tm_wday + 3) % 7]
+    pool = await start_pool(tmp_path / "pool.db")
+    home = tmp_path / "headless"
+    worker = await worker_subprocess(
+        home, pool.address, env_overrides={"HIVEMIND_SCHEDULE": f"{day} 03:00-04:00"}
+    )
+    try:
+        await wait_for(
+            lambda: (
+                node_record(tmp_path / "pool.db", "headless")
+                == (pb.NODE_STATUS_PAUSED, "outside your schedule")
+            ),
+            60,
+            "the pool to see the node paused outside its schedule",
+        )
+        await asyncio.sleep(3)  # three more evaluations: no more lines
+        lines = [
+            line
+            for line in (home / "stderr.log").read_text().splitlines()
+            if "when to contribute:" in line
+        ]
+        assert len(lines) == 1, lines
+        assert lines[0].endswith("suspended: outside your schedule — resumes at 03:00")
+    finally:
+        worker.kill()
+        worker.wait(10)
         await pool.stop()

@@ -1064,7 +1064,8 @@ class WorkerEngine:
     async def _policy_loop(self) -> None:
         while True:
             try:
-                await self._evaluate_policy()
+                if self._want_running:  # stopped, there is nothing to decide about
+                    await self._evaluate_policy()
             except Exception:
                 log.exception("policy evaluation failed")
             for _ in range(POLICY_SLICES):
