@@ -145,7 +145,7 @@ class ProcessExecutor(Executor):
         self._running: dict[str, _Running] = {}
         self._cancel_requested: set[str] = set()
         self._paused = False
-        self._cap_factor = 1.0  # running tasks' share of their CPU request under the caps
+        self._cpu_cap = 0.0  # the person's CPU cap as last applied; 0: not applied yet
 
     @property
     def python(self) -> str:
@@ -234,7 +234,7 @@ class ProcessExecutor(Executor):
         if self._paused:
             run.paused_at = run.started
             run.control.freeze()
-        run.control.set_share(self._cap_factor * self.cpu_time_share)
+        self._rebalance()
         reader = asyncio.create_task(self._pump(run, on_log))
         try:
             run.leader = await asyncio.to_thread(_psutil_process, proc.pid)
@@ -245,6 +245,7 @@ class ProcessExecutor(Executor):
             run.control.close()
             self._signal(run, signal.SIGKILL)
             self._running.pop(task.task_id, None)
+            self._rebalance()
             await self._drain(run, reader)
 
         rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
@@ -408,12 +409,19 @@ class ProcessExecutor(Executor):
         Through the task's cgroup cpu.max where it has one, else a stop/continue duty cycle
         of its tree (freeze.py). Memory is left alone, as in Docker: new caps bound new tasks.
         """
+        self._cpu_cap = caps.cpus
+        self._rebalance()
+
+    def _rebalance(self) -> None:
+        """Give each running task its share: the caps over what all of them asked for, times
+        the CPU-time share; again whenever a task starts or ends."""
         runs = list(self._running.values())
         wanted = sum(r.task.resources.cpus for r in runs)
-        self._cap_factor = min(1.0, caps.cpus / wanted) if wanted > 0 and caps.cpus > 0 else 1.0
+        cap = self._cpu_cap
+        factor = min(1.0, cap / wanted) if wanted > 0 and cap > 0 else 1.0
         for run in runs:
             if run.control is not None:
-                run.control.set_share(self._cap_factor * self.cpu_time_share)
+                run.control.set_share(factor * self.cpu_time_share)
 
     async def cleanup(self, task_id: str) -> None:
         run = self._running.get(task_id)
