@@ -31,7 +31,7 @@ class EngineState(StrEnum):
 class StateChanged:
     state: EngineState
     message: str = ""
-    retry_at: float | None = None  # epoch seconds of the next attempt, in CONNECTING or ERROR
+    retry_at: float | None = None  # epoch seconds: next attempt (CONNECTING, ERROR); end (WAITING)
 
 
 @dataclass(frozen=True)
