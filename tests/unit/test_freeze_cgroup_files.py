@@ -6,6 +6,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import pytest
+
 from hivemind_worker.engine.executors.freeze import TreeControl
 
 
@@ -24,6 +26,7 @@ def test_fake_cgroupfs_gets_freeze_and_cpu_max(tmp_path: Path) -> None:
     assert control.mechanism == "cgroup"
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="no process sandbox on Windows")
 def test_a_cgroup_that_refuses_falls_back_to_signals(tmp_path: Path) -> None:
     sent: list[int] = []
     control = TreeControl(sent.append, cgroup=tmp_path / "gone")
