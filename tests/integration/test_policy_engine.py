@@ -264,7 +264,20 @@ def cpu_burners(count: int) -> Iterator[list[int]]:
                 os.kill(pid, signal.SIGKILL)
 
 
+def ambient_other_cpu(seconds: float = 2.0) -> float:
+    probe = LoadProbe()
+    probe.other_cpu_percent()
+    time.sleep(seconds)
+    return probe.other_cpu_percent() or 0.0
+
+
 async def test_other_programs_busy_freezes_the_task_and_it_resumes_after(tmp_path: Path) -> None:
+    # The premise is a machine where only the burner below is busy. A shared developer box
+    # whose other users already keep it above the threshold cannot show the resume; CI runs
+    # alone, and there this test always runs.
+    ambient = await asyncio.to_thread(ambient_other_cpu)
+    if ambient > 60 and os.environ.get("CI") != "true":
+        pytest.skip(f"other programs already use {ambient:.0f} % of this machine's CPU")
     pool = await start_pool(tmp_path / "pool.db")
     worker = await start_worker(
         tmp_path / "node-a",
