@@ -29,7 +29,7 @@ ENV HIVEMIND_HOME=/var/lib/hivemind-worker \
 # The settings, by the names in DESIGN.md; unset ones take their defaults.
 #   NODE_POOL_ADDRESS  host:port of the pool          NODE_ID  this machine's id
 #   MAX_CPU_CORES  MAX_MEMORY_GB  MAX_DISK_GB  MAX_CONCURRENT_TASKS  TASK_TIMEOUT
-#   HEARTBEAT_INTERVAL  DOCKER_ENABLED  DOCKER_NETWORK  WORK_DIR  TEMP_DIR  LOG_DIR
+#   HEARTBEAT_INTERVAL  DOCKER_ENABLED  DOCKER_NETWORK  WORK_DIR  LOG_DIR  (README: all of them)
 #   HIVEMIND_ACCOUNT  the account logged in with `hivemind-worker login`
 USER hivemind
 WORKDIR /var/lib/hivemind-worker

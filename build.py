@@ -21,10 +21,10 @@ PROTOCOL_DIR = ROOT / "app" / "hivemind_worker" / "protocol"
 STAMP = VENV / ".hivemind-installed"
 
 
-def venv_python() -> Path:
+def venv_python(venv: Path = VENV) -> Path:
     if os.name == "nt":
-        return VENV / "Scripts" / "python.exe"
-    return VENV / "bin" / "python"
+        return venv / "Scripts" / "python.exe"
+    return venv / "bin" / "python"
 
 
 def tool(name: str) -> Path:
@@ -39,17 +39,19 @@ def run(cmd: list[str | Path], **kwargs: object) -> None:
     subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT, **kwargs)  # type: ignore[call-overload]
 
 
-def bootstrap() -> None:
-    """Create .venv if missing; install the project and dev extras when pyproject changes."""
-    if not venv_python().exists():
-        print(f"Creating virtual environment in {VENV}", flush=True)
-        run([sys.executable, "-m", "venv", VENV])
+def bootstrap(venv: Path = VENV, interpreter: str = sys.executable) -> None:
+    """Create the venv if missing; install the project and dev extras when pyproject changes."""
+    python = venv_python(venv)
+    if not python.exists():
+        print(f"Creating virtual environment in {venv}", flush=True)
+        run([interpreter, "-m", "venv", venv])
+    stamp = venv / STAMP.name
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    if STAMP.exists() and STAMP.read_text().strip() == wanted:
+    if stamp.exists() and stamp.read_text().strip() == wanted:
         return
-    run([venv_python(), "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
-    run([venv_python(), "-m", "pip", "install", "--quiet", "-e", ".[dev]"])
-    STAMP.write_text(wanted)
+    run([python, "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
+    run([python, "-m", "pip", "install", "--quiet", "-e", ".[dev]"])
+    stamp.write_text(wanted)
 
 
 def generate_stubs(out_dir: Path) -> None:
@@ -109,10 +111,28 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_test(args: argparse.Namespace) -> None:
     bootstrap()
     py = venv_python()
-    run([py, "-m", "ruff", "check", "app", "tests", "bench", "build.py"])
-    run([py, "-m", "ruff", "format", "--check", "app", "tests", "bench", "build.py"])
+    run([py, "-m", "ruff", "check", "app", "tests", "bench", "tools", "build.py"])
+    run([py, "-m", "ruff", "format", "--check", "app", "tests", "bench", "tools", "build.py"])
     run([py, "-m", "mypy"])
     run([py, "-m", "pytest", *args.rest])
+
+
+def cmd_test_on(args: argparse.Namespace) -> None:
+    """The test suite on another interpreter, in its own venv: `test-on PYTHON [pytest args]`.
+
+    CI runs the unit and integration tiers this way on the oldest Python the project claims
+    (Debian 12's /usr/bin/python3, 3.11.2), beside the full suite on the newest.
+    """
+    if not args.rest:
+        sys.exit("usage: build.py test-on PYTHON [pytest arguments]")
+    interpreter, *rest = args.rest
+    version = subprocess.run(
+        [interpreter, "-c", "import platform; print(platform.python_version())"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    venv = ROOT / f".venv-{version}"
+    bootstrap(venv, interpreter)
+    run([venv_python(venv), "-m", "pytest", *rest])
 
 
 TEST_IMAGE = "hivemind-test-python:bookworm"
@@ -161,7 +181,7 @@ def cmd_screenshots(args: argparse.Namespace) -> None:
     # A private X server when there is one to start; else the current display (Windows, a desktop).
     xvfb = ["xvfb-run", "-a", "-s", "-screen 0 1400x1000x24"] if shutil.which("xvfb-run") else []
     for palette in ([], ["--dark"]):
-        run([*xvfb, venv_python(), "-m", "hivemind_worker.gui.screenshots", out,
+        run([*xvfb, venv_python(), ROOT / "tools" / "screenshots.py", out,
              *palette, *args.rest])  # fmt: skip
 
 
@@ -185,6 +205,7 @@ def main() -> None:
         ("proto", cmd_proto, "regenerate the gRPC stubs from proto/"),
         ("run", cmd_run, "set up and run the demo: a local pool and the worker"),
         ("test", cmd_test, "set up and run lint, type checks and the whole test suite"),
+        ("test-on", cmd_test_on, "run tests on another interpreter: test-on PYTHON [pytest args]"),
         ("bench", cmd_bench, "run the benchmarks and write docs/benchmarks.md"),
         ("screenshots", cmd_screenshots, "render the desktop app into docs/screenshots/"),
         ("test-image", cmd_test_image, "build the Docker tests' image (debootstrap, cached)"),

@@ -36,7 +36,7 @@ from pathlib import Path
 from _report import write_section
 
 from hivemind_worker.engine.executors import docker as dockerx
-from hivemind_worker.engine.tasks import MiB, Resources, TaskKind, TaskSpec
+from hivemind_worker.tasks import MiB, Resources, TaskKind, TaskSpec
 
 IMAGE = "hivemind-test-python:bookworm"
 # time.monotonic() is CLOCK_MONOTONIC, shared by every process on the machine.
@@ -145,7 +145,7 @@ async def measure(
             source=BUSY,
         )
         await executor.prepare(task)
-        runs.append(asyncio.create_task(executor.run(task, task.resources)))
+        runs.append(asyncio.create_task(executor.run(task)))
     ratios: list[float] = []
     used: list[float] = []
     foreground: Foreground | None = None

@@ -4,29 +4,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import getpass
-import io
 import logging
 import signal
-import subprocess
 import sys
-import tarfile
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hivemind_worker import __version__
-from hivemind_worker.config import ConfigError, Settings, load_settings, resolve_node_id
-from hivemind_worker.credentials import CredentialError, CredentialStore
+from hivemind_worker.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    save_settings,
+    settings_table,
+)
+from hivemind_worker.credentials import CredentialStore
+from hivemind_worker.demo import DEMO_ACCOUNT, DemoPool, result_summary
+from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.paths import Paths, default_paths
+from hivemind_worker.wiring import login_to_pool, make_engine
 
 if TYPE_CHECKING:
     from hivemind_worker.engine.engine import WorkerEngine
-    from hivemind_worker.engine.executors.base import Executor
-    from hivemind_worker.engine.probes import DesktopProbes
 
 log = logging.getLogger("hivemind_worker.cli")
 
@@ -35,37 +37,36 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-class CliError(Exception):
+class CliError(HiveMindError):
     """One clear line for the person; the CLI prints it and exits non-zero."""
+
+    kind = ErrorKind.BAD_SETTING
+    title = "Command not valid"
 
 
 # ---------------------------------------------------------------------------- parser
 
 
 def _settings_flags(p: argparse.ArgumentParser) -> None:
-    """Flags that override settings; dest names are the setting keys (config.flag_name)."""
+    """The flags that override settings, one per setting declared with a flag; dest is its key."""
     g = p.add_argument_group("settings (override the settings file and environment)")
-    g.add_argument("--node-pool", dest="node_pool_address", metavar="HOST:PORT")
-    g.add_argument("--node-id", dest="node_id", metavar="ID")
-    g.add_argument("--account", dest="account", metavar="NAME")
-    g.add_argument("--insecure", dest="insecure", action="store_const", const=True,
-                   help="allow a plaintext connection to a non-loopback pool")  # fmt: skip
-    g.add_argument("--max-cpu-cores", dest="max_cpu_cores", metavar="N")
-    g.add_argument("--max-memory-gb", dest="max_memory_gb", metavar="GB")
-    g.add_argument("--max-disk-gb", dest="max_disk_gb", metavar="GB")
-    g.add_argument("--max-concurrent-tasks", dest="max_concurrent_tasks", metavar="N")
-    g.add_argument("--task-timeout", dest="task_timeout", metavar="SECONDS")
-    g.add_argument("--no-docker", dest="docker_enabled", action="store_const", const=False,
-                   help="run tasks in the process sandbox even when Docker is present")  # fmt: skip
-    g.add_argument("--work-dir", dest="work_dir", metavar="DIR")
-    g.add_argument("--log-level", dest="log_level", metavar="LEVEL")
+    for spec in settings_table():
+        if spec.flag is None:
+            continue
+        if spec.flag.const is not None:
+            g.add_argument(
+                spec.flag.name,
+                dest=spec.key,
+                action="store_const",
+                const=spec.flag.const,
+                help=spec.flag.help,
+            )
+        else:
+            help_text = f"{spec.help} (env {spec.env})".replace("%", "%%")
+            g.add_argument(spec.flag.name, dest=spec.key, metavar=spec.flag.metavar, help=help_text)
 
 
-SETTING_DESTS = (
-    "node_pool_address", "node_id", "account", "insecure", "max_cpu_cores", "max_memory_gb",
-    "max_disk_gb", "max_concurrent_tasks", "task_timeout", "docker_enabled", "work_dir",
-    "log_level",
-)  # fmt: skip
+SETTING_DESTS = tuple(spec.key for spec in settings_table() if spec.flag is not None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("login", help="sign in to a pool; the token is kept in the system keyring")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    p.add_argument(
+        "--keep-pool",
+        action="store_true",
+        help="only keep the login; do not make this pool (and account) the worker's own",
+    )
     _settings_flags(p)
 
     p = sub.add_parser("logout", help="forget the stored login for a pool")
@@ -155,53 +161,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args, settings, paths)
-    except CliError as exc:
-        print(f"hivemind-worker: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except CredentialError as exc:
-        print(f"hivemind-worker: keyring: {exc}", file=sys.stderr)
+    except HiveMindError as exc:
+        # One sentence for the person; the library's own words go to the log.
+        if exc.details:
+            log.info("%s: %s", exc.title, exc.details)
+        prefix = "keyring: " if exc.kind is ErrorKind.KEYRING else ""
+        print(f"hivemind-worker: {prefix}{exc.message}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
 
 
 # ---------------------------------------------------------------------------- run
-
-
-def make_engine(
-    settings: Settings, paths: Paths, credentials: CredentialStore, *, demo: bool = False
-) -> WorkerEngine:
-    """The engine with the executor this machine supports (for the demo: one that is ready)."""
-    from hivemind_worker.engine.engine import WorkerEngine
-    from hivemind_worker.engine.executors import ready_for_python, select_executor
-    from hivemind_worker.logs import set_node_id
-
-    node_id = resolve_node_id(settings, paths)
-    set_node_id(node_id)
-    executor = select_executor(settings, node_id)
-    if demo:
-        executor = ready_for_python(executor, settings)
-    return WorkerEngine(
-        settings,
-        node_id=node_id,
-        credentials=credentials,
-        executor=executor,
-        outbox_dir=paths.outbox_dir,
-        probes=desktop_probes(executor),
-    )
-
-
-def desktop_probes(executor: Executor) -> DesktopProbes:
-    """This desktop's probes; Docker containers' CPU counts as the worker's own, not other
-    programs' (they are not in the worker's process tree)."""
-    from hivemind_worker.engine.probes import DesktopProbes
-
-    def container_cpu() -> float:
-        if executor.capability != "docker":
-            return 0.0  # process-sandbox tasks are in the worker's process tree already
-        return sum(u.cpu_seconds for u in executor.usage().values())
-
-    return DesktopProbes.for_this_desktop(extra_cpu_seconds=container_cpu)
 
 
 async def run_headless(engine: WorkerEngine, drain_timeout: float) -> None:
@@ -269,22 +240,6 @@ def _account(settings: Settings, credentials: CredentialStore, *, ask: bool) -> 
     return account
 
 
-async def login_to_pool(
-    settings: Settings, credentials: CredentialStore, account: str, password: str
-) -> None:
-    """Log in and keep the token (never the password) in the keyring."""
-    from hivemind_worker.engine.pool_client import PoolError, client_for
-
-    client = client_for(settings)
-    try:
-        reply = await client.login(account, password)
-    except PoolError as exc:
-        raise CliError(exc.message) from None
-    finally:
-        await client.close()
-    await asyncio.to_thread(credentials.set_token, settings.node_pool_address, account, reply.token)
-
-
 def cmd_login(args: argparse.Namespace, settings: Settings, paths: Paths) -> int:
     credentials = CredentialStore(paths)
     account = _account(settings, credentials, ask=not args.password_stdin)
@@ -299,7 +254,22 @@ def cmd_login(args: argparse.Namespace, settings: Settings, paths: Paths) -> int
         f"Logged in to {settings.node_pool_address} as {account}; "
         f"the token is kept in {credentials.backend_name}."
     )
+    if not args.keep_pool:
+        _make_it_this_workers_pool(paths, settings.node_pool_address, account)
     return EXIT_OK
+
+
+def _make_it_this_workers_pool(paths: Paths, address: str, account: str) -> None:
+    """Save the pool and account to the settings file, so `run` uses what was logged in to.
+
+    Only those two keys change: the file's other settings stay as they are, and flags or
+    environment values given for this one command are not written.
+    """
+    saved = load_settings(paths, env={})
+    if saved.node_pool_address == address and saved.account == account:
+        return
+    save_settings(paths, replace(saved, node_pool_address=address, account=account))
+    print(f"This worker now contributes to {address} as {account} ({paths.settings_file}).")
 
 
 def cmd_logout(args: argparse.Namespace, settings: Settings, paths: Paths) -> int:
@@ -329,69 +299,7 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings, paths: Paths) -> in
 # ---------------------------------------------------------------------------- demo
 
 
-def self_command() -> list[str]:
-    """How to start this program again: the frozen binary, or this interpreter with -m."""
-    if getattr(sys, "frozen", False):
-        return [sys.executable]
-    return [sys.executable, "-m", "hivemind_worker"]
-
-
-class LocalPool:
-    """A reference pool in its own process (DESIGN.md: one grpc.aio loop per process)."""
-
-    def __init__(self, db: Path, *, heartbeat_interval: int = 2, lease_timeout: int = 30) -> None:
-        self.db = db
-        self.log = db.with_suffix(".log")
-        self.heartbeat_interval = heartbeat_interval
-        self.lease_timeout = lease_timeout
-        self.process: subprocess.Popen[str] | None = None
-        self.address = ""
-
-    def add_user(self, name: str, password: str) -> None:
-        done = subprocess.run(
-            [*self_command(), "pool", "add-user", name, "--db", str(self.db), "--password-stdin"],
-            input=password + "\n", capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise CliError(f"could not create the demo account: {done.stderr.strip()}")
-
-    def start(self, timeout: float = 30.0) -> str:
-        with self.log.open("a") as log_file:  # the child keeps its own copy of the handle
-            self.process = subprocess.Popen(
-                [*self_command(), "pool", "serve", "--db", str(self.db),
-                 "--listen", "127.0.0.1:0",
-                 "--heartbeat-interval", str(self.heartbeat_interval),
-                 "--lease-timeout", str(self.lease_timeout)],
-                stdout=subprocess.PIPE, stderr=log_file, text=True,
-            )  # fmt: skip
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                break
-            if line.startswith("listening on "):
-                self.address = line.split()[-1]
-                return self.address
-        self.stop()
-        raise CliError(f"the local pool did not start; see {self.log}")
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-        self.process = None
-
-
 def cmd_demo(args: argparse.Namespace, settings: Settings, paths: Paths) -> int:
-    import secrets
-
     if args.tasks < 1 or args.tasks > 1000:
         raise CliError("--tasks must be between 1 and 1000")
     from hivemind_worker.gui import has_display
@@ -400,91 +308,67 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, paths: Paths) -> int:
         from hivemind_worker.gui.app import run_gui
 
         return run_gui(settings, paths, demo_tasks=args.tasks)
-    demo_dir = paths.data_dir / "demo"
-    demo_dir.mkdir(parents=True, exist_ok=True)
-    db = demo_dir / "pool.db"
-    for suffix in ("", "-wal", "-shm"):  # every demo starts from an empty pool
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
-    pool = LocalPool(db)
-    password = secrets.token_urlsafe(16)
-    pool.add_user("demo", password)
-    address = pool.start()
-    print(f"Local pool running at {address} (database {db}, log {pool.log})")
-    try:
-        settings = replace(settings, node_pool_address=address, account="demo")
-        credentials = CredentialStore(paths)
-        return asyncio.run(_demo(settings, paths, credentials, password, args.tasks))
-    finally:
-        pool.stop()
+    pool = DemoPool(paths, args.tasks)
+    print(f"Starting a local pool (database {pool.pool.db}, log {pool.pool.log})")
+    return asyncio.run(_demo(settings, paths, CredentialStore(paths), pool))
 
 
 async def _demo(
-    settings: Settings, paths: Paths, credentials: CredentialStore, password: str, count: int
+    settings: Settings, paths: Paths, credentials: CredentialStore, pool: DemoPool
 ) -> int:
     from hivemind_worker.engine.events import EngineState, StateChanged, TaskFinished
     from hivemind_worker.pool.client import TaskQueueClient
-    from hivemind_worker.samples import demo_tasks
+    from hivemind_worker.tasks import TaskStatus
 
-    await login_to_pool(settings, credentials, "demo", password)
-    queue = TaskQueueClient(settings.node_pool_address)
-    await queue.login("demo", password)
-    samples = demo_tasks(count)
-    ids = [await queue.submit(s.spec) for s in samples]
-    names = dict(zip(ids, (s.name for s in samples), strict=True))
-    print(f"Submitted {len(ids)} sample tasks; the worker takes them now.\n")
-
-    engine = make_engine(settings, paths, credentials, demo=True)
-    finished: dict[str, str] = {}
-
-    def on_event(event: object) -> None:
-        if isinstance(event, TaskFinished) and event.task_id in names:
-            finished[event.task_id] = event.status.value
-            print(
-                f"[{len(finished)}/{len(ids)}] {event.name}: {event.status.value} "
-                f"in {event.duration:.1f} s",
-                flush=True,
-            )
-        elif isinstance(event, StateChanged) and event.state is EngineState.ERROR:
-            print(f"worker error: {event.message}", file=sys.stderr, flush=True)
-
-    engine.subscribe(on_event)
-    runner = asyncio.create_task(run_headless(engine, settings.drain_timeout))
     try:
-        infos = await queue.wait_done(ids, timeout=max(300.0, 60.0 * count))
-    except TimeoutError:
-        engine.shutdown()
+        settings = await pool.start(settings, credentials)
+        names = pool.submitted
+        ids = list(names)
+        print(f"Local pool running at {settings.node_pool_address}")
+        print(f"Submitted {len(ids)} sample tasks; the worker takes them now.\n")
+        engine = make_engine(settings, paths, credentials, demo=True)
+        finished: dict[str, str] = {}
+
+        def on_event(event: object) -> None:
+            if isinstance(event, TaskFinished) and event.task_id in names:
+                finished[event.task_id] = event.status.value
+                print(
+                    f"[{len(finished)}/{len(ids)}] {event.name}: {event.status.value} "
+                    f"in {event.duration:.1f} s",
+                    flush=True,
+                )
+            elif isinstance(event, StateChanged) and event.state is EngineState.ERROR:
+                print(f"worker error: {event.message}", file=sys.stderr, flush=True)
+
+        engine.subscribe(on_event)
+        queue = TaskQueueClient(settings.node_pool_address)
+        await queue.login(DEMO_ACCOUNT, pool.password)
+        runner = asyncio.create_task(run_headless(engine, settings.drain_timeout))
+        try:
+            infos = await queue.wait_done(ids, timeout=max(300.0, 60.0 * len(ids)))
+        except TimeoutError:
+            engine.shutdown()
+            await runner
+            raise CliError("the demo tasks did not finish in time; see the log above") from None
+        engine.drain_and_shutdown(settings.drain_timeout)
         await runner
-        raise CliError("the demo tasks did not finish in time; see the log above") from None
-    engine.drain_and_shutdown(settings.drain_timeout)
-    await runner
 
-    print("\nResults:")
-    failures = 0
-    for task_id in ids:
-        info = infos[task_id]
-        from hivemind_worker.engine.tasks import TaskStatus
-
-        status = TaskStatus.from_proto(info.status)
-        if status is not TaskStatus.SUCCEEDED:
-            failures += 1
-            print(f"  {names[task_id]}: {status.value}: {info.error}")
-            continue
-        summary = _summary(await queue.download(task_id))
-        print(f"  {names[task_id]}: {summary}")
-    await queue.close()
+        print("\nResults:")
+        failures = 0
+        for task_id in ids:
+            info = infos[task_id]
+            status = TaskStatus.from_proto(info.status)
+            if status is not TaskStatus.SUCCEEDED:
+                failures += 1
+                print(f"  {names[task_id]}: {status.value}: {info.error}")
+                continue
+            print(f"  {names[task_id]}: {result_summary(await queue.download(task_id))}")
+        await queue.close()
+    finally:
+        await pool.stop()
     print(f"\nDone: {len(ids) - failures} of {len(ids)} tasks succeeded.")
     print(f"Worker log: {settings.log_dir / 'worker.jsonl'}")
     return EXIT_OK if failures == 0 else EXIT_ERROR
-
-
-def _summary(archive: bytes) -> str:
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        for member in tar.getmembers():
-            if member.name.endswith("summary.txt") and member.isfile():
-                fh = tar.extractfile(member)
-                if fh is not None:
-                    return fh.read().decode("utf-8", "replace").strip()
-    return f"({len(archive)} bytes of results)"
 
 
 if __name__ == "__main__":

@@ -1,4 +1,30 @@
-"""Typed worker settings, declared once: defaults < TOML file < environment < command-line flags."""
+"""Typed worker settings, declared once: defaults < TOML file < environment < command-line flags.
+
+Each setting is one field of `Settings` whose default is a `setting(...)` call. The field's
+name is its key in settings.toml and its annotation its type; the call holds the default, the
+environment variable, the command-line flag, what values are allowed, the help text and
+whether the desktop app's settings dialog shows it. Everything else comes from that one
+declaration: the environment mapping and the checks in `load_settings`, the flags cli.py
+builds from `settings_table()`, and the tests that hold README's configuration table and
+`hivemind-worker run --help` to the declarations.
+
+To add a setting, add one field, in the place its README row should have:
+
+    max_gpus: int = setting(
+        0,
+        env="MAX_GPUS",                        # None: only in the settings file
+        flag=Flag("--max-gpus", metavar="N"),  # None: no command-line flag
+        rule=Range(0, 16, integer=True),       # None: any value of the type
+        help="GPUs tasks may use; 0 means none",
+    )
+
+then copy the row the failing README test prints into README's table, and read the value where
+it is used (`settings.max_gpus`). Settings the settings dialog edits say `gui=True`. The rules
+(Range, Pattern, Choice, ...) live in setting_rules.py; a new kind goes there. A new key
+with a default keeps every existing file valid, so SCHEMA_VERSION stays; raise it only when an
+existing key changes meaning. A key that goes away moves to `_RETIRED`, so files that still
+have it load with a warning.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +33,6 @@ import dataclasses
 import difflib
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -22,7 +47,20 @@ from typing import Any, get_type_hints
 import psutil
 import tomli_w
 
+from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.paths import Paths
+from hivemind_worker.setting_rules import (
+    Address,
+    Choice,
+    MaxLength,
+    OptionalFile,
+    Pattern,
+    Range,
+    Rule,
+    RuleError,
+    WeeklySchedule,
+    number_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,50 +69,354 @@ GIB = 1024**3
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-class ConfigError(Exception):
+class ConfigError(HiveMindError):
     """A setting or settings file the worker cannot use; str() is one line meant for the person."""
+
+    kind = ErrorKind.BAD_SETTING
+    title = "Setting not valid"
+
+
+def _cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
+def _total_memory() -> int:
+    return int(psutil.virtual_memory().total)
+
+
+_NODE_ID_PATTERN = r"[A-Za-z0-9._-]{1,64}"
+
+_TYPE_TEXT: dict[type, str] = {
+    bool: "true or false (also yes/no, on/off, 1/0)",
+    int: "a whole number",
+    float: "a number",
+    str: "text",
+    Path: "a folder path",
+}
+_TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+_FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+
+
+# ---------------------------------------------------------------------------- declarations
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A setting's command-line flag.
+
+    A flag with a `const` is a switch that sets the setting to that value (`--no-docker`);
+    one without takes a value, shown as `metavar`. `help` is for switches, whose wording
+    differs from the setting's; a value flag's help is the setting's own.
+    """
+
+    name: str
+    metavar: str | None = None
+    const: object = None
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One setting as declared: `env` None means file only, `flag` None means no flag."""
+
+    key: str
+    type: type
+    default: object
+    help: str
+    env: str | None = None
+    flag: Flag | None = None
+    rule: Rule | None = None
+    gui: bool = False
+    # README's default column when the value alone does not say it (an empty text or folder).
+    shown_default: str = ""
+
+    @property
+    def type_name(self) -> str:
+        return self.type.__name__
+
+    def allowed(self) -> str:
+        return self.rule.allowed() if self.rule else _TYPE_TEXT[self.type]
+
+    def default_text(self) -> str:
+        """The default as README shows it: the file's literal, or what an empty one means."""
+        if self.shown_default:
+            return self.shown_default
+        value = self.default
+        if isinstance(value, bool):
+            return "`true`" if value else "`false`"
+        if isinstance(value, int | float):
+            return f"`{number_text(value)}`"
+        return f"`{value}`"
+
+
+_DECLARATION = "hivemind_worker.config.setting"
+
+
+def setting(
+    default: object,
+    *,
+    help: str,
+    env: str | None = None,
+    flag: Flag | None = None,
+    rule: Rule | None = None,
+    gui: bool = False,
+    shown_default: str = "",
+) -> Any:
+    """Declare one setting, as the default of a `Settings` field (see the module docstring).
+
+    A folder setting's default is "", meaning the folder of the same name in `Paths`.
+    """
+    spec = SettingSpec("", object, default, help, env, flag, rule, gui, shown_default)
+    # No dataclass default: Settings come only from load_settings, which fills every field.
+    return dataclasses.field(metadata={_DECLARATION: spec})
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Validated settings; the directory fields are always concrete paths."""
+    """Validated settings; the folder fields are always concrete paths."""
 
-    schema_version: int
-    node_id: str
-    node_pool_address: str
-    account: str
-    insecure: bool
-    ca_file: str
-    max_cpu_cores: float
-    max_memory_gb: float
-    max_disk_gb: float
-    task_timeout: int
-    max_concurrent_tasks: int
-    heartbeat_interval: int
-    docker_enabled: bool
-    docker_network: str
-    docker_python_image: str
-    docker_pull_policy: str
-    docker_image_allowlist: str
-    work_dir: Path
-    temp_dir: Path
-    log_dir: Path
-    log_level: str
-    drain_timeout: int
-    idle_only_minutes: float
-    suspend_on_battery: bool
-    battery_below_percent: int
-    other_cpu_percent: int
-    other_cpu_suspend_seconds: int
-    other_cpu_resume_seconds: int
-    suspend_fullscreen: bool
-    schedule: str
-    memory_low_percent: int
-    cpu_time_percent: int
-    give_back_minutes: float
-    start_at_login: bool
-    start_on_launch: bool
-    close_to_tray: bool
+    schema_version: int = setting(
+        SCHEMA_VERSION,
+        help="the settings file's format, written by the app",
+        rule=Range(
+            1,
+            SCHEMA_VERSION,
+            integer=True,
+            note="a higher one means a newer HiveMind Worker wrote the file",
+        ),
+    )
+    node_id: str = setting(
+        "",
+        env="NODE_ID",
+        flag=Flag("--node-id", metavar="ID"),
+        rule=Pattern(
+            f"|{_NODE_ID_PATTERN}",
+            "1 to 64 characters from A-Z, a-z, 0-9, '.', '_', '-' (or empty to generate one)",
+        ),
+        help="this machine's id at the pool; empty means generate one once and keep it",
+        shown_default="generated once",
+    )
+    node_pool_address: str = setting(
+        "127.0.0.1:50051",
+        env="NODE_POOL_ADDRESS",
+        flag=Flag("--node-pool", metavar="HOST:PORT"),
+        rule=Address(),
+        help="the pool to work for, as host:port",
+        gui=True,
+    )
+    account: str = setting(
+        "",
+        env="HIVEMIND_ACCOUNT",
+        flag=Flag("--account", metavar="NAME"),
+        rule=MaxLength(128),
+        help="your account at the pool; empty means the last one you logged in with",
+        gui=True,
+        shown_default="last login",
+    )
+    insecure: bool = setting(
+        False,
+        env="HIVEMIND_INSECURE",
+        flag=Flag(
+            "--insecure", const=True, help="allow a plaintext connection to a non-loopback pool"
+        ),
+        help="allow an unencrypted connection to a pool that is not on this machine",
+    )
+    ca_file: str = setting(
+        "",
+        env="HIVEMIND_CA_FILE",
+        rule=OptionalFile(),
+        help="PEM CA bundle to trust for the pool's TLS certificate; when set, TLS is used "
+        "on this machine too",
+        shown_default="system CAs",
+    )
+    max_cpu_cores: float = setting(
+        0.0,
+        env="MAX_CPU_CORES",
+        flag=Flag("--max-cpu-cores", metavar="N"),
+        rule=Range(0, _cpu_count),
+        help="CPU cores all tasks together may use; 0 means all of them",
+        gui=True,
+    )
+    max_memory_gb: float = setting(
+        0.0,
+        env="MAX_MEMORY_GB",
+        flag=Flag("--max-memory-gb", metavar="GB"),
+        rule=Range(0, lambda: _total_memory() / GIB),
+        help="memory in GiB all tasks together may use; 0 means half of this machine's RAM",
+        gui=True,
+    )
+    max_disk_gb: float = setting(
+        10.0,
+        env="MAX_DISK_GB",
+        flag=Flag("--max-disk-gb", metavar="GB"),
+        rule=Range(0, 100_000, low_open=True),
+        help="disk space in GiB all task workspaces together may use",
+        gui=True,
+    )
+    task_timeout: int = setting(
+        3600,
+        env="TASK_TIMEOUT",
+        flag=Flag("--task-timeout", metavar="SECONDS"),
+        rule=Range(1, 7 * 86400, integer=True),
+        help="longest task this worker accepts, in seconds",
+    )
+    max_concurrent_tasks: int = setting(
+        1,
+        env="MAX_CONCURRENT_TASKS",
+        flag=Flag("--max-concurrent-tasks", metavar="N"),
+        rule=Range(1, 64, integer=True),
+        help="most tasks to run at once",
+        gui=True,
+    )
+    heartbeat_interval: int = setting(
+        30,
+        env="HEARTBEAT_INTERVAL",
+        rule=Range(1, 3600, integer=True),
+        help="seconds between heartbeats when the pool does not ask for an interval",
+    )
+    docker_enabled: bool = setting(
+        True,
+        env="DOCKER_ENABLED",
+        flag=Flag(
+            "--no-docker",
+            const=False,
+            help="run tasks in the process sandbox even when Docker is present",
+        ),
+        help="run tasks in Docker containers when Docker is there",
+    )
+    docker_network: str = setting(
+        "none",
+        env="DOCKER_NETWORK",
+        help="the one Docker network, besides none, a task may ask for",
+    )
+    docker_python_image: str = setting(
+        "python:3.12-slim",
+        env="DOCKER_PYTHON_IMAGE",
+        rule=Pattern(
+            r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}", "an image reference like python:3.12-slim"
+        ),
+        help="Docker image that runs python tasks",
+    )
+    docker_pull_policy: str = setting(
+        "if-not-present",
+        env="DOCKER_PULL_POLICY",
+        rule=Choice(("if-not-present", "always", "never")),
+        help="when to pull task images: if-not-present, always or never",
+    )
+    docker_image_allowlist: str = setting(
+        "",
+        env="DOCKER_IMAGE_ALLOWLIST",
+        rule=Pattern(
+            r"[A-Za-z0-9._/:@, -]{0,4000}",
+            "comma-separated registry prefixes or sha256: digests",
+        ),
+        help="comma-separated registry prefixes (docker.io/library/) or digests (sha256:...) "
+        "task images must match",
+        shown_default="empty = any image",
+    )
+    work_dir: Path = setting(
+        "",
+        env="WORK_DIR",
+        flag=Flag("--work-dir", metavar="DIR"),
+        help="folder for task workspaces, where each task also gets its scratch space",
+        shown_default="data folder `/work`",
+    )
+    log_dir: Path = setting(
+        "",
+        env="LOG_DIR",
+        help="folder for the JSON-lines logs, rotated at 5 MiB",
+        shown_default="platform log folder",
+    )
+    log_level: str = setting(
+        "info",
+        env="LOG_LEVEL",
+        flag=Flag("--log-level", metavar="LEVEL"),
+        rule=Choice(LOG_LEVELS),
+        help="how much to log: debug, info, warning or error",
+    )
+    drain_timeout: int = setting(
+        60,
+        env="HIVEMIND_DRAIN_TIMEOUT",
+        rule=Range(0, 86400, integer=True),
+        help="seconds to let running tasks finish when stopping",
+    )
+    # Desktop app only: the settings dialog writes them, the headless worker ignores them.
+    start_at_login: bool = setting(False, help="desktop app: start when you log in", gui=True)
+    start_on_launch: bool = setting(
+        False, help="desktop app: start contributing as soon as it opens", gui=True
+    )
+    close_to_tray: bool = setting(
+        True, help="desktop app: closing the window keeps it running in the tray", gui=True
+    )
+    # When to contribute (engine/policy.py; README "When it runs"); 0 turns a numeric rule off.
+    idle_only_minutes: float = setting(
+        0.0,
+        env="HIVEMIND_IDLE_ONLY_MINUTES",
+        rule=Range(0, 24 * 60),
+        help="contribute only after this many minutes without keyboard or mouse input",
+        shown_default="`0` = also while in use",
+    )
+    suspend_on_battery: bool = setting(
+        True,
+        env="HIVEMIND_SUSPEND_ON_BATTERY",
+        help="pause tasks on battery, resume when plugged in",
+    )
+    battery_below_percent: int = setting(
+        0,
+        env="HIVEMIND_BATTERY_BELOW_PERCENT",
+        rule=Range(0, 100, integer=True),
+        help="with suspend_on_battery: only once the charge is below this %",
+        shown_default="`0` = any charge",
+    )
+    other_cpu_percent: int = setting(
+        25,
+        env="HIVEMIND_OTHER_CPU_PERCENT",
+        rule=Range(0, 100, integer=True),
+        help="pause while other programs use more than this % of the CPU; 0 means never",
+    )
+    other_cpu_suspend_seconds: int = setting(
+        10,
+        env="HIVEMIND_OTHER_CPU_SUSPEND_SECONDS",
+        rule=Range(1, 3600, integer=True),
+        help="seconds other programs must stay that busy before tasks pause",
+    )
+    other_cpu_resume_seconds: int = setting(
+        30,
+        env="HIVEMIND_OTHER_CPU_RESUME_SECONDS",
+        rule=Range(1, 3600, integer=True),
+        help="seconds they must then stay quiet before tasks resume",
+    )
+    suspend_fullscreen: bool = setting(
+        True,
+        env="HIVEMIND_SUSPEND_FULLSCREEN",
+        help="pause while a full-screen app or game has the focus",
+    )
+    schedule: str = setting(
+        "",
+        env="HIVEMIND_SCHEDULE",
+        rule=WeeklySchedule(),
+        help="weekly windows to contribute in, e.g. `mon-fri 18:00-08:00; sat-sun 00:00-24:00`",
+        shown_default="empty = any time",
+    )
+    memory_low_percent: int = setting(
+        10,
+        env="HIVEMIND_MEMORY_LOW_PERCENT",
+        rule=Range(0, 90, integer=True),
+        help="pause while less than this % of memory is available; 0 means never",
+    )
+    cpu_time_percent: int = setting(
+        100,
+        env="HIVEMIND_CPU_TIME_PERCENT",
+        rule=Range(1, 100, integer=True),
+        help="use at most this % of CPU time, on top of max_cpu_cores (running tasks too)",
+    )
+    give_back_minutes: float = setting(
+        30.0,
+        env="HIVEMIND_GIVE_BACK_MINUTES",
+        rule=Range(0, 7 * 24 * 60),
+        help="after tasks have been paused this long, give them back to the pool; 0 means "
+        "keep them",
+    )
 
     def cpu_cap(self) -> float:
         return self.max_cpu_cores or float(_cpu_count())
@@ -88,435 +430,47 @@ class Settings:
         return int(self.max_disk_gb * GIB)
 
 
-def _cpu_count() -> int:
-    return os.cpu_count() or 1
-
-
-def _total_memory() -> int:
-    return int(psutil.virtual_memory().total)
-
-
-def _number_text(x: float) -> str:
-    if float(x).is_integer():
-        return str(int(x))
-    return f"{math.floor(x * 10) / 10:g}"  # round down so the shown maximum is itself allowed
-
-
-class Rule:
-    """What one setting accepts beyond its type."""
-
-    def allowed(self) -> str:
-        """The text that follows "expected" in an error message."""
-        raise NotImplementedError
-
-    def check(self, value: Any) -> Any:
-        """Return the value, normalized; raise ValueError if it is not allowed."""
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class _Range(Rule):
-    low: float
-    high: float | Callable[[], float]
-    integer: bool = False
-    low_open: bool = False
-    note: str = ""
-
-    def _high(self) -> float:
-        return self.high() if callable(self.high) else self.high
-
-    def allowed(self) -> str:
-        kind = "a whole number" if self.integer else "a number"
-        low, high = _number_text(self.low), _number_text(self._high())
-        text = (
-            f"{kind} greater than {low} and at most {high}"
-            if self.low_open
-            else f"{kind} from {low} to {high}"
-        )
-        return f"{text} ({self.note})" if self.note else text
-
-    def check(self, value: Any) -> Any:
-        above_low = value > self.low if self.low_open else value >= self.low
-        if not (above_low and value <= self._high()):  # also rejects NaN
-            raise ValueError(value)
-        return value
-
-
-@dataclass(frozen=True)
-class _Pattern(Rule):
-    pattern: str
-    text: str
-
-    def allowed(self) -> str:
-        return self.text
-
-    def check(self, value: Any) -> Any:
-        if not re.fullmatch(self.pattern, value):
-            raise ValueError(value)
-        return value
-
-
-@dataclass(frozen=True)
-class _MaxLength(Rule):
-    limit: int
-
-    def allowed(self) -> str:
-        return f"text of at most {self.limit} characters"
-
-    def check(self, value: Any) -> Any:
-        if len(value) > self.limit:
-            raise ValueError(value)
-        return value
-
-
-@dataclass(frozen=True)
-class _OptionalFile(Rule):
-    def allowed(self) -> str:
-        return "empty, or the path of an existing file"
-
-    def check(self, value: Any) -> Any:
-        if value and not Path(value).expanduser().is_file():
-            raise ValueError(value)
-        return str(Path(value).expanduser().absolute()) if value else ""
-
-
-@dataclass(frozen=True)
-class _Choice(Rule):
-    choices: tuple[str, ...]
-
-    def allowed(self) -> str:
-        return "one of " + ", ".join(self.choices)
-
-    def check(self, value: Any) -> Any:
-        value = value.strip().lower()
-        if value not in self.choices:
-            raise ValueError(value)
-        return value
-
-
-class _Explained(ValueError):
-    """A value a rule refuses for a reason more precise than what it allows; str() is it."""
-
-
-@dataclass(frozen=True)
-class _Schedule(Rule):
-    def allowed(self) -> str:
-        return "days and times like 'mon-fri 18:00-08:00; sat-sun 00:00-24:00', or empty"
-
-    def check(self, value: Any) -> Any:
-        from hivemind_worker.engine.policy import Schedule, ScheduleError
-
-        try:
-            return Schedule.parse(value).text
-        except ScheduleError as exc:
-            raise _Explained(str(exc)) from None
-
-
-_NODE_ID_PATTERN = r"[A-Za-z0-9._-]{1,64}"
-_ADDRESS_PATTERN = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})"
-
-
-@dataclass(frozen=True)
-class _Address(Rule):
-    def allowed(self) -> str:
-        return "host:port with a port from 1 to 65535 (IPv6 as [::1]:port)"
-
-    def check(self, value: Any) -> Any:
-        match = re.fullmatch(_ADDRESS_PATTERN, value)
-        if match is None or not 1 <= int(match[2]) <= 65535:
-            raise ValueError(value)
-        return value
-
-
-_TYPE_TEXT: dict[type, str] = {
-    bool: "true or false (also yes/no, on/off, 1/0)",
-    int: "a whole number",
-    float: "a number",
-    str: "text",
-    Path: "a folder path",
+# Keys older versions wrote that nothing reads any more: a file holding one still loads.
+_RETIRED: dict[str, str] = {
+    "temp_dir": "each task's scratch space is the tmp folder in its workspace under work_dir",
 }
-_TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
-_FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 
 
-@dataclass(frozen=True)
-class SettingSpec:
-    """One row of the settings table; `env` is None for settings that live only in the file."""
-
-    key: str
-    env: str | None
-    type: type
-    default: object
-    description: str
-    rule: Rule | None = None
-
-    @property
-    def type_name(self) -> str:
-        return self.type.__name__
-
-    @property
-    def flag(self) -> str:
-        return flag_name(self.key)
-
-    def allowed(self) -> str:
-        return self.rule.allowed() if self.rule else _TYPE_TEXT[self.type]
-
-
-_FIELD_TYPES: dict[str, type] = get_type_hints(Settings)
-
-
-def _spec(
-    key: str, env: str | None, default: object, description: str, rule: Rule | None = None
-) -> SettingSpec:
-    return SettingSpec(key, env, _FIELD_TYPES[key], default, description, rule)
+def _declarations() -> tuple[SettingSpec, ...]:
+    """Each Settings field's declaration with its key and type; a mistake in one fails import."""
+    types = get_type_hints(Settings)
+    specs = []
+    for field in dataclasses.fields(Settings):
+        declared = field.metadata.get(_DECLARATION)
+        if not isinstance(declared, SettingSpec):
+            raise RuntimeError(f"Settings.{field.name} is not declared with setting(...)")
+        specs.append(dataclasses.replace(declared, key=field.name, type=types[field.name]))
+    for what, names in (
+        ("environment variable", [s.env for s in specs if s.env]),
+        ("flag", [s.flag.name for s in specs if s.flag]),
+    ):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise RuntimeError(f"two settings declare the {what} {twice[0]}")
+    for spec in specs:
+        if spec.flag and spec.env is None:
+            raise RuntimeError(f"{spec.key} is file only but declares the flag {spec.flag.name}")
+        if spec.flag and spec.flag.const is not None and spec.type is not bool:
+            raise RuntimeError(f"{spec.key}: only a true/false setting can have a switch flag")
+        if spec.default == "" and not spec.shown_default:
+            raise RuntimeError(f"{spec.key}: say what its empty default means (shown_default)")
+        if spec.key in _RETIRED:
+            raise RuntimeError(f"{spec.key} is declared and retired")
+    return tuple(specs)
 
 
-_SPECS: tuple[SettingSpec, ...] = (
-    _spec(
-        "schema_version",
-        None,
-        SCHEMA_VERSION,
-        "Version of the settings file format (file only).",
-        _Range(
-            1,
-            SCHEMA_VERSION,
-            integer=True,
-            note="a higher one means a newer HiveMind Worker wrote the file",
-        ),
-    ),
-    _spec(
-        "node_id",
-        "NODE_ID",
-        "",
-        "This machine's id on the pool; empty means generate one once and keep it.",
-        _Pattern(
-            f"|{_NODE_ID_PATTERN}",
-            "1 to 64 characters from A-Z, a-z, 0-9, '.', '_', '-' (or empty to generate one)",
-        ),
-    ),
-    _spec(
-        "node_pool_address",
-        "NODE_POOL_ADDRESS",
-        "127.0.0.1:50051",
-        "The Node Pool to work for, as host:port.",
-        _Address(),
-    ),
-    _spec("account", "HIVEMIND_ACCOUNT", "", "Your username on the pool.", _MaxLength(128)),
-    _spec(
-        "insecure",
-        "HIVEMIND_INSECURE",
-        False,
-        "Allow an unencrypted connection to a pool that is not on this machine.",
-    ),
-    _spec(
-        "ca_file",
-        "HIVEMIND_CA_FILE",
-        "",
-        "CA certificates (PEM) to trust for the pool's TLS certificate; empty means the "
-        "system's. When set, TLS is used even on this machine.",
-        _OptionalFile(),
-    ),
-    _spec(
-        "max_cpu_cores",
-        "MAX_CPU_CORES",
-        0.0,
-        "CPU cores tasks may use in total; 0 means the whole machine.",
-        _Range(0, _cpu_count),
-    ),
-    _spec(
-        "max_memory_gb",
-        "MAX_MEMORY_GB",
-        0.0,
-        "Memory in GiB tasks may use in total; 0 means half of this machine's RAM.",
-        _Range(0, lambda: _total_memory() / GIB),
-    ),
-    _spec(
-        "max_disk_gb",
-        "MAX_DISK_GB",
-        10.0,
-        "Disk space in GiB task workspaces may use in total.",
-        _Range(0, 100_000, low_open=True),
-    ),
-    _spec(
-        "task_timeout",
-        "TASK_TIMEOUT",
-        3600,
-        "Longest a task may run, in seconds.",
-        _Range(1, 7 * 86400, integer=True),
-    ),
-    _spec(
-        "max_concurrent_tasks",
-        "MAX_CONCURRENT_TASKS",
-        1,
-        "Most tasks to run at once.",
-        _Range(1, 64, integer=True),
-    ),
-    _spec(
-        "heartbeat_interval",
-        "HEARTBEAT_INTERVAL",
-        30,
-        "Seconds between heartbeats when the pool does not ask for an interval.",
-        _Range(1, 3600, integer=True),
-    ),
-    _spec(
-        "docker_enabled", "DOCKER_ENABLED", True, "Run tasks in Docker containers when possible."
-    ),
-    _spec("docker_network", "DOCKER_NETWORK", "none", "Docker network for task containers."),
-    _spec(
-        "docker_python_image",
-        "DOCKER_PYTHON_IMAGE",
-        "python:3.12-slim",
-        "Docker image that runs python tasks.",
-        _Pattern(
-            r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}", "an image reference like python:3.12-slim"
-        ),
-    ),
-    _spec(
-        "docker_pull_policy",
-        "DOCKER_PULL_POLICY",
-        "if-not-present",
-        "When to pull task images.",
-        _Choice(("if-not-present", "always", "never")),
-    ),
-    _spec(
-        "docker_image_allowlist",
-        "DOCKER_IMAGE_ALLOWLIST",
-        "",
-        "Comma-separated registry prefixes (docker.io/library/) or digests (sha256:...) "
-        "task images must match; empty allows any image.",
-        _Pattern(
-            r"[A-Za-z0-9._/:@, -]{0,4000}",
-            "comma-separated registry prefixes or sha256: digests",
-        ),
-    ),
-    _spec(
-        "work_dir",
-        "WORK_DIR",
-        "",
-        "Folder for task workspaces; empty means the app's data folder /work.",
-    ),
-    _spec(
-        "temp_dir", "TEMP_DIR", "", "Folder for temporary files; empty means the cache folder /tmp."
-    ),
-    _spec("log_dir", "LOG_DIR", "", "Folder for log files; empty means the platform's log folder."),
-    _spec("log_level", "LOG_LEVEL", "info", "How much to log.", _Choice(LOG_LEVELS)),
-    _spec(
-        "drain_timeout",
-        "HIVEMIND_DRAIN_TIMEOUT",
-        60,
-        "Seconds to let running tasks finish when stopping.",
-        _Range(0, 86400, integer=True),
-    ),
-    # When to contribute (engine/policy.py); 0 turns a numeric rule off.
-    _spec(
-        "idle_only_minutes",
-        "HIVEMIND_IDLE_ONLY_MINUTES",
-        0.0,
-        "Contribute only after this many minutes without keyboard or mouse input; 0 means "
-        "also while you use the computer.",
-        _Range(0, 24 * 60),
-    ),
-    _spec(
-        "suspend_on_battery",
-        "HIVEMIND_SUSPEND_ON_BATTERY",
-        True,
-        "Pause tasks while the computer runs on battery.",
-    ),
-    _spec(
-        "battery_below_percent",
-        "HIVEMIND_BATTERY_BELOW_PERCENT",
-        0,
-        "With suspend_on_battery: pause only once the charge is below this %; 0 means at "
-        "any charge.",
-        _Range(0, 100, integer=True),
-    ),
-    _spec(
-        "other_cpu_percent",
-        "HIVEMIND_OTHER_CPU_PERCENT",
-        25,
-        "Pause tasks while other programs use more than this % of the CPU; 0 means never.",
-        _Range(0, 100, integer=True),
-    ),
-    _spec(
-        "other_cpu_suspend_seconds",
-        "HIVEMIND_OTHER_CPU_SUSPEND_SECONDS",
-        10,
-        "How long other programs must stay that busy before tasks pause, in seconds.",
-        _Range(1, 3600, integer=True),
-    ),
-    _spec(
-        "other_cpu_resume_seconds",
-        "HIVEMIND_OTHER_CPU_RESUME_SECONDS",
-        30,
-        "How long they must then stay quiet before tasks resume, in seconds.",
-        _Range(1, 3600, integer=True),
-    ),
-    _spec(
-        "suspend_fullscreen",
-        "HIVEMIND_SUSPEND_FULLSCREEN",
-        True,
-        "Pause tasks while a full-screen app or game has the focus.",
-    ),
-    _spec(
-        "schedule",
-        "HIVEMIND_SCHEDULE",
-        "",
-        "When to contribute in the week, e.g. 'mon-fri 18:00-08:00; sat-sun 00:00-24:00'; "
-        "empty means at any time.",
-        _Schedule(),
-    ),
-    _spec(
-        "memory_low_percent",
-        "HIVEMIND_MEMORY_LOW_PERCENT",
-        10,
-        "Pause tasks while less than this % of memory is available; 0 means never.",
-        _Range(0, 90, integer=True),
-    ),
-    _spec(
-        "cpu_time_percent",
-        "HIVEMIND_CPU_TIME_PERCENT",
-        100,
-        "Let tasks use at most this % of CPU time (on top of max_cpu_cores).",
-        _Range(1, 100, integer=True),
-    ),
-    _spec(
-        "give_back_minutes",
-        "HIVEMIND_GIVE_BACK_MINUTES",
-        30.0,
-        "After tasks have been paused this long, give them back to the pool to run "
-        "elsewhere, in minutes; 0 means keep them.",
-        _Range(0, 7 * 24 * 60),
-    ),
-    # Desktop app only: the settings dialog writes them, the headless worker ignores them.
-    _spec("start_at_login", None, False, "Start the desktop app when you log in (file only)."),
-    _spec(
-        "start_on_launch",
-        None,
-        False,
-        "Start contributing as soon as the desktop app starts (file only).",
-    ),
-    _spec(
-        "close_to_tray",
-        None,
-        True,
-        "Closing the window keeps the app running in the tray (file only).",
-    ),
-)
+_SPECS: tuple[SettingSpec, ...] = _declarations()
 _BY_KEY: dict[str, SettingSpec] = {spec.key: spec for spec in _SPECS}
-if list(_BY_KEY) != [f.name for f in dataclasses.fields(Settings)]:
-    raise RuntimeError("the settings table and the Settings fields disagree")
 
 
 def settings_table() -> list[SettingSpec]:
+    """Every setting, in declaration (and README) order."""
     return list(_SPECS)
-
-
-# Flags whose names are shorter than their keys, kept from the original worker's CLI.
-_FLAG_NAMES = {"node_pool_address": "--node-pool", "docker_enabled": "--no-docker"}
-
-
-def flag_name(key: str) -> str:
-    return _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
 
 
 def _convert(spec: SettingSpec, raw: object, parse_text: bool, paths: Paths) -> Any:
@@ -549,11 +503,11 @@ def _convert(spec: SettingSpec, raw: object, parse_text: bool, paths: Paths) -> 
 def _checked(spec: SettingSpec, raw: object, source: str, parse_text: bool, paths: Paths) -> Any:
     try:
         return _convert(spec, raw, parse_text, paths)
-    except _Explained as exc:
-        raise ConfigError(f"Invalid setting {spec.key} = {raw!r} ({source}): {exc}") from None
-    except ValueError:
+    except ValueError as exc:
+        # A rule that can tell which part of the value is wrong says so after what it allows.
+        detail = f" ({exc})" if isinstance(exc, RuleError) else ""
         raise ConfigError(
-            f"Invalid setting {spec.key} = {raw!r} ({source}): expected {spec.allowed()}"
+            f"Invalid setting {spec.key} = {raw!r} ({source}): expected {spec.allowed()}{detail}"
         ) from None
 
 
@@ -586,8 +540,16 @@ def _read_settings_file(paths: Paths) -> dict[str, Any]:
         _checked(
             _BY_KEY["schema_version"], document["schema_version"], f"from {path}", False, paths
         )
-    for key in document:
-        if key not in _BY_KEY:
+    for key in list(document):
+        if key in _RETIRED:
+            log.warning(
+                "Ignoring setting %s in %s: nothing uses it any more (%s); you can delete it",
+                key,
+                path,
+                _RETIRED[key],
+            )
+            del document[key]
+        elif key not in _BY_KEY:
             close = difflib.get_close_matches(key, list(_BY_KEY), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"Unknown setting {key!r} in {path}{hint}")
@@ -602,7 +564,8 @@ def load_settings(
 ) -> Settings:
     """Settings from defaults < paths.settings_file < env (os.environ if None) < overrides.
 
-    `overrides` come from command-line flags, keyed by setting key; None values are ignored.
+    `overrides` come from command-line flags (or a test or benchmark), keyed by setting key;
+    None values are ignored, and settings that live only in the file cannot be overridden.
     Only the winning value of each setting is checked, so a flag can repair a bad file value.
     """
     env = os.environ if env is None else env
@@ -619,7 +582,8 @@ def load_settings(
         if spec.env and env.get(spec.env):  # empty variables, common in env files, count as unset
             raw, source, parse_text = env[spec.env], f"from environment variable {spec.env}", True
         if overrides.get(spec.key) is not None:
-            raw, source = overrides[spec.key], f"from command-line flag {spec.flag}"
+            via = f"command-line flag {spec.flag.name}" if spec.flag else "an override"
+            raw, source = overrides[spec.key], f"from {via}"
             parse_text = True
         values[spec.key] = _checked(spec, raw, source, parse_text, paths)
     return Settings(**values)
@@ -628,7 +592,9 @@ def load_settings(
 def save_settings(paths: Paths, settings: Settings) -> None:
     """Write the settings that differ from their defaults, plus schema_version, atomically."""
     document: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
-    for spec in _SPECS[1:]:
+    for spec in _SPECS:
+        if spec.key == "schema_version":
+            continue
         value = getattr(settings, spec.key)
         if value != _checked(spec, spec.default, "default", False, paths):
             document[spec.key] = str(value) if isinstance(value, Path) else value

@@ -17,6 +17,7 @@ import keyring.errors
 from keyring.backend import KeyringBackend
 
 from hivemind_worker.config import read_state, update_state
+from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,11 @@ PLAINTEXT_FILE = "credentials.cfg"
 _T = TypeVar("_T")
 
 
-class CredentialError(Exception):
+class CredentialError(HiveMindError):
     """The keyring could not store or return a token; str() is a message for the person."""
+
+    kind = ErrorKind.KEYRING
+    title = "Keyring unavailable"
 
 
 def _is_recommended(backend: KeyringBackend) -> bool:

@@ -44,7 +44,7 @@ async def _pool_checks(settings: Settings, credentials: CredentialStore) -> list
                 Check("pool", "fail", exc.message),
                 Check("login", "fail", "not checked: the pool is unreachable"),
             ]
-        checks.append(Check("pool", "ok", f"{address} answers (pool {pong.server_version})"))
+        checks.append(Check("pool", "ok", f"{address} answers (pool {pong})"))
         try:
             last: str | None = await asyncio.to_thread(credentials.last_account, address)
             account = settings.account or last or ""

@@ -30,10 +30,6 @@ class Paths:
         return self.data_dir / "work"
 
     @property
-    def temp_dir(self) -> Path:
-        return self.cache_dir / "tmp"
-
-    @property
     def outbox_dir(self) -> Path:
         return self.data_dir / "outbox"
 
@@ -47,7 +43,7 @@ class Paths:
         for private in (self.config_dir, self.data_dir):
             private.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(private, 0o700)
-        for public in (self.cache_dir, self.log_dir, self.work_dir, self.temp_dir, self.outbox_dir):
+        for public in (self.cache_dir, self.log_dir, self.work_dir, self.outbox_dir):
             public.mkdir(parents=True, exist_ok=True)
 
 

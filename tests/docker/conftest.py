@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,12 +10,9 @@ import docker
 import docker.errors
 import pytest
 
-# The integration harness (real pool, real engine) is shared with these tests.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-
+from helpers.images import TEST_IMAGE
 from hivemind_worker.engine.executors import docker as dockerx
 
-TEST_IMAGE = "hivemind-test-python:bookworm"
 HOW_TO = (
     "start dockerd and build the test image with `python3 build.py test-image` "
     "(needs debootstrap and root)"

@@ -10,7 +10,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from conftest import TEST_IMAGE
+from helpers.images import TEST_IMAGE
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(240)]
 

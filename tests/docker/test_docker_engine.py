@@ -13,7 +13,8 @@ from pathlib import Path
 
 import docker
 import pytest
-from harness import (
+
+from helpers.harness import (
     archive_files,
     python_task,
     queue_client,
@@ -23,11 +24,11 @@ from harness import (
     wait_for,
     worker_subprocess,
 )
-
-from conftest import TEST_IMAGE
+from helpers.images import TEST_IMAGE
 from hivemind_worker.config import Settings
 from hivemind_worker.engine.events import ImagePull, ResultDelivered, TaskFinished
 from hivemind_worker.engine.executors import docker as dockerx
+from hivemind_worker.engine.executors.images import ImageStore
 from hivemind_worker.pool.server import PoolServer
 from hivemind_worker.pool.store import PoolStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
@@ -165,7 +166,7 @@ async def test_cancel_from_the_pool_kills_the_container(
         await pool.stop()
 
 
-class _PullingExecutor(dockerx.DockerExecutor):
+class _PullingImages(ImageStore):
     """Reports a pull of the (local) Python image as if it came from a registry."""
 
     def _ensure_image(self, image: str) -> None:
@@ -180,13 +181,15 @@ async def test_image_pull_progress_is_published_as_engine_events(
     pool = await start_pool(tmp_path / "pool.db")
 
     def make(settings: Settings) -> dockerx.DockerExecutor:
-        return _PullingExecutor(
+        executor = dockerx.DockerExecutor(docker_client, settings.work_dir, settings.node_id)
+        executor.images = _PullingImages(
             docker_client,
             settings.work_dir,
-            settings.node_id,
             python_image=TEST_IMAGE,
             pull_policy="never",
+            on_progress=executor._pull_progress,
         )
+        return executor
 
     worker = await start_worker(tmp_path / "node-p", pool.address, executor=make)
     try:
@@ -314,7 +317,7 @@ async def test_killed_worker_leaves_a_container_the_next_start_removes(
             # Killed without a word: its container runs on.
             assert docker_client.containers.get(leftover).status == "running"
             # The spec is kept beside the workspace, not in it; without it, no re-attaching.
-            kept = list(home.rglob(f"{dockerx.SPECS_DIR}/*.pb"))
+            kept = list(home.rglob(f"{dockerx.SPECS_DIR}/*{dockerx.SPEC_SUFFIX}"))
             assert len(kept) == 1
             workspace = kept[0].parent.parent / kept[0].stem
             assert workspace.is_dir()
@@ -371,7 +374,11 @@ async def test_killed_worker_reattaches_its_running_container(
         await wait_for(
             lambda: container_gone(docker_client, leftover), 30, "re-attached container removed"
         )
-        await wait_for(lambda: not list(home.rglob(f"{dockerx.SPECS_DIR}/*.pb")), 30, "spec gone")
+        await wait_for(
+            lambda: not list(home.rglob(f"{dockerx.SPECS_DIR}/*{dockerx.SPEC_SUFFIX}")),
+            30,
+            "spec gone",
+        )
         log = (home / "stderr.log").read_text()
         assert "re-attaching to" in log
         assert "left by an earlier run" in log

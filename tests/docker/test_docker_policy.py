@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import docker
 import pytest
-from desktop import write_battery
-from harness import archive_files, python_task, queue_client, start_pool, start_worker, wait_for
-from test_docker_engine import docker_executor
 
+from helpers.desktop import write_battery
+from helpers.harness import (
+    archive_files,
+    python_task,
+    queue_client,
+    start_pool,
+    start_worker,
+    wait_for,
+)
+from helpers.images import TEST_IMAGE
+from hivemind_worker.config import Settings
 from hivemind_worker.engine.events import EngineState, PolicyChanged, TaskStarted
 from hivemind_worker.engine.executors import docker as dockerx
 from hivemind_worker.engine.policy import Reason, Verdict
@@ -24,6 +33,17 @@ pytestmark = [
     pytest.mark.usefixtures("memory_keyring"),
     pytest.mark.timeout(180),
 ]
+
+
+def docker_executor(client: docker.DockerClient) -> Callable[[Settings], dockerx.DockerExecutor]:
+    def make(settings: Settings) -> dockerx.DockerExecutor:
+        return dockerx.DockerExecutor(
+            client, settings.work_dir, settings.node_id, python_image=TEST_IMAGE,
+            pull_policy="never",
+        )  # fmt: skip
+
+    return make
+
 
 STEPS = """
     import hashlib, time

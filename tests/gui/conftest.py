@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-
 import pytest
-from guikit import LoopPool, make_world
 
+from helpers.guikit import LoopPool, make_world
 from hivemind_worker.gui.app import WorkerApp
 
 

@@ -9,8 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from guikit import make_world
-
+from helpers.guikit import make_world
 from hivemind_worker.config import read_state
 from hivemind_worker.gui.app import WorkerApp
 

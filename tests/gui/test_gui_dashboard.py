@@ -10,14 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-from guikit import LoopPool, World, busy_task, make_world
-from harness import USER, login_token
 
+from helpers.guikit import LoopPool, World, busy_task, make_world
+from helpers.harness import USER, login_token
 from hivemind_worker.config import read_state
 from hivemind_worker.engine.events import EngineState
-from hivemind_worker.engine.tasks import TaskStatus
 from hivemind_worker.gui.app import SingleInstance, WorkerApp
 from hivemind_worker.gui.engine_thread import Bridge, CrashReporter, EngineThread
+from hivemind_worker.tasks import TaskStatus
 
 NETWORK_TIMEOUT = 10.0  # pool_client.DEFAULT_TIMEOUT: how long one call may block the engine
 

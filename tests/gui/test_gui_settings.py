@@ -8,10 +8,10 @@ import types
 from pathlib import Path
 
 import pytest
-from guikit import LoopPool
-from harness import PASSWORD, USER
 
-from hivemind_worker.config import load_settings
+from helpers.guikit import LoopPool
+from helpers.harness import PASSWORD, USER
+from hivemind_worker.config import load_settings, settings_table
 from hivemind_worker.gui.app import WorkerApp
 from hivemind_worker.gui.autostart import RUN_KEY, RUN_VALUE, WindowsRunKey, XdgAutostart
 from hivemind_worker.gui.settings_dialog import SettingsDialog
@@ -53,6 +53,14 @@ def test_settings_round_trip_to_the_toml_file(qtbot, gui_app: tuple[WorkerApp, L
     assert again.cpu_spin.value() == 1.5
     assert again.concurrent.value() == 3
     assert not again.close_to_tray.isChecked()
+
+
+def test_the_dialog_edits_the_settings_declared_for_the_gui(
+    gui_app: tuple[WorkerApp, LoopPool],
+) -> None:
+    app, _ = gui_app
+    dialog = open_dialog(app)
+    assert sorted(dialog.raw_values()) == sorted(s.key for s in settings_table() if s.gui)
 
 
 def test_invalid_values_are_flagged_and_never_saved(
@@ -234,7 +242,7 @@ def _no_real_autostart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def test_the_demo_never_saves_its_throwaway_pool_as_yours(qtbot, tmp_path: Path, memory_keyring):
-    from guikit import make_world
+    from helpers.guikit import make_world
 
     world = make_world(tmp_path / "home")
     pool = LoopPool(world, tmp_path / "pool.db", [])

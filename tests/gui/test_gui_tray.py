@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from xserver import missing_tools, xvfb_with_tray
+
+from helpers.xserver import missing_tools, xvfb_with_tray
 
 HERE = Path(__file__).resolve().parent
 

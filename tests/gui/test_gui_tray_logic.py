@@ -4,17 +4,35 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from hivemind_worker.config import ConfigError
+from hivemind_worker.credentials import CredentialError
 from hivemind_worker.engine.events import EngineState, ErrorRaised
+from hivemind_worker.engine.outbox import OutboxFull
+from hivemind_worker.engine.pool_client import AuthError, PoolUnavailable, StaleLeaseError
+from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.gui.icons import Look, draw, look_for
 from hivemind_worker.gui.tray import needs_person, tomorrow_morning
+from hivemind_worker.tasks import TaskSpecError
 
 
-def test_only_errors_that_need_the_person_notify() -> None:
-    assert needs_person(ErrorRaised("Not logged in", "no login for the pool at x:1"))
-    assert needs_person(ErrorRaised("Login expired", "log in again"))
-    assert needs_person(ErrorRaised("Docker missing", "install Docker Desktop"))
-    assert needs_person(ErrorRaised("Disk full", "no space left for task workspaces"))
-    assert not needs_person(ErrorRaised("Node Pool unreachable", "retrying in 4 s"))
+def test_the_notification_follows_the_error_kind_not_its_words() -> None:
+    notify = [
+        AuthError("Login needed", "The pool refused the login; sign in again."),
+        CredentialError("The keyring is locked."),
+        OutboxFull("The result spool is full."),
+        ConfigError("max_cpu_cores: expected a number"),
+        HiveMindError("Docker is not running.", kind=ErrorKind.DOCKER_MISSING),
+    ]
+    quiet = [
+        # An address with "docker" in it, and words such as "login" and "disk", decide nothing.
+        PoolUnavailable("Node Pool unreachable", "Can't reach the pool at docker-login.lan:50051."),
+        StaleLeaseError("Lease no longer valid", "the disk task was re-queued"),
+        TaskSpecError("image", "docker image name not valid"),
+    ]
+    for error in notify:
+        assert needs_person(ErrorRaised.of(error)), error
+    for error in quiet:
+        assert not needs_person(ErrorRaised.of(error)), error
 
 
 def test_until_tomorrow_means_eight_in_the_morning() -> None:

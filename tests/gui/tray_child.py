@@ -7,16 +7,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Run as a script: the shared helpers live in tests/helpers.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import importlib.util
 
 import keyring
-from guikit import LoopPool, busy_task, make_world
 from PySide6.QtCore import QCoreApplication, QEventLoop, QRect
 from PySide6.QtWidgets import QSystemTrayIcon
 
+from helpers.guikit import LoopPool, busy_task, make_world
 from hivemind_worker.engine.events import EngineState
 from hivemind_worker.gui.app import WorkerApp, make_qapplication
 

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import PASSWORD, USER, python_task, queue_client, start_pool, worker_subprocess
 
+from helpers.harness import PASSWORD, USER, python_task, queue_client, start_pool, worker_subprocess
 from hivemind_worker import __version__
-from hivemind_worker.cli import LocalPool
+from hivemind_worker.demo import LocalPool
 from hivemind_worker.protocol import nodepool_pb2 as pb
 
 pytestmark = pytest.mark.timeout(180)

@@ -11,8 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from harness import archive_files, python_task, queue_client, start_pool, worker_subprocess
 
+from helpers.harness import archive_files, python_task, queue_client, start_pool, worker_subprocess
 from hivemind_worker.protocol import nodepool_pb2 as pb
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]

@@ -6,9 +6,9 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from faultproxy import FaultProxy
-from harness import archive_files, python_task, queue_client, start_pool, start_worker
 
+from helpers.faultproxy import FaultProxy
+from helpers.harness import archive_files, python_task, queue_client, start_pool, start_worker
 from hivemind_worker.engine.events import TaskFinished
 from hivemind_worker.protocol import nodepool_pb2 as pb
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from desktop import (
+
+from helpers.desktop import (
     app_window,
     missing_tools,
     move_pointer,
@@ -30,7 +31,7 @@ from desktop import (
     write_battery,
     xvfb,
 )
-from harness import (
+from helpers.harness import (
     Worker,
     archive_files,
     python_task,
@@ -40,16 +41,15 @@ from harness import (
     wait_for,
     worker_subprocess,
 )
-
 from hivemind_worker.engine.events import EngineState, PolicyChanged, TaskFinished, TaskStarted
 from hivemind_worker.engine.policy import Reason, Verdict
 from hivemind_worker.engine.probes import DesktopProbes
 from hivemind_worker.engine.probes.load import LoadProbe
 from hivemind_worker.engine.probes.power import PowerProbe
 from hivemind_worker.engine.probes.x11 import X11Desktop
-from hivemind_worker.engine.tasks import TaskStatus
 from hivemind_worker.pool.store import NodeNotFound, PoolStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import TaskStatus
 
 pytestmark = [pytest.mark.usefixtures("memory_keyring"), pytest.mark.timeout(120)]
 

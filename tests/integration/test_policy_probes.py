@@ -10,8 +10,15 @@ from pathlib import Path
 
 import psutil
 import pytest
-from desktop import app_window, missing_tools, move_pointer, set_fullscreen, write_battery, xvfb
 
+from helpers.desktop import (
+    app_window,
+    missing_tools,
+    move_pointer,
+    set_fullscreen,
+    write_battery,
+    xvfb,
+)
 from hivemind_worker.engine.probes import DesktopProbes
 from hivemind_worker.engine.probes.load import LoadProbe
 from hivemind_worker.engine.probes.power import PowerProbe

@@ -12,13 +12,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hivemind_worker.engine.tasks import GiB, MiB
 from hivemind_worker.pool import server as pool_server
 from hivemind_worker.pool.client import TaskQueueClient
 from hivemind_worker.pool.server import PoolConfig, PoolServer, PoolStartError, RecentCounter
 from hivemind_worker.pool.store import verify_password
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.protocol import nodepool_pb2_grpc as pb_grpc
+from hivemind_worker.tasks import GiB, MiB
 
 pytestmark = pytest.mark.timeout(60)
 

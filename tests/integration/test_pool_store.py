@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from hivemind_worker.engine.tasks import MiB, Resources, TaskSpec, TaskStatus
 from hivemind_worker.pool.store import (
     PoolStore,
     ResultMismatch,
@@ -16,6 +15,7 @@ from hivemind_worker.pool.store import (
     now_ms,
 )
 from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import MiB, Resources, TaskSpec, TaskStatus
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -256,6 +256,9 @@ def test_migrates_a_version_1_database(tmp_path: Path) -> None:
         DROP TABLE blob_chunks;
         DROP TABLE garbage_blobs;
         ALTER TABLE results DROP COLUMN blob_id;
+        DROP INDEX tasks_running_by_expiry;
+        DROP INDEX tasks_cancels_by_node;
+        DROP INDEX tokens_by_expiry;
         PRAGMA user_version = 1;
         COMMIT;
         """
@@ -263,7 +266,7 @@ def test_migrates_a_version_1_database(tmp_path: Path) -> None:
     store.close()
 
     migrated = PoolStore(path)
-    assert int(migrated._db.execute("PRAGMA user_version").fetchone()[0]) == 2
+    assert int(migrated._db.execute("PRAGMA user_version").fetchone()[0]) == 3
     assert migrated.result_bytes(tid) == data
     assert _garbage(migrated) == (0, 2)
     migrated.close()

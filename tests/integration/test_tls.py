@@ -11,8 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from harness import python_task, start_pool, start_worker, wait_for
 
+from helpers.harness import python_task, start_pool, start_worker, wait_for
 from hivemind_worker.engine.events import EngineState, TaskFinished
 from hivemind_worker.engine.pool_client import NodePoolClient
 from hivemind_worker.pool.client import TaskQueueClient
@@ -94,7 +94,7 @@ async def test_a_pool_signed_by_another_ca_is_refused_with_a_clear_message(
         await wait_for(
             lambda: (
                 worker.engine.state is EngineState.CONNECTING
-                and "TLS handshake" in worker.engine.state_message
+                and "secure connection" in worker.engine.state_message
             ),
             what="a TLS refusal",
         )

@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import psutil
 import pytest
 
+from hivemind_worker.cli import _overrides, build_parser
 from hivemind_worker.config import (
     GIB,
     SCHEMA_VERSION,
     ConfigError,
     Settings,
-    flag_name,
+    SettingSpec,
     load_settings,
     resolve_node_id,
     save_settings,
     settings_table,
 )
 from hivemind_worker.paths import Paths, default_paths
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture
@@ -50,7 +57,6 @@ def test_defaults(paths: Paths) -> None:
     assert settings.log_level == "info"
     assert settings.drain_timeout == 60
     assert settings.work_dir == paths.work_dir
-    assert settings.temp_dir == paths.temp_dir
     assert settings.log_dir == paths.log_dir
 
 
@@ -175,10 +181,31 @@ def test_directories(paths: Paths, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "user"))
     monkeypatch.setenv("USERPROFILE", str(tmp_path / "user"))
-    settings = load_settings(paths, env={"WORK_DIR": "rel/work", "TEMP_DIR": "~/tmp"})
+    settings = load_settings(paths, env={"WORK_DIR": "rel/work", "LOG_DIR": "~/logs"})
     assert settings.work_dir == tmp_path / "rel" / "work"
-    assert settings.temp_dir == tmp_path / "user" / "tmp"
-    assert settings.log_dir == paths.log_dir
+    assert settings.log_dir == tmp_path / "user" / "logs"
+    assert load_settings(paths, env={}).log_dir == paths.log_dir
+
+
+def test_a_file_with_the_retired_temp_dir_loads_with_a_warning(
+    paths: Paths, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_file(paths, 'schema_version = 1\ntemp_dir = "/somewhere/tmp"\ntask_timeout = 99\n')
+    with caplog.at_level(logging.WARNING, logger="hivemind_worker.config"):
+        settings = load_settings(paths, env={"TEMP_DIR": "/elsewhere"})
+    assert settings.task_timeout == 99
+    assert not hasattr(settings, "temp_dir")
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith(
+        f"Ignoring setting temp_dir in {paths.settings_file}: nothing uses it any more"
+    )
+    # Saving drops it; the rest of the file is kept.
+    save_settings(paths, settings)
+    assert tomllib.loads(paths.settings_file.read_text(encoding="utf-8")) == {
+        "schema_version": SCHEMA_VERSION,
+        "task_timeout": 99,
+    }
 
 
 def test_unknown_key_in_file(paths: Paths) -> None:
@@ -270,11 +297,121 @@ def test_settings_table_matches_settings() -> None:
     table = settings_table()
     assert [spec.key for spec in table] == [f.name for f in dataclasses.fields(Settings)]
     by_key = {spec.key: spec for spec in table}
-    assert by_key["max_cpu_cores"].env == "MAX_CPU_CORES"
     assert by_key["max_cpu_cores"].type_name == "float"
+    assert by_key["work_dir"].type is Path
     assert by_key["schema_version"].env is None
-    assert all(spec.description for spec in table)
-    assert flag_name("max_cpu_cores") == "--max-cpu-cores"
+    assert by_key["schema_version"].flag is None
+    assert all(spec.help for spec in table)
+    assert [s.key for s in table if s.gui] == [
+        "node_pool_address",
+        "account",
+        "max_cpu_cores",
+        "max_memory_gb",
+        "max_disk_gb",
+        "max_concurrent_tasks",
+        "start_at_login",
+        "start_on_launch",
+        "close_to_tray",
+    ]
+
+
+def test_the_original_environment_names_are_kept() -> None:
+    env = {spec.key: spec.env for spec in settings_table()}
+    assert env == env | {
+        "node_id": "NODE_ID",
+        "node_pool_address": "NODE_POOL_ADDRESS",
+        "max_cpu_cores": "MAX_CPU_CORES",
+        "max_memory_gb": "MAX_MEMORY_GB",
+        "max_disk_gb": "MAX_DISK_GB",
+        "task_timeout": "TASK_TIMEOUT",
+        "max_concurrent_tasks": "MAX_CONCURRENT_TASKS",
+        "heartbeat_interval": "HEARTBEAT_INTERVAL",
+        "docker_enabled": "DOCKER_ENABLED",
+        "docker_network": "DOCKER_NETWORK",
+        "work_dir": "WORK_DIR",
+        "log_dir": "LOG_DIR",
+    }
+
+
+@pytest.mark.parametrize(
+    "spec", [spec for spec in settings_table() if spec.env], ids=lambda spec: spec.key
+)
+def test_each_environment_variable_reaches_its_setting(paths: Paths, spec: SettingSpec) -> None:
+    odd = "odd\tvalue"
+    try:
+        settings = load_settings(paths, env={str(spec.env): odd})
+    except ConfigError as exc:
+        # A rule that can name the wrong part of the value (the schedule's) adds it after this.
+        assert str(exc).startswith(
+            f"Invalid setting {spec.key} = {odd!r} (from environment variable {spec.env}): "
+            f"expected {spec.allowed()}"
+        )
+    else:  # settings that take any text
+        assert getattr(settings, spec.key) == (Path(odd).absolute() if spec.type is Path else odd)
+
+
+def readme_cells(spec: SettingSpec) -> list[str]:
+    """The cells of the README table row the declaration implies."""
+    return [
+        f"`{spec.key}`",
+        f"`{spec.env}`" if spec.env else "",
+        f"`{spec.flag.name}`" if spec.flag else "",
+        spec.default_text(),
+        spec.help,
+    ]
+
+
+def test_readme_settings_table_matches_the_declarations() -> None:
+    section = README.read_text(encoding="utf-8").split("\n## Configuration\n", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    rows = [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("| `")
+    ]
+    expected = [readme_cells(spec) for spec in settings_table()]
+    table = "\n".join("| " + " | ".join(cells) + " |" for cells in expected)
+    assert rows == expected, (
+        "README's settings table disagrees with the declarations in config.py; "
+        f"its rows should read:\n{table.replace('|  |', '| |').replace('|  |', '| |')}"
+    )
+
+
+def test_every_declared_flag_is_in_run_help() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "hivemind_worker", "run", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    group = done.stdout.split("settings (override the settings file and environment):", 1)[1]
+    shown = re.findall(r"^  (--[a-z-]+)", group, flags=re.MULTILINE)
+    declared = [spec.flag.name for spec in settings_table() if spec.flag]
+    assert shown == declared
+
+
+@pytest.mark.parametrize(
+    "spec", [spec for spec in settings_table() if spec.flag], ids=lambda spec: spec.key
+)
+def test_each_flag_overrides_its_setting(spec: SettingSpec) -> None:
+    assert spec.flag is not None
+    if spec.flag.const is None:
+        args = build_parser().parse_args(["run", spec.flag.name, "given"])
+        assert _overrides(args) == {spec.key: "given"}
+    else:
+        args = build_parser().parse_args(["run", spec.flag.name])
+        assert _overrides(args) == {spec.key: spec.flag.const}
+    assert _overrides(build_parser().parse_args(["run"])) == {}
+
+
+def test_flags_reach_the_loaded_settings(paths: Paths) -> None:
+    argv = ["run", "--max-cpu-cores", "1", "--no-docker", "--insecure", "--node-pool", "h:1"]
+    settings = load_settings(paths, env={}, overrides=_overrides(build_parser().parse_args(argv)))
+    assert settings.max_cpu_cores == 1.0
+    assert settings.docker_enabled is False
+    assert settings.insecure is True
+    assert settings.node_pool_address == "h:1"
 
 
 def test_when_to_contribute_defaults_a_person_at_home_accepts(paths: Paths) -> None:

@@ -1,4 +1,5 @@
-"""Docker executor helpers that need no engine: image allowlist, container config, courtesy."""
+"""Docker executor helpers that need no engine: image allowlist, pull policy, container
+config, courtesy."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import docker.errors
 import pytest
 
 from hivemind_worker.engine.executors import docker as dockerx
+from hivemind_worker.engine.executors import follow, images
 from hivemind_worker.engine.executors.base import ExecutorError
-from hivemind_worker.engine.tasks import MiB, Resources, TaskKind, TaskSpec
+from hivemind_worker.tasks import MiB, Resources, TaskKind, TaskSpec
 
 DIGEST = "sha256:" + "a" * 64
 
@@ -33,19 +35,19 @@ DIGEST = "sha256:" + "a" * 64
     ],
 )
 def test_image_allowlist(image: str, allowlist: tuple[str, ...], allowed: bool) -> None:
-    assert dockerx.image_allowed(image, allowlist) is allowed
+    assert images.image_allowed(image, allowlist) is allowed
 
 
 def test_parse_allowlist_and_requirements_tag() -> None:
-    assert dockerx.parse_allowlist(" docker.io/library/ , ,ghcr.io/x/") == (
+    assert images.parse_allowlist(" docker.io/library/ , ,ghcr.io/x/") == (
         "docker.io/library/",
         "ghcr.io/x/",
     )
-    tag = dockerx.requirements_tag("python:3.12-slim", ["numpy==2.0"])
-    assert tag.startswith(dockerx.REQUIREMENTS_REPOSITORY + ":")
-    assert tag == dockerx.requirements_tag("python:3.12-slim", ["numpy==2.0"])
-    assert tag != dockerx.requirements_tag("python:3.13-slim", ["numpy==2.0"])
-    assert tag != dockerx.requirements_tag("python:3.12-slim", ["numpy==2.1"])
+    tag = images.requirements_tag("python:3.12-slim", ["numpy==2.0"])
+    assert tag.startswith(images.REQUIREMENTS_REPOSITORY + ":")
+    assert tag == images.requirements_tag("python:3.12-slim", ["numpy==2.0"])
+    assert tag != images.requirements_tag("python:3.13-slim", ["numpy==2.0"])
+    assert tag != images.requirements_tag("python:3.12-slim", ["numpy==2.1"])
 
 
 def test_container_config_never_widens_the_lockdown(tmp_path: Path) -> None:
@@ -66,7 +68,7 @@ def test_container_config_never_widens_the_lockdown(tmp_path: Path) -> None:
         timeout_seconds=10,
         network="none",
     )
-    config = executor.container_config(task, task.resources, tmp_path / "ws")
+    config = executor.container_config(task, tmp_path / "ws")
     assert config["network_mode"] == "none"  # allowed, but not asked for
     assert config["environment"]["HIVEMIND_TASK_ID"] == "t1"
     assert config["environment"]["FOO"] == "bar"
@@ -77,7 +79,7 @@ def test_container_config_never_widens_the_lockdown(tmp_path: Path) -> None:
     assert [m["Target"] for m in config["mounts"]] == ["/workspace"]
     assert "volumes" not in config and "devices" not in config
     bridged = executor.container_config(
-        TaskSpec(**{**task.__dict__, "network": "bridge"}), task.resources, tmp_path / "ws"
+        TaskSpec(**{**task.__dict__, "network": "bridge"}), tmp_path / "ws"
     )
     assert bridged["network_mode"] == "bridge"
 
@@ -147,31 +149,31 @@ def test_pull_policy_and_progress(tmp_path: Path) -> None:
     executor, client = _pulling(tmp_path, "if-not-present", {"python:3.12"}, LAYERS)
     seen: list[tuple[str, int, int]] = []
     executor.on_pull = lambda image, done, total: seen.append((image, done, total))
-    executor._ensure_image("python:3.12")
+    executor.images.ensure("python:3.12")
     assert client.api.pulls == []  # present: not pulled
-    executor._ensure_image("ghcr.io/org/tool")
+    executor.images.ensure("ghcr.io/org/tool")
     assert client.api.pulls == [("ghcr.io/org/tool", "latest")]  # never every tag
     assert seen[0] == ("ghcr.io/org/tool", 0, 0)  # the first report comes at once
     assert seen[-1] == ("ghcr.io/org/tool", 400, 400)  # and the last when it is done
 
     always, client = _pulling(tmp_path, "always", {"python:3.12"}, [])
-    always._ensure_image("python:3.12")
+    always.images.ensure("python:3.12")
     assert client.api.pulls == [("python", "3.12")]
 
 
 def test_pull_failures_carry_the_registry_message(tmp_path: Path) -> None:
     executor, _ = _pulling(tmp_path, "never", set(), [])
     with pytest.raises(ExecutorError, match="not on this machine and the pull policy is 'never'"):
-        executor._ensure_image("python:3.12")
+        executor.images.ensure("python:3.12")
     denied = [{"error": "pull access denied for x, repository does not exist"}]
     executor, _ = _pulling(tmp_path, "if-not-present", set(), denied)
     with pytest.raises(ExecutorError, match="cannot pull image x:1: pull access denied"):
-        executor._ensure_image("x:1")
+        executor.images.ensure("x:1")
 
 
 async def test_preload_fetches_named_images_once_within_the_allowlist(tmp_path: Path) -> None:
     executor, client = _pulling(tmp_path, "if-not-present", {"python:3.12"}, LAYERS)
-    executor._allowlist = ("ghcr.io/org/",)
+    executor.images._allowlist = ("ghcr.io/org/",)
     await executor.preload(["ghcr.io/org/tool:1", "ghcr.io/org/tool:1", "evil.example/miner:1"])
     await executor.preload(["ghcr.io/org/tool:1"])
     assert client.api.pulls == [("ghcr.io/org/tool", "1")]  # once; the stranger never
@@ -210,7 +212,6 @@ def test_network_totals_come_from_the_stats_api(tmp_path: Path) -> None:
         return stats
 
     run.container = SimpleNamespace(stats=one_sample)
-    executor, _ = _pulling(tmp_path, "never", set(), [])
-    executor._sample_stats(run)  # type: ignore[arg-type]
+    follow.sample_stats(run)  # type: ignore[arg-type]
     assert run.usage.network_rx_bytes == 1024 and run.usage.network_tx_bytes == 206
     assert run.usage.memory_bytes == 64 * MiB and run.usage.cpu_seconds == 2.0

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hivemind_worker.engine.outbox import Outbox, OutboxFull
-from hivemind_worker.engine.tasks import TaskResult, TaskStatus
+from hivemind_worker.tasks import TaskResult, TaskStatus
 
 
 def make_result(tmp_path: Path, task_id: str, payload: bytes = b"archive") -> TaskResult:

@@ -21,7 +21,6 @@ def test_root_puts_everything_under_one_folder(tmp_path: Path) -> None:
     )
     assert paths.settings_file == tmp_path / "config" / "settings.toml"
     assert paths.work_dir == tmp_path / "data" / "work"
-    assert paths.temp_dir == tmp_path / "cache" / "tmp"
     assert paths.outbox_dir == tmp_path / "data" / "outbox"
     assert paths.state_file == tmp_path / "data" / "state.json"
 
@@ -55,7 +54,6 @@ def test_ensure_creates_all_dirs_private_where_it_matters(tmp_path: Path) -> Non
         paths.cache_dir,
         paths.log_dir,
         paths.work_dir,
-        paths.temp_dir,
         paths.outbox_dir,
     ):
         assert directory.is_dir()

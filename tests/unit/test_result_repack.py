@@ -8,8 +8,9 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from hivemind_worker.engine.executors.workspace import ResultError, repack_results
-from hivemind_worker.engine.tasks import MiB, Resources, TaskKind, TaskSpec
+from hivemind_worker.engine.executors.base import ResultError
+from hivemind_worker.engine.executors.workspace import repack_results
+from hivemind_worker.tasks import MiB, Resources, TaskKind, TaskSpec
 
 
 def task(**fields: object) -> TaskSpec:

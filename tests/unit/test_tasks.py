@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hivemind_worker.engine.engine import backoff_delay
-from hivemind_worker.engine.tasks import (
+from hivemind_worker.engine.delivery import backoff_delay
+from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import (
     DEFAULT_MEMORY_BYTES,
     MAX_SOURCE_BYTES,
     Resources,
     TaskSpec,
     TaskSpecError,
 )
-from hivemind_worker.protocol import nodepool_pb2 as pb
 
 
 def python_spec(**fields: object) -> pb.TaskSpec:
@@ -164,3 +166,84 @@ def test_oversized_fields_are_refused_with_a_reason() -> None:
         with pytest.raises(TaskSpecError) as err:
             TaskSpec.from_proto(python_spec(**fields))
         assert err.value.field == field
+
+
+def full_spec() -> TaskSpec:
+    return TaskSpec.from_proto(
+        pb.TaskSpec(
+            task_id="t1",
+            lease_id="L1",
+            kind=pb.TASK_KIND_CONTAINER,
+            image="ghcr.io/org/tool:1",
+            argv=["sh", "-c", "echo ü"],
+            env={"FOO": "bar"},
+            input_files=[pb.InputFile(path="in/a.bin", content=b"\x00\xff", mode=0o755)],
+            input_archive=b"\x1f\x8b not really",
+            resources=pb.Resources(cpus=1.5, memory_bytes=256 << 20, disk_bytes=1 << 30, gpus=1),
+            timeout_seconds=90,
+            network="bridge",
+            result_path="out/results",
+            max_result_bytes=1 << 20,
+            requirements=["numpy==2.0"],
+            attempt=2,
+            name="a task",
+            max_attempts=3,
+        ),
+        require_lease=True,
+    )
+
+
+def test_the_dict_form_reads_back_as_the_same_spec() -> None:
+    spec = full_spec()
+    text = json.dumps(spec.to_dict())  # what the Docker executor keeps on disk
+    assert TaskSpec.from_dict(json.loads(text), require_lease=True) == spec
+    python = TaskSpec.from_proto(python_spec(lease_id="L1"))
+    assert TaskSpec.from_dict(python.to_dict()) == python
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "reason"),
+    [
+        ({"resources": {"memory_bytes": -1}}, "resources", "negative"),
+        ({"resources": {"cpus": "2"}}, "resources", "cpus must be a number"),
+        ({"kind": "shell"}, "kind", "container"),
+        ({"task_id": "../../x"}, "task_id", "must be"),
+        ({"lease_id": ""}, "lease_id", "is empty"),
+        ({"input_files": [{"path": "../x", "content": ""}]}, "input_files", "leaves"),
+        ({"input_files": ["a"]}, "input_files", "JSON object"),
+        ({"input_archive": "not base64!"}, "input_archive", "base64"),
+        ({"argv": "ls"}, "argv", "must be a list"),
+        ({"argv": [1]}, "argv", "list of strings"),
+        ({"env": {"FOO": 1}}, "env", "strings"),
+        ({"timeout_seconds": "10"}, "timeout_seconds", "integer"),
+        ({"attempt": True}, "attempt", "integer"),
+        ({"network": "host"}, "network", "must be one of"),
+        ({"privileged": True}, "privileged", "not a field"),
+    ],
+)
+def test_a_bad_dict_form_is_refused_like_the_wire_form(
+    change: dict[str, object], field: str, reason: str
+) -> None:
+    data = {**full_spec().to_dict(), **change}
+    with pytest.raises(TaskSpecError) as err:
+        TaskSpec.from_dict(data, require_lease=True)
+    assert err.value.field == field
+    assert reason in str(err.value)
+    with pytest.raises(TaskSpecError, match="JSON object"):
+        TaskSpec.from_dict([data])
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(overrides=st.dictionaries(st.sampled_from(sorted(full_spec().to_dict())), _json))
+def test_random_dict_forms_never_crash_validation(overrides: dict[str, object]) -> None:
+    try:
+        TaskSpec.from_dict({**full_spec().to_dict(), **overrides})
+    except TaskSpecError as exc:
+        assert exc.field and exc.reason  # always a readable reason

@@ -11,7 +11,8 @@ from threading import Lock
 from hivemind_worker.engine.executors.base import Usage
 from hivemind_worker.engine.monitor import HostSample
 from hivemind_worker.engine.policy import Decision
-from hivemind_worker.engine.tasks import Resources, TaskStatus
+from hivemind_worker.errors import ErrorKind, HiveMindError
+from hivemind_worker.tasks import Resources, TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class StateChanged:
     state: EngineState
     message: str = ""
     retry_at: float | None = None  # epoch seconds: next attempt (CONNECTING, ERROR); end (WAITING)
+    error_kind: ErrorKind | None = None  # why, in CONNECTING or ERROR
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,17 @@ class PolicyChanged:
 
 @dataclass(frozen=True)
 class ErrorRaised:
+    """An error the person may need to see; front-ends choose wording from `kind`."""
+
     title: str
     message: str
+    kind: ErrorKind = ErrorKind.INTERNAL
+    details: str = ""
+    needs_action: bool = False
+
+    @classmethod
+    def of(cls, error: HiveMindError) -> ErrorRaised:
+        return cls(error.title, error.message, error.kind, error.details, error.needs_action)
 
 
 Event = (

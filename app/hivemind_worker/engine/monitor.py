@@ -10,8 +10,6 @@ from pathlib import Path
 
 import psutil
 
-from hivemind_worker.protocol import nodepool_pb2 as pb
-
 
 @dataclass(frozen=True)
 class HostSample:
@@ -20,14 +18,6 @@ class HostSample:
     memory_total_bytes: int
     disk_free_bytes: int
     disk_total_bytes: int
-
-    def to_proto(self) -> pb.HostMetrics:
-        return pb.HostMetrics(
-            cpu_percent=self.cpu_percent,
-            memory_used_bytes=self.memory_used_bytes,
-            memory_total_bytes=self.memory_total_bytes,
-            disk_free_bytes=self.disk_free_bytes,
-        )
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,13 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from hivemind_worker.engine.tasks import TaskResult, TaskStatus
+from hivemind_worker.errors import ErrorKind, HiveMindError
+from hivemind_worker.tasks import TaskResult, TaskStatus
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -30,11 +32,21 @@ CREATE TABLE IF NOT EXISTS results (
     max_result_bytes INTEGER NOT NULL,
     PRIMARY KEY (task_id, lease_id)
 );
+-- Leases whose result the pool has settled: a lease handed out again is never run twice.
+CREATE TABLE IF NOT EXISTS reported (
+    task_id TEXT NOT NULL,
+    lease_id TEXT NOT NULL,
+    settled_at REAL NOT NULL,
+    PRIMARY KEY (task_id, lease_id)
+);
 """
 
 
-class OutboxFull(Exception):
+class OutboxFull(HiveMindError):
     """The spool holds as much as it may; no new task is taken until results drain."""
+
+    kind = ErrorKind.DISK_FULL
+    title = "Result spool full"
 
 
 @dataclass(frozen=True)
@@ -136,6 +148,10 @@ class Outbox:
 
     def remove(self, task_id: str, lease_id: str) -> None:
         """Forget a result the pool acknowledged or refused for good."""
+        self.settle(task_id, lease_id)
+
+    def settle(self, task_id: str, lease_id: str) -> None:
+        """The pool has settled this lease: drop its result, and remember the lease."""
         with self._tx() as db:
             row = db.execute(
                 "SELECT archive FROM results WHERE task_id = ? AND lease_id = ?",
@@ -144,8 +160,19 @@ class Outbox:
             db.execute(
                 "DELETE FROM results WHERE task_id = ? AND lease_id = ?", (task_id, lease_id)
             )
+            db.execute(
+                "INSERT OR REPLACE INTO reported VALUES (?, ?, ?)",
+                (task_id, lease_id, time.time()),
+            )
         if row is not None and row[0]:
             (self.directory / row[0]).unlink(missing_ok=True)
+
+    def reported_leases(self, since: float) -> set[tuple[str, str]]:
+        """Leases settled since `since` (epoch seconds); older ones are forgotten."""
+        with self._tx() as db:
+            db.execute("DELETE FROM reported WHERE settled_at < ?", (since,))
+            rows = db.execute("SELECT task_id, lease_id FROM reported").fetchall()
+        return {(row[0], row[1]) for row in rows}
 
     def pending(self) -> list[Pending]:
         """Every result still owed to the pool, oldest first."""

@@ -36,6 +36,7 @@ from hivemind_worker.gui.model import WorkerModel
 from hivemind_worker.gui.settings_dialog import SettingsDialog
 from hivemind_worker.gui.tray import Tray, needs_person
 from hivemind_worker.paths import Paths
+from hivemind_worker.wiring import make_engine
 
 log = logging.getLogger(__name__)
 
@@ -441,8 +442,6 @@ def run_gui(
     demo_tasks: int | None = None,
 ) -> int:
     """The desktop app's main loop; returns the exit code."""
-    from hivemind_worker.cli import make_engine
-
     app = make_qapplication()
     single = SingleInstance(instance_name(paths))
     if single.forward_to_running():
@@ -455,7 +454,7 @@ def run_gui(
     autostart_engine = settings.start_on_launch
     window: list[WorkerApp] = []
     if demo_tasks is not None:
-        from hivemind_worker.gui.demo import DemoPool
+        from hivemind_worker.demo import DemoPool
 
         demo = DemoPool(paths, demo_tasks)
         autostart_engine = True

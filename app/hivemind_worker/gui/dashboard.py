@@ -31,9 +31,9 @@ from PySide6.QtWidgets import (
 )
 
 from hivemind_worker.engine.events import EngineState
-from hivemind_worker.engine.tasks import TaskStatus
 from hivemind_worker.gui.icons import look_for, state_icon
 from hivemind_worker.gui.model import HISTORY_SECONDS, LogEntry, WorkerModel
+from hivemind_worker.tasks import TaskStatus
 
 GIB = 1024**3
 # Distinguishable on light and dark backgrounds (Okabe-Ito, colour-blind safe).

@@ -26,6 +26,7 @@ from hivemind_worker.engine.events import (
     TaskOutput,
     TaskStarted,
 )
+from hivemind_worker.errors import HiveMindError
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +174,13 @@ class Call(QObject):
         if exc is None:
             self.value = future.result()
             self.succeeded.emit()
-        else:
-            self.failed.emit(str(exc) or type(exc).__name__)
+        elif isinstance(exc, HiveMindError):
+            if exc.details:
+                log.warning("%s (%s)", exc.message, exc.details)
+            self.failed.emit(exc.message)
+        else:  # a bug: the person gets one sentence, the log the traceback
+            log.error("background call failed", exc_info=exc)
+            self.failed.emit(f"Something went wrong ({type(exc).__name__}); see the log.")
 
 
 class CrashReporter(QObject):

@@ -24,9 +24,9 @@ from hivemind_worker.engine.events import (
 )
 from hivemind_worker.engine.executors.base import Usage
 from hivemind_worker.engine.monitor import HostSample
-from hivemind_worker.engine.tasks import TaskStatus
 from hivemind_worker.gui.engine_thread import Bridge
 from hivemind_worker.paths import Paths
+from hivemind_worker.tasks import TaskStatus
 
 HISTORY_SECONDS = 300  # the charts show the last five minutes
 MAX_LOG = 2000

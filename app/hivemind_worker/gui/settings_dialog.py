@@ -33,6 +33,7 @@ from hivemind_worker.config import GIB, ConfigError, Settings, check_setting, sa
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.gui.engine_thread import Call, EngineThread
 from hivemind_worker.paths import Paths
+from hivemind_worker.wiring import login_to_pool
 
 ERROR_STYLE = "color: #d64541;"  # mid red: readable on light and dark backgrounds
 OK_STYLE = "color: #3fa66b;"
@@ -51,21 +52,16 @@ async def test_connection(address: str, insecure: bool) -> str:
 
     client = NodePoolClient(address, insecure=insecure, timeout=10)
     try:
-        reply = await client.ping()
+        version = await client.ping()
     finally:
         await client.close()
-    return f"Reached the pool (version {reply.server_version or 'unknown'})"
+    return f"Reached the pool (version {version or 'unknown'})"
 
 
 async def log_in(
     settings: Settings, credentials: CredentialStore, account: str, password: str
 ) -> str:
-    from hivemind_worker.cli import CliError, login_to_pool
-
-    try:
-        await login_to_pool(settings, credentials, account, password)
-    except CliError as exc:
-        raise RuntimeError(str(exc)) from None
+    await login_to_pool(settings, credentials, account, password)
     return account
 
 

@@ -13,13 +13,10 @@ from hivemind_worker.gui.dashboard import human_bytes
 from hivemind_worker.gui.icons import Look, look_for, state_icon
 from hivemind_worker.gui.model import WorkerModel
 
-# Errors the person has to act on; anything else stays in the log, not in a notification.
-NOTIFY_KEYWORDS = ("login", "logged in", "docker", "disk", "space", "keyring", "token")
-
 
 def needs_person(event: ErrorRaised) -> bool:
-    text = f"{event.title} {event.message}".lower()
-    return any(word in text for word in NOTIFY_KEYWORDS)
+    """Notify only for errors the person has to act on: a property of the error's kind."""
+    return event.needs_action
 
 
 def tomorrow_morning(now: datetime | None = None) -> datetime:

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import grpc
 
-from hivemind_worker.engine.tasks import MiB, TaskStatus
+from hivemind_worker.archives import extract_checked
+from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.pool.client import ResultIntegrityError, TaskQueueClient
 from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import MiB, TaskStatus
 
 DEFAULT_POOL = "127.0.0.1:50051"
 PASSWORD_ENV = "HIVEMIND_PASSWORD"
@@ -34,8 +36,11 @@ MAX_EXTRACT_BYTES = 8 * 1024 * MiB
 _USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 
-class CliError(Exception):
+class CliError(HiveMindError):
     """Printed as one `error: ...` line; exit status 1."""
+
+    kind = ErrorKind.BAD_SETTING
+    title = "Command not valid"
 
 
 # ----------------------------------------------------------------------- parser
@@ -546,7 +551,7 @@ def extract_archive(data: bytes, dest: Path) -> int:
                 if ".." in name.split("/"):
                     raise CliError(f"refusing {member.name!r}: it leaves the folder ('..')")
             dest.mkdir(parents=True, exist_ok=True)
-            tar.extractall(dest, filter="data")
+            extract_checked(tar, dest, members)
             return len(members)
     except (tarfile.TarError, OSError) as exc:
         raise CliError(f"cannot unpack the result: {exc}") from None

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from hivemind_worker.engine.pool_client import is_loopback
-from hivemind_worker.engine.tasks import MiB
+from hivemind_worker.errors import ErrorKind, HiveMindError
+from hivemind_worker.net import is_loopback
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.protocol import nodepool_pb2_grpc as pb_grpc
+from hivemind_worker.tasks import MiB
 
 if TYPE_CHECKING:
     from hivemind_worker.protocol.nodepool_pb2_grpc import (
@@ -35,13 +36,11 @@ FINAL_STATUSES = frozenset(
 )
 
 
-class ResultIntegrityError(Exception):
+class ResultIntegrityError(HiveMindError):
     """A downloaded result does not match the size or sha256 the pool announced."""
 
-
-def is_loopback_address(address: str) -> bool:
-    """True for 'localhost:P', '127.x.y.z:P' and '[::1]:P'."""
-    return is_loopback(address)
+    kind = ErrorKind.RESULT_REFUSED
+    title = "Result damaged"
 
 
 class TaskQueueClient:
@@ -64,7 +63,7 @@ class TaskQueueClient:
         self.address = address
         self.timeout = timeout
         if tls is None:
-            tls = root_certificates is not None or not is_loopback_address(address)
+            tls = root_certificates is not None or not is_loopback(address)
         self.tls = tls
         self._root_certificates = root_certificates
         self.token = token

@@ -43,6 +43,7 @@ def select_executor(settings: Settings, node_id: str = "") -> Executor:
 
 def _docker_executor(settings: Settings, node_id: str) -> Executor:
     from hivemind_worker.engine.executors import docker as dockerx
+    from hivemind_worker.engine.executors.images import parse_allowlist
 
     # A short deadline for the probe: a wedged engine must not hold up the worker's start.
     probe = dockerx.connect(timeout=5)
@@ -67,7 +68,7 @@ def _docker_executor(settings: Settings, node_id: str) -> Executor:
             node_id,
             python_image=settings.docker_python_image,
             pull_policy=settings.docker_pull_policy,
-            allowlist=dockerx.parse_allowlist(settings.docker_image_allowlist),
+            allowlist=parse_allowlist(settings.docker_image_allowlist),
             network=settings.docker_network,
             cgroup_parent=parent,
             image_budget_bytes=settings.disk_cap_bytes(),
@@ -95,7 +96,7 @@ def ready_for_python(executor: Executor, settings: Settings) -> Executor:
     if not isinstance(executor, DockerExecutor):
         return executor
     try:
-        executor.ensure_image(settings.docker_python_image)
+        executor.images.ensure(settings.docker_python_image)
     except ExecutorError as exc:
         log.warning("%s; the demo runs its tasks in the process sandbox instead", exc)
         executor.client.close()

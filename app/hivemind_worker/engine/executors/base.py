@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -10,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hivemind_worker.engine.tasks import Resources, TaskResult, TaskSpec, TaskStatus
+from hivemind_worker.errors import ErrorKind, HiveMindError
+from hivemind_worker.tasks import MiB, Resources, TaskResult, TaskSpec, TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,79 @@ class PausableRun:
         return now - self.started - paused
 
 
-class ExecutorError(Exception):
+class ExecutorError(HiveMindError):
     """An executor cannot do what was asked; `str()` is a human reason."""
+
+    kind = ErrorKind.TASK_FAILED
+    title = "Task could not run"
+
+
+class ResultError(HiveMindError):
+    """The results hold something the worker will not send back."""
+
+    kind = ErrorKind.RESULT_REFUSED
+    title = "Result refused"
+
+
+def settle_status(
+    result: TaskResult,
+    task: TaskSpec,
+    *,
+    cancelled: bool,
+    timed_out: bool,
+    out_of_memory: bool,
+    memory_limit: int,
+    failure: str,
+) -> None:
+    """The status and error of a task whose run has ended, from how it ended.
+
+    A cancel wins over a timeout, which wins over running out of memory; then exit code 0
+    (`result.exit_code`) is SUCCEEDED and any other exit is FAILED with `failure`, the
+    executor's own words for that exit.
+    """
+    if cancelled:
+        result.status = TaskStatus.CANCELLED
+        result.error = "cancelled"
+    elif timed_out:
+        result.status = TaskStatus.TIMED_OUT
+        result.error = f"killed after {task.timeout_seconds} s timeout"
+    elif out_of_memory:
+        result.status = TaskStatus.OUT_OF_MEMORY
+        result.error = f"ran out of memory (limit {memory_limit // MiB} MiB)"
+    elif result.exit_code == 0:
+        result.status = TaskStatus.SUCCEEDED
+    else:
+        result.status = TaskStatus.FAILED
+        result.error = failure
+
+
+async def collect_results(
+    result: TaskResult,
+    pack: Callable[[], tuple[Path, str, int]],
+    errors: tuple[type[BaseException], ...],
+    failed_to: str,
+) -> None:
+    """The task's result archive into `result`, packed by `pack` in a thread; nothing for a
+    cancelled task.
+
+    Results that cannot be collected (ResultError, or one of `errors`: "cannot
+    `failed_to` results: ...") fail a task that had succeeded; for a task that had already
+    failed the reason is added to its error.
+    """
+    if result.status is TaskStatus.CANCELLED:
+        return
+    caught: tuple[type[BaseException], ...] = (ResultError, *errors)
+    try:
+        archive, digest, size = await asyncio.to_thread(pack)
+    except caught as exc:
+        reason = str(exc) if isinstance(exc, ResultError) else f"cannot {failed_to} results: {exc}"
+        if result.status is TaskStatus.SUCCEEDED:
+            result.status = TaskStatus.FAILED
+            result.error = reason
+        else:
+            result.error = f"{result.error}; results not collected: {reason}"
+        return
+    result.archive, result.archive_sha256, result.archive_size = archive, digest, size
 
 
 class Executor(abc.ABC):
@@ -70,13 +143,11 @@ class Executor(abc.ABC):
     async def prepare(self, task: TaskSpec) -> None:
         """Make the workspace and inputs ready; raise TaskSpecError or ExecutorError to refuse."""
 
-    async def run(
-        self, task: TaskSpec, caps: Resources, on_log: LogSink | None = None
-    ) -> TaskResult:
+    async def run(self, task: TaskSpec, on_log: LogSink | None = None) -> TaskResult:
         """Run a prepared task to its end and return its result; never raises for task failures.
 
-        `caps` are the limits this task gets: its request, already checked to fit the
-        person's caps by the engine. Raises ExecutorError only for a task never prepared.
+        The task gets the limits it requested (`task.resources`), which the engine has checked
+        to fit the person's caps. Raises ExecutorError only for a task never prepared.
         """
         workspace = self.workspace(task.task_id)
         if workspace is None:
@@ -87,7 +158,7 @@ class Executor(abc.ABC):
             result.error = "cancelled before it started"
             result.finished_at = time.time()
             return result
-        return await self._guarded(task, result, self._run(task, caps, on_log, workspace, result))
+        return await self._guarded(task, result, self._run(task, on_log, workspace, result))
 
     def adoptable(self) -> list[TaskSpec]:
         """Tasks an earlier run of this worker left running (or finished but not collected)
@@ -130,7 +201,6 @@ class Executor(abc.ABC):
     async def _run(
         self,
         task: TaskSpec,
-        caps: Resources,
         on_log: LogSink | None,
         workspace: Path,
         result: TaskResult,

@@ -25,24 +25,24 @@ from hivemind_worker.engine.executors.base import (
     LogSink,
     PausableRun,
     Usage,
+    collect_results,
+    settle_status,
 )
 from hivemind_worker.engine.executors.freeze import TreeControl
 from hivemind_worker.engine.executors.workspace import (
     ARCHIVES_DIR,
     TMP_DIR,
-    ResultError,
     pack_results,
     prepare_workspace,
     rmtree,
     workspace_path,
 )
-from hivemind_worker.engine.tasks import (
+from hivemind_worker.tasks import (
     MiB,
     Resources,
     TaskKind,
     TaskResult,
     TaskSpec,
-    TaskStatus,
 )
 
 log = logging.getLogger(__name__)
@@ -198,15 +198,14 @@ class ProcessExecutor(Executor):
     async def _run(
         self,
         task: TaskSpec,
-        caps: Resources,
         on_log: LogSink | None,
         workspace: Path,
         result: TaskResult,
     ) -> None:
         results_dir = workspace / Path(*task.result_path.parts)
-        memory = caps.memory_bytes if caps.memory_bytes > 0 else task.resources.memory_bytes
-        disk = caps.disk_bytes if caps.disk_bytes > 0 else task.resources.disk_bytes
-        cpus = caps.cpus if caps.cpus > 0 else task.resources.cpus
+        memory = task.resources.memory_bytes
+        disk = task.resources.disk_bytes
+        cpus = task.resources.cpus
         limits = plimits.ProcessLimits(
             address_space_bytes=memory + ADDRESS_SPACE_ALLOWANCE,
             cpu_seconds=task.timeout_seconds * max(1, math.ceil(cpus)) + CPU_LIMIT_SLACK_SECONDS,
@@ -254,41 +253,22 @@ class ProcessExecutor(Executor):
         result.log_tail = bytes(run.tail)
         result.cpu_seconds = run.cpu_seconds
         result.max_memory_bytes = run.max_rss
-        if run.cancelled:
-            result.status = TaskStatus.CANCELLED
-            result.error = "cancelled"
-        elif run.timed_out:
-            result.status = TaskStatus.TIMED_OUT
-            result.error = f"killed after {task.timeout_seconds} s timeout"
-        elif rc == 0:
-            result.status = TaskStatus.SUCCEEDED
-        elif any(m in run.tail[-_OOM_SCAN_BYTES:] for m in _OOM_MARKERS):
-            result.status = TaskStatus.OUT_OF_MEMORY
-            result.error = f"ran out of memory (limit {memory // MiB} MiB)"
-        elif rc < 0:
-            result.error = f"killed by signal {_signal_name(-rc)}"
-        elif rc == plimits.ISOLATION_FAILED and plimits.ISOLATION_MARKER in run.tail:
-            result.error = (
-                "this computer does not allow the process sandbox's isolation (unprivileged "
-                "user namespaces are off); install Docker, or enable user namespaces"
-            )
-        else:
-            result.error = f"exited with code {rc}"
-        if result.status is TaskStatus.CANCELLED:
-            return
-        try:
-            archive, digest, size = await asyncio.to_thread(
-                pack_results, task, workspace, self.archive_dir, self._max_result_files
-            )
-        except (ResultError, OSError) as exc:
-            reason = str(exc) if isinstance(exc, ResultError) else f"cannot pack results: {exc}"
-            if result.status is TaskStatus.SUCCEEDED:
-                result.status = TaskStatus.FAILED
-                result.error = reason
-            else:
-                result.error = f"{result.error}; results not collected: {reason}"
-            return
-        result.archive, result.archive_sha256, result.archive_size = archive, digest, size
+        settle_status(
+            result,
+            task,
+            cancelled=run.cancelled,
+            timed_out=run.timed_out,
+            # Only a failed exit: a task that caught a MemoryError and went on succeeded.
+            out_of_memory=rc != 0 and any(m in run.tail[-_OOM_SCAN_BYTES:] for m in _OOM_MARKERS),
+            memory_limit=memory,
+            failure=_exit_error(rc, run.tail),
+        )
+        await collect_results(
+            result,
+            lambda: pack_results(task, workspace, self.archive_dir, self._max_result_files),
+            (OSError,),
+            "pack",
+        )
 
     async def _supervise(self, run: _Running, reader: asyncio.Task[None]) -> None:
         # asyncio's Process.wait() only returns once the stdout pipe is closed too, which a
@@ -528,6 +508,18 @@ def _sample(run: _Running) -> None:
     percent = (run.cpu_seconds - previous_cpu) / elapsed * 100 if previous_at and elapsed else 0.0
     run.usage = Usage(cpu_percent=percent, memory_bytes=rss, cpu_seconds=run.cpu_seconds)
     run.sampled_at = now
+
+
+def _exit_error(rc: int, tail: bytes | bytearray) -> str:
+    """The error of a non-zero exit: `rc` as asyncio reports it (-N for signal N)."""
+    if rc < 0:
+        return f"killed by signal {_signal_name(-rc)}"
+    if rc == plimits.ISOLATION_FAILED and plimits.ISOLATION_MARKER in tail:
+        return (
+            "this computer does not allow the process sandbox's isolation (unprivileged "
+            "user namespaces are off); install Docker, or enable user namespaces"
+        )
+    return f"exited with code {rc}"
 
 
 def _signal_name(number: int) -> str:

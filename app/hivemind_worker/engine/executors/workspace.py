@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from hivemind_worker.engine.executors.base import ExecutorError
-from hivemind_worker.engine.tasks import (
+from hivemind_worker.archives import extract_checked
+from hivemind_worker.engine.executors.base import ExecutorError, ResultError
+from hivemind_worker.tasks import (
     MAX_INPUT_BYTES,
     TaskSpec,
     TaskSpecError,
@@ -33,10 +34,6 @@ _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
-
-
-class ResultError(Exception):
-    """The results hold something the worker will not send back."""
 
 
 def workspace_path(work_dir: Path, task: TaskSpec) -> Path:
@@ -312,7 +309,7 @@ def _unpack_archive(data: bytes, workspace: Path) -> None:
                     )
                 member.name = rel
                 members.append(member)
-            tar.extractall(workspace, members=members, filter="data")
+            extract_checked(tar, workspace, members)
     except tarfile.TarError as exc:
         raise TaskSpecError(field_name, f"cannot unpack: {exc}") from exc
     except (OSError, EOFError) as exc:

@@ -73,7 +73,7 @@ async def login_token(address: str) -> str:
 
     client = NodePoolClient(address)
     try:
-        return (await client.login(USER, PASSWORD)).token
+        return await client.login(USER, PASSWORD)
     finally:
         await client.close()
 

@@ -8,8 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harness import USER, login_token, python_task, queue_client, start_pool, worker_settings
-
+from helpers.harness import (
+    USER,
+    login_token,
+    python_task,
+    queue_client,
+    start_pool,
+    worker_settings,
+)
 from hivemind_worker.config import Settings
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.engine.engine import WorkerEngine

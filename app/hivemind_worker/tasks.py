@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
+from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.protocol import nodepool_pb2 as pb
 
 KiB = 1024
@@ -53,8 +57,11 @@ _IMAGE_RE = re.compile(
 )
 
 
-class TaskSpecError(ValueError):
+class TaskSpecError(HiveMindError, ValueError):
     """A task spec the worker or pool refuses; `str()` is a reason a submitter can read."""
+
+    kind = ErrorKind.TASK_REJECTED
+    title = "Task refused"
 
     def __init__(self, field_name: str, reason: str) -> None:
         super().__init__(f"{field_name}: {reason}")
@@ -198,12 +205,124 @@ class TaskSpec:
         cls, msg: pb.TaskSpec, *, require_id: bool = True, require_lease: bool = False
     ) -> TaskSpec:
         """Validate a wire spec, apply defaults, and raise TaskSpecError naming the bad field."""
+        return cls._validated(
+            _Fields(
+                task_id=msg.task_id,
+                lease_id=msg.lease_id,
+                kind=_KIND_FROM_PB.get(msg.kind),
+                name=msg.name,
+                argv=tuple(msg.argv),
+                image=msg.image,
+                source=msg.source,
+                requirements=tuple(msg.requirements),
+                env=dict(msg.env),
+                input_files=[(f.path, f.content, f.mode) for f in msg.input_files],
+                input_archive=msg.input_archive,
+                resources=(
+                    msg.resources.cpus,
+                    msg.resources.memory_bytes,
+                    msg.resources.disk_bytes,
+                    msg.resources.gpus,
+                ),
+                timeout_seconds=msg.timeout_seconds,
+                network=msg.network,
+                result_path=msg.result_path,
+                max_result_bytes=msg.max_result_bytes,
+                attempt=msg.attempt,
+                max_attempts=msg.max_attempts,
+            ),
+            require_id=require_id,
+            require_lease=require_lease,
+        )
+
+    @classmethod
+    def from_dict(
+        cls, data: object, *, require_id: bool = True, require_lease: bool = False
+    ) -> TaskSpec:
+        """A spec from its to_dict() form (parsed JSON), validated exactly as from_proto()
+        validates the wire form; raises TaskSpecError naming the bad field."""
+        if not isinstance(data, dict):
+            raise TaskSpecError("spec", "must be a JSON object")
+        unknown = set(data) - set(_Fields.__dataclass_fields__)
+        if unknown:
+            raise TaskSpecError(sorted(unknown)[0], "is not a field of a task spec")
+        kind_name = _get(data, "kind", str, "")
+        files = _get(data, "input_files", list, [])
+        resources = _get(data, "resources", dict, {})
+        return cls._validated(
+            _Fields(
+                task_id=_get(data, "task_id", str, ""),
+                lease_id=_get(data, "lease_id", str, ""),
+                kind=TaskKind(kind_name) if kind_name in tuple(TaskKind) else None,
+                name=_get(data, "name", str, ""),
+                argv=tuple(_strings(data, "argv")),
+                image=_get(data, "image", str, ""),
+                source=_get(data, "source", str, ""),
+                requirements=tuple(_strings(data, "requirements")),
+                env=_str_map(data, "env"),
+                input_files=[_input_file(f) for f in files],
+                input_archive=_base64(_get(data, "input_archive", str, ""), "input_archive"),
+                resources=(
+                    _float(resources, "cpus", "resources"),
+                    _int(resources, "memory_bytes", "resources"),
+                    _int(resources, "disk_bytes", "resources"),
+                    _int(resources, "gpus", "resources"),
+                ),
+                timeout_seconds=_int(data, "timeout_seconds"),
+                network=_get(data, "network", str, ""),
+                result_path=_get(data, "result_path", str, ""),
+                max_result_bytes=_int(data, "max_result_bytes"),
+                attempt=_int(data, "attempt"),
+                max_attempts=_int(data, "max_attempts"),
+            ),
+            require_id=require_id,
+            require_lease=require_lease,
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        """The spec as JSON-ready data (bytes in base64) that from_dict() reads back."""
+        return {
+            "task_id": self.task_id,
+            "lease_id": self.lease_id,
+            "kind": self.kind.value,
+            "name": self.name,
+            "argv": list(self.argv),
+            "image": self.image,
+            "source": self.source,
+            "requirements": list(self.requirements),
+            "env": dict(self.env),
+            "input_files": [
+                {
+                    "path": str(f.path),
+                    "content": base64.b64encode(f.content).decode("ascii"),
+                    "mode": f.mode,
+                }
+                for f in self.input_files
+            ],
+            "input_archive": base64.b64encode(self.input_archive).decode("ascii"),
+            "resources": {
+                "cpus": self.resources.cpus,
+                "memory_bytes": self.resources.memory_bytes,
+                "disk_bytes": self.resources.disk_bytes,
+                "gpus": self.resources.gpus,
+            },
+            "timeout_seconds": self.timeout_seconds,
+            "network": self.network,
+            "result_path": str(self.result_path),
+            "max_result_bytes": self.max_result_bytes,
+            "attempt": self.attempt,
+            "max_attempts": self.max_attempts,
+        }
+
+    @classmethod
+    def _validated(cls, msg: _Fields, *, require_id: bool, require_lease: bool) -> TaskSpec:
+        """The checks and defaults of every way a spec comes in (wire, kept JSON)."""
         task_id = msg.task_id
         if task_id or require_id:
             _check_id("task_id", task_id)
         if require_lease or msg.lease_id:
             _check_id("lease_id", msg.lease_id)
-        kind = _KIND_FROM_PB.get(msg.kind)
+        kind = msg.kind
         if kind is None:
             raise TaskSpecError("kind", "must be 'container' or 'python'")
         if len(msg.name) > MAX_NAME_LEN:
@@ -211,7 +330,7 @@ class TaskSpec:
         if any(ord(c) < 32 for c in msg.name):
             raise TaskSpecError("name", "contains control characters")
 
-        argv = tuple(msg.argv)
+        argv = msg.argv
         if len(argv) > MAX_ARGV_ITEMS:
             raise TaskSpecError("argv", f"more than {MAX_ARGV_ITEMS} items")
         if sum(len(a.encode()) for a in argv) > MAX_ARGV_BYTES:
@@ -236,7 +355,7 @@ class TaskSpec:
         if image and not image_reference_ok(image):
             raise TaskSpecError("image", f"{image[:80]!r} is not a valid image reference")
 
-        requirements = tuple(msg.requirements)
+        requirements = msg.requirements
         if len(requirements) > MAX_REQUIREMENTS:
             raise TaskSpecError("requirements", f"more than {MAX_REQUIREMENTS} lines")
         for req in requirements:
@@ -258,33 +377,33 @@ class TaskSpec:
         files: list[InputFile] = []
         seen: set[PurePosixPath] = set()
         total = len(msg.input_archive)
-        for f in msg.input_files:
-            path = safe_relative_path(f.path, "input_files")
+        for name, content, file_mode in msg.input_files:
+            path = safe_relative_path(name, "input_files")
             if path in seen:
-                raise TaskSpecError("input_files", f"{f.path!r} is given twice")
+                raise TaskSpecError("input_files", f"{name!r} is given twice")
             seen.add(path)
-            mode = f.mode or 0o644
+            mode = file_mode or 0o644
             if mode & ~0o777:
-                raise TaskSpecError("input_files", f"{f.path!r} has mode {oct(mode)}")
-            total += len(f.content)
-            files.append(InputFile(path, f.content, mode))
+                raise TaskSpecError("input_files", f"{name!r} has mode {oct(mode)}")
+            total += len(content)
+            files.append(InputFile(path, content, mode))
         if total > MAX_INPUT_BYTES:
             raise TaskSpecError("input_files", f"inputs larger than {MAX_INPUT_BYTES} bytes")
 
-        res = msg.resources
-        if res.cpus < 0 or res.memory_bytes < 0 or res.disk_bytes < 0 or res.gpus < 0:
+        cpus, memory_bytes, disk_bytes, gpus = msg.resources
+        if cpus < 0 or memory_bytes < 0 or disk_bytes < 0 or gpus < 0:
             raise TaskSpecError("resources", "negative values are not allowed")
-        if not (res.cpus <= MAX_CPUS):  # also catches NaN
+        if not (cpus <= MAX_CPUS):  # also catches NaN
             raise TaskSpecError("resources", f"cpus must be at most {MAX_CPUS:g}")
-        if res.memory_bytes > MAX_MEMORY_BYTES or res.disk_bytes > MAX_DISK_BYTES:
+        if memory_bytes > MAX_MEMORY_BYTES or disk_bytes > MAX_DISK_BYTES:
             raise TaskSpecError("resources", "memory or disk request is beyond any machine")
-        if res.gpus > MAX_GPUS:
+        if gpus > MAX_GPUS:
             raise TaskSpecError("resources", f"gpus must be at most {MAX_GPUS}")
         resources = Resources(
-            res.cpus or DEFAULT_CPUS,
-            res.memory_bytes or DEFAULT_MEMORY_BYTES,
-            res.disk_bytes or DEFAULT_DISK_BYTES,
-            res.gpus,
+            cpus or DEFAULT_CPUS,
+            memory_bytes or DEFAULT_MEMORY_BYTES,
+            disk_bytes or DEFAULT_DISK_BYTES,
+            gpus,
         )
 
         timeout = msg.timeout_seconds or DEFAULT_TIMEOUT_SECONDS
@@ -362,6 +481,86 @@ class TaskResult:
     finished_at: float = 0.0
     cpu_seconds: float = 0.0
     max_memory_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class _Fields:
+    """A spec's fields as plain values, before the checks that every way in shares."""
+
+    task_id: str
+    lease_id: str
+    kind: TaskKind | None
+    name: str
+    argv: tuple[str, ...]
+    image: str
+    source: str
+    requirements: tuple[str, ...]
+    env: dict[str, str]
+    input_files: list[tuple[str, bytes, int]]  # (path, content, mode)
+    input_archive: bytes
+    resources: tuple[float, int, int, int]  # cpus, memory, disk, gpus
+    timeout_seconds: int
+    network: str
+    result_path: str
+    max_result_bytes: int
+    attempt: int
+    max_attempts: int
+
+
+_T = TypeVar("_T")
+
+
+_JSON_NAMES: dict[type, str] = {str: "a string", list: "a list", dict: "an object"}
+
+
+def _get(data: dict[str, object], key: str, kind: type[_T], default: _T) -> _T:
+    value = data.get(key, default)
+    if not isinstance(value, kind):
+        raise TaskSpecError(key, f"must be {_JSON_NAMES.get(kind, kind.__name__)}")
+    return value
+
+
+def _strings(data: dict[str, object], key: str) -> list[str]:
+    values = _get(data, key, list, [])
+    if not all(isinstance(v, str) for v in values):
+        raise TaskSpecError(key, "must be a list of strings")
+    return values
+
+
+def _str_map(data: dict[str, object], key: str) -> dict[str, str]:
+    values = _get(data, key, dict, {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in values.items()):
+        raise TaskSpecError(key, "must map names to strings")
+    return values
+
+
+def _int(data: dict[str, object], key: str, field_name: str = "") -> int:
+    value = data.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TaskSpecError(field_name or key, f"{key} must be an integer")
+    return value
+
+
+def _float(data: dict[str, object], key: str, field_name: str = "") -> float:
+    value = data.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TaskSpecError(field_name or key, f"{key} must be a number")
+    return float(value)
+
+
+def _base64(text: str, field_name: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise TaskSpecError(field_name, "is not base64") from None
+
+
+def _input_file(entry: object) -> tuple[str, bytes, int]:
+    if not isinstance(entry, dict):
+        raise TaskSpecError("input_files", "each file must be a JSON object")
+    path = _get(entry, "path", str, "")
+    content = _base64(_get(entry, "content", str, ""), "input_files")
+    return path, content, _int(entry, "mode", "input_files")
 
 
 def image_reference_ok(image: str) -> bool:

@@ -1,0 +1,81 @@
+"""The composition root, Qt-free: settings -> engine with its executor, and logging in to a pool.
+
+Both front-ends (the CLI and the desktop app) build on this module; neither imports the other,
+except the CLI launching the GUI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import TYPE_CHECKING
+
+from hivemind_worker.config import Settings, resolve_node_id
+from hivemind_worker.credentials import CredentialStore
+from hivemind_worker.paths import Paths
+
+if TYPE_CHECKING:
+    from hivemind_worker.engine.engine import WorkerEngine
+    from hivemind_worker.engine.executors.base import Executor
+    from hivemind_worker.engine.probes import DesktopProbes
+
+
+def make_engine(
+    settings: Settings, paths: Paths, credentials: CredentialStore, *, demo: bool = False
+) -> WorkerEngine:
+    """The engine with the executor this machine supports (for the demo: one that is ready)."""
+    from hivemind_worker.engine.engine import WorkerEngine
+    from hivemind_worker.engine.executors import ready_for_python, select_executor
+    from hivemind_worker.logs import set_node_id
+
+    node_id = resolve_node_id(settings, paths)
+    set_node_id(node_id)
+    executor = select_executor(settings, node_id)
+    if demo:
+        executor = ready_for_python(executor, settings)
+    return WorkerEngine(
+        settings,
+        node_id=node_id,
+        credentials=credentials,
+        executor=executor,
+        outbox_dir=paths.outbox_dir,
+        probes=desktop_probes(executor),
+    )
+
+
+def desktop_probes(executor: Executor) -> DesktopProbes:
+    """This desktop's probes; Docker containers' CPU counts as the worker's own, not other
+    programs' (they are not in the worker's process tree)."""
+    from hivemind_worker.engine.probes import DesktopProbes
+
+    def container_cpu() -> float:
+        if executor.capability != "docker":
+            return 0.0  # process-sandbox tasks are in the worker's process tree already
+        return sum(u.cpu_seconds for u in executor.usage().values())
+
+    return DesktopProbes.for_this_desktop(extra_cpu_seconds=container_cpu)
+
+
+async def login_to_pool(
+    settings: Settings, credentials: CredentialStore, account: str, password: str
+) -> None:
+    """Log in and keep the token (never the password) in the keyring.
+
+    Raises the pool client's `PoolError` (a `HiveMindError`) when the pool refuses, and
+    `CredentialError` when the keyring cannot keep the token.
+    """
+    from hivemind_worker.engine.pool_client import client_for
+
+    client = client_for(settings)
+    try:
+        token = await client.login(account, password)
+    finally:
+        await client.close()
+    await asyncio.to_thread(credentials.set_token, settings.node_pool_address, account, token)
+
+
+def self_command() -> list[str]:
+    """How to start this program again: the frozen binary, or this interpreter with -m."""
+    if getattr(sys, "frozen", False):
+        return [sys.executable]
+    return [sys.executable, "-m", "hivemind_worker"]
