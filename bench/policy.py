@@ -165,7 +165,7 @@ async def freeze_latency(
         },
     )  # fmt: skip
     client = NodePoolClient(pool.address)
-    token = (await client.login("bench", "bench-password")).token
+    token = await client.login("bench", "bench-password")
     await client.close()
     credentials = CredentialStore(paths)
     credentials.set_token(pool.address, "bench", token)
