@@ -283,6 +283,7 @@ class Settings:
             help="run tasks in the process sandbox even when Docker is present",
         ),
         help="run tasks in Docker containers when Docker is there",
+        gui=True,
     )
     docker_network: str = setting(
         "none",

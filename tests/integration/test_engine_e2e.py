@@ -407,13 +407,44 @@ async def test_a_task_cancelled_here_and_handed_back_at_once_runs_again(tmp_path
         async with queue_client(pool.address) as queue:
             task_id = await queue.submit(python_task(source, name="again"))
             await wait_for(marker.exists, what="first run")
-            worker.engine.cancel_task(task_id)
+            worker.engine.cancel_task(task_id, exclude_here=False)  # given back as by a stop
             info = (await queue.wait_done([task_id], timeout=60))[task_id]
             assert info.status == pb.TASK_STATUS_SUCCEEDED
             assert info.attempt == 2 and info.node_id == "node-a"
             assert archive_files(await queue.download(task_id)) == {"results/r.txt": b"second run"}
     finally:
         await worker.stop()
+        await pool.stop()
+
+
+async def test_a_task_the_person_cancels_here_runs_on_another_node_only(tmp_path: Path) -> None:
+    pool = await start_pool(tmp_path / "pool.db", lease_timeout=300)
+    here = await start_worker(tmp_path / "node-a", pool.address)
+    marker = tmp_path / "first-run"
+    source = f"""
+        import os, time
+        if not os.path.exists({str(marker)!r}):
+            open({str(marker)!r}, "w").close()
+            time.sleep(60)
+        open("results/r.txt", "w").write("elsewhere")
+    """
+    other = None
+    try:
+        async with queue_client(pool.address) as queue:
+            task_id = await queue.submit(python_task(source, name="not here"))
+            await wait_for(marker.exists, what="first run")
+            here.engine.cancel_task(task_id)  # as the dashboard does
+            await wait_for(lambda: not here.engine._running, what="the cancel reported")
+            await asyncio.sleep(3)  # this worker keeps polling, and is never given it again
+            info = await queue.get(task_id)
+            assert info.status == pb.TASK_STATUS_QUEUED and info.attempt == 2
+            other = await start_worker(tmp_path / "node-b", pool.address)
+            info = (await queue.wait_done([task_id], timeout=60))[task_id]
+            assert info.status == pb.TASK_STATUS_SUCCEEDED and info.node_id == "node-b"
+    finally:
+        if other is not None:
+            await other.stop()
+        await here.stop()
         await pool.stop()
 
 

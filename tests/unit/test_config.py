@@ -309,6 +309,7 @@ def test_settings_table_matches_settings() -> None:
         "max_memory_gb",
         "max_disk_gb",
         "max_concurrent_tasks",
+        "docker_enabled",
         "start_at_login",
         "start_on_launch",
         "close_to_tray",

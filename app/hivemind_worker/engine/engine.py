@@ -135,13 +135,16 @@ class WorkerEngine(Session, TaskRuns, Contribute):
         """Stop contributing now: running tasks are killed and go back to the pool."""
         self._call(self._do_stop)
 
-    def cancel_task(self, task_id: str) -> None:
-        """Stop one running task; it is reported CANCELLED and the pool hands it out again."""
+    def cancel_task(self, task_id: str, *, exclude_here: bool = True) -> None:
+        """Stop one running task; it is reported CANCELLED and the pool hands it out again,
+        to another node: the report asks the pool not to give it back to this one (unless
+        `exclude_here` is False: then it is given back as a stop gives tasks back)."""
 
         def cancel() -> None:
             run = self._running.get(task_id)
             if run is not None and not run.finished and not run.cancel_requested:
                 run.cancel_requested = True
+                run.exclude_here = exclude_here
                 self._spawn(self.executor.cancel(task_id), "cancel")
 
         self._call(cancel)
@@ -208,6 +211,7 @@ class WorkerEngine(Session, TaskRuns, Contribute):
                         exc.message,
                         time.time() + AUTH_RETRY_SECONDS,
                         exc.kind,
+                        exc.details,
                     )
                     self._hub.publish(ErrorRaised.of(exc))
                     await self._wait_changed(AUTH_RETRY_SECONDS)
@@ -218,6 +222,7 @@ class WorkerEngine(Session, TaskRuns, Contribute):
                         f"{exc.message} Retrying in {delay:.0f} s.",
                         time.time() + delay,
                         exc.kind,
+                        exc.details,
                     )
                     log.warning("%s; retrying in %.1f s%s", exc, delay,
                                 f" ({exc.details})" if exc.details else "")  # fmt: skip
@@ -335,13 +340,14 @@ class WorkerEngine(Session, TaskRuns, Contribute):
         message: str = "",
         retry_at: float | None = None,
         error_kind: ErrorKind | None = None,
+        details: str = "",
     ) -> None:
         if state == self._state and message == self._state_message:
             return
         self._state = state
         self._state_message = message
         log.info("state: %s%s", state.value, f" ({message})" if message else "")
-        self._hub.publish(StateChanged(state, message, retry_at, error_kind))
+        self._hub.publish(StateChanged(state, message, retry_at, error_kind, details))
 
     def _refresh_state(self) -> None:
         if self._client is None or self._connected is None or not self._connected.is_set():

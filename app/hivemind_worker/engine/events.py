@@ -34,6 +34,7 @@ class StateChanged:
     message: str = ""
     retry_at: float | None = None  # epoch seconds: next attempt (CONNECTING, ERROR); end (WAITING)
     error_kind: ErrorKind | None = None  # why, in CONNECTING or ERROR
+    details: str = ""  # the raw library text behind `message`, for a Details box and the log
 
 
 @dataclass(frozen=True)

@@ -438,6 +438,7 @@ class NodePoolClient:
             status=result.status.to_proto(),
             exit_code=result.exit_code,
             error=result.error[:4000],
+            exclude_this_node=result.exclude_this_node,
             log_tail=result.log_tail[-LOG_TAIL_REPORT_BYTES:],
             result_sha256=result.archive_sha256 if has_archive else "",
             result_size=result.archive_size if has_archive else 0,

@@ -73,6 +73,7 @@ class Session:
             message: str = "",
             retry_at: float | None = None,
             error_kind: ErrorKind | None = None,
+            details: str = "",
         ) -> None: ...
 
         def _refresh_state(self) -> None: ...
@@ -276,6 +277,9 @@ class Session:
             )
             call = asyncio.ensure_future(client.get_tasks(self.node_id, offer))
             self._poll_call = call
+            # Withdrawn or abandoned at a reconnect, its PoolUnavailable must still be read,
+            # or asyncio logs "Task exception was never retrieved".
+            call.add_done_callback(lambda f: f.cancelled() or f.exception())
             try:
                 await asyncio.wait({call})
             finally:

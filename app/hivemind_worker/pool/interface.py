@@ -92,6 +92,7 @@ class TaskStore(Protocol):
         started_ms: int = 0,
         finished_ms: int = 0,
         usage: dict[str, float] | None = None,
+        exclude_node: bool = False,  # CANCELLED by the person on node_id: never lease it there
         now: int | None = None,
     ) -> ReportOutcome: ...
     def count_stale_report(self) -> None: ...

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from hivemind_worker.pool.records import StoreError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Version 1, as first released; a new database is created at version 1 and migrated, so every
 # database takes the same path.
@@ -133,6 +133,17 @@ CREATE INDEX tasks_cancels_by_node ON tasks(node_id)
 CREATE INDEX tokens_by_expiry ON tokens(expires_ms);
 """
 
+# Version 4: tasks a person cancelled on their own node, never to be leased to that node again
+# (ReportTaskResultRequest.exclude_this_node). Deleted with the task; the lease query checks
+# it by primary key.
+_MIGRATE_V4 = """
+CREATE TABLE task_exclusions (
+    task_id TEXT NOT NULL REFERENCES tasks(task_id) ON DELETE CASCADE,
+    node_id TEXT NOT NULL,
+    PRIMARY KEY (task_id, node_id)
+);
+"""
+
 
 def _statements(script: str) -> Iterator[str]:
     """The statements of a script, triggers (with `;` inside) kept whole."""
@@ -159,7 +170,7 @@ def migrate(db: sqlite3.Connection, path: object) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
         # Each step takes the schema one version up; v1 -> v2 copies stored results once.
-        for step, script in ((1, _SCHEMA_V1), (2, _MIGRATE_V2), (3, _MIGRATE_V3)):
+        for step, script in ((1, _SCHEMA_V1), (2, _MIGRATE_V2), (3, _MIGRATE_V3), (4, _MIGRATE_V4)):
             if version < step:
                 for statement in _statements(script):
                     db.execute(statement)

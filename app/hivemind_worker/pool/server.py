@@ -234,6 +234,7 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
                 started_ms=max(request.started_unix_ms, 0),
                 finished_ms=max(request.finished_unix_ms, 0),
                 usage=usage_dict(request.usage) if request.HasField("usage") else None,
+                exclude_node=request.exclude_this_node and status is TaskStatus.CANCELLED,
             )
         except StaleLease:
             core.stats.stale_reports += 1

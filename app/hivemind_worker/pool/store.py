@@ -231,8 +231,11 @@ class PoolStore(UserStore):
             "SELECT task_id, spec, cpus, memory_bytes, disk_bytes, gpus, attempt FROM tasks"
             f" WHERE status = 'queued' AND kind IN ({marks})"
             " AND cpus <= ? AND memory_bytes <= ? AND disk_bytes <= ? AND gpus <= ?"
+            # Not a task the person cancelled on this very node (exclude_this_node).
+            " AND NOT EXISTS (SELECT 1 FROM task_exclusions x"
+            " WHERE x.task_id = tasks.task_id AND x.node_id = ?)"
             " ORDER BY submitted_ms, seq",
-            (*kinds, free.cpus + 1e-9, free.memory_bytes, free.disk_bytes, free.gpus),
+            (*kinds, free.cpus + 1e-9, free.memory_bytes, free.disk_bytes, free.gpus, node_id),
         )
         try:
             for row in cur:  # lazily, in index order: stops at the first max_tasks that fit
@@ -484,13 +487,15 @@ class PoolStore(UserStore):
         started_ms: int = 0,
         finished_ms: int = 0,
         usage: dict[str, float] | None = None,
+        exclude_node: bool = False,
         now: int | None = None,
     ) -> ReportOutcome:
         """Record a worker's final report for its lease; idempotent per lease.
 
         CANCELLED wins over whatever the worker says once the submitter asked to cancel. A
         CANCELLED report nobody asked for means the worker gave the task back (it stopped or
-        was drained): the task is requeued like an expired lease, attempt + 1.
+        was drained): the task is requeued like an expired lease, attempt + 1; with
+        `exclude_node` (the person cancelled it there) it is never leased to that node again.
         """
         now = now if now is not None else now_ms()
         with self._tx() as db:
@@ -546,6 +551,11 @@ class PoolStore(UserStore):
                     (TaskStatus.QUEUED.value, task_id),
                 )
                 db.execute("DELETE FROM results WHERE task_id = ?", (task_id,))
+                if exclude_node:
+                    db.execute(
+                        "INSERT OR IGNORE INTO task_exclusions(task_id, node_id) VALUES(?, ?)",
+                        (task_id, node_id),
+                    )
             else:
                 db.execute(
                     "UPDATE tasks SET status = ?, lease_expires_ms = NULL, exit_code = ?,"

@@ -677,6 +677,7 @@ class ReportTaskResultRequest(_message.Message):
     STARTED_UNIX_MS_FIELD_NUMBER: _builtins.int
     FINISHED_UNIX_MS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    EXCLUDE_THIS_NODE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     task_id: _builtins.str
     lease_id: _builtins.str
@@ -689,6 +690,10 @@ class ReportTaskResultRequest(_message.Message):
     result_size: _builtins.int
     started_unix_ms: _builtins.int
     finished_unix_ms: _builtins.int
+    exclude_this_node: _builtins.bool
+    """With CANCELLED: the person at this node cancelled the task there. The pool requeues it
+    as for any give-back but never leases it to this node again.
+    """
     @_builtins.property
     def usage(self) -> Global___ResourceUsage: ...
     def __init__(
@@ -706,10 +711,11 @@ class ReportTaskResultRequest(_message.Message):
         started_unix_ms: _builtins.int = ...,
         finished_unix_ms: _builtins.int = ...,
         usage: Global___ResourceUsage | None = ...,
+        exclude_this_node: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "exit_code", b"exit_code", "finished_unix_ms", b"finished_unix_ms", "lease_id", b"lease_id", "log_tail", b"log_tail", "node_id", b"node_id", "result_sha256", b"result_sha256", "result_size", b"result_size", "started_unix_ms", b"started_unix_ms", "status", b"status", "task_id", b"task_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "exclude_this_node", b"exclude_this_node", "exit_code", b"exit_code", "finished_unix_ms", b"finished_unix_ms", "lease_id", b"lease_id", "log_tail", b"log_tail", "node_id", b"node_id", "result_sha256", b"result_sha256", "result_size", b"result_size", "started_unix_ms", b"started_unix_ms", "status", b"status", "task_id", b"task_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
