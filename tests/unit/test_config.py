@@ -313,6 +313,18 @@ def test_settings_table_matches_settings() -> None:
         "start_at_login",
         "start_on_launch",
         "close_to_tray",
+        # the "When to contribute" page
+        "idle_only_minutes",
+        "suspend_on_battery",
+        "battery_below_percent",
+        "other_cpu_percent",
+        "other_cpu_suspend_seconds",
+        "other_cpu_resume_seconds",
+        "suspend_fullscreen",
+        "schedule",
+        "memory_low_percent",
+        "cpu_time_percent",
+        "give_back_minutes",
     ]
 
 
