@@ -37,6 +37,7 @@ def test_when_to_contribute_page_presets_and_errors_beside_the_field(
     dialog = app.settings_dialog
     assert dialog is not None and dialog.policy is not None
     page = dialog.policy
+    dialog.tabs.setCurrentWidget(page)  # the person opens the page (errors show on it)
     ok = dialog.buttons.button(dialog.buttons.StandardButton.Ok)
     assert page.preset.currentText() == ALWAYS  # the defaults are the courteous preset
     page.preset.setCurrentText(AWAY)
@@ -65,7 +66,7 @@ def test_the_policy_reason_and_until_when_from_published_policy_events(
 ) -> None:
     # The events the engine's policy loop publishes, handed to the bridge as the engine hands
     # them (tests/integration/test_policy_engine runs the loop itself on real probes).
-    from hivemind_worker.engine.policy import Decision, Reason, Verdict  # noqa: I001
+    from hivemind_worker.engine.policy import Decision, Reason, Verdict
     from hivemind_worker.gui.icons import Look
 
     app, _ = gui_app
@@ -73,7 +74,7 @@ def test_the_policy_reason_and_until_when_from_published_policy_events(
                         hint="resumes when plugged in")  # fmt: skip
     app.bridge.publish(events.PolicyChanged(decision, decision.line()))
     app.bridge.publish(events.StateChanged(events.EngineState.WAITING, "on battery"))
-    qtbot.waitUntil(lambda: app.dashboard.state_label.text() == "Paused: on battery", 5_000)
+    qtbot.waitUntil(lambda: app.dashboard.state_label.text() == "Paused: on battery", timeout=5_000)
     assert "Resumes when plugged in" in app.dashboard.state_detail.text()
     assert "Paused: on battery" in app.tray.tooltip_text()
     assert app.status().look is Look.WAITING

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hivemind_worker.config import Settings
 from hivemind_worker.credentials import CredentialStore
+from hivemind_worker.engine.contribute import Contribute
 from hivemind_worker.engine.delivery import Delivery, backoff_delay
 from hivemind_worker.engine.events import (
     EngineState,
@@ -30,6 +31,7 @@ from hivemind_worker.engine.pool_client import (
     RefusedSpec,
     client_for,
 )
+from hivemind_worker.engine.probes import Probes
 from hivemind_worker.engine.runs import TaskRuns, _Running
 from hivemind_worker.engine.session import Session, _SessionOver
 from hivemind_worker.errors import ErrorKind, HiveMindError
@@ -45,7 +47,7 @@ AUTH_RETRY_SECONDS = 60.0
 METRICS_INTERVAL = 1.0
 
 
-class WorkerEngine(Session, TaskRuns):
+class WorkerEngine(Session, TaskRuns, Contribute):
     """Start / pause / resume / drain / stop from any thread; `run()` is the engine's coroutine.
 
     Commands are thread-safe: they hop onto the engine loop with call_soon_threadsafe, so the
@@ -61,6 +63,7 @@ class WorkerEngine(Session, TaskRuns):
         executor: Executor,
         outbox_dir: Path,
         client_factory: Callable[..., NodePoolClient] = client_for,
+        probes: Probes | None = None,
     ) -> None:
         self.settings = settings
         self.node_id = node_id
@@ -92,6 +95,7 @@ class WorkerEngine(Session, TaskRuns):
         self._attempt = 0  # reconnect attempts since the last successful registration
         self._poll_call: asyncio.Future[list[TaskSpec | RefusedSpec]] | None = None
         executor.on_pull = self._on_pull
+        self._init_policy(settings, probes)  # when to contribute: contribute.py
         self.tasks_done = 0
         self.tasks_failed = 0
 
@@ -173,6 +177,7 @@ class WorkerEngine(Session, TaskRuns):
         self._changed = asyncio.Event()
         self._want_running = autostart or self._want_running
         metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
+        policy = asyncio.create_task(self._policy_loop(), name="policy")
         leftovers: list[asyncio.Task[None]] = []
         spooled: set[tuple[str, str]] = set()
         if self.executor.notice:
@@ -224,12 +229,14 @@ class WorkerEngine(Session, TaskRuns):
                     await self._wait_changed(delay)
         finally:
             metrics.cancel()
+            policy.cancel()
             for task in leftovers:
                 task.cancel()
             await self._stop_all_tasks()
             await self.delivery.close()
             await self._close_client()
             await self.executor.close()
+            await asyncio.to_thread(self._probes.close)
             self._set_state(EngineState.STOPPED)
 
     # ------------------------------------------------------------------ commands, engine loop
@@ -262,7 +269,7 @@ class WorkerEngine(Session, TaskRuns):
             return
         self._paused = True
         self._withdraw_poll()
-        self._spawn(self.executor.pause(), "pause")
+        self._sync_frozen()
         self._refresh_state()
         self._poke()
 
@@ -270,7 +277,7 @@ class WorkerEngine(Session, TaskRuns):
         if not self._paused:
             return
         self._paused = False
-        self._spawn(self.executor.resume(), "resume")
+        self._sync_frozen()  # the tasks stay frozen while the policy still says suspend
         self._refresh_state()
         self._poke()
 
@@ -306,6 +313,7 @@ class WorkerEngine(Session, TaskRuns):
             or settings.insecure != self.settings.insecure
         )
         self.settings = settings
+        self._configure_policy(settings)
         if reconnect and self._client is not None:
             self._spawn(self._close_client(), "reconnect")
         if self._running:  # only then is the loop running, and is there anything to bring in
@@ -347,6 +355,8 @@ class WorkerEngine(Session, TaskRuns):
         active = sum(1 for r in self._running.values() if not r.finished)
         if self._paused:
             self._set_state(EngineState.PAUSED)
+        elif self._waiting_state():
+            pass  # WAITING, with the policy's reason
         elif self._draining:
             self._set_state(EngineState.DRAINING, f"{active} task(s) to finish")
         elif active:

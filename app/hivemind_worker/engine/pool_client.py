@@ -357,11 +357,18 @@ class NodePoolClient:
         )
 
     async def heartbeat(
-        self, node_id: str, status: NodeStatus, host: HostSample, running: list[RunningLease]
+        self,
+        node_id: str,
+        status: NodeStatus,
+        host: HostSample,
+        running: list[RunningLease],
+        status_message: str = "",
     ) -> HeartbeatReply:
+        """`status_message`: why, when PAUSED by the worker's own rules ("on battery")."""
         request = pb.UpdateNodeStatusRequest(
             node_id=node_id,
             status=_NODE_STATUS[status],
+            status_message=status_message,
             timestamp_unix_ms=int(time.time() * 1000),
             metrics=pb.HostMetrics(
                 cpu_percent=host.cpu_percent,

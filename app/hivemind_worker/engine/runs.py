@@ -69,6 +69,8 @@ class TaskRuns:
 
         def _caps(self) -> Resources: ...
 
+        def _held(self) -> bool: ...
+
     def _adopt_leftovers(self, spooled: set[tuple[str, str]]) -> None:
         """Re-attach tasks an earlier run left running: they hold their leases (heartbeats
         renew them, capacity counts them) and report like any task. A lease the pool no
@@ -152,7 +154,7 @@ class TaskRuns:
                 return
             log.warning("task %s handed out twice; ignoring the second lease", spec.task_id)
             return
-        if self._paused or self._draining or not self._want_running or self._shutdown:
+        if self._held() or self._draining or not self._want_running or self._shutdown:
             problem = "this worker has just paused or is stopping"
         else:
             problem = self._check_fits(spec)

@@ -90,6 +90,10 @@ class Session:
 
         def _take(self, offered: list[TaskSpec | RefusedSpec], *, asked: int) -> None: ...
 
+        def _held(self) -> bool: ...
+
+        def _status_message(self) -> str: ...
+
     async def _session(self) -> None:
         """Connect, register and work until the connection fails or we stop contributing."""
         self._set_state(EngineState.CONNECTING, f"connecting to {self.settings.node_pool_address}")
@@ -222,7 +226,7 @@ class Session:
         ]
         status = (
             NodeStatus.PAUSED
-            if self._paused
+            if self._held()
             else NodeStatus.DRAINING
             if self._draining
             else NodeStatus.BUSY
@@ -230,7 +234,7 @@ class Session:
             else NodeStatus.IDLE
         )
         host = await asyncio.to_thread(self.monitor.sample)
-        reply = await client.heartbeat(self.node_id, status, host, running)
+        reply = await client.heartbeat(self.node_id, status, host, running, self._status_message())
         for task_id in reply.cancel_task_ids:
             if task_id in self._running and not self._running[task_id].finished:
                 log.info("pool cancelled task %s", task_id)
@@ -246,7 +250,7 @@ class Session:
 
     async def _poll_loop(self, client: NodePoolClient) -> None:
         while True:
-            if self._paused or self._draining or not self._want_running:
+            if self._held() or self._draining or not self._want_running:
                 await self._wait_changed(5.0)
                 continue
             active = sum(1 for r in self._running.values() if not r.finished)

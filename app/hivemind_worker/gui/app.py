@@ -368,7 +368,7 @@ class WorkerApp(QObject):
         def answered() -> None:
             self.override_box = None
             if box.clickedButton() is anyway:
-                self.engine.contribute_anyway(3600)  # type: ignore[attr-defined]
+                self.engine.contribute_anyway(3600)
                 self.model.add_log("state", "Contributing anyway for 1 hour")
 
         box.finished.connect(answered)

@@ -91,6 +91,7 @@ STATE_TEXT = {
     EngineState.IDLE: "Contributing: waiting for work",
     EngineState.BUSY: "Contributing",
     EngineState.PAUSED: "Paused",
+    EngineState.WAITING: "Waiting",
     EngineState.DRAINING: "Finishing running tasks",
     EngineState.ERROR: "Needs attention",
 }

@@ -79,6 +79,7 @@ class NodeRecord:
     capabilities: frozenset[str]
     last_seen_ms: int
     status: int
+    status_message: str = ""  # why, when the node paused by its own rules ("on battery")
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,7 @@ class Heartbeat:
     metrics: dict[str, float]
     lease_ids: Sequence[str] = ()
     usage: dict[str, dict[str, float]] = field(default_factory=dict)
+    status_message: str = ""  # why, when the node paused by its own rules ("on battery")
 
 
 @dataclass(frozen=True)

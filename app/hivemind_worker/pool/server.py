@@ -154,6 +154,7 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
                 },
                 lease_ids=lease_ids,
                 usage=usage,
+                status_message=request.status_message[:200],
             )
         )
         if outcome.lost:

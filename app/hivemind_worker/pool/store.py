@@ -133,7 +133,7 @@ class PoolStore(UserStore):
     def get_node(self, node_id: str, owner: str) -> NodeRecord:
         """The node, checked to belong to `owner`; NodeNotFound / NodeOwnedByOther otherwise."""
         row = self._db.execute(
-            "SELECT node_id, owner, capabilities, last_seen_ms, status FROM nodes"
+            "SELECT node_id, owner, capabilities, last_seen_ms, status, metrics FROM nodes"
             " WHERE node_id = ?",
             (node_id,),
         ).fetchone()
@@ -147,6 +147,7 @@ class PoolStore(UserStore):
             capabilities=frozenset(json.loads(row["capabilities"])),
             last_seen_ms=int(row["last_seen_ms"]),
             status=int(row["status"]),
+            status_message=str(json.loads(row["metrics"]).get("status_message", "")),
         )
 
     def record_heartbeat(self, node_id: str, status: int, metrics: dict[str, float]) -> None:
@@ -314,7 +315,7 @@ class PoolStore(UserStore):
             for beat in beats:
                 db.execute(
                     "UPDATE nodes SET last_seen_ms = ?, status = ?, metrics = ? WHERE node_id = ?",
-                    (now, beat.status, json.dumps(beat.metrics), beat.node_id),
+                    (now, beat.status, json.dumps(_with_reason(beat)), beat.node_id),
                 )
                 lost = self._renew(db, beat.node_id, beat.lease_ids, lease_seconds, beat.usage, now)
                 out.append(HeartbeatOutcome(lost, self.cancels_for(beat.node_id)))
@@ -613,3 +614,11 @@ class PoolStore(UserStore):
             f"SELECT * FROM tasks {clause} ORDER BY seq DESC LIMIT ?", args
         ).fetchall()
         return [_task_record(r) for r in rows]
+
+
+def _with_reason(beat: Heartbeat) -> dict[str, float | str]:
+    """The metrics kept for a node, with the reason it gave for its status, if any."""
+    kept: dict[str, float | str] = dict(beat.metrics)
+    if beat.status_message:
+        kept["status_message"] = beat.status_message
+    return kept

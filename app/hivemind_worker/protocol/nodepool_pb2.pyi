@@ -533,9 +533,12 @@ class UpdateNodeStatusRequest(_message.Message):
     TIMESTAMP_UNIX_MS_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
+    STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     status: Global___NodeStatus.ValueType
     timestamp_unix_ms: _builtins.int
+    status_message: _builtins.str
+    """Why, in words, when PAUSED by the worker's own rules ("on battery"); empty otherwise."""
     @_builtins.property
     def metrics(self) -> Global___HostMetrics: ...
     @_builtins.property
@@ -548,10 +551,11 @@ class UpdateNodeStatusRequest(_message.Message):
         timestamp_unix_ms: _builtins.int = ...,
         metrics: Global___HostMetrics | None = ...,
         running: _abc.Iterable[Global___RunningTask] | None = ...,
+        status_message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "node_id", b"node_id", "running", b"running", "status", b"status", "timestamp_unix_ms", b"timestamp_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "node_id", b"node_id", "running", b"running", "status", b"status", "status_message", b"status_message", "timestamp_unix_ms", b"timestamp_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -138,6 +138,10 @@ class Executor(abc.ABC):
     #: (so it must not block); only executors that pull images call it.
     on_pull: Callable[[str, int, int], None] | None = None
 
+    #: Share (0-1] of their CPU limit that tasks may use: the policy's "use at most X % of CPU
+    #: time". Set by the engine, which then calls apply_caps() to bring running tasks to it.
+    cpu_time_share: float = 1.0
+
     #: Why this executor stands in for a better one (Docker enabled but unusable); the
     #: engine tells the person once at start. Empty when nothing needs saying.
     notice: str = ""

@@ -685,6 +685,7 @@ class DockerExecutor(Executor):
         runs = [r for r in self._running.values() if not r.exited]
         wanted = sum(r.task.resources.cpus for r in runs)
         factor = min(1.0, caps.cpus / wanted) if wanted > 0 and caps.cpus > 0 else 1.0
+        factor *= self.cpu_time_share  # the policy's "use at most X % of CPU time"
         await asyncio.gather(
             *(
                 asyncio.to_thread(

@@ -30,6 +30,7 @@ from hivemind_worker.engine.executors.base import (
     collect_results,
     settle_status,
 )
+from hivemind_worker.engine.executors.freeze import TreeControl
 from hivemind_worker.engine.executors.workspace import (
     ARCHIVES_DIR,
     TMP_DIR,
@@ -42,6 +43,7 @@ from hivemind_worker.engine.executors.workspace import (
 )
 from hivemind_worker.tasks import (
     MiB,
+    Resources,
     TaskKind,
     TaskResult,
     TaskSpec,
@@ -105,6 +107,7 @@ class _Running(PausableRun):
     disk_checked_at: float = 0.0  # time.monotonic() of the last walk of the workspace
     disk_walk_seconds: float = 0.0  # how long that walk took
     job: windows_job.Job | None = None  # Windows: the Job Object holding the task's tree
+    control: TreeControl | None = None  # freeze and CPU share of the whole tree
 
 
 class ProcessExecutor(Executor):
@@ -167,6 +170,7 @@ class ProcessExecutor(Executor):
         self._paused = False
         self._confinement: sandbox_linux.Confinement | None = None
         self._cgroups: cgroups.Cgroups | None = None
+        self._cpu_cap = 0.0  # the person's CPU cap as last applied; 0: not applied yet
 
     @property
     def python(self) -> str:
@@ -362,9 +366,15 @@ class ProcessExecutor(Executor):
         run.job = job
         # Registered before any await, so a pause() from here on reaches this task.
         self._running[task.task_id] = run
+        # A cgroup v2 folder freezes and throttles the whole tree at once; else signals.
+        v2 = (
+            group.folders[0] if group is not None and group.version == 2 and group.folders else None
+        )
+        run.control = TreeControl(lambda sig: self._signal(run, sig), cgroup=v2, cpus=cpus)
         if self._paused:
             run.paused_at = run.started
-            self._signal(run, SIGSTOP)
+            run.control.freeze()
+        self._rebalance()
         reader = asyncio.create_task(self._pump(run, on_log))
         try:
             run.leader = await asyncio.to_thread(_psutil_process, proc.pid)
@@ -372,8 +382,10 @@ class ProcessExecutor(Executor):
         finally:
             # However the run ends (exit, timeout, cancel, or this coroutine being cancelled),
             # nothing the task started may outlive it.
+            run.control.close()
             self._signal(run, SIGKILL)
             self._running.pop(task.task_id, None)
+            self._rebalance()
             await self._drain(run, reader)
             oom = False
             if job is not None:
@@ -547,7 +559,8 @@ class ProcessExecutor(Executor):
         for run in list(self._running.values()):
             if run.paused_at is None:
                 run.paused_at = now
-                self._signal(run, SIGSTOP)
+                if run.control is not None:
+                    run.control.freeze()
 
     async def resume(self) -> None:
         self._paused = False
@@ -557,7 +570,28 @@ class ProcessExecutor(Executor):
                 # The paused time is not counted against the task's timeout.
                 run.paused_total += now - run.paused_at
                 run.paused_at = None
-                self._signal(run, SIGCONT)
+                if run.control is not None:
+                    run.control.thaw()
+
+    async def apply_caps(self, caps: Resources) -> None:
+        """Scale running tasks' CPU down to fit new caps and the CPU-time share, live.
+
+        Through the task's cgroup cpu.max where it has one, else a stop/continue duty cycle
+        of its tree (freeze.py). Memory is left alone, as in Docker: new caps bound new tasks.
+        """
+        self._cpu_cap = caps.cpus
+        self._rebalance()
+
+    def _rebalance(self) -> None:
+        """Give each running task its share: the caps over what all of them asked for, times
+        the CPU-time share; again whenever a task starts or ends."""
+        runs = list(self._running.values())
+        wanted = sum(r.task.resources.cpus for r in runs)
+        cap = self._cpu_cap
+        factor = min(1.0, cap / wanted) if wanted > 0 and cap > 0 else 1.0
+        for run in runs:
+            if run.control is not None:
+                run.control.set_share(factor * self.cpu_time_share)
 
     async def cleanup(self, task_id: str) -> None:
         run = self._running.get(task_id)
