@@ -134,10 +134,10 @@ def _sandbox_checks() -> list[Check]:
         return [Check("sandbox", "warn", f"{sys.platform}: rlimits only, no isolation")]
     from hivemind_worker.engine.executors import cgroups, sandbox_linux
     from hivemind_worker.engine.executors.base import ExecutorError
-    from hivemind_worker.engine.executors.process import _default_python
+    from hivemind_worker.engine.executors.process_run import default_python
 
     try:
-        confinement = sandbox_linux.probe(_default_python())
+        confinement = sandbox_linux.probe(default_python())
     except ExecutorError as exc:
         return [Check("sandbox", "fail", str(exc))]
     checks = [

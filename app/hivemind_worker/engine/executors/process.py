@@ -7,13 +7,10 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +22,23 @@ from hivemind_worker.engine.executors.base import (
     Executor,
     ExecutorError,
     LogSink,
-    PausableRun,
     Usage,
     collect_results,
     settle_status,
 )
 from hivemind_worker.engine.executors.freeze import TreeControl
+from hivemind_worker.engine.executors.process_run import (
+    SAMPLE_INTERVAL,
+    Running,
+    default_python,
+    exit_error,
+    psutil_process,
+    sample,
+    task_environment,
+)
 from hivemind_worker.engine.executors.workspace import (
     ARCHIVES_DIR,
-    TMP_DIR,
     discard,
-    disk_usage,
     pack_results,
     prepare_workspace,
     rmtree,
@@ -61,7 +64,6 @@ ADDRESS_SPACE_ALLOWANCE = 256 * MiB
 # RLIMIT_CPU is only a backstop (the wall-clock timeout is the real limit).
 CPU_LIMIT_SLACK_SECONDS = 5
 TERM_GRACE_SECONDS = 2.0
-SAMPLE_INTERVAL = 1.0
 POLL_INTERVAL = 0.1
 EXIT_POLL_INTERVAL = 0.005
 DRAIN_SECONDS = 5.0
@@ -78,36 +80,6 @@ SIGSTOP = getattr(signal, "SIGSTOP", 19)
 SIGCONT = getattr(signal, "SIGCONT", 18)
 # The private /tmp (a tmpfs, so memory) is capped like the Docker executor's.
 TMPFS_MAX_BYTES = 256 * MiB
-
-
-@dataclass(eq=False)
-class _Running(PausableRun):
-    task: TaskSpec
-    proc: asyncio.subprocess.Process
-    started: float  # time.monotonic()
-    leader: psutil.Process | None = None
-    paused_at: float | None = None
-    paused_total: float = 0.0
-    cancelled: bool = False
-    timed_out: bool = False
-    # Every process seen in the task's tree, so that one which left the process group
-    # (setsid) is still paused, resumed and killed with it. Touched from sampling threads.
-    known: set[psutil.Process] = field(default_factory=set)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    usage: Usage = field(default_factory=Usage)
-    cpu_seconds: float = 0.0
-    max_rss: int = 0
-    last_sample: float = 0.0  # when the supervisor last asked for a sample
-    sampled_at: float = 0.0  # when the last sample was taken, for cpu_percent
-    tail: bytearray = field(default_factory=bytearray)
-    output_bytes: int = 0
-    workspace: Path | None = None
-    disk_limit: int = 0  # bytes; 0: not watched
-    disk_exceeded: bool = False
-    disk_checked_at: float = 0.0  # time.monotonic() of the last walk of the workspace
-    disk_walk_seconds: float = 0.0  # how long that walk took
-    job: windows_job.Job | None = None  # Windows: the Job Object holding the task's tree
-    control: TreeControl | None = None  # freeze and CPU share of the whole tree
 
 
 class ProcessExecutor(Executor):
@@ -161,11 +133,11 @@ class ProcessExecutor(Executor):
         max_result_files: int = 10_000,
     ) -> None:
         self._work_dir = Path(work_dir)
-        self._python = python or _default_python()
+        self._python = python or default_python()
         self._log_tail_bytes = max(int(log_tail_bytes), 0)
         self._max_result_files = max_result_files
         self._workspaces: dict[str, Path] = {}
-        self._running: dict[str, _Running] = {}
+        self._running: dict[str, Running] = {}
         self._cancel_requested: set[str] = set()
         self._paused = False
         self._confinement: sandbox_linux.Confinement | None = None
@@ -271,7 +243,7 @@ class ProcessExecutor(Executor):
             address_space_bytes=memory + ADDRESS_SPACE_ALLOWANCE,
             cpu_seconds=task.timeout_seconds * max(1, math.ceil(cpus)) + CPU_LIMIT_SLACK_SECONDS,
             # Per file: a backstop against filling the disk in one write; the workspace as a
-            # whole is watched (_sample).
+            # whole is watched (process_run.sample).
             file_size_bytes=disk,
             max_processes=(
                 sandbox_linux.MAX_PROCESSES
@@ -334,7 +306,7 @@ class ProcessExecutor(Executor):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=_task_environment(task, workspace, results_dir, confined="M" in walls),
+                env=task_environment(task, workspace, results_dir, confined="M" in walls),
                 limit=READ_CHUNK,
                 pass_fds=command.pass_fds,
                 **identity,
@@ -362,7 +334,7 @@ class ProcessExecutor(Executor):
                 job.close()  # kill-on-close ends it
                 await proc.wait()
                 return
-        run = _Running(task, proc, started=time.monotonic(), workspace=workspace, disk_limit=disk)
+        run = Running(task, proc, started=time.monotonic(), workspace=workspace, disk_limit=disk)
         run.job = job
         # Registered before any await, so a pause() from here on reaches this task.
         self._running[task.task_id] = run
@@ -377,7 +349,7 @@ class ProcessExecutor(Executor):
         self._rebalance()
         reader = asyncio.create_task(self._pump(run, on_log))
         try:
-            run.leader = await asyncio.to_thread(_psutil_process, proc.pid)
+            run.leader = await asyncio.to_thread(psutil_process, proc.pid)
             await self._supervise(run, reader)
         finally:
             # However the run ends (exit, timeout, cancel, or this coroutine being cancelled),
@@ -412,7 +384,7 @@ class ProcessExecutor(Executor):
             out_of_memory=rc != 0
             and (oom or any(m in run.tail[-_OOM_SCAN_BYTES:] for m in _OOM_MARKERS)),
             memory_limit=memory,
-            failure=_exit_error(rc, run.tail),
+            failure=exit_error(rc, run.tail),
         )
         await collect_results(
             result,
@@ -439,7 +411,7 @@ class ProcessExecutor(Executor):
         proc.stdin.close()
         return True
 
-    async def _supervise(self, run: _Running, reader: asyncio.Task[None]) -> None:
+    async def _supervise(self, run: Running, reader: asyncio.Task[None]) -> None:
         # asyncio's Process.wait() only returns once the stdout pipe is closed too, which a
         # grandchild holding it can delay forever; returncode is set at the exit itself.
         # The end of output usually comes with the exit, so it cuts the polling short.
@@ -449,7 +421,7 @@ class ProcessExecutor(Executor):
             now = time.monotonic()
             if now - run.last_sample >= SAMPLE_INTERVAL:
                 run.last_sample = now
-                await asyncio.to_thread(_sample, run)
+                await asyncio.to_thread(sample, run)
                 if run.disk_exceeded and not run.cancelled:
                     self._signal(run, SIGKILL)
                 continue
@@ -461,9 +433,9 @@ class ProcessExecutor(Executor):
                 await asyncio.sleep(EXIT_POLL_INTERVAL)  # output closed: the exit is near
             else:
                 await asyncio.wait({reader}, timeout=POLL_INTERVAL)
-        await asyncio.to_thread(_sample, run)
+        await asyncio.to_thread(sample, run)
 
-    async def _terminate(self, run: _Running) -> None:
+    async def _terminate(self, run: Running) -> None:
         """SIGTERM the task, give it a short grace to finish writing, then SIGKILL."""
         self._signal(run, signal.SIGTERM)
         deadline = time.monotonic() + TERM_GRACE_SECONDS
@@ -472,7 +444,7 @@ class ProcessExecutor(Executor):
             await asyncio.sleep(POLL_INTERVAL)
         self._signal(run, SIGKILL)
 
-    async def _pump(self, run: _Running, on_log: LogSink | None) -> None:
+    async def _pump(self, run: Running, on_log: LogSink | None) -> None:
         stream = run.proc.stdout
         if stream is None:
             return
@@ -494,7 +466,7 @@ class ProcessExecutor(Executor):
                     log.exception("log sink failed for task %s; no more output is sent", task_id)
                     on_log = None
 
-    async def _drain(self, run: _Running, reader: asyncio.Task[None]) -> None:
+    async def _drain(self, run: Running, reader: asyncio.Task[None]) -> None:
         """Wait (bounded) for the killed task's pipe to close and its output to be read."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(run.proc.wait(), DRAIN_SECONDS)
@@ -509,7 +481,7 @@ class ProcessExecutor(Executor):
                 "reading output of task %s failed: %s", run.task.task_id, reader.exception()
             )
 
-    def _signal(self, run: _Running, sig: int) -> None:
+    def _signal(self, run: Running, sig: int) -> None:
         # Plain syscalls (kill, and a /proc read per known process to guard against pid
         # reuse): microseconds each, so done inline on the loop.
         if run.job is not None:  # Windows: the job holds the whole tree
@@ -525,7 +497,7 @@ class ProcessExecutor(Executor):
             with contextlib.suppress(psutil.Error, OSError):
                 p.send_signal(sig)
 
-    def _signal_job(self, run: _Running, sig: int) -> None:
+    def _signal_job(self, run: Running, sig: int) -> None:
         assert run.job is not None
         if sig in (SIGKILL, signal.SIGTERM):
             run.job.terminate()
@@ -614,125 +586,3 @@ class ProcessExecutor(Executor):
             if not run.timed_out:
                 run.cancelled = True
             self._signal(run, SIGKILL)
-
-
-# -------------------------------------------------------------------- helpers
-
-
-def _default_python() -> str:
-    if getattr(sys, "frozen", False):
-        # A frozen worker's sys.executable is the worker itself, not an interpreter.
-        found = shutil.which("python3") or shutil.which("python")
-        if not found:
-            raise ExecutorError(
-                "no Python interpreter was found (python3 on PATH) to run python tasks "
-                "without Docker"
-            )
-        return found
-    if not sys.executable:
-        raise ExecutorError("no Python interpreter was found to run python tasks")
-    return sys.executable
-
-
-def _task_environment(
-    task: TaskSpec, workspace: Path, results_dir: Path, *, confined: bool
-) -> dict[str, str]:
-    """A minimal environment: nothing is inherited from the worker, which may hold secrets."""
-    env = {
-        "PATH": os.defpath,
-        "HOME": "/tmp" if confined else str(workspace),
-        "TMPDIR": "/tmp" if confined else str(workspace / TMP_DIR),
-        "LANG": "C.UTF-8",
-        # `-E` makes the task's own interpreter ignore PYTHON* variables; this one reaches
-        # the Python processes the task starts without -I/-E.
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-    if sys.platform == "win32":
-        # Python needs SYSTEMROOT on Windows (sockets, random); temporary files go to the
-        # workspace, the one folder a Low-integrity task may write.
-        root = os.environ.get("SYSTEMROOT", r"C:\Windows")
-        env.update(SYSTEMROOT=root, PATH=rf"{root}\System32;{root}",
-                   TEMP=env["TMPDIR"], TMP=env["TMPDIR"], USERPROFILE=str(workspace))  # fmt: skip
-    for name, value in task.env.items():
-        if name == "PATH" or name.startswith("HIVEMIND_"):
-            continue  # the worker's values win
-        env[name] = value
-    env["HIVEMIND_TASK_ID"] = task.task_id
-    env["HIVEMIND_RESULTS_DIR"] = str(results_dir.absolute())
-    return env
-
-
-def _psutil_process(pid: int) -> psutil.Process | None:
-    try:
-        return psutil.Process(pid)
-    except psutil.Error:
-        return None
-
-
-def _sample(run: _Running) -> None:
-    """One usage sample of the task's process tree (runs in a thread; reads /proc)."""
-    tree: list[psutil.Process] = []
-    leader = run.leader
-    if leader is not None:
-        with contextlib.suppress(psutil.Error):
-            tree.append(leader)
-            tree.extend(leader.children(recursive=True))
-    with run.lock:
-        run.known.update(tree)
-        candidates = list(run.known)
-    rss = 0
-    cpu = 0.0
-    gone: list[psutil.Process] = []
-    for p in candidates:
-        try:
-            with p.oneshot():
-                if p.status() == psutil.STATUS_ZOMBIE:
-                    gone.append(p)
-                    continue
-                rss += p.memory_info().rss
-                t = p.cpu_times()
-                # children_* hold the children this process has reaped; live children are
-                # counted on their own, so nothing is counted twice.
-                cpu += t.user + t.system + t.children_user + t.children_system
-        except psutil.Error:
-            gone.append(p)
-    if gone:
-        with run.lock:
-            run.known.difference_update(gone)
-    now = time.monotonic()
-    previous_cpu = run.cpu_seconds
-    previous_at = run.sampled_at
-    run.cpu_seconds = max(run.cpu_seconds, cpu)
-    run.max_rss = max(run.max_rss, rss)
-    elapsed = now - previous_at
-    percent = (run.cpu_seconds - previous_cpu) / elapsed * 100 if previous_at and elapsed else 0.0
-    run.usage = Usage(cpu_percent=percent, memory_bytes=rss, cpu_seconds=run.cpu_seconds)
-    run.sampled_at = now
-    # The walk's cost grows with the number of files; it is spaced out so that it takes at
-    # most a tenth of the time (a workspace of 100,000 files is then walked every few seconds).
-    due = run.disk_checked_at + max(SAMPLE_INTERVAL, 10 * run.disk_walk_seconds)
-    if run.disk_limit > 0 and run.workspace is not None and not run.disk_exceeded and now >= due:
-        run.disk_exceeded = disk_usage(run.workspace, run.disk_limit) > run.disk_limit
-        run.disk_checked_at = time.monotonic()
-        run.disk_walk_seconds = run.disk_checked_at - now
-
-
-def _exit_error(rc: int, tail: bytes | bytearray) -> str:
-    """The error of a non-zero exit: `rc` as asyncio reports it (-N for signal N)."""
-    if rc < 0:
-        return f"killed by signal {_signal_name(-rc)}"
-    if rc == plimits.ISOLATION_FAILED and plimits.ISOLATION_MARKER in tail:
-        marker = tail.rfind(plimits.ISOLATION_MARKER)
-        reason = bytes(tail[marker:]).split(b"\n", 1)[0].decode(errors="replace")
-        log.error("a task could not be isolated: %s", reason)
-        return sandbox_linux.isolation_problem(reason.split("(", 1)[-1].rstrip(")"))
-    return f"exited with code {rc}"
-
-
-def _signal_name(number: int) -> str:
-    try:
-        name = signal.Signals(number).name
-    except ValueError:
-        return str(number)
-    hint = {"SIGXCPU": " (CPU time limit)", "SIGXFSZ": " (file size limit)"}.get(name, "")
-    return name + hint
