@@ -1,10 +1,11 @@
 # HiveMind Worker for headless hosts: `hivemind-worker run --headless` in a container,
 # running tasks on the HOST's Docker engine through its mounted socket (see README, Docker).
 #
-#   python3 build.py exe                      # dist/hivemind-worker, the same binary as the .deb
+#   python3 build.py exe                      # dist/hivemind-worker-onedir/, as in the .deb
 #   docker build -t hivemind-worker .          # or --build-arg BASE_IMAGE=...
 #
-# The one-file binary links only against glibc (>= 2.36, Debian 12) for headless use, so
+# The one-folder app (not the one-file executable, which would unpack ~200 MB into the
+# container at every start) links only against glibc (>= 2.36, Debian 12) for headless use, so
 # any such base works; it brings its own Python. Add python3 to the base only if you want
 # the no-Docker process sandbox (DOCKER_ENABLED=false); python3-minimal is not enough, the
 # sandbox's launcher needs the `resource` module.
@@ -17,7 +18,8 @@ LABEL org.opencontainers.image.title="HiveMind Worker" \
       org.opencontainers.image.licenses="MIT" \
       org.opencontainers.image.version="${VERSION}"
 
-COPY dist/hivemind-worker /usr/local/bin/hivemind-worker
+COPY dist/hivemind-worker-onedir/ /opt/hivemind-worker/
+RUN ln -s /opt/hivemind-worker/hivemind-worker /usr/local/bin/hivemind-worker
 
 # Not root inside: the worker needs only the Docker socket (give it the socket's group
 # with --group-add) and its own folder. HIVEMIND_HOME must be the same path inside and

@@ -228,6 +228,9 @@ def cmd_package(args: argparse.Namespace) -> None:
     run([venv_python(), ROOT / "installer" / "packaging.py", args.command, *args.rest])
 
 
+PACKAGING_COMMANDS = ("exe", "deb", "tarball", "nsis")
+
+
 def cmd_clean(_: argparse.Namespace) -> None:
     for path in (ROOT / "build", ROOT / "dist", VENV):
         shutil.rmtree(path, ignore_errors=True)
@@ -245,8 +248,8 @@ def main() -> None:
         ("bench", cmd_bench, "run the benchmarks and write docs/benchmarks.md"),
         ("screenshots", cmd_screenshots, "render the desktop app into docs/screenshots/"),
         ("test-image", cmd_test_image, "build the Docker tests' image (debootstrap, cached)"),
-        ("exe", cmd_package, "build the one-file executable dist/hivemind-worker"),
-        ("deb", cmd_package, "build the Linux .deb from dist/hivemind-worker"),
+        ("exe", cmd_package, "build dist/hivemind-worker and the one-folder app for installers"),
+        ("deb", cmd_package, "build the Linux .deb from the one-folder app"),
         ("tarball", cmd_package, "build the Linux tarball (install.sh, uninstall.sh)"),
         ("nsis", cmd_package, "build the Windows installer with makensis"),
         ("clean", cmd_clean, "remove .venv, build/ and dist/"),
@@ -254,7 +257,12 @@ def main() -> None:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("rest", nargs=argparse.REMAINDER, help="passed on to the tool")
         p.set_defaults(func=func)
-    args = parser.parse_args()
+    if len(sys.argv) > 1 and sys.argv[1] in PACKAGING_COMMANDS:
+        # Their options belong to installer/packaging.py; argparse's REMAINDER would read
+        # `build.py deb --no-lintian` as an unknown option of build.py's own.
+        args = argparse.Namespace(command=sys.argv[1], rest=sys.argv[2:], func=cmd_package)
+    else:
+        args = parser.parse_args()
     try:
         args.func(args)
     except subprocess.CalledProcessError as exc:

@@ -14,9 +14,15 @@ of the containers:
 - the worker's placement: lowest cpu_shares under a parent cgroup of minimal CPU weight
   (cgroup v1: cpu.shares=2; v2: cpu.weight=1), made by `courtesy_cgroup_parent`.
 
+The process sandbox (ProcessExecutor, for volunteers without Docker) is measured the same
+way: CPU-bound python tasks frozen and thawed by its pause() and resume(), each in the cgroup
+the executor makes (cpu.shares=2 / cpu.weight=1, or a systemd user scope with CPUWeight=1),
+or only niced when the machine gives no cgroup.
+
 The score is the median over pairs of foreground speed shared / alone. The containers' own
 CPU use with and without the foreground shows they still take the idle cycles. Needs root
-and a local Docker engine with the tests' image (`python3 build.py test-image`).
+and a local Docker engine with the tests' image (`python3 build.py test-image`) for the
+Docker rows; `--only process` needs neither.
 """
 
 from __future__ import annotations
@@ -33,9 +39,12 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 from _report import write_section
 
 from hivemind_worker.engine.executors import docker as dockerx
+from hivemind_worker.engine.executors.base import Executor
+from hivemind_worker.engine.executors.process import ProcessExecutor
 from hivemind_worker.tasks import MiB, Resources, TaskKind, TaskSpec
 
 IMAGE = "hivemind-test-python:bookworm"
@@ -97,14 +106,25 @@ class Foreground:
             for times, counts in self._series
         )
 
+    async def reported_past(self, t: float, limit: float = 10.0) -> None:
+        """Wait until every process has reported after `t` (a loaded machine delays them)."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline and any(  # noqa: ASYNC110 - polled
+            not times or times[-1] <= t for times, _ in self._series
+        ):
+            await asyncio.sleep(0.05)
+
     def stop(self) -> None:
         for p in self._procs:
             p.kill()
             p.wait()
 
 
-def container_cpu(executor: dockerx.DockerExecutor, ids: list[str]) -> list[tuple[float, float]]:
-    """(monotonic time, CPU seconds) of each container now."""
+def container_cpu(executor: Executor, ids: list[str]) -> list[tuple[float, float]]:
+    """(monotonic time, CPU seconds) of each container (or process-sandbox task tree) now."""
+    if isinstance(executor, ProcessExecutor):
+        return [(time.monotonic(), tree_cpu(executor, task_id)) for task_id in ids]
+    assert isinstance(executor, dockerx.DockerExecutor)
     out = []
     for task_id in ids:
         container = executor.container(task_id)
@@ -115,6 +135,20 @@ def container_cpu(executor: dockerx.DockerExecutor, ids: list[str]) -> list[tupl
     return out
 
 
+def tree_cpu(executor: ProcessExecutor, task_id: str) -> float:
+    """CPU seconds of a process-sandbox task's tree (its launcher and every descendant)."""
+    run = executor._running[task_id]  # the benchmark looks inside; the executor samples at 1 Hz
+    leader = run.leader or psutil.Process(run.proc.pid)
+    total = 0.0
+    for p in [leader, *leader.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
 def cores_used(before: list[tuple[float, float]], after: list[tuple[float, float]]) -> float:
     return sum((u2 - u1) / (t2 - t1) for (t1, u1), (t2, u2) in zip(before, after, strict=True))
 
@@ -123,16 +157,20 @@ async def measure(
     work: Path, cores: int, slot: float, pairs: int, *, cgroup_parent: str, cpu_shares: int
 ) -> tuple[float, float, float]:
     """(median foreground speed shared / alone, containers' cores with the foreground,
-    containers' cores without it)."""
-    executor = dockerx.DockerExecutor(
-        dockerx.connect(),
-        work,
-        "bench-courtesy",
-        python_image=IMAGE,
-        pull_policy="never",
-        cgroup_parent=cgroup_parent,
-        cpu_shares=cpu_shares,
-    )
+    containers' cores without it); cpu_shares 0 stands for the process sandbox."""
+    executor: Executor
+    if cpu_shares == 0:
+        executor = ProcessExecutor(work)
+    else:
+        executor = dockerx.DockerExecutor(
+            dockerx.connect(),
+            work,
+            "bench-courtesy",
+            python_image=IMAGE,
+            pull_policy="never",
+            cgroup_parent=cgroup_parent,
+            cpu_shares=cpu_shares,
+        )
     ids = [f"busy{i}" for i in range(cores)]
     runs = []
     for task_id in ids:
@@ -150,7 +188,7 @@ async def measure(
     used: list[float] = []
     foreground: Foreground | None = None
     try:
-        while any(executor.container(i) is None for i in ids):  # noqa: ASYNC110 - polled
+        while not started(executor, ids):  # noqa: ASYNC110 - polled
             await asyncio.sleep(0.05)
         before = await asyncio.to_thread(container_cpu, executor, ids)
         await asyncio.sleep(2.0)
@@ -170,7 +208,7 @@ async def measure(
             await asyncio.sleep(slot)
             cpu_after = await asyncio.to_thread(container_cpu, executor, ids)
             shared_end = time.monotonic()
-            await asyncio.sleep(0.1)  # a report after the interval's end
+            await foreground.reported_past(shared_end)
             solo = foreground.rate(solo_start, solo_end)
             ratios.append(foreground.rate(shared_start, shared_end) / solo)
             used.append(cores_used(cpu_before, cpu_after))
@@ -183,33 +221,57 @@ async def measure(
         await asyncio.gather(*runs)
         for task_id in ids:
             await executor.cleanup(task_id)
-        executor.client.close()
+        if isinstance(executor, dockerx.DockerExecutor):
+            executor.client.close()
+        else:
+            await executor.close()
     return statistics.median(ratios), statistics.median(used), alone
+
+
+def started(executor: Executor, ids: list[str]) -> bool:
+    if isinstance(executor, ProcessExecutor):
+        return all(i in executor.usage() and executor._running[i].leader for i in ids)
+    assert isinstance(executor, dockerx.DockerExecutor)
+    return all(executor.container(i) is not None for i in ids)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slot", type=float, default=1.5, help="seconds per alone/shared slot")
     parser.add_argument("--pairs", type=int, default=10, help="alone/shared pairs per placement")
-    parser.add_argument("--only", choices=["default", "shares", "worker"], help="one placement")
+    choices = ["default", "shares", "worker", "process"]
+    parser.add_argument("--only", choices=choices, help="one placement")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    client = dockerx.connect()
-    info = client.info()
-    client.close()
-    parent, how = dockerx.courtesy_cgroup_parent(
-        str(info.get("CgroupDriver", "")), str(info.get("CgroupVersion", "1"))
+    from hivemind_worker.engine.executors import cgroups
+
+    limiter = cgroups.probe()
+    process_row = (
+        f"process sandbox: {limiter.reason}" if limiter.kind else "process sandbox: nice 10 only",
+        "",
+        0,
     )
-    if not parent:
-        sys.exit(f"cannot make the courtesy cgroup here: {how}")
-    placements = [
-        ("Docker default (cpu_shares 1024, default parent)", "", 1024),
-        ("lowest cpu_shares (2), default parent", "", dockerx.CPU_SHARES),
-        (f"worker: cpu_shares 2 under {how}", parent, dockerx.CPU_SHARES),
-    ]
-    if args.only:
-        placements = [placements[["default", "shares", "worker"].index(args.only)]]
+    if args.only == "process":
+        info: dict[str, object] = {}
+        placements = [process_row]
+    else:
+        client = dockerx.connect()
+        info = client.info()
+        client.close()
+        parent, how = dockerx.courtesy_cgroup_parent(
+            str(info.get("CgroupDriver", "")), str(info.get("CgroupVersion", "1"))
+        )
+        if not parent:
+            sys.exit(f"cannot make the courtesy cgroup here: {how}")
+        placements = [
+            ("Docker default (cpu_shares 1024, default parent)", "", 1024),
+            ("lowest cpu_shares (2), default parent", "", dockerx.CPU_SHARES),
+            (f"worker: cpu_shares 2 under {how}", parent, dockerx.CPU_SHARES),
+            process_row,
+        ]
+        if args.only:
+            placements = [placements[choices.index(args.only)]]
     results: dict[str, tuple[float, float, float]] = {}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     with tempfile.TemporaryDirectory() as tmp:
@@ -226,7 +288,7 @@ def main() -> None:
             )
             print(f"{name}: {results[name][0]:.2f}", file=sys.stderr)
     rows = [
-        "| placement of the worker's containers | foreground speed vs. alone | "
+        "| placement of the worker's containers (or tasks) | foreground speed vs. alone | "
         "containers' cores with foreground | containers' cores alone |",
         "|---|---|---|---|",
     ]
@@ -242,7 +304,8 @@ def main() -> None:
             f"Foreground: {cores} busy Python processes (the person's program). Worker: "
             f"{cores} CPU-bound containers of one core each (the full cap), frozen and thawed "
             f"in {args.pairs} pairs of {args.slot:g} s slots; speed is the foreground's loop "
-            "iterations per second, median over the pairs of shared / alone.",
+            "iterations per second, median over the pairs of shared / alone. The process "
+            "sandbox row runs the same CPU-bound tasks in the process executor instead.",
             "",
             *rows,
             "",

@@ -28,10 +28,24 @@ def _attach_parent_console() -> None:
         sys.stdin = open("CONIN$", encoding="utf-8", errors="replace")  # noqa: SIM115
 
 
+def _print_version() -> None:
+    """`--version` alone, without the CLI's imports (asyncio, keyring, settings: ~0.1 s).
+
+    Scripts and installers run it to check what is installed; it prints what the CLI's
+    own `--version` prints, from the same package metadata.
+    """
+    from hivemind_worker import __version__
+
+    print(f"hivemind-worker {__version__}")
+
+
 if __name__ == "__main__":
     # The GUI (no sub-command) should not flash a console; every sub-command wants one.
     if len(sys.argv) > 1:
         _attach_parent_console()
+    if sys.argv[1:] == ["--version"]:
+        _print_version()
+        sys.exit(0)
     from hivemind_worker.cli import main
 
     sys.exit(main())

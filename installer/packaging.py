@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Build the release artefacts: the one-file executable, the .deb, the tarball, the NSIS installer.
+"""Build the release artefacts: the executables, the .deb, the tarball, the NSIS installer.
 
 Run by `build.py exe|deb|tarball|nsis` with the project's venv Python (PyInstaller, Pillow).
+`exe` builds both PyInstaller forms: the one-file executable (download and run) and the
+one-folder app, which the installers ship because it starts without unpacking anything.
 Every artefact lands in dist/; scratch space is build/.
 """
 
@@ -18,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from importlib.metadata import version as dist_version
 from pathlib import Path
@@ -30,7 +31,10 @@ INSTALLER = ROOT / "installer"
 RESOURCES = ROOT / "resources"
 ICON = ROOT / "file.ico"
 WINDOWS = sys.platform == "win32"
-EXE = DIST / ("hivemind-worker.exe" if WINDOWS else "hivemind-worker")
+EXE_NAME = "hivemind-worker.exe" if WINDOWS else "hivemind-worker"
+EXE = DIST / EXE_NAME
+# The one-folder build: the executable and its _internal/ folder (Python, Qt, libraries).
+APP_DIR = DIST / "hivemind-worker-onedir"
 NAME = "hivemind-worker"
 APP_ID = "org.hivemind.HiveMindWorker"
 MAINTAINER = "HiveMind Worker developers <hivemind-worker@users.noreply.github.com>"
@@ -63,6 +67,14 @@ def require_exe() -> Path:
     if not EXE.exists():
         raise SystemExit(f"{EXE.relative_to(ROOT)} is missing: run `python3 build.py exe` first")
     return EXE
+
+
+def require_app() -> Path:
+    """The one-folder app's executable; its folder is what the installers ship."""
+    exe = APP_DIR / EXE_NAME
+    if not exe.exists():
+        raise SystemExit(f"{exe.relative_to(ROOT)} is missing: run `python3 build.py exe` first")
+    return exe
 
 
 # ---------------------------------------------------------------------------- exe
@@ -110,7 +122,9 @@ def build_exe(_: argparse.Namespace) -> None:
         cwd=ROOT,
     )  # fmt: skip
     elapsed = time.monotonic() - start
+    folder = sum(p.lstat().st_size for p in APP_DIR.rglob("*") if not p.is_dir())
     log(f"built {EXE.relative_to(ROOT)}: {EXE.stat().st_size / 1e6:.1f} MB in {elapsed:.0f} s")
+    log(f"built {APP_DIR.relative_to(ROOT)}/: {folder / 1e6:.1f} MB")
 
 
 # ---------------------------------------------------------------------------- shared bits
@@ -149,24 +163,15 @@ def desktop_entry(exec_line: str | None = None) -> str:
 # ---------------------------------------------------------------------------- deb
 
 
-def extract_bundle(exe: Path, out: Path) -> list[Path]:
-    """Unpack the one-file archive's shared objects, to see what they link against."""
-    from PyInstaller.archive.readers import CArchiveReader
-
-    reader = CArchiveReader(str(exe))
-    files = []
-    for name, entry in reader.toc.items():
-        typecode = entry[-1]
-        if typecode not in ("b", "e", "n") and ".so" not in name:
-            continue
-        data = reader.extract(name)
-        if not data or not data.startswith(b"\x7fELF"):
-            continue
-        path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        files.append(path)
-    return files
+def elf_files(app_dir: Path) -> list[Path]:
+    """The shared objects and executables of the one-folder app, to see what they link."""
+    found = []
+    for path in sorted(app_dir.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            with path.open("rb") as f:
+                if f.read(4) == b"\x7fELF":
+                    found.append(path)
+    return found
 
 
 def _output(cmd: list[str]) -> str:
@@ -212,35 +217,36 @@ def _package_of(soname: str) -> str | None:
     return owner.split(":")[0] or None
 
 
-def compute_dependencies(exe: Path) -> tuple[list[str], list[str]]:
+def compute_dependencies(app_dir: Path) -> tuple[list[str], list[str]]:
     """(Depends, Recommends) from what the bundle links against but does not carry.
 
     The core (bootloader, Python, Qt, the xcb platform plugin) makes Depends; the libraries
     only optional Qt plugins need (Wayland, EGL, input methods) make Recommends, because Qt
     falls back to xcb and GLX without them.
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        files = [exe, *extract_bundle(exe, Path(tmp))]
-        by_name = {f.name: f for f in files}
-        needed = {f: _needed(f) for f in files}
-        glibc: set[str] = set().union(*(_glibc_versions(f) for f in files))
+    exe = app_dir / EXE_NAME
+    internal = app_dir / "_internal"
+    files = elf_files(app_dir)
+    by_name = {f.name: f for f in files}
+    needed = {f: _needed(f) for f in files}
+    glibc: set[str] = set().union(*(_glibc_versions(f) for f in files))
 
-        def is_root(f: Path) -> bool:
-            rel = "/" + str(f.relative_to(tmp)) if f != exe else "/"
-            if "/plugins/" in rel:  # Qt loads these on demand; xcb and GLX are the must-haves
-                return rel.endswith(("/platforms/libqxcb.so", "/libqxcb-glx-integration.so"))
-            return f == exe or ".cpython-" in f.name or ".abi3.so" in f.name or rel.count("/") == 1
+    def is_root(f: Path) -> bool:
+        rel = "/" + str(f.relative_to(internal)) if f != exe else "/"
+        if "/plugins/" in rel:  # Qt loads these on demand; xcb and GLX are the must-haves
+            return rel.endswith(("/platforms/libqxcb.so", "/libqxcb-glx-integration.so"))
+        return f == exe or ".cpython-" in f.name or ".abi3.so" in f.name or rel.count("/") == 1
 
-        core_files = {f for f in files if is_root(f)}
-        todo = list(core_files)
-        while todo:  # everything a must-have links against, through the bundle
-            for soname in needed[todo.pop()]:
-                dep = by_name.get(soname)
-                if dep is not None and dep not in core_files:
-                    core_files.add(dep)
-                    todo.append(dep)
-        core = {s for f in core_files for s in needed[f] if s not in by_name}
-        optional = {s for f in files if f not in core_files for s in needed[f] if s not in by_name}
+    core_files = {f for f in files if is_root(f)}
+    todo = list(core_files)
+    while todo:  # everything a must-have links against, through the bundle
+        for soname in needed[todo.pop()]:
+            dep = by_name.get(soname)
+            if dep is not None and dep not in core_files:
+                core_files.add(dep)
+                todo.append(dep)
+    core = {s for f in core_files for s in needed[f] if s not in by_name}
+    optional = {s for f in files if f not in core_files for s in needed[f] if s not in by_name}
     newest_glibc = max(glibc, key=lambda v: tuple(int(n) for n in v.split(".")))
     depends = {f"libc6 (>= {newest_glibc})"}
     unknown = []
@@ -360,17 +366,45 @@ def deb_architecture() -> str:
     ).stdout.strip()
 
 
+def _copy_app(dest: Path) -> None:
+    """The one-folder app into dest/, with the modes a package wants.
+
+    Only the program is executable; shared libraries are loaded, not run (0644, as Debian
+    ships them and lintian insists).
+    """
+    shutil.copytree(APP_DIR, dest, symlinks=True)
+    for path in [dest, *dest.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() or path == dest / EXE_NAME else 0o644)
+
+
+# lintian's errors and warnings that the vendored one-folder app raises, each with why it
+# is expected. The app carries its own Python, Qt and the wheels' libraries as their
+# projects built them; Debian's rules for its own packages (shared system libraries,
+# hardened rebuilds) cannot apply to them. A tag not listed here still fails the build.
+LINTIAN_OVERRIDES = {
+    "embedded-library": "the app bundles its own zlib, expat, freetype, libpng... (PyInstaller)",
+    "hardening-no-pie": "PyInstaller's prebuilt bootloader, as PyInstaller ships it",
+    "shared-library-lacks-prerequisites": "Python extension modules resolve symbols from "
+    "the bundled libpython at load time, as upstream builds them",
+    "library-not-linked-against-libc": "Python extension modules built by CPython, "
+    "loaded into the bundled interpreter",
+    "unstripped-binary-or-object": "numpy's auditwheel-repaired OpenBLAS breaks when stripped",
+}
+
+
+def lintian_overrides() -> str:
+    return "".join(f"# {why}\n{NAME}: {tag}\n" for tag, why in LINTIAN_OVERRIDES.items())
+
+
 def build_deb(args: argparse.Namespace) -> Path:
-    exe = require_exe()
+    exe = require_app()
     version = binary_version(exe)
     arch = deb_architecture()
     root = BUILD / "deb" / "root"
     shutil.rmtree(root.parent, ignore_errors=True)
     root.mkdir(parents=True)
-    lib = root / "usr/lib" / NAME / NAME
-    lib.parent.mkdir(parents=True)
-    shutil.copy2(exe, lib)
-    lib.chmod(0o755)
+    _copy_app(root / "usr/lib" / NAME)
     (root / "usr/bin").mkdir(parents=True)
     (root / "usr/bin" / NAME).symlink_to(f"../lib/{NAME}/{NAME}")
     _write(root / "usr/share/applications" / f"{NAME}.desktop", desktop_entry())
@@ -383,8 +417,9 @@ def build_deb(args: argparse.Namespace) -> Path:
     _write(doc / "copyright", _copyright())
     _write(doc / "changelog.gz", _changelog(version))
     _write(root / "usr/share/man/man1" / f"{NAME}.1.gz", _man_page(version))
+    _write(root / "usr/share/lintian/overrides" / NAME, lintian_overrides())
 
-    depends, recommends = compute_dependencies(exe)
+    depends, recommends = compute_dependencies(APP_DIR)
     installed_kb = sum(
         (p.lstat().st_size + 1023) // 1024 for p in root.rglob("*") if not p.is_dir()
     )
@@ -448,8 +483,17 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> Non
     tar.addfile(info, io.BytesIO(data))
 
 
+def _normalised(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """Owned by nobody in particular (root:root), readable by all, as a release tarball is."""
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    if not info.issym():
+        info.mode = 0o755 if info.isdir() or info.mode & 0o111 else 0o644
+    return info
+
+
 def build_tarball(_: argparse.Namespace) -> Path:
-    exe = require_exe()
+    exe = require_app()
     version = binary_version(exe)
     machine = os.uname().machine
     top = f"{NAME}-{version}"
@@ -457,7 +501,12 @@ def build_tarball(_: argparse.Namespace) -> Path:
     out = DIST / f"{NAME}-{version}-linux-{machine}.tar.gz"
     linux = INSTALLER / "linux"
     with tarfile.open(out, "w:gz", compresslevel=6) as tar:
-        _add(tar, f"{top}/{NAME}", exe.read_bytes(), 0o755)
+        # The one-folder app, which install.sh copies: it starts without unpacking anything.
+        tar.add(APP_DIR, arcname=f"{top}/app", filter=_normalised)
+        # ./hivemind-worker runs it in place, without installing (the README says so).
+        link = _normalised(tarfile.TarInfo(f"{top}/{NAME}"))
+        link.type, link.linkname, link.mtime = tarfile.SYMTYPE, f"app/{NAME}", int(time.time())
+        tar.addfile(link)
         _add(tar, f"{top}/install.sh", (linux / "install.sh").read_bytes(), 0o755)
         _add(tar, f"{top}/uninstall.sh", (linux / "uninstall.sh").read_bytes(), 0o755)
         _add(tar, f"{top}/{NAME}.desktop", desktop_entry().encode())
@@ -473,32 +522,91 @@ def build_tarball(_: argparse.Namespace) -> Path:
 # ---------------------------------------------------------------------------- nsis
 
 
-def build_nsis(_: argparse.Namespace) -> Path:
-    """makensis on installer/windows/hivemind-worker.nsi; off Windows, against a stand-in exe."""
+def _icon_image(size: int):  # type: ignore[no-untyped-def]
+    """The app icon at `size` px (RGBA), from the drawn PNGs or else from file.ico."""
+    from PIL import Image
+
+    png = RESOURCES / "icons" / f"{NAME}-256.png"
+    if png.exists():
+        icon = Image.open(png).convert("RGBA")
+    else:
+        icon = Image.open(ICON)
+        icon.size = max(icon.info.get("sizes", {icon.size}))
+        icon = icon.convert("RGBA")
+    return icon.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def wizard_artwork(out_dir: Path) -> tuple[Path, Path]:
+    """The installer's sidebar (164x314) and header (150x57) bitmaps, drawn from the icon.
+
+    Their colours are the icon's own (its outline and its fill), so they follow it when it
+    changes. Modern UI wants 24-bit BMPs of exactly these sizes (at 96 dpi).
+    """
+    from PIL import Image, ImageDraw
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    icon = _icon_image(256)
+    counted = sorted(icon.getcolors(maxcolors=256 * 256) or [], reverse=True)
+    colours = [rgba[:3] for _, rgba in counted if rgba[3] == 255 and rgba[:3] != (255, 255, 255)]
+    dark, fill = sorted(colours[:2], key=sum)
+
+    sidebar = Image.new("RGB", (164, 314), dark)
+    draw = ImageDraw.Draw(sidebar)
+    # A band of the icon's fill colour fading into the outline colour towards the bottom.
+    for y in range(314):
+        t = max(0.0, (y - 150) / 164)
+        mix = tuple(round(d + (f - d) * t * 0.55) for d, f in zip(dark, fill, strict=True))
+        draw.line([(0, y), (163, y)], fill=mix)
+    badge = _icon_image(112)
+    sidebar.paste(badge, ((164 - 112) // 2, 44), badge)
+    draw.rectangle([0, 310, 163, 313], fill=fill)
+    wizard = out_dir / "wizard.bmp"
+    sidebar.save(wizard, format="BMP")
+
+    header = Image.new("RGB", (150, 57), (255, 255, 255))
+    small = _icon_image(48)
+    header.paste(small, (150 - 48 - 6, (57 - 48) // 2), small)
+    header_path = out_dir / "header.bmp"
+    header.save(header_path, format="BMP")
+    return wizard, header_path
+
+
+def build_nsis(args: argparse.Namespace) -> Path:
+    """makensis on installer/windows/hivemind-worker.nsi; off Windows, against a stand-in app."""
     makensis = shutil.which("makensis")
     if not makensis:
         raise SystemExit("makensis not found: install NSIS (Debian: apt-get install nsis)")
-    version = package_version()
-    exe = DIST / "hivemind-worker.exe"
-    out_dir = DIST
-    if not exe.exists():
-        # The real exe is built on Windows; here the script is still compiled, so any error
-        # in it shows up on Linux CI, against a stand-in file that is never shipped.
-        exe = BUILD / "nsis" / "hivemind-worker.exe"
-        exe.parent.mkdir(parents=True, exist_ok=True)
-        exe.write_bytes(b"MZ placeholder: the real hivemind-worker.exe is built on Windows\n")
-        out_dir = BUILD / "nsis"
-        log(f"note: {DIST.name}/hivemind-worker.exe is absent; compiling with a placeholder exe")
-    out = out_dir / f"{NAME}-{version}-setup.exe"
+    version = args.as_version or package_version()
+    app_dir = APP_DIR
+    out_dir = args.out_dir or DIST
+    if not (app_dir / "hivemind-worker.exe").exists():
+        # The real app is built on Windows; here the script is still compiled, so any error
+        # in it shows up on Linux CI, against a stand-in that is never shipped.
+        app_dir = args.stand_in or BUILD / "nsis" / "app"
+        if args.stand_in is None:
+            shutil.rmtree(app_dir, ignore_errors=True)
+            (app_dir / "_internal").mkdir(parents=True)
+            (app_dir / "hivemind-worker.exe").write_bytes(
+                b"MZ placeholder: the real hivemind-worker.exe is built on Windows\n"
+            )
+            (app_dir / "_internal" / "placeholder.txt").write_text("the app's libraries\n")
+        out_dir = args.out_dir or BUILD / "nsis"
+        log(f"note: {APP_DIR.name}/hivemind-worker.exe is absent; compiling with a stand-in")
+    wizard, header = wizard_artwork(BUILD / "nsis" / "artwork")
+    out = Path(out_dir) / f"{NAME}-{version}-setup.exe"
+    out.parent.mkdir(parents=True, exist_ok=True)
     run(
         [
             makensis, "-V2", "-WX",
-            f"-DVERSION={version}", f"-DEXE={exe}", f"-DICON={ICON}", f"-DOUTFILE={out}",
+            f"-DVERSION={version}", f"-DAPPDIR={app_dir}", f"-DICON={ICON}",
+            f"-DWIZARD_BITMAP={wizard}", f"-DHEADER_BITMAP={header}", f"-DOUTFILE={out}",
+            *([f"-DTARGET={args.target}"] if args.target else []),
             INSTALLER / "windows" / "hivemind-worker.nsi",
         ],
         cwd=ROOT,
     )  # fmt: skip
-    log(f"built {out.relative_to(ROOT)}: {out.stat().st_size / 1e6:.1f} MB")
+    shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+    log(f"built {shown}: {out.stat().st_size / 1e6:.1f} MB")
     return out
 
 
@@ -514,7 +622,19 @@ def main() -> None:
     sub.add_parser(
         "tarball", help="dist/hivemind-worker-<version>-linux-<arch>.tar.gz"
     ).set_defaults(func=build_tarball)
-    sub.add_parser("nsis", help="the Windows installer with makensis").set_defaults(func=build_nsis)
+    p = sub.add_parser("nsis", help="the Windows installer with makensis")
+    p.add_argument("--out-dir", type=Path, help="where the setup.exe goes (default: dist/)")
+    p.add_argument(
+        "--stand-in",
+        type=Path,
+        metavar="DIR",
+        help="off Windows: the app folder to package instead of a placeholder (tests)",
+    )
+    p.add_argument(
+        "--as-version", metavar="X.Y.Z", help="another version number (tests: an upgrade)"
+    )
+    p.add_argument("--target", help="makensis Target, e.g. amd64-unicode (tests under Wine)")
+    p.set_defaults(func=build_nsis)
     args = parser.parse_args()
     try:
         args.func(args)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import keyring
 import keyring.errors
 import pytest
 from keyring.backend import KeyringBackend
+
+# The worker's "other programs are busy" rule reads the whole machine's CPU, which parallel
+# test processes (and other people's, on a shared machine) load at random: workers started by
+# tests (headless subprocesses, the GUI's engine) would pause for them. The tests of that
+# rule set it themselves.
+os.environ.setdefault("HIVEMIND_OTHER_CPU_PERCENT", "0")
 
 
 class MemoryKeyring(KeyringBackend):

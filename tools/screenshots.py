@@ -1,25 +1,28 @@
-"""Render the dashboard (with real tasks running) and the settings dialog to PNG files."""
+"""Render the first-run flow, the dashboard in each state (real tasks on a real local pool),
+the settings dialog and the tray looks to PNG files."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
+import os
 import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import keyring
 from keyring.backend import KeyringBackend
-from PySide6.QtCore import QCoreApplication, QEventLoop
-from PySide6.QtGui import QColor, QPalette
+from PySide6.QtCore import QCoreApplication, QEventLoop, QRectF, Qt
+from PySide6.QtGui import QColor, QImage, QPainter, QPalette
 from PySide6.QtWidgets import QApplication, QStyleFactory, QWidget
 
 from hivemind_worker.config import load_settings
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.engine.engine import WorkerEngine
+from hivemind_worker.engine.events import EngineState
 from hivemind_worker.engine.executors.process import ProcessExecutor
 from hivemind_worker.gui.app import WorkerApp, make_qapplication
 from hivemind_worker.paths import default_paths
@@ -86,6 +89,7 @@ def dark_palette() -> QPalette:
         QPalette.ColorRole.ToolTipBase: "#3a3d41",
         QPalette.ColorRole.ToolTipText: "#e8e8e8",
         QPalette.ColorRole.PlaceholderText: "#9a9da2",
+        QPalette.ColorRole.Link: "#7fb2ff",
     }
     for role, color in colors.items():
         p.setColor(role, QColor(color))
@@ -112,6 +116,38 @@ def save(widget: QWidget, path: Path) -> None:
     print(f"wrote {path}")
 
 
+def pump_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    end = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > end:
+            raise SystemExit(f"screenshots: gave up waiting for {what}")
+        pump(0.1)
+
+
+def tray_sheet(path: Path, dark: bool) -> None:
+    """Every tray look at 16, 22 and 32 px on a panel, with its name: the looks side by side."""
+    from hivemind_worker.gui.icons import Look, draw
+
+    panel = QColor("#2b2d30" if dark else "#e9e9e9")
+    text = QColor("#e8e8e8" if dark else "#202020")
+    looks = list(Look)
+    cell = 120
+    image = QImage(cell * len(looks), 92, QImage.Format.Format_ARGB32)
+    image.fill(panel)
+    painter = QPainter(image)
+    painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+    painter.setPen(text)
+    for i, look in enumerate(looks):
+        x = i * cell + 14
+        for size, dx in ((16, 0), (22, 24), (32, 54)):
+            painter.drawImage(x + dx, 40 - size // 2, draw(look, size))
+        painter.drawText(QRectF(i * cell, 62, cell, 24), Qt.AlignmentFlag.AlignCenter,
+                         look.value.replace("_", " "))  # fmt: skip
+    painter.end()
+    image.save(str(path))
+    print(f"wrote {path}")
+
+
 def render(out: Path, *, dark: bool, wait: float) -> None:
     app = make_qapplication()
     app.setStyle(QStyleFactory.create("Fusion"))
@@ -124,7 +160,7 @@ def render(out: Path, *, dark: bool, wait: float) -> None:
     settings = load_settings(
         paths,
         env={},
-        overrides={"max_concurrent_tasks": "3", "max_cpu_cores": "2", "account": USER},
+        overrides={"max_concurrent_tasks": "3", "drain_timeout": "3"},
     )
     credentials = CredentialStore(paths, allow_plaintext_fallback=False)
     engine = WorkerEngine(
@@ -134,11 +170,12 @@ def render(out: Path, *, dark: bool, wait: float) -> None:
         executor=ProcessExecutor(settings.work_dir),
         outbox_dir=paths.outbox_dir,
     )
-    holder: dict[str, object] = {}
+    holder: dict[str, Any] = {}
+    suffix = "-dark" if dark else ""
+    out.mkdir(parents=True, exist_ok=True)
+    tray_sheet(out / f"tray-looks{suffix}.png", dark)
 
-    async def before() -> None:
-        from hivemind_worker.engine.pool_client import NodePoolClient
-        from hivemind_worker.pool.client import TaskQueueClient
+    async def start_pool() -> None:
         from hivemind_worker.pool.server import PoolConfig, PoolServer
         from hivemind_worker.pool.store import PoolStore
 
@@ -149,52 +186,114 @@ def render(out: Path, *, dark: bool, wait: float) -> None:
         server = PoolServer(PoolConfig(db_path=db, listen="127.0.0.1:0", heartbeat_interval=1))
         await server.start()
         holder["server"] = server
-        client = NodePoolClient(server.address)
-        token = (await client.login(USER, PASSWORD)).token
-        await client.close()
-        await asyncio.to_thread(credentials.set_token, server.address, USER, token)
-        worker.set_settings_from_loop(
-            dataclasses.replace(settings, node_pool_address=server.address)
-        )
-        queue = TaskQueueClient(server.address)
+
+    async def submit(specs: list[pb.TaskSpec]) -> None:
+        from hivemind_worker.pool.client import TaskQueueClient
+
+        queue = TaskQueueClient(holder["server"].address)
         await queue.login(USER, PASSWORD)
-        for spec in (
-            _task("warm-up 1", 1, 16, 0),
-            _task("warm-up 2", 1, 16, 0),
-            _task("warm-up 3", 2, 16, 0),
-            _task("protein fold #4812", 120, 220, 0.0),
-            _task("render tile 17/64", 120, 120, 0.004),
-            _task("monte carlo batch 9", 120, 60, 0.012),
-        ):
+        for spec in specs:
             await queue.submit(spec)
         await queue.close()
 
     async def after() -> None:
         server = holder.get("server")
         if server is not None:
-            await server.stop()  # type: ignore[attr-defined]
+            await server.stop()
 
-    worker = WorkerApp(settings, paths, credentials, engine, autostart_engine=True,
-                       before=before, after=after, show_tray=False)  # fmt: skip
-    worker.start_engine()
-    worker.dashboard.resize(1180, 820)
+    worker = WorkerApp(settings, paths, credentials, engine, autostart_engine=False,
+                       before=start_pool, after=after, show_tray=False)  # fmt: skip
+    worker.open_setup()  # an empty data folder: the first-run flow comes first
+    worker.start_engine(show_dashboard=False)
+    pump_until(lambda: "server" in holder, 30, "the pool")
+    address = holder["server"].address
+
+    # The first-run flow, page by page, done for real against the local pool.
+    wizard = worker.setup
+    assert wizard is not None
+    wizard.resize(680, 560)
+    save(wizard, out / f"firstrun-1-welcome{suffix}.png")
+    wizard.next()
+    wizard.pool.address.setText(address)
+    wizard.pool.account.setText(USER)
+    wizard.pool.password.setText(PASSWORD)
+    wizard.pool.test()
+    pump_until(lambda: "Reached" in wizard.pool.test_result.text(), 20, "the connection test")
+    wizard.pool.sign_in()
+    pump_until(lambda: bool(wizard.pool.signed_in), 20, "the sign-in")
+    save(wizard, out / f"firstrun-2-pool{suffix}.png")
+    wizard.next()
+    wizard.give.fields["max_cpu_cores"].setText(str(os.cpu_count() or 1))
+    save(wizard, out / f"firstrun-3-give{suffix}.png")
+    wizard.next()
+    save(wizard, out / f"firstrun-4-when{suffix}.png")
+    wizard.next()
+    save(wizard, out / f"firstrun-5-docker{suffix}.png")
+    wizard.next()
+    save(wizard, out / f"firstrun-6-done{suffix}.png")
+    worker.engine_thread.submit(submit([
+        _task("warm-up 1", 1, 16, 0),
+        _task("warm-up 2", 1, 16, 0),
+        _task("protein fold #4812", wait + 12, 220, 0.0),
+        _task("render tile 17/64", wait + 12, 120, 0.004),
+        _task("monte carlo batch 9", wait + 12, 60, 0.012),
+    ])).result(30)  # fmt: skip
+    wizard.accept()  # Finish, "Start contributing now" ticked
+    dash = worker.dashboard
+    dash.resize(1180, 820)
+
+    # Contributing, with live charts.
+    pump_until(lambda: len(worker.model.running) >= 2, 60, "running tasks")
     pump(wait)
-    suffix = "-dark" if dark else ""
-    out.mkdir(parents=True, exist_ok=True)
-    save(worker.dashboard, out / f"dashboard{suffix}.png")
-    worker.dashboard.tabs.setCurrentIndex(2)
-    save(worker.dashboard, out / f"dashboard-log{suffix}.png")
-    worker.dashboard.tabs.setCurrentIndex(0)
+    save(dash, out / f"dashboard{suffix}.png")
+    dash.tabs.setCurrentIndex(2)
+    save(dash, out / f"dashboard-log{suffix}.png")
+    dash.tabs.setCurrentIndex(0)
+
+    # Snoozed, with the time it ends.
+    worker.snooze(3600)
+    pump_until(lambda: worker.model.state is EngineState.PAUSED, 20, "the snooze")
+    save(dash, out / f"dashboard-snoozed{suffix}.png")
+    worker.resume()
+
+    # Waiting: the pool has nothing left to hand out.
+    pump_until(lambda: worker.model.state is EngineState.IDLE, 120, "the tasks to finish")
+    pump(1)
+    dash.tabs.setCurrentIndex(1)
+    save(dash, out / f"dashboard-waiting{suffix}.png")
+
+    # The settings dialog, then a value no spin box would have kept, flagged beside the field.
     worker.open_settings()
     dialog = worker.settings_dialog
     assert dialog is not None
     pump(1.5)  # the login status arrives from the engine thread
     save(dialog, out / f"settings{suffix}.png")
-    dialog.address.setText("pool.example.org")  # an invalid value, flagged inline
+    dialog.memory.setText("9999")
+    dialog.cpu_spin.setText("0.5")
     save(dialog, out / f"settings-invalid{suffix}.png")
+    dialog.memory.setText("2")
+    assert dialog.apply()  # a CPU cap no task fits in: allowed, and said in the header
     dialog.reject()
+    pump(1)
+    save(dash, out / f"dashboard-no-task-fits{suffix}.png")
+    dialog = None
+    worker.open_settings()
+    assert worker.settings_dialog is not None
+    worker.settings_dialog.cpu_spin.setText("1")
+    assert worker.settings_dialog.apply()
+    worker.settings_dialog.reject()
+
+    # Disconnected, with a finished result waiting for the pool to come back.
+    worker.engine_thread.submit(submit([_task("climate cell 88", 6, 32, 0.0)])).result(30)
+    pump_until(lambda: len(worker.model.running) == 1, 60, "the last task")
+    worker.engine_thread.submit(holder.pop("server").stop(grace=0)).result(30)
+    pump_until(lambda: worker.model.waiting_results == 1, 60, "a result waiting")
+    pump_until(lambda: dash.state_label.text() == "Disconnected", 60, "the disconnected header")
+    pump(0.5)
+    save(dash, out / f"dashboard-disconnected{suffix}.png")
+
     worker.stop()
-    pump(2)
+    pump(1)
     worker.quit()
     deadline = time.monotonic() + 60
     while worker.engine_thread.isRunning() and time.monotonic() < deadline:
@@ -205,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", type=Path, nargs="?", default=Path("docs/screenshots"))
     parser.add_argument("--dark", action="store_true", help="a dark palette")
-    parser.add_argument("--wait", type=float, default=25.0, help="seconds of live data first")
+    parser.add_argument("--wait", type=float, default=20.0, help="seconds of live data first")
     args = parser.parse_args(argv)
     if QApplication.instance() is None:
         sys.argv[1:] = []

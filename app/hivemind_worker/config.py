@@ -57,6 +57,8 @@ from hivemind_worker.setting_rules import (
     Pattern,
     Range,
     Rule,
+    RuleError,
+    WeeklySchedule,
     number_text,
 )
 
@@ -281,6 +283,7 @@ class Settings:
             help="run tasks in the process sandbox even when Docker is present",
         ),
         help="run tasks in Docker containers when Docker is there",
+        gui=True,
     )
     docker_network: str = setting(
         "none",
@@ -375,6 +378,86 @@ class Settings:
         env="HIVEMIND_RUNNER_FIND_LINKS",
         shown_default="empty",
     )
+    # When to contribute (engine/policy.py; README "When it runs"); 0 turns a numeric rule off.
+    idle_only_minutes: float = setting(
+        0.0,
+        env="HIVEMIND_IDLE_ONLY_MINUTES",
+        rule=Range(0, 24 * 60),
+        help="contribute only after this many minutes without keyboard or mouse input",
+        shown_default="`0` = also while in use",
+        gui=True,
+    )
+    suspend_on_battery: bool = setting(
+        True,
+        env="HIVEMIND_SUSPEND_ON_BATTERY",
+        help="pause tasks on battery, resume when plugged in",
+        gui=True,
+    )
+    battery_below_percent: int = setting(
+        0,
+        env="HIVEMIND_BATTERY_BELOW_PERCENT",
+        rule=Range(0, 100, integer=True),
+        help="with suspend_on_battery: only once the charge is below this %",
+        shown_default="`0` = any charge",
+        gui=True,
+    )
+    other_cpu_percent: int = setting(
+        25,
+        env="HIVEMIND_OTHER_CPU_PERCENT",
+        rule=Range(0, 100, integer=True),
+        help="pause while other programs use more than this % of the CPU; 0 means never",
+        gui=True,
+    )
+    other_cpu_suspend_seconds: int = setting(
+        10,
+        env="HIVEMIND_OTHER_CPU_SUSPEND_SECONDS",
+        rule=Range(1, 3600, integer=True),
+        help="seconds other programs must stay that busy before tasks pause",
+        gui=True,
+    )
+    other_cpu_resume_seconds: int = setting(
+        30,
+        env="HIVEMIND_OTHER_CPU_RESUME_SECONDS",
+        rule=Range(1, 3600, integer=True),
+        help="seconds they must then stay quiet before tasks resume",
+        gui=True,
+    )
+    suspend_fullscreen: bool = setting(
+        True,
+        env="HIVEMIND_SUSPEND_FULLSCREEN",
+        help="pause while a full-screen app or game has the focus",
+        gui=True,
+    )
+    schedule: str = setting(
+        "",
+        env="HIVEMIND_SCHEDULE",
+        rule=WeeklySchedule(),
+        help="weekly windows to contribute in, e.g. `mon-fri 18:00-08:00; sat-sun 00:00-24:00`",
+        shown_default="empty = any time",
+        gui=True,
+    )
+    memory_low_percent: int = setting(
+        10,
+        env="HIVEMIND_MEMORY_LOW_PERCENT",
+        rule=Range(0, 90, integer=True),
+        help="pause while less than this % of memory is available; 0 means never",
+        gui=True,
+    )
+    cpu_time_percent: int = setting(
+        100,
+        env="HIVEMIND_CPU_TIME_PERCENT",
+        rule=Range(1, 100, integer=True),
+        help="use at most this % of CPU time, on top of max_cpu_cores (running tasks too)",
+        gui=True,
+    )
+    give_back_minutes: float = setting(
+        30.0,
+        env="HIVEMIND_GIVE_BACK_MINUTES",
+        rule=Range(0, 7 * 24 * 60),
+        help="after tasks have been paused this long, give them back to the pool; 0 means "
+        "keep them",
+        gui=True,
+    )
 
     def cpu_cap(self) -> float:
         return self.max_cpu_cores or float(_cpu_count())
@@ -461,9 +544,11 @@ def _convert(spec: SettingSpec, raw: object, parse_text: bool, paths: Paths) -> 
 def _checked(spec: SettingSpec, raw: object, source: str, parse_text: bool, paths: Paths) -> Any:
     try:
         return _convert(spec, raw, parse_text, paths)
-    except ValueError:
+    except ValueError as exc:
+        # A rule that can tell which part of the value is wrong says so after what it allows.
+        detail = f" ({exc})" if isinstance(exc, RuleError) else ""
         raise ConfigError(
-            f"Invalid setting {spec.key} = {raw!r} ({source}): expected {spec.allowed()}"
+            f"Invalid setting {spec.key} = {raw!r} ({source}): expected {spec.allowed()}{detail}"
         ) from None
 
 

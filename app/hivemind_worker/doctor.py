@@ -1,4 +1,4 @@
-"""`hivemind-worker doctor`: is the pool reachable, the login valid, Docker there, room to work?"""
+"""`hivemind-worker doctor`: pool reachable, login valid, Docker there, sandbox walls, room?"""
 
 from __future__ import annotations
 
@@ -120,6 +120,44 @@ def _docker_check(settings: Settings) -> Check:
     )
 
 
+def _sandbox_checks() -> list[Check]:
+    """One line per wall of the process sandbox, as a real launch on this machine built it."""
+    import os
+    import sys
+
+    if sys.platform == "win32":
+        from hivemind_worker.engine.executors import windows_job
+
+        return [Check(f"sandbox: {name}", "ok" if ok else "warn", text)
+                for name, ok, text in windows_job.describe()]  # fmt: skip
+    if not sys.platform.startswith("linux"):
+        return [Check("sandbox", "warn", f"{sys.platform}: rlimits only, no isolation")]
+    from hivemind_worker.engine.executors import cgroups, sandbox_linux
+    from hivemind_worker.engine.executors.base import ExecutorError
+    from hivemind_worker.engine.executors.process_run import default_python
+
+    try:
+        confinement = sandbox_linux.probe(default_python())
+    except ExecutorError as exc:
+        return [Check("sandbox", "fail", str(exc))]
+    checks = [
+        Check(f"sandbox: {name}", "ok" if ok else ("fail" if name == "namespaces" else "warn"),
+              text)
+        for name, ok, text in confinement.lines()
+    ]  # fmt: skip
+    limits = cgroups.probe()
+    checks.append(Check("sandbox: cgroup", "ok" if limits.kind else "warn", limits.reason))
+    if os.geteuid() == 0:
+        checks.append(
+            Check(
+                "sandbox: user",
+                "warn",
+                "the worker runs as root (tasks run as nobody); run it as an ordinary user",
+            )
+        )
+    return checks
+
+
 def _resource_checks(settings: Settings) -> list[Check]:
     checks = [
         Check("cpu", "ok", f"cap {settings.cpu_cap():g} of {psutil.cpu_count() or 1} cores"),
@@ -159,4 +197,5 @@ async def run_checks(settings: Settings, paths: Paths, credentials: CredentialSt
     pool = await _pool_checks(settings, credentials)
     docker = await asyncio.to_thread(_docker_check, settings)
     resources = await asyncio.to_thread(_resource_checks, settings)
-    return [*pool, docker, *resources]
+    sandbox = await asyncio.to_thread(_sandbox_checks)
+    return [*pool, docker, *sandbox, *resources]

@@ -122,3 +122,23 @@ class Address(Rule):
         if match is None or not 1 <= int(match[2]) <= 65535:
             raise ValueError(value)
         return value
+
+
+class RuleError(ValueError):
+    """A value a rule refuses, with str() naming the part that is wrong."""
+
+
+@dataclass(frozen=True)
+class WeeklySchedule(Rule):
+    """Days and time ranges (engine/policy.py's Schedule); normalized to trimmed text."""
+
+    def allowed(self) -> str:
+        return "days and times like 'mon-fri 18:00-08:00; sat-sun 00:00-24:00', or empty"
+
+    def check(self, value: Any) -> Any:
+        from hivemind_worker.engine.policy import Schedule, ScheduleError
+
+        try:
+            return Schedule.parse(value).text
+        except ScheduleError as exc:
+            raise RuleError(str(exc)) from None

@@ -528,6 +528,7 @@ class TaskResult:
     finished_at: float = 0.0
     cpu_seconds: float = 0.0
     max_memory_bytes: int = 0
+    exclude_this_node: bool = False  # cancelled by the person here: not to be handed back here
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from hivemind_worker.paths import Paths
 
 if TYPE_CHECKING:
     from hivemind_worker.engine.engine import WorkerEngine
+    from hivemind_worker.engine.executors.base import Executor
+    from hivemind_worker.engine.probes import DesktopProbes
 
 
 def make_engine(
@@ -37,7 +39,21 @@ def make_engine(
         credentials=credentials,
         executor=executor,
         outbox_dir=paths.outbox_dir,
+        probes=desktop_probes(executor),
     )
+
+
+def desktop_probes(executor: Executor) -> DesktopProbes:
+    """This desktop's probes; Docker containers' CPU counts as the worker's own, not other
+    programs' (they are not in the worker's process tree)."""
+    from hivemind_worker.engine.probes import DesktopProbes
+
+    def container_cpu() -> float:
+        if executor.capability != "docker":
+            return 0.0  # process-sandbox tasks are in the worker's process tree already
+        return sum(u.cpu_seconds for u in executor.usage().values())
+
+    return DesktopProbes.for_this_desktop(extra_cpu_seconds=container_cpu)
 
 
 async def login_to_pool(

@@ -50,7 +50,17 @@ put() {  # put SRC DEST MODE
 previous=""
 [ -f "$manifest" ] && previous=$(cat "$manifest")
 
-put "$here/hivemind-worker" "$app_dir/hivemind-worker" 755
+# The one-folder app: the program and its _internal/ folder (Python, Qt, libraries). The
+# folder is copied beside the old one and swapped in whole, so an upgrade never leaves a
+# mix of two versions and a running copy keeps the files it has open.
+make_dir "$app_dir"
+rm -rf "$app_dir/_internal.new.$$"
+cp -RP "$here/app/_internal" "$app_dir/_internal.new.$$"
+[ -d "$app_dir/_internal" ] && mv "$app_dir/_internal" "$app_dir/_internal.old.$$"
+mv "$app_dir/_internal.new.$$" "$app_dir/_internal"
+rm -rf "$app_dir/_internal.old.$$"
+track "tree $app_dir/_internal"
+put "$here/app/hivemind-worker" "$app_dir/hivemind-worker" 755
 put "$here/uninstall.sh" "$app_dir/uninstall.sh" 755
 make_dir "$prefix/bin"
 ln -sfn "$app_dir/hivemind-worker" "$prefix/bin/hivemind-worker"

@@ -26,6 +26,13 @@ entries=$(cat "$manifest")
 printf '%s\n' "$entries" | grep '^file ' | cut -c6- | while IFS= read -r f; do
   rm -f -- "$f"
 done
+# Whole folders install.sh owns (the app's _internal/); never anything else, whatever the
+# manifest says.
+printf '%s\n' "$entries" | grep '^tree ' | cut -c6- | while IFS= read -r t; do
+  case "$t" in
+    */hivemind-worker/_internal) rm -rf -- "$t" ;;
+  esac
+done
 printf '%s\n' "$entries" | grep '^dir ' | cut -c5- | sort -r | while IFS= read -r d; do
   rmdir -- "$d" 2>/dev/null || true
 done

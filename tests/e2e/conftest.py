@@ -30,6 +30,13 @@ def binary(artefact: Callable[[str], Path]) -> Path:
 
 
 @pytest.fixture
+def app_folder(artefact: Callable[[str], Path]) -> Path:
+    """The one-folder build (what the installers and the image ship): its executable."""
+    folder = artefact("hivemind-worker-onedir")
+    return folder / ("hivemind-worker.exe" if os.name == "nt" else "hivemind-worker")
+
+
+@pytest.fixture
 def need_tool() -> Callable[[str], str]:
     def find(name: str) -> str:
         path = shutil.which(name)

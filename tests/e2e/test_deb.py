@@ -36,6 +36,8 @@ def test_install_run_remove(
     try:
         files = run(["dpkg", "-L", PACKAGE]).stdout.split()
         assert "/usr/lib/hivemind-worker/hivemind-worker" in files
+        # The one-folder build, which starts without unpacking itself.
+        assert "/usr/lib/hivemind-worker/_internal/base_library.zip" in files
 
         version = run(["/usr/bin/hivemind-worker", "--version"], env=clean_env(tmp_path))
         assert version.stdout.strip() == f"hivemind-worker {__version__}", version.stderr

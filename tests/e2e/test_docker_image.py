@@ -24,8 +24,9 @@ SOCKET = Path("/var/run/docker.sock")
 
 
 def test_image_runs_the_binary_and_reaches_the_host_engine(
-    binary: Path, need_tool: Callable[[str], str]
+    app_folder: Path, need_tool: Callable[[str], str]
 ) -> None:
+    assert app_folder.is_file(), "the image is built from the one-folder app"
     docker = need_tool("docker")
     if run([docker, "info"]).returncode != 0:
         unavailable("no Docker engine is running")

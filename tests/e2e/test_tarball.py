@@ -36,6 +36,9 @@ def test_install_run_uninstall(
     home.mkdir()
     before = tree(home)
     env = clean_env(home)
+    # Runs in place too, without installing (the tarball's README says so).
+    in_place = run([top / "hivemind-worker", "--version"], env=env)
+    assert in_place.stdout.strip() == f"hivemind-worker {__version__}", in_place.stderr
 
     done = run(["sh", top / "install.sh", "--autostart"], env=env)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -50,6 +53,8 @@ def test_install_run_uninstall(
         valid = run([validate, entry])
         assert valid.returncode == 0 and not valid.stdout.strip(), valid.stdout
     assert (home / ".local/share/icons/hicolor/48x48/apps/hivemind-worker.png").is_file()
+    # The one-folder build, which starts without unpacking itself.
+    assert (home / ".local/lib/hivemind-worker/_internal/base_library.zip").is_file()
 
     # Installing again is an upgrade: same files, and uninstall still removes them all.
     again = run(["sh", top / "install.sh"], env=env)

@@ -39,7 +39,15 @@ def gui_app(qtbot, tmp_path: Path, memory_keyring) -> Iterator[tuple[WorkerApp, 
     )
     pool.app = app
     app.start_engine(show_dashboard=True)
-    qtbot.waitUntil(lambda: world.pool is not None and world.pool.port > 0, timeout=20_000)
+    # Until the pool's address has reached the app: a test's own settings come after it.
+    qtbot.waitUntil(
+        lambda: (
+            world.pool is not None
+            and world.pool.port > 0
+            and app.settings.node_pool_address == world.pool.address
+        ),
+        timeout=20_000,
+    )
     try:
         yield app, pool
     finally:

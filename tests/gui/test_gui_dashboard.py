@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PySide6.QtWidgets import QMessageBox
 
 from helpers.guikit import LoopPool, World, busy_task, make_world
 from helpers.harness import USER, login_token
@@ -17,7 +18,9 @@ from hivemind_worker.config import read_state
 from hivemind_worker.engine.events import EngineState
 from hivemind_worker.gui.app import SingleInstance, WorkerApp
 from hivemind_worker.gui.engine_thread import Bridge, CrashReporter, EngineThread
-from hivemind_worker.tasks import TaskStatus
+from hivemind_worker.pool.store import PoolStore
+from hivemind_worker.protocol import nodepool_pb2 as pb
+from hivemind_worker.tasks import Resources, TaskStatus
 
 NETWORK_TIMEOUT = 10.0  # pool_client.DEFAULT_TIMEOUT: how long one call may block the engine
 
@@ -93,21 +96,36 @@ def test_pause_resume_and_cancel_from_the_dashboard(
     qtbot.waitUntil(lambda: app.model.state is EngineState.BUSY, timeout=10_000)
     dash.tasks_table.selectRow(0)
     assert dash.cancel_button.isEnabled()
+    # Bug 3: a cancel asks first; "Keep running" keeps it running.
     qtbot.mouseClick(dash.cancel_button, _left())
+    assert dash.cancel_box is not None and dash.cancel_box.isVisible()
+    assert "another computer" in dash.cancel_box.informativeText()
+    dash.cancel_box.button(QMessageBox.StandardButton.No).click()
+    qtbot.wait(500)
+    assert list(app.model.running) == [task_id] and not app.model.results
+    qtbot.mouseClick(dash.cancel_button, _left())
+    assert dash.cancel_box is not None
+    dash.cancel_box.button(QMessageBox.StandardButton.Yes).click()
     qtbot.waitUntil(lambda: dash.results_table.rowCount() == 1, timeout=30_000)
     assert app.model.results[0].status is TaskStatus.CANCELLED
     assert app.model.totals.failed == 0  # a cancel is not counted as the task's failure
-    # The pool took the unrequested cancel as "give it back": the task is out on a new lease,
-    # and this worker, the only one, takes it up again at once: the table shows that new run.
-    qtbot.waitUntil(
-        lambda: app.engine_thread.submit(pool.task_info(task_id)).result(10).attempt >= 2,
-        timeout=20_000,
-    )
-    qtbot.waitUntil(
-        lambda: any("(attempt 2)" in entry.text for entry in app.model.log), timeout=20_000
-    )
-    assert dash.tasks_table.rowCount() == 1
-    assert list(app.model.running) == [task_id]
+    qtbot.waitUntil(lambda: app.model.results[0].delivered is True, timeout=20_000)
+    # Back in the pool's queue for other computers, and never handed to this one again,
+    # although this worker is the only one and keeps asking for work.
+    info = app.engine_thread.submit(pool.task_info(task_id)).result(10)
+    assert info.attempt == 2 and info.status == pb.TASK_STATUS_QUEUED
+    qtbot.wait(6_000)  # several polls
+    info = app.engine_thread.submit(pool.task_info(task_id)).result(10)
+    assert info.status == pb.TASK_STATUS_QUEUED
+    assert not app.model.running and app.model.state is EngineState.IDLE
+    assert not any("(attempt 2)" in entry.text for entry in app.model.log)
+    store = PoolStore(pool.db)
+    try:
+        big = Resources(cpus=8, memory_bytes=1 << 34, disk_bytes=1 << 34)
+        (other,) = store.lease_tasks("another-node", big, 1, ["process"], lease_seconds=60)
+        assert other.task_id == task_id
+    finally:
+        store.close()
 
 
 def test_quit_drains_running_tasks_with_visible_progress(
@@ -288,7 +306,206 @@ def test_snooze_pauses_then_resumes_by_the_wall_clock(qtbot, gui_app) -> None:
     qtbot.waitUntil(lambda: app.model.state is EngineState.PAUSED, timeout=10_000)
     assert app.snooze_until is not None and 3590 < app.snooze_until - time.time() <= 3600
     assert "Snoozed until" in app.dashboard.log_view.toPlainText()
+    # Bug 11: header, tray menu and tooltip say until when, not only "Paused".
+    until = time.strftime("%H:%M", time.localtime(app.snooze_until))
+    assert app.dashboard.state_label.text() == f"Snoozed until {until}"
+    assert f"resumes by itself at {until}" in app.dashboard.state_detail.text()
+    assert app.tray.status_action.text() == f"Snoozed until {until}"
+    assert f"Snoozed until {until}" in app.tray.tooltip_text()
     app.snooze_until = time.time() - 1  # an hour later (or after a suspend)
     app._check_snooze()
     qtbot.waitUntil(lambda: app.model.state is EngineState.BUSY, timeout=10_000)
     assert app.snooze_until is None
+
+
+def test_signing_out_stops_taking_tasks_and_lets_running_ones_finish(
+    qtbot, gui_app: tuple[WorkerApp, LoopPool]
+) -> None:
+    """Bug 2: after Log out the header still said Contributing and new tasks were run."""
+    app, pool = gui_app
+    (first,) = app.engine_thread.submit(pool.submit([busy_task(3, 8)])).result(30)
+    app.start()
+    qtbot.waitUntil(lambda: list(app.model.running) == [first], timeout=30_000)
+    app.open_settings()
+    dialog = app.settings_dialog
+    assert dialog is not None
+    qtbot.waitUntil(lambda: dialog.logged_in_as == USER, timeout=10_000)
+    qtbot.mouseClick(dialog.logout_button, _left())
+    qtbot.waitUntil(lambda: app.model.state is EngineState.DRAINING, timeout=10_000)
+    assert "signed out" in app.dashboard.connection_label.text()
+    # The running task finishes and its result reaches the pool; then the worker stops.
+    qtbot.waitUntil(lambda: app.model.state is EngineState.STOPPED, timeout=60_000)
+    assert app.model.results[0].status is TaskStatus.SUCCEEDED
+    assert app.model.results[0].delivered is True
+    assert app.dashboard.state_label.text() == "Not contributing"
+    # A task submitted after the sign-out is not fetched.
+    (later,) = app.engine_thread.submit(pool.submit([busy_task(1, 8)])).result(30)
+    qtbot.wait(5_000)
+    info = app.engine_thread.submit(pool.task_info(later)).result(10)
+    assert info.status == pb.TASK_STATUS_QUEUED
+    assert not app.model.running
+    from hivemind_worker.gui.app import was_contributing
+
+    app.model.flush()
+    assert not was_contributing(app.paths)  # and it does not start by itself next time
+
+
+def test_the_app_resumes_contributing_after_a_restart(
+    qtbot, gui_app: tuple[WorkerApp, LoopPool]
+) -> None:
+    """Bug 11: quit while contributing, start again: it did not carry on."""
+    from hivemind_worker.gui.app import should_start
+
+    app, _ = gui_app
+    assert not should_start(app.settings, app.paths)
+    app.start()
+    qtbot.waitUntil(lambda: app.model.state is EngineState.IDLE, timeout=20_000)
+    app.model.flush()
+    assert read_state(app.paths)["contributing"] is True
+    assert should_start(app.settings, app.paths)  # what run_gui passes as autostart
+    app.stop()
+    app.model.flush()
+    assert not should_start(app.settings, app.paths)
+
+
+def test_a_lost_pool_reads_as_one_sentence_with_the_result_waiting(
+    qtbot, gui_app: tuple[WorkerApp, LoopPool]
+) -> None:
+    """Bug 10: three lines of raw gRPC text, the stopped look, and a result shown nowhere."""
+    from helpers.harness import start_pool
+    from hivemind_worker.gui.icons import Look
+
+    app, pool = gui_app
+    world = pool.world
+    assert world.pool is not None
+    address = world.pool.address
+    (task_id,) = app.engine_thread.submit(pool.submit([busy_task(4, 8)])).result(30)
+    app.start()
+    qtbot.waitUntil(lambda: list(app.model.running) == [task_id], timeout=30_000)
+    app.engine_thread.submit(world.pool.stop(grace=0)).result(30)
+    world.pool = None
+    dash = app.dashboard
+    qtbot.waitUntil(lambda: dash.state_label.text() == "Disconnected", timeout=60_000)
+    height = dash.state_detail.height()
+    qtbot.waitUntil(lambda: len(app.model.results) == 1, timeout=30_000)
+    qtbot.waitUntil(
+        lambda: "will be sent when it is back" in dash.state_detail.text(), timeout=30_000
+    )
+    detail = dash.state_detail.text()
+    assert f"Can't reach the pool at {address}." in detail
+    for raw in ("UNKNOWN", "ipv4", "failed to connect", "StatusCode", "gRPC"):
+        assert raw not in detail
+    assert dash.state_detail.height() == height  # the layout does not jump
+    assert dash.details_button.isVisible() and "UNAVAILABLE" in dash.details_text
+    assert app.status().look is Look.DISCONNECTED
+    assert dash.results_table.item(0, 5).text() == "waiting for the pool"
+    # The pool comes back on the same address: the waiting result is delivered.
+    world.pool = app.engine_thread.submit(start_pool(pool.db, listen=address)).result(30)
+    qtbot.waitUntil(lambda: app.model.results[0].delivered is True, timeout=90_000)
+    qtbot.waitUntil(lambda: dash.results_table.item(0, 5).text() == "yes", timeout=10_000)
+    qtbot.waitUntil(lambda: dash.state_label.text() != "Disconnected", timeout=30_000)
+
+
+def test_reconnects_forced_by_settings_leave_no_unretrieved_errors(
+    qtbot, gui_app: tuple[WorkerApp, LoopPool], caplog
+) -> None:
+    """Bug 8: 'Task exception was never retrieved … PoolUnavailable' after two Applies."""
+    import dataclasses
+    import gc
+    import logging
+
+    app, pool = gui_app
+    assert pool.world.pool is not None
+    good = app.settings
+    app.start()
+    qtbot.waitUntil(lambda: app.model.state is EngineState.IDLE, timeout=20_000)
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    for _ in range(2):
+        app.apply_settings(dataclasses.replace(good, node_pool_address="127.0.0.1:9"))
+        qtbot.wait(1500)
+        app.apply_settings(good)
+        qtbot.waitUntil(lambda: app.model.state is EngineState.IDLE, timeout=60_000)
+    app.engine_thread.submit(_collect()).result(10)
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def _collect() -> None:
+    import gc
+
+    gc.collect()
+
+
+def test_image_pull_progress_reaches_the_header_and_the_tooltip(
+    qtbot, gui_app: tuple[WorkerApp, LoopPool]
+) -> None:
+    # The Docker executor's image store calls on_pull from its pull thread; here the test
+    # calls it in its place (no registry is reachable from this machine).
+    app, _ = gui_app
+    app.start()
+    qtbot.waitUntil(lambda: app.model.state is EngineState.IDLE, timeout=20_000)
+    assert app.engine.executor.on_pull is not None
+    app.engine.executor.on_pull("python:3.12-slim", 45_000_000, 120_000_000)
+    qtbot.waitUntil(lambda: "Downloading" in app.dashboard.state_detail.text(), timeout=5_000)
+    assert "python:3.12-slim: 45 of 120 MB" in app.dashboard.state_detail.text()
+    assert "python:3.12-slim: 45 of 120 MB" in app.tray.tooltip_text()
+    app.engine.executor.on_pull("python:3.12-slim", 120_000_000, 120_000_000)
+    qtbot.waitUntil(lambda: "Downloading" not in app.dashboard.state_detail.text(), timeout=5_000)
+
+
+def test_charts_read_right(qtbot, gui_app: tuple[WorkerApp, LoopPool]) -> None:
+    """Bug 12: one axis, two units; a 0.01 GiB memory band; legends on the lines."""
+    import os
+
+    app, pool = gui_app
+    dash = app.dashboard
+    app.engine_thread.submit(pool.submit([busy_task(20, 64)])).result(30)
+    app.start()
+    qtbot.waitUntil(lambda: len(dash.cpu_chart.lines) == 2, timeout=30_000)
+    qtbot.waitUntil(
+        lambda: any(t.usage.cpu_percent > 5 for t in app.model.running.values()), timeout=20_000
+    )
+    task = next(iter(app.model.running.values()))
+    _xs, ys = dash.cpu_chart.lines[task.task_id].getData()
+    cores = os.cpu_count() or 1
+    # Task CPU in % of this computer, like the host line: a one-core burner on n cores.
+    assert max(ys) <= 100 / cores + 5
+    assert abs(ys[-1] - task.history[-1][1] / cores) < 1e-6
+    low, high = dash.mem_chart.getPlotItem().viewRange()[1]
+    peak = max(m for _, _, m in app.model.host_history) / (1 << 30)
+    assert low == 0 and high >= max(1.0, peak)  # from zero, at least 1 GiB, room for the peak
+    assert high <= max(2.0, 2.5 * peak)  # and not so tall that the lines flatten out
+    assert task.name in dash.cpu_legend.text() and "this computer" in dash.mem_legend.text()
+    assert dash.cpu_chart.getPlotItem().legend is None  # nothing drawn over the lines
+
+
+def test_not_signed_in_says_what_to_do_without_a_terminal_and_stop_works(
+    qtbot, gui_app: tuple[WorkerApp, LoopPool]
+) -> None:
+    """Bug 9: 'Run `hivemind-worker login` first', and Stop disabled in the error state."""
+    from hivemind_worker.errors import ErrorKind
+    from hivemind_worker.gui.icons import Look
+
+    app, pool = gui_app
+    assert pool.world.pool is not None
+    address = pool.world.pool.address
+    app.credentials.delete_token(address, USER)
+    notified: list[tuple[str, str]] = []
+    app.tray.notify = lambda title, message: notified.append((title, message))  # type: ignore[method-assign]
+    app.start()
+    dash = app.dashboard
+    qtbot.waitUntil(lambda: app.model.state is EngineState.ERROR, timeout=20_000)
+    assert app.model.state_kind is ErrorKind.LOGIN
+    assert dash.state_label.text() == "Needs attention"
+    assert (
+        dash.state_detail.text()
+        == f"Not signed in to the pool at {address}. Sign in from Settings."
+    )
+    qtbot.waitUntil(lambda: bool(notified), timeout=5_000)
+    shown = " ".join([dash.state_detail.text(), app.tray.tooltip_text(), *notified[0]])
+    for jargon in ("hivemind-worker", "terminal", "`", "Run "):
+        assert jargon not in shown
+    assert app.status().look is Look.ATTENTION
+    assert dash.stop_button.isEnabled()  # the engine retries; Stop makes it give up
+    qtbot.mouseClick(dash.stop_button, _left())
+    qtbot.waitUntil(lambda: app.model.state is EngineState.STOPPED, timeout=20_000)

@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
+from PySide6.QtCore import Qt
 
 from helpers.guikit import LoopPool
 from helpers.harness import PASSWORD, USER
@@ -27,11 +28,11 @@ def test_settings_round_trip_to_the_toml_file(qtbot, gui_app: tuple[WorkerApp, L
     app, _ = gui_app
     dialog = open_dialog(app)
     dialog.address.setText("pool.example.org:443")
-    dialog.cpu_spin.setValue(1.5)
-    assert dialog.cpu_slider.value() == 15  # slider and spin box stay in step
-    dialog.memory.setValue(1.0)
-    dialog.disk.setValue(min(2.0, dialog.disk.maximum()))
-    dialog.concurrent.setValue(3)
+    dialog.cpu_spin.setText("1.5")
+    assert dialog.cpu_slider.value() == 15  # slider and field stay in step
+    dialog.memory.setText("1")
+    dialog.disk.setText("0.5")
+    dialog.concurrent.setText("3")
     dialog.start_on_launch.setChecked(True)
     dialog.close_to_tray.setChecked(False)
     assert dialog.apply()
@@ -50,8 +51,8 @@ def test_settings_round_trip_to_the_toml_file(qtbot, gui_app: tuple[WorkerApp, L
     qtbot.waitUntil(lambda: app.settings_dialog is None)
     again = open_dialog(app)
     assert again.address.text() == "pool.example.org:443"
-    assert again.cpu_spin.value() == 1.5
-    assert again.concurrent.value() == 3
+    assert again.cpu_spin.text() == "1.5"
+    assert again.concurrent.text() == "3"
     assert not again.close_to_tray.isChecked()
 
 
@@ -94,8 +95,8 @@ def test_applying_reaches_the_running_engine_without_a_restart(
     app, _ = gui_app
     thread_before = app.engine_thread
     dialog = open_dialog(app)
-    dialog.concurrent.setValue(2)
-    dialog.cpu_spin.setValue(0.5)
+    dialog.concurrent.setText("2")
+    dialog.cpu_spin.setText("0.5")
     qtbot.mouseClick(dialog.buttons.button(dialog.buttons.StandardButton.Ok), _left())
     qtbot.waitUntil(lambda: app.engine.settings.max_concurrent_tasks == 2, timeout=5_000)
     assert app.engine.settings.max_cpu_cores == 0.5
@@ -254,7 +255,7 @@ def test_the_demo_never_saves_its_throwaway_pool_as_yours(qtbot, tmp_path: Path,
     try:
         qtbot.waitUntil(lambda: app.settings.node_pool_address != "127.0.0.1:1", timeout=20_000)
         dialog = open_dialog(app)
-        dialog.concurrent.setValue(2)
+        dialog.concurrent.setText("2")
         assert dialog.apply()
         saved = load_settings(app.paths, env={})
         assert saved.max_concurrent_tasks == 2
@@ -268,3 +269,114 @@ def test_the_demo_never_saves_its_throwaway_pool_as_yours(qtbot, tmp_path: Path,
         app.model.flush()
         app.dispose()
         qtbot.wait(50)
+
+
+def test_numbers_are_never_changed_behind_your_back(qtbot, gui_app) -> None:
+    """Bug 5: 9999 GiB became 9.0, 999 tasks became 9, -2 became 2, 0 and 9999 CPUs vanished."""
+    app, _ = gui_app
+    dialog = open_dialog(app)
+    ok = dialog.buttons.button(dialog.buttons.StandardButton.Ok)
+    for field, key, typed in (
+        (dialog.memory, "max_memory_gb", "9999"),
+        (dialog.concurrent, "max_concurrent_tasks", "999"),
+        (dialog.concurrent, "max_concurrent_tasks", "-2"),
+        (dialog.concurrent, "max_concurrent_tasks", "2.5"),
+        (dialog.cpu_spin, "max_cpu_cores", "9999"),
+        (dialog.cpu_spin, "max_cpu_cores", "two"),
+        (dialog.disk, "max_disk_gb", "0"),
+    ):
+        before = field.text()
+        field.clear()
+        qtbot.keyClicks(field, typed)
+        assert field.text() == typed  # kept exactly as typed
+        label = dialog._error_labels[key]
+        assert label.isVisibleTo(dialog) and label.text().startswith("expected"), (key, typed)
+        assert not ok.isEnabled()
+        assert field.accessibleDescription()
+        assert not dialog.apply()
+        field.setText(before)
+        assert ok.isEnabled(), (key, before, dialog.errors)
+    assert not app.paths.settings_file.exists()
+
+
+def test_a_cpu_cap_no_task_fits_in_is_flagged_in_the_dialog_and_the_header(qtbot, gui_app) -> None:
+    """Bug 4: with 0.5 CPU the app said 'waiting for work' forever."""
+    app, _ = gui_app
+    dialog = open_dialog(app)
+    dialog.cpu_spin.setText("0.5")
+    assert dialog.cap_warning.isVisibleTo(dialog)
+    assert "at least 1 CPU" in dialog.cap_warning.text()
+    assert dialog.apply()  # allowed, but said
+    app.start()
+    qtbot.waitUntil(lambda: app.model.state.value == "idle", timeout=20_000)
+    assert "No task can run" in app.dashboard.state_detail.text()
+    assert "1 CPU" in app.dashboard.state_detail.text()
+    assert app.status().attention  # the tray shows "needs attention"
+    dialog.cpu_spin.setText("1")
+    assert not dialog.cap_warning.isVisibleTo(dialog)
+    assert dialog.apply()
+    assert "No task can run" not in app.dashboard.state_detail.text()
+
+
+def test_a_bad_account_name_is_refused_beside_the_field(qtbot, gui_app) -> None:
+    """Bug 6: 'bob smith/../;' was accepted and put the engine into error."""
+    app, _ = gui_app
+    dialog = open_dialog(app)
+    dialog.account.clear()
+    qtbot.keyClicks(dialog.account, "bob smith/../;")
+    assert "letters, digits" in dialog._error_labels["account"].text()
+    assert not dialog.apply()
+    assert app.engine.settings.account != "bob smith/../;"
+
+
+def test_enter_in_the_password_field_signs_in_and_keeps_the_dialog_open(
+    qtbot, gui_app, memory_keyring
+) -> None:
+    """Bug 1: Enter closed Settings (saving it) without signing in."""
+    app, pool = gui_app
+    assert pool.world.pool is not None
+    dialog = open_dialog(app)
+    dialog.address.setText(pool.world.pool.address)
+    dialog.account.setText(USER)
+    dialog.password.setFocus()
+    qtbot.keyClicks(dialog.password, PASSWORD)
+    with qtbot.waitSignal(dialog.loginChanged, timeout=15_000) as changed:
+        qtbot.keyClick(dialog.password, Qt.Key.Key_Return)
+    assert changed.args == [USER]
+    assert dialog.isVisible()  # not closed by the default button
+    assert not app.paths.settings_file.exists()  # and nothing saved behind the person's back
+
+
+def test_login_status_follows_the_address_as_typed(qtbot, gui_app, memory_keyring) -> None:
+    """Bug 9: the login status went stale after the address changed."""
+    app, pool = gui_app
+    assert pool.world.pool is not None
+    dialog = open_dialog(app)
+    dialog.address.setText(pool.world.pool.address)
+    dialog.account.setText(USER)
+    qtbot.waitUntil(lambda: dialog.logged_in_as == USER, timeout=10_000)
+    dialog.address.setText("127.0.0.1:9")  # no login stored for this one
+    qtbot.waitUntil(lambda: dialog.logged_in_as == "", timeout=10_000)
+    assert "Not logged in" in dialog.login_state.text()
+
+
+def test_the_docker_switch_is_in_the_dialog_with_what_it_means(qtbot, gui_app) -> None:
+    app, _ = gui_app
+    dialog = open_dialog(app)
+    assert dialog.docker_enabled.isChecked() == app.settings.docker_enabled
+    assert "process sandbox" in dialog.docker_status.text()  # this world's engine
+    dialog.docker_enabled.setChecked(False)
+    assert dialog.apply()
+    assert load_settings(app.paths, env={}).docker_enabled is False
+
+
+def test_autostart_keeps_the_data_folder(tmp_path: Path) -> None:
+    """Bug 11: the XDG entry dropped HIVEMIND_HOME / --data-dir."""
+    from hivemind_worker.gui.autostart import launch_command
+    from hivemind_worker.paths import default_paths
+
+    command = launch_command(default_paths(tmp_path / "my home"))
+    assert command[-4:] == ["--data-dir", str(tmp_path / "my home"), "gui", "--hidden"]
+    auto = XdgAutostart(tmp_path / "xdg", command)
+    auto.set_enabled(True)
+    assert f"--data-dir '{tmp_path / 'my home'}' gui --hidden" in auto.path.read_text()

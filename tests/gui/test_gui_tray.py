@@ -51,4 +51,7 @@ def test_tray_icon_is_shown_and_its_menu_drives_the_engine(tray_env, tmp_path: P
     assert found["resume_visible_when_paused"] is True
     assert found["after_resume"] == "busy"
     assert found["quit"] is True
+    assert found["looks"] == ["stopped", "contributing", "paused"]
+    assert found["snoozed_menu"].startswith("Snoozed until ")
+    assert found["snoozed_tooltip"].startswith("HiveMind Worker: Snoozed until ")
     assert shot.stat().st_size > 0

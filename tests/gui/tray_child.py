@@ -65,12 +65,14 @@ def main() -> None:
     found["geometry"] = [geometry.x(), geometry.y(), geometry.width(), geometry.height()]
     found["start_visible_when_stopped"] = tray.start_action.isVisible()
     icon_stopped = tray.icon.icon().cacheKey()
+    found["looks"] = [tray.look.value]
 
     tray.start_action.trigger()  # the menu's Start contributing
     pump_until(lambda: world.engine.state is EngineState.BUSY, 30, "the engine to take tasks")
     pump_until(lambda: worker.model.state is EngineState.BUSY, 5, "the tray to hear of it")
     found["after_start"] = world.engine.state.value
     found["icon_changed"] = tray.icon.icon().cacheKey() != icon_stopped
+    found["looks"].append(tray.look.value)
     pump_until(lambda: worker.model.host is not None, 10, "a metrics sample")
     found["tooltip"] = tray.icon.toolTip()
     found["pause_visible_when_busy"] = tray.pause_action.isVisible()
@@ -84,12 +86,18 @@ def main() -> None:
     pump_until(lambda: worker.model.state is EngineState.PAUSED, 5, "the tray to hear of it")
     found["after_pause"] = world.engine.state.value
     found["resume_visible_when_paused"] = tray.resume_action.isVisible()
+    found["looks"].append(tray.look.value)
 
     tray.resume_action.trigger()
     pump_until(lambda: world.engine.state is EngineState.BUSY, 15, "the engine to resume")
     found["after_resume"] = world.engine.state.value
 
-    worker.stop()  # running tasks go back to the pool; quit then has nothing to wait for
+    tray.snooze_actions[0].trigger()  # Snooze > For 1 hour
+    pump_until(lambda: worker.model.state is EngineState.PAUSED, 15, "the snooze to pause")
+    found["snoozed_menu"] = tray.status_action.text()
+    found["snoozed_tooltip"] = tray.icon.toolTip()
+
+    tray.stop_action.trigger()  # tasks go back to the pool; quit then has nothing to wait for
     pump_until(lambda: worker.model.state is EngineState.STOPPED, 30, "the engine to stop")
     quit_done: list[bool] = []
     worker.quitFinished.connect(lambda: quit_done.append(True))

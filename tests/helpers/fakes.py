@@ -84,7 +84,12 @@ class FakePoolClient:
         return PoolTerms(heartbeat_interval=0.2, lease_timeout=30, max_wait=1)
 
     async def heartbeat(
-        self, node_id: str, status: NodeStatus, host: HostSample, running: list[RunningLease]
+        self,
+        node_id: str,
+        status: NodeStatus,
+        host: HostSample,
+        running: list[RunningLease],
+        status_message: str = "",
     ) -> HeartbeatReply:
         self.pool.heartbeats.append((status, list(running)))
         cancel, self.pool.cancel_next_heartbeat = tuple(self.pool.cancel_next_heartbeat), []

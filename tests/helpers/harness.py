@@ -22,6 +22,7 @@ from hivemind_worker.engine.engine import WorkerEngine
 from hivemind_worker.engine.events import Event, StateChanged
 from hivemind_worker.engine.executors.base import Executor
 from hivemind_worker.engine.executors.process import ProcessExecutor
+from hivemind_worker.engine.probes import Probes
 from hivemind_worker.paths import Paths, default_paths
 from hivemind_worker.pool.client import TaskQueueClient
 from hivemind_worker.pool.server import PoolConfig, PoolServer
@@ -98,6 +99,7 @@ async def start_worker(
     *,
     token: str | None = None,
     executor: Callable[[Settings], Executor] | None = None,
+    probes: Probes | None = None,
     **overrides: object,
 ) -> Worker:
     """An engine, logged in through the (in-memory) keyring; the process executor unless
@@ -111,6 +113,7 @@ async def start_worker(
         credentials=credentials,
         executor=executor(settings) if executor else ProcessExecutor(settings.work_dir),
         outbox_dir=paths.outbox_dir,
+        probes=probes,
     )
     worker = Worker(engine, paths)
     engine.subscribe(worker.events.append)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
+import tempfile
 from pathlib import Path
 
 from hivemind_worker.engine.executors.process import ProcessExecutor
@@ -10,6 +14,14 @@ from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.task_params import param_value
 
 RESOURCES = pb.Resources(cpus=1, memory_bytes=1536 << 20, disk_bytes=512 << 20)
+
+
+def reachable_dir(prefix: str) -> Path:
+    """A fresh folder that tasks running as nobody can reach (when the tests run as root, the
+    process sandbox runs tasks as nobody, and pytest's own temporary folders are 0700)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp" if os.name != "nt" else None))
+    folder.chmod(0o755)
+    return folder
 
 
 def shared_environments(root: Path) -> Environments:
@@ -64,3 +76,13 @@ def data_task(
         resources=RESOURCES,
         timeout_seconds=timeout,
     )
+
+
+def remove_environments(root: Path) -> None:
+    """Remove a folder holding read-only environments."""
+
+    def writable(func, name, _exc):  # type: ignore[no-untyped-def]
+        os.chmod(os.path.dirname(name), stat.S_IRWXU)
+        func(name)
+
+    shutil.rmtree(root, onerror=writable)  # onexc from Python 3.12 on; 3.11 is supported

@@ -104,6 +104,16 @@ def test_login_then_doctor_is_healthy(tmp_path: Path, local_pool: LocalPool) -> 
     assert done.returncode == 0, done.stdout
     assert "healthy" in done.stdout.splitlines()[-1]
     assert f"logged in as {USER}" in done.stdout
+    # One line per wall of the process sandbox, as this machine builds it.
+    walls = ("namespaces", "mount view", "landlock", "seccomp", "process cap", "cgroup")
+    lines = {line[6:].split("  ")[0].strip(): line for line in done.stdout.splitlines()}
+    for wall in walls:
+        assert f"sandbox: {wall}" in lines, done.stdout
+    if sys.platform.startswith("linux"):
+        # This kernel (6.x, user namespaces on) gives every wall but maybe the cgroup.
+        assert all(lines[f"sandbox: {w}"].startswith("ok") for w in walls[:5]), done.stdout
+    if os.geteuid() == 0:
+        assert "runs as root" in lines["sandbox: user"] and "ordinary user" in done.stdout
 
 
 def test_doctor_reports_an_unreachable_pool(tmp_path: Path) -> None:

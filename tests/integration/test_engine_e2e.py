@@ -21,6 +21,7 @@ from helpers.harness import (
     wait_for,
     worker_subprocess,
 )
+from helpers.sandbox_pids import TASK_PID, host_pid, written
 from hivemind_worker.engine.events import (
     EngineState,
     ResultDelivered,
@@ -93,11 +94,10 @@ async def test_killed_worker_loses_its_lease_and_another_finishes(tmp_path: Path
     other = None
     try:
         async with queue_client(pool.address) as queue:
-            marker = tmp_path / "attempts.txt"
-            source = f"""
-                import os, time
-                with open({str(marker)!r}, "a") as fh:
-                    fh.write(os.environ["HIVEMIND_TASK_ID"] + "\\n")
+            # Written in the task's workspace: the sandbox lets it write nowhere else.
+            source = """
+                import time
+                open("started.txt", "w").close()
                 time.sleep(3)
                 open("results/done.txt", "w").write("finished")
             """
@@ -108,7 +108,7 @@ async def test_killed_worker_loses_its_lease_and_another_finishes(tmp_path: Path
                 return info.status == pb.TASK_STATUS_RUNNING and info.node_id == "node-a"
 
             for _ in range(600):
-                if await running_on_a() and marker.exists():
+                if await running_on_a() and written(tmp_path / "node-a", "started.txt"):
                     break
                 await asyncio.sleep(0.1)
             else:
@@ -169,19 +169,19 @@ async def test_stale_lease_report_is_dropped_not_retried(tmp_path: Path) -> None
 async def test_cancel_running_task(tmp_path: Path) -> None:
     pool = await start_pool(tmp_path / "pool.db")
     worker = await start_worker(tmp_path / "node-a", pool.address)
-    pid_file = tmp_path / "pid"
     try:
         async with queue_client(pool.address) as queue:
             source = f"""
                 import os, time
-                open({str(pid_file)!r}, "w").write(os.readlink("/proc/self"))  # host pid
+                open("pid.tmp", "w").write({TASK_PID})
+                os.rename("pid.tmp", "pid")
                 while True:
                     time.sleep(0.1)
             """
             task_id = await queue.submit(python_task(source, name="forever"))
-            await wait_for(lambda: pid_file.exists() and pid_file.read_text() != "", what="pid")
-            pid = int(pid_file.read_text())
-            assert psutil.pid_exists(pid)
+            await wait_for(lambda: written(tmp_path / "node-a", "pid"), what="pid")
+            pid = host_pid(written(tmp_path / "node-a", "pid")[0].read_text())
+            assert pid is not None and psutil.pid_exists(pid)
             await queue.cancel(task_id)
             info = (await queue.wait_done([task_id], timeout=30))[task_id]
             assert info.status == pb.TASK_STATUS_CANCELLED
@@ -395,25 +395,71 @@ async def test_a_task_cancelled_here_and_handed_back_at_once_runs_again(tmp_path
     # A long lease: if the second hand-out were ignored, the test would wait out the lease.
     pool = await start_pool(tmp_path / "pool.db", lease_timeout=300)
     worker = await start_worker(tmp_path / "node-a", pool.address)
-    marker = tmp_path / "first-run"
-    source = f"""
+    # Each run waits for a "go" file in its own workspace; the test gives it to the second.
+    source = """
         import os, time
-        if not os.path.exists({str(marker)!r}):
-            open({str(marker)!r}, "w").close()
-            time.sleep(60)
+        open("waiting", "w").close()
+        for _ in range(1200):
+            if os.path.exists("go"):
+                break
+            time.sleep(0.05)
         open("results/r.txt", "w").write("second run")
     """
+    home = tmp_path / "node-a"
     try:
         async with queue_client(pool.address) as queue:
             task_id = await queue.submit(python_task(source, name="again"))
-            await wait_for(marker.exists, what="first run")
-            worker.engine.cancel_task(task_id)
+            await wait_for(lambda: written(home, "waiting"), what="first run")
+            first = written(home, "waiting")[0].parent
+            worker.engine.cancel_task(task_id, exclude_here=False)  # given back as by a stop
+            await wait_for(
+                lambda: any(p.parent != first for p in written(home, "waiting")),
+                what="second run",
+            )
+            second = next(p.parent for p in written(home, "waiting") if p.parent != first)
+            (second / "go").touch()
             info = (await queue.wait_done([task_id], timeout=60))[task_id]
             assert info.status == pb.TASK_STATUS_SUCCEEDED
             assert info.attempt == 2 and info.node_id == "node-a"
             assert archive_files(await queue.download(task_id)) == {"results/r.txt": b"second run"}
     finally:
         await worker.stop()
+        await pool.stop()
+
+
+async def test_a_task_the_person_cancels_here_runs_on_another_node_only(tmp_path: Path) -> None:
+    pool = await start_pool(tmp_path / "pool.db", lease_timeout=300)
+    here = await start_worker(tmp_path / "node-a", pool.address)
+    # Each run waits for a "go" file in its own workspace (tasks cannot write outside it).
+    source = """
+        import os, time
+        open("waiting", "w").close()
+        for _ in range(1200):
+            if os.path.exists("go"):
+                break
+            time.sleep(0.05)
+        open("results/r.txt", "w").write("elsewhere")
+    """
+    other = None
+    try:
+        async with queue_client(pool.address) as queue:
+            task_id = await queue.submit(python_task(source, name="not here"))
+            await wait_for(lambda: written(tmp_path / "node-a", "waiting"), what="first run")
+            here.engine.cancel_task(task_id)  # as the dashboard does
+            await wait_for(lambda: not here.engine._running, what="the cancel reported")
+            await asyncio.sleep(3)  # this worker keeps polling, and is never given it again
+            info = await queue.get(task_id)
+            assert info.status == pb.TASK_STATUS_QUEUED and info.attempt == 2
+            other = await start_worker(tmp_path / "node-b", pool.address)
+            await wait_for(lambda: written(tmp_path / "node-b", "waiting"), what="run elsewhere")
+            (written(tmp_path / "node-b", "waiting")[0].parent / "go").touch()
+            info = (await queue.wait_done([task_id], timeout=60))[task_id]
+            assert info.status == pb.TASK_STATUS_SUCCEEDED and info.node_id == "node-b"
+            assert len(written(tmp_path / "node-a", "waiting")) <= 1
+    finally:
+        if other is not None:
+            await other.stop()
+        await here.stop()
         await pool.stop()
 
 

@@ -250,3 +250,16 @@ def test_extract_refuses_links_and_escapes(tmp_path: Path) -> None:
         extract_archive(_tar((tarfile.TarInfo("/abs.txt"), b"x")), tmp_path / "c")
     assert extract_archive(_tar((tarfile.TarInfo("ok/file.txt"), b"fine")), tmp_path / "d") == 1
     assert (tmp_path / "d" / "ok" / "file.txt").read_bytes() == b"fine"
+
+
+def test_no_terminal_and_no_password_says_what_to_do(tmp_path: Path) -> None:
+    """Started from a launcher: no terminal to ask on, no HIVEMIND_PASSWORD (issue 12, bug 9)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HIVEMIND_PASSWORD", "HIVEMIND_USER")}
+    done = subprocess.run(
+        [*CLI, "status", "--pool", "127.0.0.1:1", "--user", "alice"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, env=env,
+        check=False, start_new_session=True,  # no controlling terminal
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "EOFError" not in done.stderr
+    assert "set HIVEMIND_PASSWORD" in done.stderr

@@ -256,6 +256,10 @@ def test_migrates_a_version_1_database(tmp_path: Path) -> None:
         DROP TABLE blob_chunks;
         DROP TABLE garbage_blobs;
         ALTER TABLE results DROP COLUMN blob_id;
+        DROP INDEX tasks_running_by_expiry;
+        DROP INDEX tasks_cancels_by_node;
+        DROP INDEX tokens_by_expiry;
+        DROP TABLE task_exclusions;
         PRAGMA user_version = 1;
         COMMIT;
         """
@@ -263,7 +267,29 @@ def test_migrates_a_version_1_database(tmp_path: Path) -> None:
     store.close()
 
     migrated = PoolStore(path)
-    assert int(migrated._db.execute("PRAGMA user_version").fetchone()[0]) == 2
+    assert int(migrated._db.execute("PRAGMA user_version").fetchone()[0]) == 4
     assert migrated.result_bytes(tid) == data
     assert _garbage(migrated) == (0, 2)
     migrated.close()
+
+
+def test_a_task_cancelled_by_the_person_on_a_node_never_returns_to_that_node(
+    pool_store: PoolStore,
+) -> None:
+    task_id = pool_store.submit(py_task(), "alice")
+
+    def lease(node: str) -> list[pb.TaskSpec]:
+        return pool_store.lease_tasks(node, BIG, 4, ["process"], lease_seconds=60)
+
+    (first,) = lease("n1")
+    outcome = pool_store.record_report(
+        node_id="n1",
+        task_id=task_id,
+        lease_id=first.lease_id,
+        status=TaskStatus.CANCELLED,
+        exclude_node=True,
+    )
+    assert outcome.requeued  # back in the queue for everyone else
+    assert lease("n1") == []
+    (second,) = lease("n2")
+    assert second.task_id == task_id and second.attempt == 2

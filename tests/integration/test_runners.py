@@ -17,7 +17,14 @@ import pytest
 from PIL import Image
 
 from helpers.harness import archive_files, queue_client, start_pool, start_worker
-from helpers.runners import data_task, ml_task, process_executor, shared_environments
+from helpers.runners import (
+    data_task,
+    ml_task,
+    process_executor,
+    reachable_dir,
+    remove_environments,
+    shared_environments,
+)
 from hivemind_worker.engine.events import TaskProgress
 from hivemind_worker.engine.runners import requirements
 from hivemind_worker.engine.runners.environments import Environments
@@ -31,8 +38,12 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def envs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environments]:
-    yield shared_environments(tmp_path_factory.mktemp("environments"))
+def envs() -> Iterator[Environments]:
+    root = reachable_dir("hivemind-test-envs-")
+    try:
+        yield shared_environments(root / "environments")
+    finally:
+        remove_environments(root)
 
 
 async def run_tasks(
@@ -351,14 +362,19 @@ async def test_the_demo_runs_the_ml_and_data_samples_showing_progress(tmp_path: 
         "HIVEMIND_ACCOUNT",
         "HIVEMIND_ML_SCIKIT_LEARN",
         "HIVEMIND_DATA_PROCESSING",
-        "WORK_DIR",
     ):
         env.pop(name, None)  # fmt: skip
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "hivemind_worker", "demo", "--headless", "--tasks", "1"],
-        capture_output=True, text=True, env=env, timeout=540, check=False,
-    )  # fmt: skip
+    # The environments live in the work folder, which tasks running as nobody must reach.
+    work = reachable_dir("hivemind-test-demo-")
+    env["WORK_DIR"] = str(work)
+    try:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "hivemind_worker", "demo", "--headless", "--tasks", "1"],
+            capture_output=True, text=True, env=env, timeout=540, check=False,
+        )  # fmt: skip
+    finally:
+        remove_environments(work)
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
     assert "Done: 3 of 3 tasks succeeded." in out

@@ -309,9 +309,22 @@ def test_settings_table_matches_settings() -> None:
         "max_memory_gb",
         "max_disk_gb",
         "max_concurrent_tasks",
+        "docker_enabled",
         "start_at_login",
         "start_on_launch",
         "close_to_tray",
+        # the "When to contribute" page
+        "idle_only_minutes",
+        "suspend_on_battery",
+        "battery_below_percent",
+        "other_cpu_percent",
+        "other_cpu_suspend_seconds",
+        "other_cpu_resume_seconds",
+        "suspend_fullscreen",
+        "schedule",
+        "memory_low_percent",
+        "cpu_time_percent",
+        "give_back_minutes",
     ]
 
 
@@ -341,7 +354,8 @@ def test_each_environment_variable_reaches_its_setting(paths: Paths, spec: Setti
     try:
         settings = load_settings(paths, env={str(spec.env): odd})
     except ConfigError as exc:
-        assert str(exc) == (
+        # A rule that can name the wrong part of the value (the schedule's) adds it after this.
+        assert str(exc).startswith(
             f"Invalid setting {spec.key} = {odd!r} (from environment variable {spec.env}): "
             f"expected {spec.allowed()}"
         )
@@ -411,3 +425,38 @@ def test_flags_reach_the_loaded_settings(paths: Paths) -> None:
     assert settings.docker_enabled is False
     assert settings.insecure is True
     assert settings.node_pool_address == "h:1"
+
+
+def test_when_to_contribute_defaults_a_person_at_home_accepts(paths: Paths) -> None:
+    settings = load_settings(paths, env={})
+    assert settings.idle_only_minutes == 0
+    assert settings.suspend_on_battery is True
+    assert settings.other_cpu_percent == 25
+    assert settings.suspend_fullscreen is True
+    assert settings.schedule == ""
+    assert settings.cpu_time_percent == 100
+    assert settings.give_back_minutes == 30
+
+
+def test_schedule_from_the_environment(paths: Paths) -> None:
+    env = {"HIVEMIND_SCHEDULE": " mon-fri 18:00-08:00; sat-sun 00:00-24:00 "}
+    settings = load_settings(paths, env=env)
+    assert settings.schedule == "mon-fri 18:00-08:00; sat-sun 00:00-24:00"
+
+
+def test_bad_schedule_names_the_wrong_part(paths: Paths) -> None:
+    write_file(paths, 'schedule = "mon-fri 18:00-08:00; sat-sunday 09:00-25:00"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(paths, env={})
+    message = str(caught.value)
+    assert message.startswith("Invalid setting schedule = ")
+    assert str(paths.settings_file) in message
+    assert "bad time '25:00' in 'sat-sunday 09:00-25:00'" in message
+    assert "\n" not in message
+
+
+def test_when_to_contribute_bounds(paths: Paths) -> None:
+    with pytest.raises(ConfigError, match=r"HIVEMIND_CPU_TIME_PERCENT.*from 1 to 100"):
+        load_settings(paths, env={"HIVEMIND_CPU_TIME_PERCENT": "0"})
+    with pytest.raises(ConfigError, match="other_cpu_percent"):
+        load_settings(paths, env={"HIVEMIND_OTHER_CPU_PERCENT": "150"})

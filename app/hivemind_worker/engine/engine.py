@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hivemind_worker.config import Settings
 from hivemind_worker.credentials import CredentialStore
+from hivemind_worker.engine.contribute import Contribute
 from hivemind_worker.engine.delivery import Delivery, backoff_delay
 from hivemind_worker.engine.events import (
     EngineState,
@@ -31,6 +32,7 @@ from hivemind_worker.engine.pool_client import (
     RefusedSpec,
     client_for,
 )
+from hivemind_worker.engine.probes import Probes
 from hivemind_worker.engine.runs import TaskRuns, _Running
 from hivemind_worker.engine.session import Session, _SessionOver
 from hivemind_worker.errors import ErrorKind, HiveMindError
@@ -46,7 +48,7 @@ AUTH_RETRY_SECONDS = 60.0
 METRICS_INTERVAL = 1.0
 
 
-class WorkerEngine(Session, TaskRuns):
+class WorkerEngine(Session, TaskRuns, Contribute):
     """Start / pause / resume / drain / stop from any thread; `run()` is the engine's coroutine.
 
     Commands are thread-safe: they hop onto the engine loop with call_soon_threadsafe, so the
@@ -62,6 +64,7 @@ class WorkerEngine(Session, TaskRuns):
         executor: Executor,
         outbox_dir: Path,
         client_factory: Callable[..., NodePoolClient] = client_for,
+        probes: Probes | None = None,
     ) -> None:
         self.settings = settings
         self.node_id = node_id
@@ -94,6 +97,7 @@ class WorkerEngine(Session, TaskRuns):
         self._poll_call: asyncio.Future[list[TaskSpec | RefusedSpec]] | None = None
         executor.on_pull = self._on_pull
         executor.on_environment = self._on_environment
+        self._init_policy(settings, probes)  # when to contribute: contribute.py
         self.tasks_done = 0
         self.tasks_failed = 0
 
@@ -138,13 +142,16 @@ class WorkerEngine(Session, TaskRuns):
         """Stop contributing now: running tasks are killed and go back to the pool."""
         self._call(self._do_stop)
 
-    def cancel_task(self, task_id: str) -> None:
-        """Stop one running task; it is reported CANCELLED and the pool hands it out again."""
+    def cancel_task(self, task_id: str, *, exclude_here: bool = True) -> None:
+        """Stop one running task; it is reported CANCELLED and the pool hands it out again,
+        to another node: the report asks the pool not to give it back to this one (unless
+        `exclude_here` is False: then it is given back as a stop gives tasks back)."""
 
         def cancel() -> None:
             run = self._running.get(task_id)
             if run is not None and not run.finished and not run.cancel_requested:
                 run.cancel_requested = True
+                run.exclude_here = exclude_here
                 self._spawn(self.executor.cancel(task_id), "cancel")
 
         self._call(cancel)
@@ -177,6 +184,7 @@ class WorkerEngine(Session, TaskRuns):
         self._changed = asyncio.Event()
         self._want_running = autostart or self._want_running
         metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
+        policy = asyncio.create_task(self._policy_loop(), name="policy")
         leftovers: list[asyncio.Task[None]] = []
         spooled: set[tuple[str, str]] = set()
         if self.executor.notice:
@@ -210,6 +218,7 @@ class WorkerEngine(Session, TaskRuns):
                         exc.message,
                         time.time() + AUTH_RETRY_SECONDS,
                         exc.kind,
+                        exc.details,
                     )
                     self._hub.publish(ErrorRaised.of(exc))
                     await self._wait_changed(AUTH_RETRY_SECONDS)
@@ -220,18 +229,21 @@ class WorkerEngine(Session, TaskRuns):
                         f"{exc.message} Retrying in {delay:.0f} s.",
                         time.time() + delay,
                         exc.kind,
+                        exc.details,
                     )
                     log.warning("%s; retrying in %.1f s%s", exc, delay,
                                 f" ({exc.details})" if exc.details else "")  # fmt: skip
                     await self._wait_changed(delay)
         finally:
             metrics.cancel()
+            policy.cancel()
             for task in leftovers:
                 task.cancel()
             await self._stop_all_tasks()
             await self.delivery.close()
             await self._close_client()
             await self.executor.close()
+            await asyncio.to_thread(self._probes.close)
             self._set_state(EngineState.STOPPED)
 
     # ------------------------------------------------------------------ commands, engine loop
@@ -264,7 +276,7 @@ class WorkerEngine(Session, TaskRuns):
             return
         self._paused = True
         self._withdraw_poll()
-        self._spawn(self.executor.pause(), "pause")
+        self._sync_frozen()
         self._refresh_state()
         self._poke()
 
@@ -272,7 +284,7 @@ class WorkerEngine(Session, TaskRuns):
         if not self._paused:
             return
         self._paused = False
-        self._spawn(self.executor.resume(), "resume")
+        self._sync_frozen()  # the tasks stay frozen while the policy still says suspend
         self._refresh_state()
         self._poke()
 
@@ -308,6 +320,7 @@ class WorkerEngine(Session, TaskRuns):
             or settings.insecure != self.settings.insecure
         )
         self.settings = settings
+        self._configure_policy(settings)
         if reconnect and self._client is not None:
             self._spawn(self._close_client(), "reconnect")
         if self._running:  # only then is the loop running, and is there anything to bring in
@@ -334,13 +347,14 @@ class WorkerEngine(Session, TaskRuns):
         message: str = "",
         retry_at: float | None = None,
         error_kind: ErrorKind | None = None,
+        details: str = "",
     ) -> None:
         if state == self._state and message == self._state_message:
             return
         self._state = state
         self._state_message = message
         log.info("state: %s%s", state.value, f" ({message})" if message else "")
-        self._hub.publish(StateChanged(state, message, retry_at, error_kind))
+        self._hub.publish(StateChanged(state, message, retry_at, error_kind, details))
 
     def _refresh_state(self) -> None:
         if self._client is None or self._connected is None or not self._connected.is_set():
@@ -348,6 +362,8 @@ class WorkerEngine(Session, TaskRuns):
         active = sum(1 for r in self._running.values() if not r.finished)
         if self._paused:
             self._set_state(EngineState.PAUSED)
+        elif self._waiting_state():
+            pass  # WAITING, with the policy's reason
         elif self._draining:
             self._set_state(EngineState.DRAINING, f"{active} task(s) to finish")
         elif active:

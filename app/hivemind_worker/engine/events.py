@@ -10,6 +10,7 @@ from threading import Lock
 
 from hivemind_worker.engine.executors.base import Usage
 from hivemind_worker.engine.monitor import HostSample
+from hivemind_worker.engine.policy import Decision
 from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.tasks import Resources, TaskStatus
 
@@ -22,6 +23,7 @@ class EngineState(StrEnum):
     IDLE = "idle"
     BUSY = "busy"
     PAUSED = "paused"
+    WAITING = "waiting"  # the policy says not now; StateChanged.message says why
     DRAINING = "draining"
     ERROR = "error"
 
@@ -30,8 +32,9 @@ class EngineState(StrEnum):
 class StateChanged:
     state: EngineState
     message: str = ""
-    retry_at: float | None = None  # epoch seconds of the next attempt, in CONNECTING or ERROR
+    retry_at: float | None = None  # epoch seconds: next attempt (CONNECTING, ERROR); end (WAITING)
     error_kind: ErrorKind | None = None  # why, in CONNECTING or ERROR
+    details: str = ""  # the raw library text behind `message`, for a Details box and the log
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,23 @@ class ResultDelivered:
 
 
 @dataclass(frozen=True)
+class PolicyChanged:
+    """The when-to-contribute decision changed, or tasks were given back under it.
+
+    `decision` has the verdict (run / throttle / suspend), the reason code and its words,
+    since when, and until when if known (`resume_at`) with a hint ("resumes when plugged
+    in"). `manual_pause`: a manual pause holds the tasks whatever the policy says.
+    `override_until`: "contribute anyway" is in force until then (epoch seconds).
+    """
+
+    decision: Decision
+    line: str  # the one line the headless log writes: "suspended: on battery — resumes ..."
+    manual_pause: bool = False
+    override_until: float | None = None
+    given_back: int = 0  # tasks just given back to the pool after a long suspension
+
+
+@dataclass(frozen=True)
 class ErrorRaised:
     """An error the person may need to see; front-ends choose wording from `kind`."""
 
@@ -134,6 +154,7 @@ Event = (
     | TaskProgress
     | TaskFinished
     | ResultDelivered
+    | PolicyChanged
     | ErrorRaised
 )
 Subscriber = Callable[[Event], None]

@@ -357,11 +357,18 @@ class NodePoolClient:
         )
 
     async def heartbeat(
-        self, node_id: str, status: NodeStatus, host: HostSample, running: list[RunningLease]
+        self,
+        node_id: str,
+        status: NodeStatus,
+        host: HostSample,
+        running: list[RunningLease],
+        status_message: str = "",
     ) -> HeartbeatReply:
+        """`status_message`: why, when PAUSED by the worker's own rules ("on battery")."""
         request = pb.UpdateNodeStatusRequest(
             node_id=node_id,
             status=_NODE_STATUS[status],
+            status_message=status_message,
             timestamp_unix_ms=int(time.time() * 1000),
             metrics=pb.HostMetrics(
                 cpu_percent=host.cpu_percent,
@@ -431,6 +438,7 @@ class NodePoolClient:
             status=result.status.to_proto(),
             exit_code=result.exit_code,
             error=result.error[:4000],
+            exclude_this_node=result.exclude_this_node,
             log_tail=result.log_tail[-LOG_TAIL_REPORT_BYTES:],
             result_sha256=result.archive_sha256 if has_archive else "",
             result_size=result.archive_size if has_archive else 0,

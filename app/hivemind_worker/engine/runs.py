@@ -18,9 +18,16 @@ from typing import TYPE_CHECKING
 from hivemind_worker.config import Settings
 from hivemind_worker.engine import runners
 from hivemind_worker.engine.delivery import Delivery
-from hivemind_worker.engine.events import EventHub, TaskFinished, TaskOutput, TaskStarted
+from hivemind_worker.engine.events import (
+    ErrorRaised,
+    EventHub,
+    TaskFinished,
+    TaskOutput,
+    TaskStarted,
+)
 from hivemind_worker.engine.executors.base import Executor, ExecutorError
 from hivemind_worker.engine.pool_client import RefusedSpec
+from hivemind_worker.errors import ErrorKind
 from hivemind_worker.logs import task_context
 from hivemind_worker.tasks import Resources, TaskResult, TaskSpec, TaskSpecError, TaskStatus
 
@@ -35,6 +42,7 @@ class _Running:
     finished: bool = False  # execution over; the result may still be on its way to the pool
     adopted: bool = False  # left running by an earlier run of this worker; re-attached
     cancel_requested: bool = False  # checked after prepare(), so an early cancel is not lost
+    exclude_here: bool = False  # the person cancelled it here: the pool must not hand it back
 
 
 class TaskRuns:
@@ -63,6 +71,8 @@ class TaskRuns:
         def _caps(self) -> Resources: ...
 
         def _capabilities(self) -> tuple[str, ...]: ...
+
+        def _held(self) -> bool: ...
 
     def _adopt_leftovers(self, spooled: set[tuple[str, str]]) -> None:
         """Re-attach tasks an earlier run left running: they hold their leases (heartbeats
@@ -147,7 +157,7 @@ class TaskRuns:
                 return
             log.warning("task %s handed out twice; ignoring the second lease", spec.task_id)
             return
-        if self._paused or self._draining or not self._want_running or self._shutdown:
+        if self._held() or self._draining or not self._want_running or self._shutdown:
             problem = "this worker has just paused or is stopping"
         else:
             problem = self._check_fits(spec)
@@ -208,6 +218,7 @@ class TaskRuns:
                 )
             )
             result = await self._execute(spec, adopted=run.adopted)
+            result.exclude_this_node = result.exclude_this_node or run.exclude_here
             run.finished = True
             self._refresh_state()
             self._poke()
@@ -268,6 +279,16 @@ class TaskRuns:
             return TaskResult(spec.task_id, spec.lease_id, TaskStatus.REJECTED, -1, str(exc),
                               started_at=started, finished_at=time.time())  # fmt: skip
         except ExecutorError as exc:
+            if exc.kind is ErrorKind.IMAGE_UNAVAILABLE:
+                # Not the task's fault but this computer's (no registry it can reach): the
+                # person is told, and the task goes back to the pool for another computer,
+                # never to this one again (so it cannot use up its attempts here).
+                self._hub.publish(ErrorRaised.of(exc))
+                declined = TaskResult(spec.task_id, spec.lease_id, TaskStatus.CANCELLED, -1,
+                                      f"declined: {exc}", started_at=started,
+                                      finished_at=time.time())  # fmt: skip
+                declined.exclude_this_node = True
+                return declined
             return TaskResult(spec.task_id, spec.lease_id, TaskStatus.FAILED, -1, str(exc),
                               started_at=started, finished_at=time.time())  # fmt: skip
         except asyncio.CancelledError:

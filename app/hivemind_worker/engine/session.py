@@ -74,6 +74,7 @@ class Session:
             message: str = "",
             retry_at: float | None = None,
             error_kind: ErrorKind | None = None,
+            details: str = "",
         ) -> None: ...
 
         def _refresh_state(self) -> None: ...
@@ -89,6 +90,10 @@ class Session:
         def _do_drain(self) -> None: ...
 
         def _take(self, offered: list[TaskSpec | RefusedSpec], *, asked: int) -> None: ...
+
+        def _held(self) -> bool: ...
+
+        def _status_message(self) -> str: ...
 
     async def _session(self) -> None:
         """Connect, register and work until the connection fails or we stop contributing."""
@@ -228,7 +233,7 @@ class Session:
         ]
         status = (
             NodeStatus.PAUSED
-            if self._paused
+            if self._held()
             else NodeStatus.DRAINING
             if self._draining
             else NodeStatus.BUSY
@@ -236,7 +241,7 @@ class Session:
             else NodeStatus.IDLE
         )
         host = await asyncio.to_thread(self.monitor.sample)
-        reply = await client.heartbeat(self.node_id, status, host, running)
+        reply = await client.heartbeat(self.node_id, status, host, running, self._status_message())
         for task_id in reply.cancel_task_ids:
             if task_id in self._running and not self._running[task_id].finished:
                 log.info("pool cancelled task %s", task_id)
@@ -252,7 +257,7 @@ class Session:
 
     async def _poll_loop(self, client: NodePoolClient) -> None:
         while True:
-            if self._paused or self._draining or not self._want_running:
+            if self._held() or self._draining or not self._want_running:
                 await self._wait_changed(5.0)
                 continue
             active = sum(1 for r in self._running.values() if not r.finished)
@@ -279,6 +284,9 @@ class Session:
             )
             call = asyncio.ensure_future(client.get_tasks(self.node_id, offer))
             self._poll_call = call
+            # Withdrawn or abandoned at a reconnect, its PoolUnavailable must still be read,
+            # or asyncio logs "Task exception was never retrieved".
+            call.add_done_callback(lambda f: f.cancelled() or f.exception())
             try:
                 await asyncio.wait({call})
             finally:

@@ -16,13 +16,20 @@ from typing import Any
 
 from PySide6.QtCore import QByteArray, QObject, Qt, QTimer, Signal
 from PySide6.QtNetwork import QLocalServer, QLocalSocket
-from PySide6.QtWidgets import QApplication, QMessageBox, QProgressDialog, QSystemTrayIcon
+from PySide6.QtWidgets import (
+    QApplication,
+    QMessageBox,
+    QProgressBar,
+    QProgressDialog,
+    QSystemTrayIcon,
+)
 
 from hivemind_worker import __version__
 from hivemind_worker.config import Settings, read_state, save_settings
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.engine.engine import WorkerEngine
 from hivemind_worker.engine.events import EngineState, ErrorRaised
+from hivemind_worker.errors import ErrorKind
 from hivemind_worker.gui.autostart import autostart
 from hivemind_worker.gui.dashboard import Dashboard
 from hivemind_worker.gui.engine_thread import (
@@ -31,10 +38,12 @@ from hivemind_worker.gui.engine_thread import (
     EngineThread,
     install_excepthooks,
 )
+from hivemind_worker.gui.first_run import FirstRunWizard
 from hivemind_worker.gui.icons import app_icon
-from hivemind_worker.gui.model import WorkerModel
+from hivemind_worker.gui.model import Status, WorkerModel, describe
 from hivemind_worker.gui.settings_dialog import SettingsDialog
 from hivemind_worker.gui.tray import Tray, needs_person
+from hivemind_worker.gui.words import cap_warning, for_kind
 from hivemind_worker.paths import Paths
 from hivemind_worker.wiring import make_engine
 
@@ -42,6 +51,18 @@ log = logging.getLogger(__name__)
 
 SHOW_MESSAGE = b"show\n"
 SNOOZE_CHECK_MS = 15_000
+NOTIFY_AGAIN_SECONDS = 600.0
+CONTRIBUTING_KEY = "contributing"  # in the state file: resume contributing at the next start
+
+
+def was_contributing(paths: Paths) -> bool:
+    """Whether the person left the app contributing (quitting keeps it; Stop and sign-out end
+    it), so that the next start, at login say, carries on."""
+    return read_state(paths).get(CONTRIBUTING_KEY) is True
+
+
+def should_start(settings: Settings, paths: Paths) -> bool:
+    return settings.start_on_launch or was_contributing(paths)
 
 
 def instance_name(paths: Paths) -> str:
@@ -133,10 +154,16 @@ class WorkerApp(QObject):
         self.engine_thread = EngineThread(
             engine, self.bridge, autostart=autostart_engine, before=before, after=after
         )
-        self.dashboard = Dashboard(self.model, close_to_tray=self._close_to_tray)
-        self.tray = Tray(self.model)
+        self.signed_out = False  # the person signed out: no account until they sign in again
+        self.dashboard = Dashboard(
+            self.model, close_to_tray=self._close_to_tray, status=self.status
+        )
+        self.tray = Tray(self.model, status=self.status)
         self.show_tray = show_tray and QSystemTrayIcon.isSystemTrayAvailable()
         self.settings_dialog: SettingsDialog | None = None
+        self.setup: FirstRunWizard | None = None
+        self.override_box: QMessageBox | None = None
+        self._notified: dict[ErrorKind, float] = {}  # kind -> when the tray last said it
         self.progress: QProgressDialog | None = None
         self.quitting = False
         self.snooze_until: float | None = None
@@ -157,6 +184,7 @@ class WorkerApp(QObject):
             (d.resumeRequested, self.resume),
             (t.resumeRequested, self.resume),
             (d.stopRequested, self.stop),
+            (t.stopRequested, self.stop),
             (d.settingsRequested, self.open_settings),
             (t.settingsRequested, self.open_settings),
             (d.quitRequested, self.quit),
@@ -166,11 +194,14 @@ class WorkerApp(QObject):
         ):
             source.connect(slot)
         d.cancelRequested.connect(self.cancel_task)
+        d.setupRequested.connect(self.open_setup)
         d.geometryChanged.connect(self._save_geometry)
         t.snoozeRequested.connect(self.snooze)
         self.bridge.error.connect(self._on_error)
         self.bridge.engineStopped.connect(self._on_engine_stopped)
         self.model.stateChanged.connect(self._update_connection)
+        self.model.tasksChanged.connect(self.dashboard._update_state)
+        self.model.stateChanged.connect(self.dashboard._update_results)
         self.settingsChangedOnLoop.connect(self._on_settings_from_loop)
 
     # ------------------------------------------------------------------ lifecycle
@@ -180,7 +211,7 @@ class WorkerApp(QObject):
         self.engine_thread.start()
         if self.show_tray:
             self.tray.show()
-        if show_dashboard or not self.show_tray:
+        if show_dashboard or (not self.show_tray and self.setup is None):
             self.dashboard.show_and_raise()
 
     def toggle_dashboard(self) -> None:
@@ -214,6 +245,10 @@ class WorkerApp(QObject):
             self.dashboard if self.dashboard.isVisible() else None,
         )
         self.progress.setWindowTitle("Quitting HiveMind Worker")
+        # The label says how long is left; a percentage on the bar would only straddle it.
+        bar = QProgressBar(self.progress)
+        bar.setTextVisible(False)
+        self.progress.setBar(bar)
         self.progress.setWindowModality(Qt.WindowModality.ApplicationModal)
         self.progress.setMinimumDuration(0)
         self.progress.setAutoClose(False)
@@ -274,15 +309,30 @@ class WorkerApp(QObject):
         if self.settings_dialog is not None:
             self.settings_dialog.deleteLater()
             self.settings_dialog = None
+        if self.setup is not None:
+            self.setup.deleteLater()
+            self.setup = None
         self.tray.menu.deleteLater()
         self.dashboard._tick.stop()
         self.dashboard.deleteLater()
 
     # ------------------------------------------------------------------ commands
 
+    def status(self) -> Status:
+        """What the header, the tray icon and its tooltip show, all from one place."""
+        return describe(self.model, self.settings.node_pool_address, cap_warning(self.settings))
+
+    def _remember_contributing(self, on: bool) -> None:
+        def put(state: dict[str, Any]) -> None:
+            state[CONTRIBUTING_KEY] = on
+
+        self.model.write_state(put)
+
     def start(self) -> None:
-        self.snooze_until = None
+        self._set_snooze(None)
+        self.signed_out = False
         self.engine.start()
+        self._remember_contributing(True)
         if self.model.state is EngineState.PAUSED:
             self.engine.resume()
 
@@ -290,23 +340,62 @@ class WorkerApp(QObject):
         self.engine.pause()
 
     def resume(self) -> None:
-        self.snooze_until = None
-        self._snooze_timer.stop()
+        if self.model.state.value == "waiting" and self.model.policy is not None:
+            self.offer_contribute_anyway()  # the person's rules hold it, not a pause
+            return
+        self._set_snooze(None)
         self.engine.resume()
 
+    def offer_contribute_anyway(self) -> None:
+        """Say what holds the tasks, and offer to contribute anyway for an hour."""
+        decision = self.model.policy.decision
+        hint = f" ({decision.hint})" if decision.hint else ""
+        box = QMessageBox(
+            QMessageBox.Icon.Question,
+            "HiveMind Worker",
+            f"Paused: {decision.text}{hint}.",
+            parent=self.dashboard if self.dashboard.isVisible() else None,
+        )
+        box.setInformativeText(
+            "Your rules for when to contribute are holding the tasks. You can contribute "
+            "anyway for an hour; after that your rules apply again."
+        )
+        anyway = box.addButton("Contribute anyway for 1 &hour", QMessageBox.ButtonRole.AcceptRole)
+        box.addButton("&Keep waiting", QMessageBox.ButtonRole.RejectRole)
+        box.setDefaultButton(anyway)
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+
+        def answered() -> None:
+            self.override_box = None
+            if box.clickedButton() is anyway:
+                self.engine.contribute_anyway(3600)
+                self.model.add_log("state", "Contributing anyway for 1 hour")
+
+        box.finished.connect(answered)
+        self.override_box = box
+        box.open()
+
     def stop(self) -> None:
-        self.snooze_until = None
+        self._set_snooze(None)
         self.engine.stop()
+        self._remember_contributing(False)
 
     def cancel_task(self, task_id: str) -> None:
-        self.model.add_log("task", f"Cancelling {task_id}")
+        name = self.model.running[task_id].name if task_id in self.model.running else task_id
+        self.model.add_log("task", f"Cancelling {name}; the pool will not send it here again")
         self.engine.cancel_task(task_id)
 
+    def _set_snooze(self, until: float | None) -> None:
+        self.snooze_until = until
+        if until is None:
+            self._snooze_timer.stop()
+        self.model.set_snooze(until)
+
     def snooze(self, seconds: float) -> None:
-        self.snooze_until = time.time() + seconds
         self.engine.pause()
+        self._set_snooze(time.time() + seconds)
         self._snooze_timer.start()
-        until = time.strftime("%H:%M", time.localtime(self.snooze_until))
+        until = time.strftime("%H:%M", time.localtime(time.time() + seconds))
         self.model.add_log("state", f"Snoozed until {until}")
 
     def _check_snooze(self) -> None:
@@ -321,7 +410,7 @@ class WorkerApp(QObject):
                 self.paths,
                 self.credentials,
                 self.engine_thread,
-                set_autostart=lambda on: autostart().set_enabled(on),
+                set_autostart=lambda on: autostart(self.paths).set_enabled(on),
                 persist=self._persist,
                 parent=self.dashboard,
             )
@@ -330,9 +419,49 @@ class WorkerApp(QObject):
             self.settings_dialog.finished.connect(self._forget_settings_dialog)
         else:
             self.settings_dialog.load(self.settings)
+        self.settings_dialog.show_docker_status(
+            self.engine.executor.capability, self.engine.executor.notice
+        )
         self.settings_dialog.show()
         self.settings_dialog.raise_()
         self.settings_dialog.activateWindow()
+
+    def open_setup(self) -> None:
+        """The first-run flow; also from the menu, to set up again."""
+        if self.setup is None:
+            self.setup = FirstRunWizard(
+                self.settings,
+                self.paths,
+                self.credentials,
+                self.engine_thread,
+                self.engine.executor.capability,
+                parent=None,
+            )
+            self.setup.completed.connect(self._on_setup_done)
+            self.setup.finished.connect(self._forget_setup)
+        self.setup.show()
+        self.setup.raise_()
+        self.setup.activateWindow()
+
+    def _forget_setup(self) -> None:
+        if self.setup is not None:
+            self.setup.deleteLater()
+            self.setup = None
+        if not self.quitting:  # finished or cancelled: the dashboard is where things are
+            self.dashboard.show_and_raise()
+
+    def _on_setup_done(self, settings: Settings, start_now: bool) -> None:
+        try:
+            self._persist(settings)
+            autostart(self.paths).set_enabled(settings.start_at_login)
+        except OSError as exc:
+            log.error("could not save the settings from the first-run flow: %s", exc)
+            self.model.add_log("error", f"Could not save the settings: {exc}")
+        self.signed_out = False
+        self.apply_settings(settings)
+        if start_now:
+            self.start()
+        self.dashboard.show_and_raise()
 
     def _persist(self, settings: Settings) -> None:
         if self.demo:
@@ -353,11 +482,22 @@ class WorkerApp(QObject):
         self.settings = settings
         self.engine.apply_settings(settings)
         self._update_connection()
+        self.model.stateChanged.emit()  # the header re-checks the caps
         self.model.add_log("state", "Settings applied")
 
     def _on_login_changed(self, account: str) -> None:
         if account:
+            self.signed_out = False
             self.apply_settings(dataclasses.replace(self.settings, account=account))
+            return
+        # Signed out: take no new task, let running ones finish and deliver (the session
+        # stays up for that), then stop. Starting again needs a new sign-in.
+        self.signed_out = True
+        self._remember_contributing(False)
+        if self.model.state is not EngineState.STOPPED:
+            self.engine.drain()
+        self.model.add_log("state", "Signed out: no new tasks; running ones finish")
+        self._update_connection()
 
     def _on_settings_from_loop(self, settings: Settings) -> None:
         self.settings = settings
@@ -372,22 +512,28 @@ class WorkerApp(QObject):
 
     def _update_connection(self) -> None:
         s = self.settings
-        account = s.account or "no account set"
-        connected = self.model.state in (
-            EngineState.IDLE,
-            EngineState.BUSY,
-            EngineState.PAUSED,
-            EngineState.DRAINING,
+        account = "signed out" if self.signed_out or not s.account else f"signed in as {s.account}"
+        sandbox = (
+            "tasks run in Docker containers"
+            if self.engine.executor.capability == "docker"
+            else "tasks run in the process sandbox"
         )
         self.dashboard.set_connection(
-            f"Pool {s.node_pool_address} ({'connected' if connected else 'not connected'}) · "
-            f"account {account} · node {self.engine.node_id} · "
-            f"{self.engine.executor.capability} sandbox · v{__version__}"
+            f"Pool {s.node_pool_address} · {account} · {sandbox} · v{__version__}"
         )
 
     def _on_error(self, event: ErrorRaised) -> None:
+        # One balloon per kind of trouble in a while: 24 tasks that cannot get their image
+        # are one problem to the person, not 24 notifications.
+        now = time.monotonic()
+        last = self._notified.get(event.kind)
+        if last is not None and now - last < NOTIFY_AGAIN_SECONDS:
+            return
         if needs_person(event):
-            self.tray.notify(event.title, event.message)
+            self._notified[event.kind] = now
+            # Words from the kind; the engine's own text is in the event log and the log file.
+            words = for_kind(event.kind, self.settings.node_pool_address)
+            self.tray.notify(event.title, words.text)
 
     def show_crash(self, title: str, details: str) -> None:
         self.model.add_log("error", f"{title}: {details.strip().splitlines()[-1]}")
@@ -451,7 +597,7 @@ def run_gui(
     credentials = CredentialStore(paths)
     engine = make_engine(settings, paths, credentials, demo=demo_tasks is not None)
     before = after = None
-    autostart_engine = settings.start_on_launch
+    autostart_engine = should_start(settings, paths)
     window: list[WorkerApp] = []
     if demo_tasks is not None:
         from hivemind_worker.demo import DemoPool
@@ -478,6 +624,9 @@ def run_gui(
     window.append(worker_app)
     single.activated.connect(worker_app.dashboard.show_and_raise)
     _quit_on_signals(worker_app)
+    if not paths.settings_file.exists() and demo_tasks is None:
+        worker_app.open_setup()  # the first run: the setup flow instead of the dashboard
+        hidden = True
     worker_app.start_engine(show_dashboard=not hidden)
     return app.exec()
 

@@ -9,16 +9,34 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from hivemind_worker.paths import Paths
+
 APP_ID = "hivemind-worker"
 RUN_KEY = r"Software\Microsoft\Windows\CurrentVersion\Run"
 RUN_VALUE = "HiveMind Worker"
 
 
-def launch_command() -> list[str]:
-    """How to start the desktop app: the frozen binary, or this interpreter with -m."""
+def data_root(paths: Paths | None) -> Path | None:
+    """The folder given as --data-dir or HIVEMIND_HOME, when `paths` were made from one."""
+    if paths is None:
+        return None
+    root = paths.data_dir.parent
+    if paths.data_dir.name == "data" and paths.config_dir == root / "config":
+        return root
+    return None
+
+
+def launch_command(paths: Paths | None = None) -> list[str]:
+    """How to start the desktop app: the frozen binary, or this interpreter with -m.
+
+    A data folder of its own (--data-dir, HIVEMIND_HOME) is passed on, or the app started at
+    login would open the default folder: other settings, no login, nothing to resume.
+    """
+    root = data_root(paths)
+    home = ["--data-dir", str(root)] if root is not None else []
     if getattr(sys, "frozen", False):
-        return [sys.executable, "gui", "--hidden"]
-    return [sys.executable, "-m", "hivemind_worker", "gui", "--hidden"]
+        return [sys.executable, *home, "gui", "--hidden"]
+    return [sys.executable, "-m", "hivemind_worker", *home, "gui", "--hidden"]
 
 
 class XdgAutostart:
@@ -84,8 +102,8 @@ class WindowsRunKey:
                     w.DeleteValue(key, RUN_VALUE)
 
 
-def autostart() -> XdgAutostart | WindowsRunKey:
-    """The implementation for this platform."""
+def autostart(paths: Paths | None = None) -> XdgAutostart | WindowsRunKey:
+    """The implementation for this platform, starting the app on the data folder of `paths`."""
     if sys.platform == "win32":
-        return WindowsRunKey()
-    return XdgAutostart()
+        return WindowsRunKey(command=launch_command(paths))
+    return XdgAutostart(command=launch_command(paths))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import os
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -19,6 +21,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QLineEdit,
     QMainWindow,
+    QMessageBox,
     QPlainTextEdit,
     QPushButton,
     QSizePolicy,
@@ -31,8 +34,8 @@ from PySide6.QtWidgets import (
 )
 
 from hivemind_worker.engine.events import EngineState
-from hivemind_worker.gui.icons import look_for, state_icon
-from hivemind_worker.gui.model import HISTORY_SECONDS, LogEntry, WorkerModel
+from hivemind_worker.gui.icons import Look, state_icon
+from hivemind_worker.gui.model import HISTORY_SECONDS, LogEntry, Status, WorkerModel, describe
 from hivemind_worker.tasks import TaskStatus
 
 GIB = 1024**3
@@ -111,9 +114,9 @@ class _Chart(pg.PlotWidget):  # type: ignore[misc]
         item.setMouseEnabled(x=False, y=False)
         item.hideButtons()
         item.setMenuEnabled(False)
-        self.legend = item.addLegend(offset=(8, 8), labelTextColor=text)
         self.lines: dict[str, pg.PlotDataItem] = {}
-        self.setMinimumHeight(160)
+        self.names: dict[str, tuple[str, str]] = {}  # key -> (name, colour), for the legend
+        self.setMinimumHeight(120)
 
     def set_span(self, seconds: float) -> None:
         span = min(HISTORY_SECONDS, max(MIN_SPAN, seconds))
@@ -121,15 +124,23 @@ class _Chart(pg.PlotWidget):  # type: ignore[misc]
 
     def line(self, key: str, name: str, color: str, width: float = 2.0) -> pg.PlotDataItem:
         if key not in self.lines:
-            self.lines[key] = self.plot([], [], name=name, pen=pg.mkPen(color, width=width))
+            self.lines[key] = self.plot([], [], pen=pg.mkPen(color, width=width))
+        self.names[key] = (name, color)
         return self.lines[key]
 
     def drop_except(self, keep: set[str]) -> None:
         for key in list(self.lines):
             if key not in keep:
                 item = self.lines.pop(key)
-                self.legend.removeItem(item)
+                self.names.pop(key, None)
                 self.removeItem(item)
+
+    def legend_html(self) -> str:
+        """The legend sits under the plot, never on the lines."""
+        return " &nbsp; ".join(
+            f'<span style="color:{color}">&#9632;</span> {html.escape(name)}'
+            for name, color in self.names.values()
+        )
 
 
 class Dashboard(QMainWindow):
@@ -141,16 +152,26 @@ class Dashboard(QMainWindow):
     stopRequested = Signal()
     cancelRequested = Signal(str)  # task id
     settingsRequested = Signal()
+    setupRequested = Signal()
     quitRequested = Signal()
     geometryChanged = Signal(QByteArray)
 
-    def __init__(self, model: WorkerModel, *, close_to_tray: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        model: WorkerModel,
+        *,
+        close_to_tray: Callable[[], bool],
+        status: Callable[[], Status] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
+        self.status = status or (lambda: describe(model, ""))
+        self.details_text = ""
+        self.cancel_box: QMessageBox | None = None
         self._close_to_tray = close_to_tray
         self.allow_close = False  # set when the app really ends
         self.setWindowTitle("HiveMind Worker")
-        self.setWindowIcon(state_icon(look_for(EngineState.BUSY)))
+        self.setWindowIcon(state_icon(Look.CONTRIBUTING))
         self.resize(1040, 760)
         self._build()
         model.stateChanged.connect(self._update_state)
@@ -186,11 +207,20 @@ class Dashboard(QMainWindow):
         self.state_label.setFont(font)
         self.state_detail = QLabel()
         self.state_detail.setWordWrap(True)
+        # Room for two lines at all times: a longer or shorter message never moves the layout.
+        self.state_detail.setFixedHeight(self.state_detail.fontMetrics().lineSpacing() * 2 + 4)
+        self.state_detail.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        self.details_button = QPushButton("&Details…")
+        self.details_button.setToolTip("The technical text behind this message")
+        self.details_button.clicked.connect(self.show_details)
         self.connection_label = QLabel()
         self.connection_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         status = QVBoxLayout()
         status.addWidget(self.state_label)
-        status.addWidget(self.state_detail)
+        detail_row = QHBoxLayout()
+        detail_row.addWidget(self.state_detail, 1)
+        detail_row.addWidget(self.details_button, 0, Qt.AlignmentFlag.AlignTop)
+        status.addLayout(detail_row)
         status.addWidget(self.connection_label)
         self.main_button = QPushButton("Start contributing")
         self.main_button.setMinimumSize(220, 56)
@@ -228,14 +258,20 @@ class Dashboard(QMainWindow):
         charts = QWidget()
         grid = QGridLayout(charts)
         grid.setContentsMargins(0, 0, 0, 0)
-        self.cpu_chart = _Chart("CPU", "%", 100)
-        self.mem_chart = _Chart("Memory", "GiB", None)
+        self.cpu_chart = _Chart("CPU (% of this computer)", "%", 100)
+        self.mem_chart = _Chart("Memory", "GiB", 1.0)
+        self.cpu_legend = QLabel()
+        self.mem_legend = QLabel()
+        for legend in (self.cpu_legend, self.mem_legend):
+            legend.setWordWrap(True)
         self._colors: dict[str, str] = {}  # a task keeps its colour while it runs
         # Charts are pictures to a screen reader; the same numbers are in the table and totals.
         self.cpu_chart.setAccessibleName("CPU use over the last minutes")
         self.mem_chart.setAccessibleName("Memory use over the last minutes")
         grid.addWidget(self.cpu_chart, 0, 0)
         grid.addWidget(self.mem_chart, 0, 1)
+        grid.addWidget(self.cpu_legend, 1, 0)
+        grid.addWidget(self.mem_legend, 1, 1)
         splitter.addWidget(charts)
 
         self.tabs = QTabWidget()
@@ -305,6 +341,9 @@ class Dashboard(QMainWindow):
             action.setShortcut(shortcut)
             action.triggered.connect(signal)
             menu.addAction(action)
+        setup = QAction("Set &up again…", self)
+        setup.triggered.connect(self.setupRequested)
+        menu.insertAction(menu.actions()[1], setup)
         close = QAction("&Close window", self)
         close.setShortcut(QKeySequence.StandardKey.Close)
         close.triggered.connect(self.close)
@@ -331,7 +370,7 @@ class Dashboard(QMainWindow):
         state = self.model.state
         if state in (EngineState.STOPPED, EngineState.ERROR):
             self.startRequested.emit()
-        elif state is EngineState.PAUSED:
+        elif state is EngineState.PAUSED or state.value == "waiting":
             self.resumeRequested.emit()
         else:
             self.pauseRequested.emit()
@@ -339,25 +378,32 @@ class Dashboard(QMainWindow):
     def _update_state(self) -> None:
         model = self.model
         state = model.state
-        self.state_icon.setPixmap(state_icon(look_for(state)).pixmap(40, 40))
-        self.state_label.setText(model.state_text)
-        detail = model.state_message
-        if model.retry_at and state in (EngineState.CONNECTING, EngineState.ERROR):
-            detail += f" (next try at {datetime.fromtimestamp(model.retry_at):%H:%M:%S})"
-        if state is EngineState.ERROR and "login" in detail.lower():
-            # The engine's message names the CLI; here the dialog is one click away.
-            detail += " You can log in from Settings…"
-        self.state_detail.setText(detail)
-        self.state_detail.setVisible(bool(detail))
+        status = self.status()
+        self.state_icon.setPixmap(state_icon(status.look).pixmap(40, 40))
+        self.state_label.setText(status.headline)
+        self.state_detail.setText(status.detail)
+        self.state_detail.setToolTip(status.detail)
+        self.details_text = status.details
+        self.details_button.setVisible(bool(status.details))
         labels = {
             EngineState.STOPPED: "Start contributing",
             EngineState.ERROR: "Try again",
             EngineState.PAUSED: "Resume",
             EngineState.DRAINING: "Finishing…",
         }
-        self.main_button.setText(labels.get(state, "Pause"))
+        waiting = state.value == "waiting"  # held by the when-to-contribute rules
+        self.main_button.setText("Resume" if waiting else labels.get(state, "Pause"))
         self.main_button.setEnabled(state is not EngineState.DRAINING)
-        self.stop_button.setEnabled(state not in (EngineState.STOPPED, EngineState.ERROR))
+        # In the error state the engine still retries: Stop is how to make it give up.
+        self.stop_button.setEnabled(state is not EngineState.STOPPED)
+
+    def show_details(self) -> None:
+        box = QMessageBox(QMessageBox.Icon.Information, "Details", self.state_label.text(),
+                          parent=self)  # fmt: skip
+        box.setInformativeText(self.state_detail.text())
+        box.setDetailedText(self.details_text)
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.open()
 
     def set_connection(self, text: str) -> None:
         self.connection_label.setText(text)
@@ -381,12 +427,15 @@ class Dashboard(QMainWindow):
                 f"Memory (of {human_bytes(model.host.memory_total_bytes)})",
                 color=self.palette().color(QPalette.ColorRole.Text).name(),
             )
+
         xs = [t - now for t, _, _ in host]
         span = -xs[0] if xs else 0
         self.cpu_chart.set_span(span)
         self.mem_chart.set_span(span)
         text = self.palette().color(QPalette.ColorRole.Text).name()
         self.cpu_chart.line("host", "this computer", text).setData(xs, [c for _, c, _ in host])
+        # A task's CPU counts per core (100 % = one core); the host's counts the whole machine.
+        cores = os.cpu_count() or 1
         self.mem_chart.line("host", "this computer", text).setData(
             xs, [m / GIB for _, _, m in host]
         )
@@ -400,13 +449,22 @@ class Dashboard(QMainWindow):
             color = self._colors[task.task_id]
             txs = [t - now for t, _, _ in task.history]
             self.cpu_chart.line(task.task_id, task.name, color).setData(
-                txs, [c for _, c, _ in task.history]
+                txs, [c / cores for _, c, _ in task.history]
             )
             self.mem_chart.line(task.task_id, task.name, color).setData(
                 txs, [m / GIB for _, _, m in task.history]
             )
         self.cpu_chart.drop_except(keep)
         self.mem_chart.drop_except(keep)
+        # From zero, in steps of 1, 2, 4, 8… GiB: a 0.01 GiB band would turn noise into cliffs,
+        # and a top that only moves in doublings does not make the lines jump every second.
+        peak = max((m for _, _, m in host), default=0) / GIB
+        top = 1.0
+        while top < peak * 1.15:
+            top *= 2
+        self.mem_chart.getPlotItem().setYRange(0, top, padding=0)
+        self.cpu_legend.setText(self.cpu_chart.legend_html())
+        self.mem_legend.setText(self.mem_chart.legend_html())
         self._colors = {k: v for k, v in self._colors.items() if k in keep}
 
     def _update_tasks(self) -> None:
@@ -423,7 +481,7 @@ class Dashboard(QMainWindow):
                 task.image or task.kind,
                 "paused" if paused else "running",
                 human_duration(now - task.started),
-                f"{task.usage.cpu_percent:.0f}%",
+                f"{task.usage.cpu_percent / (os.cpu_count() or 1):.0f}%",
                 human_bytes(task.usage.memory_bytes),
             ]
             for col, value in enumerate(values):
@@ -450,16 +508,45 @@ class Dashboard(QMainWindow):
         self.cancel_button.setEnabled(self.selected_task_id() is not None)
 
     def _cancel_selected(self) -> None:
+        """Ask first (not modal to the app: the GUI thread keeps running), then cancel."""
         task_id = self.selected_task_id()
-        if task_id is not None:
-            self.cancelRequested.emit(task_id)
+        if task_id is None:
+            return
+        name = self.model.running[task_id].name if task_id in self.model.running else task_id
+        box = QMessageBox(
+            QMessageBox.Icon.Question,
+            "Cancel task",
+            f"Stop “{name}” on this computer?",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            self,
+        )
+        box.setInformativeText(
+            "The task goes back to the pool and runs on another computer, never this one again."
+        )
+        box.button(QMessageBox.StandardButton.Yes).setText("Cancel &task")
+        box.button(QMessageBox.StandardButton.No).setText("&Keep running")
+        box.setDefaultButton(QMessageBox.StandardButton.No)
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+
+        def answered(result: int) -> None:
+            self.cancel_box = None
+            if result == QMessageBox.StandardButton.Yes:
+                self.cancelRequested.emit(task_id)
+
+        box.finished.connect(answered)
+        self.cancel_box = box
+        box.open()
 
     def _update_results(self) -> None:
         rows = list(self.model.results)
         table = self.results_table
         table.setRowCount(len(rows))
         for r, result in enumerate(rows):
-            delivered = {None: "sending…", True: "yes", False: "refused"}[result.delivered]
+            connected = self.model.state not in (
+                EngineState.CONNECTING, EngineState.ERROR, EngineState.STOPPED
+            )  # fmt: skip
+            waiting = "sending…" if connected else "waiting for the pool"
+            delivered = {None: waiting, True: "yes", False: "refused"}[result.delivered]
             values = [
                 result.name,
                 result.status.value,
@@ -472,6 +559,12 @@ class Dashboard(QMainWindow):
             ]
             for c, value in enumerate(values):
                 item = QTableWidgetItem(value)
+                if c == len(values) - 1 and value:
+                    # The raw reason can be long (a registry's or the sandbox's words): one
+                    # line in the table, the whole of it on hover.
+                    first = value.strip().splitlines()[0]
+                    item.setText(first if len(first) <= 80 else first[:79] + "…")
+                    item.setToolTip(value)
                 if c == 1 and result.status is not TaskStatus.SUCCEEDED:
                     item.setForeground(QColor("#d64541"))
                 table.setItem(r, c, item)

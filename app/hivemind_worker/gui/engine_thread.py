@@ -14,10 +14,12 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QThread, Signal
 
+from hivemind_worker.engine import events
 from hivemind_worker.engine.engine import WorkerEngine
 from hivemind_worker.engine.events import (
     ErrorRaised,
     Event,
+    ImagePull,
     MetricsSample,
     ResultDelivered,
     StateChanged,
@@ -39,32 +41,45 @@ class Bridge(QObject):
     slot connected here runs on the GUI thread (the Electrum pattern).
     """
 
+    anyEvent = Signal(object)  # every event, whatever its type (not `event`: QObject.event)
     stateChanged = Signal(object)  # StateChanged
     metrics = Signal(object)  # MetricsSample
     taskStarted = Signal(object)  # TaskStarted
+    imagePull = Signal(object)  # ImagePull
     taskOutput = Signal(object)  # TaskOutput
     taskFinished = Signal(object)  # TaskFinished
     resultDelivered = Signal(object)  # ResultDelivered
     error = Signal(object)  # ErrorRaised
+    policyChanged = Signal(object)  # PolicyChanged (issue 11), once the engine has it
     crashed = Signal(str, str)  # title, details: an uncaught exception anywhere
     engineStopped = Signal()  # engine.run() returned: the thread is about to end
 
     def publish(self, event: Event) -> None:
-        match event:
-            case StateChanged():
-                self.stateChanged.emit(event)
-            case MetricsSample():
-                self.metrics.emit(event)
-            case TaskStarted():
-                self.taskStarted.emit(event)
-            case TaskOutput():
-                self.taskOutput.emit(event)
-            case TaskFinished():
-                self.taskFinished.emit(event)
-            case ResultDelivered():
-                self.resultDelivered.emit(event)
-            case ErrorRaised():
-                self.error.emit(event)
+        name = SIGNALS.get(type(event))
+        if name is None:
+            # A new event type nobody mapped: said loudly, and still on `anyEvent`.
+            log.error("the GUI has no signal for %s events", type(event).__name__)
+        else:
+            getattr(self, name).emit(event)
+        self.anyEvent.emit(event)
+
+
+# One signal per event type; a test checks that every member of `Event` is here.
+SIGNALS: dict[type, str] = {
+    StateChanged: "stateChanged",
+    MetricsSample: "metrics",
+    TaskStarted: "taskStarted",
+    ImagePull: "imagePull",
+    TaskOutput: "taskOutput",
+    TaskFinished: "taskFinished",
+    ResultDelivered: "resultDelivered",
+    ErrorRaised: "error",
+}
+# The when-to-contribute decision (engine/policy.py, issue 11): mapped as soon as the engine
+# publishes it, so the test that every event type has a signal holds before and after.
+_POLICY_EVENT: type | None = getattr(events, "PolicyChanged", None)
+if _POLICY_EVENT is not None:
+    SIGNALS[_POLICY_EVENT] = "policyChanged"
 
 
 class EngineThread(QThread):

@@ -19,31 +19,41 @@ class Look(StrEnum):
     """What the tray shows; several engine states share one look."""
 
     CONTRIBUTING = "contributing"
-    IDLE = "idle"
-    PAUSED = "paused"
-    ERROR = "error"
-    DISCONNECTED = "disconnected"
+    READY = "ready"  # connected, waiting for the pool to send work
+    WAITING = "waiting"  # your rules for when to contribute hold the tasks (on battery, …)
+    PAUSED = "paused"  # paused or snoozed by hand
+    DISCONNECTED = "disconnected"  # trying to reach the pool
+    ATTENTION = "attention"  # the person must act (sign in, fix a setting)
+    STOPPED = "stopped"  # not contributing, on purpose
 
 
-def look_for(state: EngineState) -> Look:
+def look_for(state: EngineState, *, attention: bool = False, disconnected: bool = False) -> Look:
+    if attention or state is EngineState.ERROR:
+        return Look.ATTENTION
+    if disconnected:
+        return Look.DISCONNECTED
+    if state.value == "waiting":  # EngineState.WAITING, from the when-to-contribute policy
+        return Look.WAITING
     return {
         EngineState.BUSY: Look.CONTRIBUTING,
         EngineState.DRAINING: Look.CONTRIBUTING,
-        EngineState.IDLE: Look.IDLE,
+        EngineState.IDLE: Look.READY,
         EngineState.PAUSED: Look.PAUSED,
-        EngineState.ERROR: Look.ERROR,
         EngineState.CONNECTING: Look.DISCONNECTED,
-        EngineState.STOPPED: Look.DISCONNECTED,
+        EngineState.STOPPED: Look.STOPPED,
     }[state]
 
 
-# Mid-tone colours with a dark outline read on both light and dark panels.
+# Mid-tone colours with a dark outline read on both light and dark panels; each look also
+# has its own mark, so none depends on colour alone.
 _FILL = {
     Look.CONTRIBUTING: QColor("#f2a900"),  # honey: working
-    Look.IDLE: QColor("#3fa66b"),  # green: connected, waiting for work
+    Look.READY: QColor("#3fa66b"),  # green: connected, waiting for work
+    Look.WAITING: QColor("#8e6bbf"),  # violet: held by the person's rules
     Look.PAUSED: QColor("#4a8fd8"),
-    Look.ERROR: QColor("#d64541"),
-    Look.DISCONNECTED: QColor("#9aa0a6"),
+    Look.ATTENTION: QColor("#d64541"),
+    Look.DISCONNECTED: QColor("#7d8793"),
+    Look.STOPPED: QColor("#b9bec4"),
 }
 _OUTLINE = QColor("#2b2b2b")
 _MARK = QColor("#ffffff")
@@ -84,23 +94,34 @@ def draw(look: Look, size: int) -> QImage:
         p.setBrush(_MARK)
         for dx, dy in ((-5, 4), (5, 4), (0, -4.5)):
             p.drawPath(_hexagon(QPointF(c.x() + dx * s, c.y() + dy * s), 4.6 * s))
-    elif look is Look.IDLE:
+    elif look is Look.READY:
         p.setPen(Qt.PenStyle.NoPen)
         p.setBrush(_MARK)
         p.drawEllipse(c, 5 * s, 5 * s)
+    elif look is Look.WAITING:  # a clock: it goes on by itself later
+        p.setPen(QPen(_MARK, max(1.2, size / 14), Qt.PenStyle.SolidLine, Qt.PenCapStyle.RoundCap))
+        p.setBrush(Qt.BrushStyle.NoBrush)
+        p.drawEllipse(c, 8 * s, 8 * s)
+        p.drawLine(c, QPointF(c.x(), c.y() - 5.5 * s))
+        p.drawLine(c, QPointF(c.x() + 4 * s, c.y()))
     elif look is Look.PAUSED:
         p.setPen(Qt.PenStyle.NoPen)
         p.setBrush(_MARK)
         p.drawRoundedRect(QRectF(c.x() - 7 * s, c.y() - 8 * s, 5 * s, 16 * s), s, s)
         p.drawRoundedRect(QRectF(c.x() + 2 * s, c.y() - 8 * s, 5 * s, 16 * s), s, s)
-    elif look is Look.ERROR:
+    elif look is Look.ATTENTION:
         p.setPen(mark_pen)
         p.drawLine(QPointF(c.x(), c.y() - 8 * s), QPointF(c.x(), c.y() + 2 * s))
         p.drawPoint(QPointF(c.x(), c.y() + 8 * s))
-    else:  # disconnected: a gap in a ring
+    elif look is Look.STOPPED:  # a square: the media "stop"
+        p.setPen(Qt.PenStyle.NoPen)
+        p.setBrush(_OUTLINE)
+        p.drawRoundedRect(QRectF(c.x() - 6 * s, c.y() - 6 * s, 12 * s, 12 * s), s, s)
+    else:  # disconnected: a broken link, a ring with a slash through it
         p.setPen(mark_pen)
         p.setBrush(Qt.BrushStyle.NoBrush)
         p.drawArc(QRectF(c.x() - 7 * s, c.y() - 7 * s, 14 * s, 14 * s), 120 * 16, 300 * 16)
+        p.drawLine(QPointF(c.x() - 9 * s, c.y() + 9 * s), QPointF(c.x() + 9 * s, c.y() - 9 * s))
     p.end()
     return image
 

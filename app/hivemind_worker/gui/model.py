@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from hivemind_worker.config import read_state, update_state
 from hivemind_worker.engine.events import (
     EngineState,
     ErrorRaised,
+    ImagePull,
     MetricsSample,
     ResultDelivered,
     StateChanged,
@@ -24,7 +26,10 @@ from hivemind_worker.engine.events import (
 )
 from hivemind_worker.engine.executors.base import Usage
 from hivemind_worker.engine.monitor import HostSample
+from hivemind_worker.errors import ErrorKind
 from hivemind_worker.gui.engine_thread import Bridge
+from hivemind_worker.gui.icons import Look, look_for
+from hivemind_worker.gui.words import clock, for_kind, plural
 from hivemind_worker.paths import Paths
 from hivemind_worker.tasks import TaskStatus
 
@@ -86,9 +91,13 @@ STATE_TEXT = {
     EngineState.IDLE: "Contributing: waiting for work",
     EngineState.BUSY: "Contributing",
     EngineState.PAUSED: "Paused",
+    EngineState.WAITING: "Waiting",
     EngineState.DRAINING: "Finishing running tasks",
     EngineState.ERROR: "Needs attention",
 }
+# The policy's state (issue 11): its own words come from the decision (see describe()).
+for _state in EngineState:
+    STATE_TEXT.setdefault(_state, "Waiting")
 
 
 class WorkerModel(QObject):
@@ -107,6 +116,11 @@ class WorkerModel(QObject):
         self.state = EngineState.STOPPED
         self.state_message = ""
         self.retry_at: float | None = None
+        self.state_kind: ErrorKind | None = None
+        self.state_details = ""
+        self.snooze_until: float | None = None  # set by the app; shown in header and tray
+        self.pulls: dict[str, tuple[int, int]] = {}  # image -> (done, total bytes)
+        self.policy: Any = None  # the last PolicyChanged event (issue 11), if any
         self.host: HostSample | None = None
         self.host_history: collections.deque[tuple[float, float, int]] = collections.deque(
             maxlen=HISTORY_SECONDS + 5
@@ -124,6 +138,8 @@ class WorkerModel(QObject):
         bridge.taskOutput.connect(self._on_output)
         bridge.resultDelivered.connect(self._on_delivered)
         bridge.error.connect(self._on_error)
+        bridge.imagePull.connect(self._on_pull)
+        bridge.policyChanged.connect(self._on_policy)
 
     # ------------------------------------------------------------------ totals
 
@@ -169,11 +185,41 @@ class WorkerModel(QObject):
 
     def _on_state(self, event: StateChanged) -> None:
         changed = event.state != self.state
+        retrying = (
+            event.state is EngineState.CONNECTING
+            and event.error_kind is None
+            and self.state in (EngineState.CONNECTING, EngineState.ERROR)
+            and self.state_kind is not None
+        )
+        if retrying:
+            # Each new attempt after a failure: still the same trouble until it succeeds, so
+            # the header does not flip between "Disconnected" and "Connecting" every retry.
+            self.state = event.state
+            return
         self.state, self.state_message, self.retry_at = event.state, event.message, event.retry_at
+        self.state_kind, self.state_details = event.error_kind, event.details
         if changed or event.message:
             text = STATE_TEXT[event.state]
-            self.add_log("state", f"{text}: {event.message}" if event.message else text)
+            # The log keeps the engine's own words and the raw details.
+            message = f"{event.message} ({event.details})" if event.details else event.message
+            self.add_log("state", f"{text}: {message}" if message else text)
         self.stateChanged.emit()
+
+    def _on_policy(self, event: Any) -> None:
+        self.policy = event
+        self.add_log("state", f"When to contribute: {event.line}")
+        self.stateChanged.emit()
+
+    def set_snooze(self, until: float | None) -> None:
+        self.snooze_until = until
+        self.stateChanged.emit()
+
+    def _on_pull(self, event: ImagePull) -> None:
+        if event.total_bytes and event.done_bytes >= event.total_bytes:
+            self.pulls.pop(event.image, None)
+        else:
+            self.pulls[event.image] = (event.done_bytes, event.total_bytes)
+        self.tasksChanged.emit()
 
     def _on_metrics(self, event: MetricsSample) -> None:
         now = time.time()
@@ -187,6 +233,8 @@ class WorkerModel(QObject):
         self.metricsChanged.emit()
 
     def _on_started(self, event: TaskStarted) -> None:
+        if event.image:
+            self.pulls.pop(event.image, None)  # pulled, or it could not have started
         self.running[event.task_id] = RunningTask(
             event.task_id, event.name, event.kind, event.image, time.time()
         )
@@ -239,7 +287,8 @@ class WorkerModel(QObject):
         self.resultsChanged.emit()
 
     def _on_error(self, event: ErrorRaised) -> None:
-        self.add_log("error", f"{event.title}: {event.message}")
+        details = f" ({event.details})" if event.details else ""
+        self.add_log("error", f"{event.title}: {event.message}{details}")
 
     # ------------------------------------------------------------------ views
 
@@ -247,8 +296,110 @@ class WorkerModel(QObject):
     def state_text(self) -> str:
         return STATE_TEXT[self.state]
 
+    @property
+    def waiting_results(self) -> int:
+        """Results finished here and not yet accepted by the pool (spooled on disk)."""
+        return sum(1 for r in self.results if r.delivered is None)
+
+    def pull_text(self) -> str:
+        """'Downloading python:3.12-slim: 45 of 120 MB' for the header and the tooltip."""
+        if not self.pulls:
+            return ""
+        image, (done, total) = next(iter(self.pulls.items()))
+        mb = 1_000_000
+        amount = f"{done / mb:.0f} of {total / mb:.0f} MB" if total else f"{done / mb:.0f} MB"
+        more = f" (and {len(self.pulls) - 1} more)" if len(self.pulls) > 1 else ""
+        return f"Downloading {image}: {amount}{more}"
+
     def current_task_text(self) -> str:
         if not self.running:
             return "no task running"
         names = [t.name for t in self.running.values()]
         return names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
+
+
+@dataclass(frozen=True)
+class Status:
+    """The one status the header, the tray and its tooltip all show."""
+
+    headline: str
+    detail: str  # one or two short sentences, never raw library text
+    details: str = ""  # the raw text, behind a Details button
+    settings_action: bool = False  # the fix is in Settings
+    attention: bool = False  # the person must act: the tray shows "needs attention"
+    look: Look = Look.STOPPED
+
+
+def describe(model: WorkerModel, address: str, cap_warning: str = "") -> Status:
+    """Fold the engine state, its error kind, snooze, pulls and waiting results into words."""
+    status = _describe(model, address, cap_warning)
+    look = look_for(
+        model.state,
+        attention=status.attention,
+        disconnected=model.state_kind is ErrorKind.POOL_UNREACHABLE
+        and model.state in (EngineState.CONNECTING, EngineState.ERROR),
+    )
+    return dataclasses.replace(status, look=look)
+
+
+def _describe(model: WorkerModel, address: str, cap_warning: str) -> Status:
+    state = model.state
+    raw = model.state_details or model.state_message
+    waiting = model.waiting_results
+    pending = (
+        f" {plural(waiting, 'finished result')} will be sent when it is back." if waiting else ""
+    )
+    pull = model.pull_text()
+    if state in (EngineState.ERROR, EngineState.CONNECTING) and model.state_kind is not None:
+        words = for_kind(model.state_kind, address, model.retry_at)
+        unreachable = model.state_kind is ErrorKind.POOL_UNREACHABLE
+        return Status(
+            "Disconnected" if unreachable else STATE_TEXT[EngineState.ERROR],
+            words.text + (pending if unreachable else ""),
+            raw,
+            words.settings,
+            attention=state is EngineState.ERROR,
+        )
+    if state is EngineState.CONNECTING:
+        return Status("Connecting", f"Connecting to the pool at {address}…{pending}", raw)
+    if state.value == "waiting" and model.policy is not None:
+        # Held by the person's own rules: say which, and how it ends.
+        decision = model.policy.decision
+        hint = decision.hint or "it goes on by itself when that changes"
+        return Status(
+            f"Paused: {decision.text}",
+            f"{hint[0].upper()}{hint[1:]}. Running tasks are frozen; nothing is lost.",
+        )
+    override = model.policy.override_until if model.policy is not None else None
+    if override and state in (EngineState.IDLE, EngineState.BUSY):
+        running = len(model.running)
+        return Status(
+            STATE_TEXT[state],
+            f"Contributing anyway until {clock(override)}, whatever your rules say. "
+            f"{plural(running, 'task')} running.",
+        )
+    if state is EngineState.PAUSED:
+        if model.snooze_until is not None:
+            return Status(
+                f"Snoozed until {clock(model.snooze_until)}",
+                f"Running tasks are frozen; contributing resumes by itself at "
+                f"{clock(model.snooze_until)}.",
+            )
+        return Status("Paused", "Running tasks are frozen; nothing is lost. Resume when you like.")
+    if state is EngineState.IDLE:
+        if cap_warning:
+            return Status("Contributing: no task fits", cap_warning, settings_action=True,
+                          attention=True)  # fmt: skip
+        return Status(STATE_TEXT[state], pull or "Connected; waiting for the pool to send a task.")
+    if state is EngineState.BUSY:
+        running = len(model.running)
+        text = f"{plural(running, 'task')} running." if running else "Starting a task."
+        return Status(STATE_TEXT[state], f"{text} {pull}".strip())
+    if state is EngineState.DRAINING:
+        return Status(
+            STATE_TEXT[state],
+            f"Finishing {plural(len(model.running), 'task')}; taking no new ones.",
+        )
+    if state is EngineState.ERROR:
+        return Status(STATE_TEXT[state], "The worker stopped.", raw, attention=True)
+    return Status(STATE_TEXT[state], "Press Start contributing to give this computer's spare time.")

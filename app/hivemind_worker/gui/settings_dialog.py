@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
 import psutil
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QEvent, QObject, Qt, QTimer, Signal
+from PySide6.QtGui import QKeyEvent
 from PySide6.QtWidgets import (
     QAbstractButton,
     QCheckBox,
     QDialog,
     QDialogButtonBox,
-    QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
@@ -24,7 +24,7 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QPushButton,
     QSlider,
-    QSpinBox,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -32,11 +32,48 @@ from PySide6.QtWidgets import (
 from hivemind_worker.config import GIB, ConfigError, Settings, check_setting, save_settings
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.gui.engine_thread import Call, EngineThread
+from hivemind_worker.gui.policy_page import PolicyPage, policy_available
+from hivemind_worker.gui.words import DOCKER_INSTALL_URL, cap_problems
 from hivemind_worker.paths import Paths
 from hivemind_worker.wiring import login_to_pool
 
 ERROR_STYLE = "color: #d64541;"  # mid red: readable on light and dark backgrounds
+WARN_STYLE = "color: #b7791f;"  # amber
 OK_STYLE = "color: #3fa66b;"
+# What a pool account name may be (the pool's own rule): 1-64 of letters, digits and . _ @ -.
+ACCOUNT_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+NUMBER_KEYS = ("max_cpu_cores", "max_memory_gb", "max_disk_gb", "max_concurrent_tasks")
+
+
+def account_problem(text: str) -> str:
+    """'' if `text` is a usable account name (or empty), else what is wrong with it."""
+    if not text or ACCOUNT_RE.fullmatch(text):
+        return ""
+    if len(text) > 64:
+        return "expected at most 64 characters"
+    return "expected letters, digits and . _ @ - only (no spaces or slashes)"
+
+
+class EnterRuns(QObject):
+    """Return or Enter in a field runs `action` instead of the dialog's default button.
+
+    Without it, Enter in the password field pressed OK: the dialog closed without signing in.
+    """
+
+    def __init__(self, field: QWidget, action: Callable[[], None]) -> None:
+        super().__init__(field)
+        self.action = action
+        field.installEventFilter(self)
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        if (
+            event.type() == QEvent.Type.KeyPress
+            and isinstance(event, QKeyEvent)
+            and event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter)
+        ):
+            self.action()
+            return True
+        return False
 
 
 def free_disk_gb(settings: Settings) -> float:
@@ -109,6 +146,14 @@ class SettingsDialog(QDialog):
         self._error_labels: dict[str, QLabel] = {}
         self.logged_in_as = ""
         self._login_generation = 0
+        self._syncing = False  # slider and CPU field updating each other
+        self._units: dict[QLineEdit, QLabel] = {}
+        self.free_disk = float("inf")  # known once load() has looked
+        # Login status follows the address and account as typed, checked once typing pauses.
+        self._login_timer = QTimer(self)
+        self._login_timer.setSingleShot(True)
+        self._login_timer.setInterval(400)
+        self._login_timer.timeout.connect(self.refresh_login)
         self._build()
         self.load(settings)
         self.refresh_login()
@@ -124,13 +169,17 @@ class SettingsDialog(QDialog):
         return label
 
     def _build(self) -> None:
-        layout = QVBoxLayout(self)
+        outer = QVBoxLayout(self)
+        general = QWidget()
+        layout = QVBoxLayout(general)
+        layout.setContentsMargins(0, 0, 0, 0)
 
         pool = QGroupBox("Pool")
         form = QFormLayout(pool)
         self.address = QLineEdit()
         self.address.setPlaceholderText("host:port")
         self.address.textChanged.connect(self.validate)
+        self.address.textChanged.connect(self._login_timer.start)
         self.test_button = QPushButton("&Test connection")
         self.test_button.clicked.connect(self.test_connection)
         row = QHBoxLayout()
@@ -151,8 +200,10 @@ class SettingsDialog(QDialog):
         form.addRow("Status:", self.login_state)
         self.account = QLineEdit()
         self.account.textChanged.connect(self.validate)
+        self.account.textChanged.connect(self._login_timer.start)
         self.password = QLineEdit()
         self.password.setEchoMode(QLineEdit.EchoMode.Password)
+        self._enter = EnterRuns(self.password, self.log_in)
         self.login_button = QPushButton("&Log in")
         self.login_button.clicked.connect(self.log_in)
         self.logout_button = QPushButton("Log &out")
@@ -176,43 +227,45 @@ class SettingsDialog(QDialog):
         limits = QGroupBox("What this computer gives")
         form = QFormLayout(limits)
         cores = os.cpu_count() or 1
+        total_gb = psutil.virtual_memory().total / GIB
         self.cpu_slider = QSlider(Qt.Orientation.Horizontal)
-        self.cpu_slider.setRange(1, cores * 10)  # tenths of a core
+        self.cpu_slider.setRange(0, cores * 10)  # tenths of a core
         self.cpu_slider.setPageStep(10)
-        self.cpu_spin = QDoubleSpinBox()
-        self.cpu_spin.setRange(0.1, float(cores))
-        self.cpu_spin.setDecimals(1)
-        self.cpu_spin.setSingleStep(0.5)
-        self.cpu_spin.setSuffix(f" of {cores} cores")
-        self.cpu_slider.valueChanged.connect(lambda v: self.cpu_spin.setValue(v / 10))
-        self.cpu_spin.valueChanged.connect(lambda v: self.cpu_slider.setValue(round(v * 10)))
-        self.cpu_spin.valueChanged.connect(self.validate)
+        self.cpu_slider.setAccessibleName("CPU cores")
+        # Text fields, not spin boxes: a spin box silently clamps or rewrites what was typed
+        # (9999 became 9.0); here every value is checked as typed and shown beside the field.
+        self.cpu_spin = self._number_field(f"cores of {cores} (0 = all)")
+        self.cpu_slider.valueChanged.connect(self._slider_moved)
+        self.cpu_spin.textChanged.connect(self._cpu_typed)
         form.addRow(
-            self._labelled("&CPU:", self.cpu_slider), self._pair(self.cpu_slider, self.cpu_spin)
+            self._labelled("&CPU:", self.cpu_spin), self._pair(self.cpu_slider, self.cpu_spin)
         )
         form.addRow("", self._error_label("max_cpu_cores"))
-
-        total_gb = psutil.virtual_memory().total / GIB
-        self.memory = QDoubleSpinBox()
-        self.memory.setRange(0.1, math.floor(total_gb * 10) / 10)
-        self.memory.setDecimals(1)
-        self.memory.setSuffix(f" GiB of {total_gb:.1f} GiB")  # the settings count in GiB
-        self.memory.valueChanged.connect(self.validate)
-        form.addRow(self._labelled("&Memory:", self.memory), self.memory)
+        self.memory = self._number_field(f"GiB of {total_gb:.1f} (0 = half)")
+        form.addRow(self._labelled("&Memory:", self.memory), self._unit(self.memory))
         form.addRow("", self._error_label("max_memory_gb"))
-
-        self.disk = QDoubleSpinBox()
-        self.disk.setDecimals(1)
-        self.disk.setRange(0.1, 100_000)
-        self.disk.valueChanged.connect(self.validate)
-        form.addRow(self._labelled("&Disk:", self.disk), self.disk)
+        self.disk = self._number_field("GiB")
+        form.addRow(self._labelled("&Disk:", self.disk), self._unit(self.disk))
         form.addRow("", self._error_label("max_disk_gb"))
-
-        self.concurrent = QSpinBox()
-        self.concurrent.setRange(1, 64)
-        self.concurrent.valueChanged.connect(self.validate)
-        form.addRow(self._labelled("Tasks at &once:", self.concurrent), self.concurrent)
+        self.concurrent = self._number_field("at most 64")
+        form.addRow(self._labelled("Tasks at &once:", self.concurrent), self._unit(self.concurrent))
+        form.addRow("", self._error_label("max_concurrent_tasks"))
+        self.cap_warning = QLabel()
+        self.cap_warning.setStyleSheet(WARN_STYLE)
+        self.cap_warning.setWordWrap(True)
+        self.cap_warning.hide()
+        form.addRow("", self.cap_warning)
         layout.addWidget(limits)
+
+        sandbox = QGroupBox("How tasks are isolated")
+        box = QVBoxLayout(sandbox)
+        self.docker_enabled = QCheckBox("Run tasks in &Docker containers when Docker is available")
+        self.docker_status = QLabel()
+        self.docker_status.setWordWrap(True)
+        self.docker_status.setOpenExternalLinks(True)
+        box.addWidget(self.docker_enabled)
+        box.addWidget(self.docker_status)
+        layout.addWidget(sandbox)
 
         desktop = QGroupBox("Desktop")
         box = QVBoxLayout(desktop)
@@ -223,6 +276,17 @@ class SettingsDialog(QDialog):
             box.addWidget(check)
         layout.addWidget(desktop)
 
+        self.policy: PolicyPage | None = None
+        if policy_available():
+            self.policy = PolicyPage(self.paths)
+            self.policy.changed.connect(self.validate)
+            self.tabs = QTabWidget()
+            self.tabs.addTab(general, "&General")
+            self.tabs.addTab(self.policy, "&When to contribute")
+            outer.addWidget(self.tabs)
+        else:
+            outer.addWidget(general)
+        layout = outer
         self.save_error = QLabel()
         self.save_error.setStyleSheet(ERROR_STYLE)
         self.save_error.setWordWrap(True)
@@ -243,11 +307,43 @@ class SettingsDialog(QDialog):
         label.setBuddy(buddy)
         return label
 
-    @staticmethod
-    def _pair(a: QWidget, b: QWidget) -> QHBoxLayout:
+    def _number_field(self, unit: str) -> QLineEdit:
+        field = QLineEdit()
+        field.setMaximumWidth(90)
+        field.setProperty("unit", unit)
+        field.textChanged.connect(self.validate)
+        return field
+
+    def _unit(self, field: QLineEdit) -> QHBoxLayout:
+        row = QHBoxLayout()
+        row.addWidget(field)
+        unit = QLabel(str(field.property("unit")))
+        self._units[field] = unit
+        row.addWidget(unit, 1)
+        return row
+
+    def _slider_moved(self, tenths: int) -> None:
+        if not self._syncing:
+            self._syncing = True
+            self.cpu_spin.setText(f"{tenths / 10:g}")
+            self._syncing = False
+
+    def _cpu_typed(self, text: str) -> None:
+        if self._syncing:
+            return
+        try:
+            value = float(text)
+        except ValueError:
+            return
+        self._syncing = True  # the slider follows; the text stays exactly as typed
+        self.cpu_slider.setValue(round(value * 10))
+        self._syncing = False
+
+    def _pair(self, a: QWidget, b: QLineEdit) -> QHBoxLayout:
         row = QHBoxLayout()
         row.addWidget(a, 1)
         row.addWidget(b)
+        row.addWidget(QLabel(str(b.property("unit"))))
         return row
 
     # ------------------------------------------------------------------ values
@@ -256,26 +352,32 @@ class SettingsDialog(QDialog):
         self.settings = settings
         self.address.setText(settings.node_pool_address)
         self.account.setText(settings.account)
-        self.cpu_spin.setValue(settings.cpu_cap())
-        self.memory.setValue(settings.memory_cap_bytes() / GIB)
+        self.cpu_spin.setText(f"{settings.max_cpu_cores:g}")
+        self.memory.setText(f"{settings.max_memory_gb:g}")
         free = free_disk_gb(settings)
-        self.disk.setMaximum(max(0.1, math.floor(free * 10) / 10))
-        self.disk.setSuffix(f" GiB ({free:.1f} GiB free)")
-        self.disk.setValue(settings.max_disk_gb)
-        self.concurrent.setValue(settings.max_concurrent_tasks)
+        self.free_disk = free
+        self._units[self.disk].setText(f"GiB ({free:.1f} GiB free)")
+        self.disk.setText(f"{settings.max_disk_gb:g}")
+        self.concurrent.setText(str(settings.max_concurrent_tasks))
+        self.docker_enabled.setChecked(settings.docker_enabled)
+        if self.policy is not None:
+            self.policy.load(settings)
         self.start_at_login.setChecked(settings.start_at_login)
         self.start_on_launch.setChecked(settings.start_on_launch)
         self.close_to_tray.setChecked(settings.close_to_tray)
         self.validate()
 
     def raw_values(self) -> dict[str, Any]:
-        return {
+        policy = self.policy.raw_values() if self.policy is not None else {}
+        return policy | {
             "node_pool_address": self.address.text().strip(),
             "account": self.account.text().strip(),
-            "max_cpu_cores": round(self.cpu_spin.value(), 1),
-            "max_memory_gb": round(self.memory.value(), 1),
-            "max_disk_gb": round(self.disk.value(), 1),
-            "max_concurrent_tasks": self.concurrent.value(),
+            # Exactly what was typed: check_setting parses text as the environment's is.
+            "max_cpu_cores": self.cpu_spin.text().strip(),
+            "max_memory_gb": self.memory.text().strip(),
+            "max_disk_gb": self.disk.text().strip(),
+            "max_concurrent_tasks": self.concurrent.text().strip(),
+            "docker_enabled": self.docker_enabled.isChecked(),
             "start_at_login": self.start_at_login.isChecked(),
             "start_on_launch": self.start_on_launch.isChecked(),
             "close_to_tray": self.close_to_tray.isChecked(),
@@ -288,15 +390,32 @@ class SettingsDialog(QDialog):
             try:
                 check_setting(self.paths, key, raw)
             except ConfigError as exc:
+                # "Invalid setting key = 'x' (as entered): expected …": the part after the
+                # colon is what the person needs beside the field.
                 message = str(exc)
-                self.errors[key] = message[message.find("expected") :] or message
-        if not self.errors.get("max_disk_gb") and self.disk.value() > self.disk.maximum():
-            self.errors["max_disk_gb"] = "expected no more than the free disk space"
+                at = message.find("): ")
+                self.errors[key] = message[at + 3 :] if at >= 0 else message
+        if not self.errors.get("max_disk_gb") and float(self.disk.text()) > self.free_disk:
+            self.errors["max_disk_gb"] = (
+                f"expected no more than the free disk space ({self.free_disk:.1f} GiB)"
+            )
+        problem = account_problem(self.account.text().strip())
+        if problem and "account" not in self.errors:
+            self.errors["account"] = problem
+        if self.policy is not None:
+            self.policy.validate()  # its own labels, beside its fields
         for key, label in self._error_labels.items():
             text = self.errors.get(key, "")
             label.setText(text)
             label.setVisible(bool(text))
-        widgets = {"node_pool_address": self.address, "account": self.account}
+        widgets = {
+            "node_pool_address": self.address,
+            "account": self.account,
+            "max_cpu_cores": self.cpu_spin,
+            "max_memory_gb": self.memory,
+            "max_disk_gb": self.disk,
+            "max_concurrent_tasks": self.concurrent,
+        }
         for key, widget in widgets.items():
             # An accessible hint, not only a colour: screen readers announce it.
             widget.setAccessibleDescription(self.errors.get(key, ""))
@@ -305,7 +424,46 @@ class SettingsDialog(QDialog):
         for which in (QDialogButtonBox.StandardButton.Ok, QDialogButtonBox.StandardButton.Apply):
             self.buttons.button(which).setEnabled(ok)
         self.test_button.setEnabled("node_pool_address" not in self.errors)
+        self._show_cap_warning()
         return ok
+
+    def _show_cap_warning(self) -> None:
+        """Caps no task fits in are allowed (the person may mean it) but never silent."""
+        # Each cap on its own: a bad memory value must not hide a CPU cap no task fits in.
+        probe = self.settings
+        if "max_cpu_cores" not in self.errors:
+            probe = dataclasses.replace(probe, max_cpu_cores=float(self.cpu_spin.text()))
+        if "max_memory_gb" not in self.errors:
+            probe = dataclasses.replace(probe, max_memory_gb=float(self.memory.text()))
+        problems = cap_problems(probe)
+        text = f"No task can run: {' and '.join(problems)}." if problems else ""
+        self.cap_warning.setText(text)
+        self.cap_warning.setVisible(bool(text))
+        self._fit()
+
+    def _fit(self) -> None:
+        """Grow to show a new message whole (an error, a login answer): never clip it."""
+        if self.isVisible():
+            hint = self.sizeHint()
+            self.resize(max(self.width(), hint.width()), max(self.height(), hint.height()))
+
+    def show_docker_status(self, capability: str, notice: str) -> None:
+        """What the running engine uses (the executor is chosen when the app starts)."""
+        if capability == "docker":
+            text = "Docker is running: tasks run in containers, the safest way."
+        else:
+            why = (
+                "Docker is switched off here"
+                if not self.settings.docker_enabled
+                else ("Docker was not found or is not running")
+            )
+            text = (
+                f"{why}, so tasks run in the built-in process sandbox and container tasks "
+                f'are skipped. <a href="{DOCKER_INSTALL_URL}">How to install Docker</a>. '
+                "A change here takes effect when the app next starts."
+            )
+        self.docker_status.setText(text)
+        self.docker_status.setToolTip(notice)
 
     def new_settings(self) -> Settings:
         values = {k: check_setting(self.paths, k, v) for k, v in self.raw_values().items()}
@@ -373,16 +531,19 @@ class SettingsDialog(QDialog):
         self.test_button.setEnabled(False)
         self.test_result.setStyleSheet("")
         self.test_result.setText("Connecting…")
+        self._fit()
 
         def ok(message: str) -> None:
             self.test_button.setEnabled(True)
             self.test_result.setStyleSheet(OK_STYLE)
             self.test_result.setText(message)
+            self._fit()
 
         def fail(message: str) -> None:
             self.test_button.setEnabled(True)
             self.test_result.setStyleSheet(ERROR_STYLE)
             self.test_result.setText(f"Could not reach the pool: {message}")
+            self._fit()
 
         self._run(test_connection(self.address.text().strip(), self.settings.insecure), ok, fail)
 
@@ -414,6 +575,7 @@ class SettingsDialog(QDialog):
         if not account or not password or "node_pool_address" in self.errors:
             self.login_result.setStyleSheet(ERROR_STYLE)
             self.login_result.setText("Enter a valid pool address, account name and password.")
+            self._fit()
             return
         target = dataclasses.replace(
             self.settings, node_pool_address=self.address.text().strip(), account=account
@@ -421,6 +583,7 @@ class SettingsDialog(QDialog):
         self.login_button.setEnabled(False)
         self.login_result.setStyleSheet("")
         self.login_result.setText("Logging in…")
+        self._fit()
 
         def ok(name: str) -> None:
             self.password.clear()
@@ -436,6 +599,7 @@ class SettingsDialog(QDialog):
             self.login_button.setEnabled(True)
             self.login_result.setStyleSheet(ERROR_STYLE)
             self.login_result.setText(f"Login failed: {message}")
+            self._fit()
 
         self._run(log_in(target, self.credentials, account, password), ok, fail)
 
@@ -446,11 +610,13 @@ class SettingsDialog(QDialog):
         def ok(_: object) -> None:
             self.login_result.setStyleSheet("")
             self.login_result.setText(f"Logged out of {address}.")
+            self._fit()
             self.refresh_login()
             self.loginChanged.emit("")
 
         def fail(message: str) -> None:
             self.login_result.setStyleSheet(ERROR_STYLE)
             self.login_result.setText(f"Log out failed: {message}")
+            self._fit()
 
         self._run(log_out(self.credentials, address, account), ok, fail)

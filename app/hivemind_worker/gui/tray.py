@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from PySide6.QtCore import QObject, Signal, SignalInstance
@@ -10,8 +11,8 @@ from PySide6.QtWidgets import QMenu, QSystemTrayIcon
 
 from hivemind_worker.engine.events import EngineState, ErrorRaised
 from hivemind_worker.gui.dashboard import human_bytes
-from hivemind_worker.gui.icons import Look, look_for, state_icon
-from hivemind_worker.gui.model import WorkerModel
+from hivemind_worker.gui.icons import Look, state_icon
+from hivemind_worker.gui.model import Status, WorkerModel, describe
 
 
 def needs_person(event: ErrorRaised) -> bool:
@@ -36,9 +37,17 @@ class Tray(QObject):
     settingsRequested = Signal()
     quitRequested = Signal()
 
-    def __init__(self, model: WorkerModel, parent: QObject | None = None) -> None:
+    stopRequested = Signal()
+
+    def __init__(
+        self,
+        model: WorkerModel,
+        status: Callable[[], Status] | None = None,
+        parent: QObject | None = None,
+    ) -> None:
         super().__init__(parent)
         self.model = model
+        self.status = status or (lambda: describe(model, ""))
         self.icons = {look: state_icon(look) for look in Look}
         self.icon = QSystemTrayIcon(self.icons[Look.DISCONNECTED], self)
         self.menu = QMenu()
@@ -48,6 +57,7 @@ class Tray(QObject):
         self.start_action = self._add("&Start contributing", self.startRequested)
         self.pause_action = self._add("&Pause", self.pauseRequested)
         self.resume_action = self._add("&Resume", self.resumeRequested)
+        self.stop_action = self._add("S&top contributing", self.stopRequested)
         self.snooze_menu = self.menu.addMenu("S&nooze")
         self.snooze_actions: list[QAction] = []
         for text, seconds in (("For &1 hour", 3600.0), ("For &3 hours", 3 * 3600.0)):
@@ -91,18 +101,23 @@ class Tray(QObject):
 
     def update(self) -> None:
         state = self.model.state
-        self.icon.setIcon(self.icons[look_for(state)])
-        self.status_action.setText(self.model.state_text)
+        status = self.status()
+        self.look = status.look
+        self.icon.setIcon(self.icons[status.look])
+        self.status_action.setText(status.headline)
         running = state not in (EngineState.STOPPED, EngineState.ERROR)
         self.start_action.setVisible(not running)
+        held = state is EngineState.PAUSED or state.value == "waiting"
         self.pause_action.setVisible(running and state is not EngineState.PAUSED)
-        self.resume_action.setVisible(state is EngineState.PAUSED)
+        self.resume_action.setVisible(held)
+        self.stop_action.setVisible(state is not EngineState.STOPPED)
         self.snooze_menu.setEnabled(running and state is not EngineState.PAUSED)
         self._update_tooltip()
 
-    def _update_tooltip(self) -> None:
+    def tooltip_text(self) -> str:
         model = self.model
-        lines = [f"HiveMind Worker: {model.state_text}"]
+        status = self.status()
+        lines = [f"HiveMind Worker: {status.headline}", status.detail]
         if model.host is not None:
             lines.append(
                 f"CPU {model.host.cpu_percent:.0f}% · memory "
@@ -110,8 +125,11 @@ class Tray(QObject):
                 f"{human_bytes(model.host.memory_total_bytes)}"
             )
         lines.append(f"Task: {model.current_task_text()}")
-        self.icon.setToolTip("\n".join(lines))
+        return "\n".join(line for line in lines if line)
+
+    def _update_tooltip(self) -> None:
+        self.icon.setToolTip(self.tooltip_text())
 
     def notify(self, title: str, message: str) -> None:
         if self.icon.isVisible() and QSystemTrayIcon.supportsMessages():
-            self.icon.showMessage(title, message, self.icons[Look.ERROR], 15_000)
+            self.icon.showMessage(title, message, self.icons[Look.ATTENTION], 15_000)

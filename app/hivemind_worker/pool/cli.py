@@ -336,8 +336,8 @@ def _add_user(args: argparse.Namespace) -> int:
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
-        password = getpass.getpass(f"Password for {name}: ")
-        if password and getpass.getpass("Again: ") != password:
+        password = _ask_password(f"Password for {name}: ")
+        if password and _ask_password("Again: ") != password:
             raise CliError("the passwords differ")
     if not password:
         raise CliError("refusing an empty password")
@@ -359,12 +359,20 @@ def _add_user(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------- client commands
 
 
+def _ask_password(prompt: str) -> str:
+    """Ask on the terminal; without one (a launcher, a pipe) say what to do, not EOFError."""
+    try:
+        return getpass.getpass(prompt)
+    except EOFError:
+        raise CliError(f"no terminal to ask for the password on: set {PASSWORD_ENV}") from None
+
+
 async def _client_command(args: argparse.Namespace) -> int:
     if not args.user:
         raise CliError(f"give --user NAME or set {USER_ENV}")
     password = os.environ.get(PASSWORD_ENV)
     if password is None:
-        password = getpass.getpass(f"Password for {args.user} at {args.pool}: ")
+        password = _ask_password(f"Password for {args.user} at {args.pool}: ")
     root = None
     if args.ca_cert is not None:
         try:

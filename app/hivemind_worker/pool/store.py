@@ -1,461 +1,100 @@
-"""The reference pool's SQLite store: users, tokens, nodes, tasks, leases, reports and results."""
+"""The reference pool's SQLite store: users, tokens, nodes, tasks, leases and reports."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import secrets
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from google.protobuf import json_format
 
+from hivemind_worker.pool.records import (
+    KIND_CAPABILITIES,
+    MAX_ERROR_CHARS,
+    MAX_LOG_TAIL_BYTES,
+    DuplicateTask,
+    ExpiryOutcome,
+    Heartbeat,
+    HeartbeatOutcome,
+    NodeNotFound,
+    NodeOwnedByOther,
+    NodeRecord,
+    ReportOutcome,
+    ResultInfo,
+    ResultMismatch,
+    StaleLease,
+    StoreError,
+    TaskNeed,
+    TaskRecord,
+    TokenExpired,
+    _task_record,
+    hash_password,
+    now_ms,
+    verify_password,
+)
+from hivemind_worker.pool.schema import SCHEMA_VERSION
+from hivemind_worker.pool.users import UserStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.task_params import required_capability
-from hivemind_worker.tasks import Resources, TaskKind, TaskSpec, TaskStatus
+from hivemind_worker.tasks import Resources, TaskSpec, TaskStatus
 
-SCHEMA_VERSION = 2
+#: How long a node's owner and capabilities are trusted without reading them again (seconds).
+CACHE_SECONDS = 5.0
+MAX_CACHED = 100_000
 
-#: What a Python task can run on, and what a container task can run on.
-KIND_CAPABILITIES: dict[TaskKind, frozenset[str]] = {
-    TaskKind.PYTHON: frozenset({"process", "docker"}),
-    TaskKind.CONTAINER: frozenset({"docker"}),
-    # Besides an executor, these need the runner's capability (required_capability()).
-    TaskKind.ML: frozenset({"process", "docker"}),
-    TaskKind.DATA: frozenset({"process", "docker"}),
-}
-MAX_LOG_TAIL_BYTES = 64 * 1024
-MAX_ERROR_CHARS = 4000
-
-# scrypt with n=2**14, r=8 costs 16 MiB and tens of milliseconds: slow for guessing, fine for
-# logins. The parameters are stored with each hash so they can be raised later.
-_SCRYPT_N = 2**14
-_SCRYPT_R = 8
-_SCRYPT_P = 1
-_SCRYPT_LEN = 32
-
-# Version 1, as first released; a new database is created at version 1 and migrated, so every
-# database takes the same path.
-_SCHEMA_V1 = """
-CREATE TABLE users (
-    username    TEXT PRIMARY KEY,
-    password    TEXT NOT NULL,          -- scrypt$n$r$p$salt_hex$hash_hex
-    created_ms  INTEGER NOT NULL
-);
-CREATE TABLE tokens (
-    token_sha256 TEXT PRIMARY KEY,
-    username     TEXT NOT NULL REFERENCES users(username) ON DELETE CASCADE,
-    expires_ms   INTEGER NOT NULL
-);
-CREATE TABLE nodes (
-    node_id       TEXT PRIMARY KEY,
-    owner         TEXT NOT NULL REFERENCES users(username),
-    info          TEXT NOT NULL,        -- RegisterNodeRequest as JSON
-    capabilities  TEXT NOT NULL,        -- JSON list
-    registered_ms INTEGER NOT NULL,
-    last_seen_ms  INTEGER NOT NULL,
-    status        INTEGER NOT NULL DEFAULT 0,
-    metrics       TEXT NOT NULL DEFAULT '{}'
-);
-CREATE TABLE tasks (
-    seq              INTEGER PRIMARY KEY AUTOINCREMENT,
-    task_id          TEXT NOT NULL UNIQUE,
-    owner            TEXT NOT NULL REFERENCES users(username),
-    spec             BLOB NOT NULL,     -- pb.TaskSpec with defaults applied, no lease
-    kind             TEXT NOT NULL,
-    cpus             REAL NOT NULL,
-    memory_bytes     INTEGER NOT NULL,
-    disk_bytes       INTEGER NOT NULL,
-    gpus             INTEGER NOT NULL,
-    max_result_bytes INTEGER NOT NULL,
-    status           TEXT NOT NULL,
-    attempt          INTEGER NOT NULL DEFAULT 1,
-    max_attempts     INTEGER NOT NULL,
-    node_id          TEXT,
-    lease_id         TEXT,
-    lease_expires_ms INTEGER,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    exit_code        INTEGER NOT NULL DEFAULT 0,
-    error            TEXT NOT NULL DEFAULT '',
-    log_tail         BLOB NOT NULL DEFAULT x'',
-    result_sha256    TEXT NOT NULL DEFAULT '',
-    result_size      INTEGER NOT NULL DEFAULT 0,
-    submitted_ms     INTEGER NOT NULL,
-    started_ms       INTEGER NOT NULL DEFAULT 0,
-    finished_ms      INTEGER NOT NULL DEFAULT 0,
-    usage            TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX tasks_by_status ON tasks(status, submitted_ms, seq);
-CREATE INDEX tasks_by_owner ON tasks(owner, seq);
-CREATE UNIQUE INDEX tasks_by_lease ON tasks(lease_id) WHERE lease_id IS NOT NULL;
-CREATE TABLE reports (
-    lease_id    TEXT PRIMARY KEY,
-    task_id     TEXT NOT NULL REFERENCES tasks(task_id) ON DELETE CASCADE,
-    node_id     TEXT NOT NULL,
-    status      TEXT NOT NULL,          -- what was recorded, returned again on a repeat
-    reported_ms INTEGER NOT NULL
-);
-CREATE TABLE results (
-    task_id  TEXT PRIMARY KEY REFERENCES tasks(task_id) ON DELETE CASCADE,
-    lease_id TEXT NOT NULL,
-    sha256   TEXT NOT NULL,
-    size     INTEGER NOT NULL,
-    chunks   INTEGER NOT NULL
-);
--- Results are kept in the chunks they arrived in (each at most 1 MiB): SQLite caps a single
--- blob below 1 GiB, and downloads can then stream without loading the whole archive.
-CREATE TABLE result_chunks (
-    task_id TEXT NOT NULL REFERENCES results(task_id) ON DELETE CASCADE,
-    seq     INTEGER NOT NULL,
-    data    BLOB NOT NULL,
-    PRIMARY KEY (task_id, seq)
-);
-CREATE TABLE counters (
-    name  TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-"""
-
-# Version 2: a result's content lives in blob_chunks under its own blob id, so an upload can be
-# written in many short transactions before one short transaction makes it the task's result,
-# and a replaced or deleted result is freed in bounded batches (collect_garbage), never in one
-# long transaction. The triggers queue a blob for collection whenever no result names it any
-# more; a blob still being written is named by no result and by no garbage row until its
-# upload ends.
-_MIGRATE_V2 = """
-ALTER TABLE results ADD COLUMN blob_id TEXT NOT NULL DEFAULT '';
-UPDATE results SET blob_id = task_id;
-CREATE TABLE blob_chunks (
-    blob_id TEXT NOT NULL,
-    seq     INTEGER NOT NULL,
-    data    BLOB NOT NULL,              -- at most 1 MiB each
-    PRIMARY KEY (blob_id, seq)
-);
-INSERT INTO blob_chunks(blob_id, seq, data) SELECT task_id, seq, data FROM result_chunks;
-DROP TABLE result_chunks;
-CREATE TABLE garbage_blobs (
-    blob_id TEXT PRIMARY KEY
-);
-CREATE TRIGGER results_free_on_delete AFTER DELETE ON results BEGIN
-    INSERT OR IGNORE INTO garbage_blobs(blob_id) VALUES (old.blob_id);
-END;
-CREATE TRIGGER results_free_on_replace AFTER UPDATE OF blob_id ON results
-WHEN old.blob_id <> new.blob_id BEGIN
-    INSERT OR IGNORE INTO garbage_blobs(blob_id) VALUES (old.blob_id);
-END;
-"""
+__all__ = [
+    "KIND_CAPABILITIES",
+    "SCHEMA_VERSION",
+    "DuplicateTask",
+    "ExpiryOutcome",
+    "Heartbeat",
+    "HeartbeatOutcome",
+    "NodeNotFound",
+    "NodeOwnedByOther",
+    "NodeRecord",
+    "PoolStore",
+    "ReportOutcome",
+    "ResultInfo",
+    "ResultMismatch",
+    "StaleLease",
+    "StoreError",
+    "TaskNeed",
+    "TaskRecord",
+    "TokenExpired",
+    "hash_password",
+    "now_ms",
+    "verify_password",
+]
 
 
-def _statements(script: str) -> Iterator[str]:
-    """The statements of a script, triggers (with `;` inside) kept whole."""
-    pending = ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            yield pending.strip()
-            pending = ""
-    if pending.strip():
-        raise ValueError(f"incomplete SQL statement: {pending.strip()[:80]}")
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class StoreError(Exception):
-    """A request the store refuses; `str()` is the reason given to the caller."""
-
-
-class DuplicateTask(StoreError):
-    pass
-
-
-class StaleLease(StoreError):
-    def __init__(self, lease_id: str, task_id: str) -> None:
-        super().__init__(f"lease {lease_id} is no longer current for task {task_id}")
-        self.lease_id = lease_id
-        self.task_id = task_id
-
-
-class ResultMismatch(StoreError):
-    """A report names a result digest that was not uploaded for its lease."""
-
-
-class TokenExpired(StoreError):
-    def __init__(self) -> None:
-        super().__init__("token expired; log in again")
-
-
-class NodeNotFound(StoreError):
-    def __init__(self, node_id: str) -> None:
-        super().__init__(f"node {node_id} is not registered")
-
-
-class NodeOwnedByOther(StoreError):
-    def __init__(self, node_id: str) -> None:
-        super().__init__(f"node {node_id} is registered to another user")
-
-
-@dataclass(frozen=True)
-class NodeRecord:
-    node_id: str
-    owner: str
-    capabilities: frozenset[str]
-    last_seen_ms: int
-    status: int
-
-
-@dataclass(frozen=True)
-class TaskRecord:
-    task_id: str
-    owner: str
-    spec: pb.TaskSpec
-    status: TaskStatus
-    attempt: int
-    max_attempts: int
-    node_id: str
-    lease_id: str
-    lease_expires_ms: int
-    cancel_requested: bool
-    exit_code: int
-    error: str
-    log_tail: bytes
-    result_sha256: str
-    result_size: int
-    submitted_ms: int
-    started_ms: int
-    finished_ms: int
-    usage: dict[str, float]
-
-    def to_info(self, *, with_contents: bool = True) -> pb.TaskInfo:
-        """The wire view; without contents (inputs, source, log) for listings."""
-        spec = pb.TaskSpec()
-        spec.CopyFrom(self.spec)
-        spec.attempt = self.attempt
-        spec.lease_id = self.lease_id  # the current (or last) lease: lets a submitter correlate
-        if not with_contents:
-            for f in spec.input_files:
-                f.content = b""
-            spec.input_archive = b""
-            spec.source = ""
-        return pb.TaskInfo(
-            spec=spec,
-            status=self.status.to_proto(),
-            attempt=self.attempt,
-            node_id=self.node_id,
-            exit_code=self.exit_code,
-            error=self.error,
-            log_tail=self.log_tail if with_contents else b"",
-            result_sha256=self.result_sha256,
-            result_size=self.result_size,
-            submitted_unix_ms=self.submitted_ms,
-            started_unix_ms=self.started_ms,
-            finished_unix_ms=self.finished_ms,
-            usage=pb.ResourceUsage(
-                cpu_seconds=float(self.usage.get("cpu_seconds", 0.0)),
-                max_memory_bytes=int(self.usage.get("max_memory_bytes", 0)),
-                cpu_percent=float(self.usage.get("cpu_percent", 0.0)),
-                memory_bytes=int(self.usage.get("memory_bytes", 0)),
-            ),
-            cancel_requested=self.cancel_requested,
-        )
-
-
-@dataclass(frozen=True)
-class ReportOutcome:
-    recorded: TaskStatus
-    repeated: bool  # the same lease was reported before; nothing changed
-    requeued: bool  # the worker gave the task back; it waits for another worker
-
-
-@dataclass
-class ExpiryOutcome:
-    requeued: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-    cancelled: list[str] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.requeued or self.failed or self.cancelled)
-
-
-@dataclass(frozen=True)
-class ResultInfo:
-    task_id: str
-    lease_id: str
-    sha256: str
-    size: int
-    chunks: int
-
-
-def hash_password(password: str, salt: bytes | None = None) -> str:
-    """An scrypt hash in the stored form `scrypt$n$r$p$salt$hash`."""
-    salt = salt if salt is not None else secrets.token_bytes(16)
-    digest = hashlib.scrypt(
-        password.encode(),
-        salt=salt,
-        n=_SCRYPT_N,
-        r=_SCRYPT_R,
-        p=_SCRYPT_P,
-        dklen=_SCRYPT_LEN,
-        maxmem=64 * 1024 * 1024,
-    )
-    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt.hex()}${digest.hex()}"
-
-
-def verify_password(password: str, stored: str | None) -> bool:
-    """Constant-time check; with no stored hash it still spends the same work."""
-    if stored is None:
-        hash_password(password)  # so an unknown user costs as much as a wrong password
-        return False
-    try:
-        scheme, n, r, p, salt_hex, hash_hex = stored.split("$")
-        if scheme != "scrypt":
-            return False
-        digest = hashlib.scrypt(
-            password.encode(),
-            salt=bytes.fromhex(salt_hex),
-            n=int(n),
-            r=int(r),
-            p=int(p),
-            dklen=len(hash_hex) // 2,
-            maxmem=256 * 1024 * 1024,
-        )
-    except ValueError:
-        return False
-    return hmac.compare_digest(digest.hex(), hash_hex)
-
-
-def _token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-class PoolStore:
-    """The pool's state in one SQLite file.
+class PoolStore(UserStore):
+    """The pool's state in one SQLite file: the seam a pool server talks to (pool/interface.py).
 
     One connection, used from one thread only: the pool server calls it inline on its event
-    loop. Every call is a few indexed statements (sub-millisecond, result blobs aside), so a
-    thread hop would cost more than it saves, and running on the loop serialises the
-    transactions, which is what keeps the lease logic free of races without extra locks.
+    loop. Every call is a few indexed statements (sub-millisecond, result blobs aside; the
+    pool benchmark records each write transaction's time), so a thread hop would cost more
+    than it saves, and running on the loop serialises the transactions, which is what keeps
+    the lease logic free of races without extra locks.
     """
 
     def __init__(self, path: Path | str, *, default_max_attempts: int = 3) -> None:
-        self.path = Path(path)
+        super().__init__(path)
         self.default_max_attempts = default_max_attempts
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Autocommit mode: transactions are opened explicitly by _tx().
-        self._db = sqlite3.connect(str(self.path), isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._migrate()
+        # Lease transactions run (lease_tasks calls that found a candidate): the count a test
+        # reads to show one submit wakes one parked poll, not all of them.
+        self.lease_transactions = 0
+        # Every call a worker makes checks its node's owner: kept here a few seconds
+        # (CACHE_SECONDS) rather than read and parsed each time. Nodes change only through
+        # upsert_node, on this store, which drops the entry.
+        self._nodes: dict[str, tuple[str, frozenset[str], float]] = {}  # -> owner, caps, read at
         # Blobs that no result names and no upload is writing (after a crash mid-upload).
         self._db.execute(
             "INSERT OR IGNORE INTO garbage_blobs(blob_id) SELECT DISTINCT blob_id"
             " FROM blob_chunks WHERE blob_id NOT IN (SELECT blob_id FROM results)"
         )
-
-    # ------------------------------------------------------------------ plumbing
-
-    def close(self) -> None:
-        self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-
-    def _migrate(self) -> None:
-        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-        if version == SCHEMA_VERSION:
-            return
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path} has schema version {version}; this pool knows up to "
-                f"{SCHEMA_VERSION}: use a newer hivemind-worker"
-            )
-        with self._tx() as db:
-            # Each step takes the schema one version up; v1 -> v2 copies stored results once.
-            for step, script in ((1, _SCHEMA_V1), (2, _MIGRATE_V2)):
-                if version < step:
-                    for statement in _statements(script):
-                        db.execute(statement)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-
-    def _bump(self, db: sqlite3.Connection, name: str, by: int = 1) -> None:
-        db.execute(
-            "INSERT INTO counters(name, value) VALUES(?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-            (name, by),
-        )
-
-    def counters(self) -> dict[str, int]:
-        """Lifetime totals by name: submitted, leased, expired, heartbeats, reports, uploads..."""
-        rows = self._db.execute("SELECT name, value FROM counters").fetchall()
-        return {str(r["name"]): int(r["value"]) for r in rows}
-
-    # ------------------------------------------------------------ users, tokens
-
-    def add_user(self, username: str, password: str) -> bool:
-        """Create the user, or set a new password and revoke its sessions; True if created."""
-        stored = hash_password(password)
-        with self._tx() as db:
-            exists = db.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone()
-            if exists:
-                db.execute("UPDATE users SET password = ? WHERE username = ?", (stored, username))
-                db.execute("DELETE FROM tokens WHERE username = ?", (username,))
-                return False
-            db.execute(
-                "INSERT INTO users(username, password, created_ms) VALUES(?, ?, ?)",
-                (username, stored, now_ms()),
-            )
-            return True
-
-    def password_hash(self, username: str) -> str | None:
-        row = self._db.execute(
-            "SELECT password FROM users WHERE username = ?", (username,)
-        ).fetchone()
-        return None if row is None else str(row["password"])
-
-    def check_password(self, username: str, password: str) -> bool:
-        return verify_password(password, self.password_hash(username))
-
-    def issue_token(self, username: str, ttl_seconds: int) -> tuple[str, int]:
-        """A new session token and its expiry (unix ms); only its sha256 is stored."""
-        token = secrets.token_urlsafe(32)
-        now = now_ms()
-        expires = now + ttl_seconds * 1000
-        with self._tx() as db:
-            db.execute("DELETE FROM tokens WHERE expires_ms <= ?", (now,))
-            db.execute(
-                "INSERT INTO tokens(token_sha256, username, expires_ms) VALUES(?, ?, ?)",
-                (_token_digest(token), username, expires),
-            )
-        return token, expires
-
-    def token_user(self, token: str, now: int | None = None) -> str | None:
-        """The user a token belongs to; None if unknown, TokenExpired if expired."""
-        row = self._db.execute(
-            "SELECT username, expires_ms FROM tokens WHERE token_sha256 = ?",
-            (_token_digest(token),),
-        ).fetchone()
-        if row is None:
-            return None
-        if int(row["expires_ms"]) <= (now if now is not None else now_ms()):
-            raise TokenExpired()
-        return str(row["username"])
 
     # -------------------------------------------------------------------- nodes
 
@@ -477,10 +116,28 @@ class PoolStore:
                 (node_id, owner, info_json, caps_json, now, now),
             )
             self._bump(db, "registrations")
+        self._nodes.pop(node_id, None)
+
+    def node_capabilities(self, node_id: str, owner: str) -> frozenset[str]:
+        """The capabilities the node registered, checked to belong to `owner` (as get_node)."""
+        cached = self._nodes.get(node_id)
+        if cached is None or time.monotonic() - cached[2] >= CACHE_SECONDS:
+            node = self.get_node(node_id, owner)
+            if len(self._nodes) >= MAX_CACHED:
+                self._nodes.clear()
+            self._nodes[node_id] = (node.owner, node.capabilities, time.monotonic())
+            return node.capabilities
+        if cached[0] != owner:
+            raise NodeOwnedByOther(node_id)
+        return cached[1]
 
     def get_node(self, node_id: str, owner: str) -> NodeRecord:
         """The node, checked to belong to `owner`; NodeNotFound / NodeOwnedByOther otherwise."""
-        row = self._db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+        row = self._db.execute(
+            "SELECT node_id, owner, capabilities, last_seen_ms, status, metrics FROM nodes"
+            " WHERE node_id = ?",
+            (node_id,),
+        ).fetchone()
         if row is None:
             raise NodeNotFound(node_id)
         if row["owner"] != owner:
@@ -491,6 +148,7 @@ class PoolStore:
             capabilities=frozenset(json.loads(row["capabilities"])),
             last_seen_ms=int(row["last_seen_ms"]),
             status=int(row["status"]),
+            status_message=str(json.loads(row["metrics"]).get("status_message", "")),
         )
 
     def record_heartbeat(self, node_id: str, status: int, metrics: dict[str, float]) -> None:
@@ -558,32 +216,30 @@ class PoolStore:
         fit. So is one whose timeout or network this worker does not accept
         (`max_timeout_seconds` 0: any timeout). Each returned spec carries its new lease id
         and attempt number.
+
+        The candidates are read first, outside any write transaction: a poll that finds
+        nothing costs one indexed read and never takes the write lock. Only a poll with
+        candidates runs a (short) lease transaction, which re-checks each one is still queued.
         """
         caps = set(capabilities)
         kinds = [k.value for k, needs in KIND_CAPABILITIES.items() if needs & caps]
         if not kinds or max_tasks <= 0:
             return []
-        now = now if now is not None else now_ms()
-        expires = now + int(lease_seconds * 1000)
         remaining = free
-        leased: list[pb.TaskSpec] = []
-        with self._tx() as db:
-            marks = ",".join("?" * len(kinds))
-            rows = db.execute(
-                "SELECT task_id, spec, cpus, memory_bytes, disk_bytes, gpus, attempt FROM tasks"
-                f" WHERE status = ? AND kind IN ({marks})"
-                " AND cpus <= ? AND memory_bytes <= ? AND disk_bytes <= ? AND gpus <= ?"
-                " ORDER BY submitted_ms, seq",
-                (
-                    TaskStatus.QUEUED.value,
-                    *kinds,
-                    free.cpus + 1e-9,
-                    free.memory_bytes,
-                    free.disk_bytes,
-                    free.gpus,
-                ),
-            )
-            for row in rows.fetchall():
+        picked: list[tuple[str, pb.TaskSpec, int]] = []
+        marks = ",".join("?" * len(kinds))
+        cur = self._db.execute(
+            "SELECT task_id, spec, cpus, memory_bytes, disk_bytes, gpus, attempt FROM tasks"
+            f" WHERE status = 'queued' AND kind IN ({marks})"
+            " AND cpus <= ? AND memory_bytes <= ? AND disk_bytes <= ? AND gpus <= ?"
+            # Not a task the person cancelled on this very node (exclude_this_node).
+            " AND NOT EXISTS (SELECT 1 FROM task_exclusions x"
+            " WHERE x.task_id = tasks.task_id AND x.node_id = ?)"
+            " ORDER BY submitted_ms, seq",
+            (*kinds, free.cpus + 1e-9, free.memory_bytes, free.disk_bytes, free.gpus, node_id),
+        )
+        try:
+            for row in cur:  # lazily, in index order: stops at the first max_tasks that fit
                 need = Resources(
                     float(row["cpus"]),
                     int(row["memory_bytes"]),
@@ -600,21 +256,75 @@ class PoolStore:
                 needs = required_capability(spec)
                 if needs and needs not in caps:
                     continue  # an ml or data task this worker has no runner environment for
-                lease_id = uuid.uuid4().hex
-                db.execute(
-                    "UPDATE tasks SET status = ?, node_id = ?, lease_id = ?, lease_expires_ms = ?,"
-                    " started_ms = ? WHERE task_id = ?",
-                    (TaskStatus.RUNNING.value, node_id, lease_id, expires, now, row["task_id"]),
-                )
-                spec.lease_id = lease_id
-                spec.attempt = int(row["attempt"])
-                leased.append(spec)
+                picked.append((str(row["task_id"]), spec, int(row["attempt"])))
                 remaining = remaining - need
-                if len(leased) >= max_tasks:
+                if len(picked) >= max_tasks:
                     break
+        finally:
+            cur.close()
+        if not picked:
+            return []
+        now = now if now is not None else now_ms()
+        expires = now + int(lease_seconds * 1000)
+        leased: list[pb.TaskSpec] = []
+        with self._tx() as db:
+            self.lease_transactions += 1
+            for task_id, spec, attempt in picked:
+                lease_id = uuid.uuid4().hex
+                # Still queued? Another process on this file may have taken it since the read.
+                taken = db.execute(
+                    "UPDATE tasks SET status = ?, node_id = ?, lease_id = ?, lease_expires_ms = ?,"
+                    " started_ms = ? WHERE task_id = ? AND status = ? AND attempt = ?",
+                    (
+                        TaskStatus.RUNNING.value,
+                        node_id,
+                        lease_id,
+                        expires,
+                        now,
+                        task_id,
+                        TaskStatus.QUEUED.value,
+                        attempt,
+                    ),
+                ).rowcount
+                if not taken:
+                    continue
+                spec.lease_id = lease_id
+                spec.attempt = attempt
+                leased.append(spec)
             if leased:
                 self._bump(db, "leased", len(leased))
         return leased
+
+    def task_need(self, task_id: str) -> TaskNeed | None:
+        """What a queued task asks of a worker; None unless it is queued (to offer it again)."""
+        row = self._db.execute(
+            "SELECT spec FROM tasks WHERE task_id = ? AND status = 'queued'", (task_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return TaskNeed.of(TaskSpec.from_proto(pb.TaskSpec.FromString(row["spec"])), task_id)
+
+    def heartbeat_batch(
+        self, beats: Sequence[Heartbeat], lease_seconds: float, now: int | None = None
+    ) -> list[HeartbeatOutcome]:
+        """Record many heartbeats in one transaction (group commit); an outcome for each.
+
+        Each notes its node alive, renews the leases it lists (`renew`'s rules) and returns
+        the node's pending cancels. One commit for the lot is what keeps thousands of workers'
+        heartbeats cheap.
+        """
+        now = now if now is not None else now_ms()
+        out: list[HeartbeatOutcome] = []
+        with self._tx() as db:
+            for beat in beats:
+                db.execute(
+                    "UPDATE nodes SET last_seen_ms = ?, status = ?, metrics = ? WHERE node_id = ?",
+                    (now, beat.status, json.dumps(_with_reason(beat)), beat.node_id),
+                )
+                lost = self._renew(db, beat.node_id, beat.lease_ids, lease_seconds, beat.usage, now)
+                out.append(HeartbeatOutcome(lost, self.cancels_for(beat.node_id)))
+            self._bump(db, "heartbeats", len(beats))
+        return out
 
     def renew(
         self,
@@ -629,30 +339,40 @@ class PoolStore:
         A lease already reported is neither renewed nor lost: the worker is done with it.
         """
         now = now if now is not None else now_ms()
-        expires = now + int(lease_seconds * 1000)
-        usage = usage or {}
-        lost: list[str] = []
         with self._tx() as db:
-            for lease_id in dict.fromkeys(lease_ids):
-                cur = db.execute(
-                    "UPDATE tasks SET lease_expires_ms = MAX(lease_expires_ms, ?),"
-                    " usage = COALESCE(?, usage)"
-                    " WHERE lease_id = ? AND node_id = ? AND status = ?",
-                    (
-                        expires,
-                        json.dumps(usage[lease_id]) if lease_id in usage else None,
-                        lease_id,
-                        node_id,
-                        TaskStatus.RUNNING.value,
-                    ),
-                )
-                if cur.rowcount:
-                    continue
-                reported = db.execute(
-                    "SELECT 1 FROM reports WHERE lease_id = ? AND node_id = ?", (lease_id, node_id)
-                ).fetchone()
-                if reported is None:
-                    lost.append(lease_id)
+            return self._renew(db, node_id, lease_ids, lease_seconds, usage or {}, now)
+
+    @staticmethod
+    def _renew(
+        db: sqlite3.Connection,
+        node_id: str,
+        lease_ids: Sequence[str],
+        lease_seconds: float,
+        usage: dict[str, dict[str, float]],
+        now: int,
+    ) -> list[str]:
+        expires = now + int(lease_seconds * 1000)
+        lost: list[str] = []
+        for lease_id in dict.fromkeys(lease_ids):
+            cur = db.execute(
+                "UPDATE tasks SET lease_expires_ms = MAX(lease_expires_ms, ?),"
+                " usage = COALESCE(?, usage)"
+                " WHERE lease_id = ? AND node_id = ? AND status = ?",
+                (
+                    expires,
+                    json.dumps(usage[lease_id]) if lease_id in usage else None,
+                    lease_id,
+                    node_id,
+                    TaskStatus.RUNNING.value,
+                ),
+            )
+            if cur.rowcount:
+                continue
+            reported = db.execute(
+                "SELECT 1 FROM reports WHERE lease_id = ? AND node_id = ?", (lease_id, node_id)
+            ).fetchone()
+            if reported is None:
+                lost.append(lease_id)
         return lost
 
     def extend_running_leases(self, until_ms: int) -> int:
@@ -670,9 +390,12 @@ class PoolStore:
         out = ExpiryOutcome()
         with self._tx() as db:
             rows = db.execute(
+                # Named: without statistics SQLite would take tasks_by_status and read every
+                # running lease; this partial index goes straight to the expired ones.
                 "SELECT task_id, attempt, max_attempts, node_id, cancel_requested FROM tasks"
-                " WHERE status = ? AND lease_expires_ms <= ?",
-                (TaskStatus.RUNNING.value, now),
+                " INDEXED BY tasks_running_by_expiry"
+                " WHERE status = 'running' AND lease_expires_ms <= ?",
+                (now,),
             ).fetchall()
             for row in rows:
                 task_id = str(row["task_id"])
@@ -746,8 +469,10 @@ class PoolStore:
 
     def cancels_for(self, node_id: str) -> list[str]:
         rows = self._db.execute(
-            "SELECT task_id FROM tasks WHERE node_id = ? AND status = ? AND cancel_requested = 1",
-            (node_id, TaskStatus.RUNNING.value),
+            # Literal conditions, so SQLite can use the partial index tasks_cancels_by_node.
+            "SELECT task_id FROM tasks WHERE node_id = ? AND status = 'running'"
+            " AND cancel_requested = 1",
+            (node_id,),
         ).fetchall()
         return [str(r["task_id"]) for r in rows]
 
@@ -766,13 +491,15 @@ class PoolStore:
         started_ms: int = 0,
         finished_ms: int = 0,
         usage: dict[str, float] | None = None,
+        exclude_node: bool = False,
         now: int | None = None,
     ) -> ReportOutcome:
         """Record a worker's final report for its lease; idempotent per lease.
 
         CANCELLED wins over whatever the worker says once the submitter asked to cancel. A
         CANCELLED report nobody asked for means the worker gave the task back (it stopped or
-        was drained): the task is requeued like an expired lease, attempt + 1.
+        was drained): the task is requeued like an expired lease, attempt + 1; with
+        `exclude_node` (the person cancelled it there) it is never leased to that node again.
         """
         now = now if now is not None else now_ms()
         with self._tx() as db:
@@ -828,6 +555,11 @@ class PoolStore:
                     (TaskStatus.QUEUED.value, task_id),
                 )
                 db.execute("DELETE FROM results WHERE task_id = ?", (task_id,))
+                if exclude_node:
+                    db.execute(
+                        "INSERT OR IGNORE INTO task_exclusions(task_id, node_id) VALUES(?, ?)",
+                        (task_id, node_id),
+                    )
             else:
                 db.execute(
                     "UPDATE tasks SET status = ?, lease_expires_ms = NULL, exit_code = ?,"
@@ -887,178 +619,10 @@ class PoolStore:
         ).fetchall()
         return [_task_record(r) for r in rows]
 
-    def lease_is_current(self, task_id: str, lease_id: str, node_id: str) -> bool:
-        return self._lease_is_current(self._db, task_id, lease_id, node_id)
 
-    @staticmethod
-    def _lease_is_current(
-        db: sqlite3.Connection, task_id: str, lease_id: str, node_id: str
-    ) -> bool:
-        row = db.execute(
-            "SELECT 1 FROM tasks WHERE task_id = ? AND lease_id = ? AND node_id = ? AND status = ?",
-            (task_id, lease_id, node_id, TaskStatus.RUNNING.value),
-        ).fetchone()
-        return row is not None
-
-    # ------------------------------------------------------------------ results
-
-    def new_blob(self) -> str:
-        """A fresh blob id to write an upload under (add_blob_chunk), then commit_result."""
-        return f"b-{uuid.uuid4().hex}"
-
-    def add_blob_chunk(self, blob_id: str, seq: int, data: bytes) -> None:
-        """Write one chunk (at most 1 MiB) of a blob being staged: one short transaction."""
-        self._db.execute(
-            "INSERT INTO blob_chunks(blob_id, seq, data) VALUES(?, ?, ?)", (blob_id, seq, data)
-        )
-
-    def discard_blob(self, blob_id: str) -> None:
-        """Give up a staged blob: collect_garbage frees it later, a few chunks at a time."""
-        self._db.execute("INSERT OR IGNORE INTO garbage_blobs(blob_id) VALUES(?)", (blob_id,))
-
-    def commit_result(
-        self,
-        task_id: str,
-        lease_id: str,
-        node_id: str,
-        *,
-        sha256: str,
-        size: int,
-        blob_id: str,
-        chunks: int,
-    ) -> bool:
-        """Make a staged blob the result of a current lease, replacing any earlier upload.
-
-        One short transaction that checks the lease and swaps the result in, so a lease that
-        expired while the blob was written is refused (StaleLease). Uploading the same archive
-        again for a lease already reported is accepted as a no-op (False). Whenever the blob
-        does not become the result it is discarded.
-        """
-        try:
-            with self._tx() as db:
-                if not self._lease_is_current(db, task_id, lease_id, node_id):
-                    same = db.execute(
-                        "SELECT 1 FROM results WHERE task_id = ? AND lease_id = ? AND sha256 = ?",
-                        (task_id, lease_id, sha256),
-                    ).fetchone()
-                    if same is not None:
-                        self.discard_blob(blob_id)
-                        return False
-                    raise StaleLease(lease_id, task_id)
-                db.execute(
-                    "INSERT INTO results(task_id, lease_id, sha256, size, chunks, blob_id)"
-                    " VALUES(?, ?, ?, ?, ?, ?) ON CONFLICT(task_id) DO UPDATE SET"
-                    " lease_id = excluded.lease_id, sha256 = excluded.sha256,"
-                    " size = excluded.size, chunks = excluded.chunks, blob_id = excluded.blob_id",
-                    (task_id, lease_id, sha256, size, chunks, blob_id),
-                )
-                self._bump(db, "uploads")
-                return True
-        except BaseException:
-            self.discard_blob(blob_id)
-            raise
-
-    def store_result(
-        self,
-        task_id: str,
-        lease_id: str,
-        node_id: str,
-        *,
-        sha256: str,
-        size: int,
-        chunks: Iterable[bytes],
-    ) -> None:
-        """Stage `chunks` (each at most 1 MiB) and commit them as the result (small results)."""
-        blob_id = self.new_blob()
-        count = 0
-        try:
-            for data in chunks:
-                if data:
-                    self.add_blob_chunk(blob_id, count, data)
-                    count += 1
-        except BaseException:
-            self.discard_blob(blob_id)
-            raise
-        self.commit_result(
-            task_id, lease_id, node_id, sha256=sha256, size=size, blob_id=blob_id, chunks=count
-        )
-
-    def collect_garbage(self, max_chunks: int = 8) -> int:
-        """Free up to `max_chunks` chunks of discarded blobs; how many were freed.
-
-        Deleting a blob reads its overflow pages, so a big one is freed over many short calls.
-        """
-        freed = 0
-        while freed < max_chunks:
-            row = self._db.execute("SELECT blob_id FROM garbage_blobs LIMIT 1").fetchone()
-            if row is None:
-                break
-            blob_id = str(row["blob_id"])
-            want = max_chunks - freed
-            with self._tx() as db:
-                cur = db.execute(
-                    "DELETE FROM blob_chunks WHERE blob_id = ? AND seq IN"
-                    " (SELECT seq FROM blob_chunks WHERE blob_id = ? ORDER BY seq LIMIT ?)",
-                    (blob_id, blob_id, want),
-                )
-                freed += cur.rowcount
-                if cur.rowcount < want:
-                    db.execute("DELETE FROM garbage_blobs WHERE blob_id = ?", (blob_id,))
-        return freed
-
-    def get_result(self, task_id: str) -> ResultInfo | None:
-        """The reported result of a task (an upload that no report names does not count)."""
-        row = self._db.execute(
-            "SELECT r.* FROM results r JOIN tasks t ON t.task_id = r.task_id"
-            " WHERE r.task_id = ? AND t.result_sha256 = r.sha256 AND t.lease_id = r.lease_id",
-            (task_id,),
-        ).fetchone()
-        if row is None:
-            return None
-        return ResultInfo(
-            task_id=str(row["task_id"]),
-            lease_id=str(row["lease_id"]),
-            sha256=str(row["sha256"]),
-            size=int(row["size"]),
-            chunks=int(row["chunks"]),
-        )
-
-    def result_chunk(self, task_id: str, seq: int) -> bytes:
-        row = self._db.execute(
-            "SELECT c.data FROM results r JOIN blob_chunks c ON c.blob_id = r.blob_id"
-            " WHERE r.task_id = ? AND c.seq = ?",
-            (task_id, seq),
-        ).fetchone()
-        if row is None:
-            raise StoreError(f"result of task {task_id} is missing chunk {seq}")
-        return bytes(row["data"])
-
-    def result_bytes(self, task_id: str) -> bytes | None:
-        info = self.get_result(task_id)
-        if info is None:
-            return None
-        return b"".join(self.result_chunk(task_id, i) for i in range(info.chunks))
-
-
-def _task_record(row: sqlite3.Row) -> TaskRecord:
-    return TaskRecord(
-        task_id=str(row["task_id"]),
-        owner=str(row["owner"]),
-        spec=pb.TaskSpec.FromString(row["spec"]),
-        status=TaskStatus(row["status"]),
-        attempt=int(row["attempt"]),
-        max_attempts=int(row["max_attempts"]),
-        node_id=str(row["node_id"] or ""),
-        lease_id=str(row["lease_id"] or ""),
-        lease_expires_ms=int(row["lease_expires_ms"] or 0),
-        cancel_requested=bool(row["cancel_requested"]),
-        exit_code=int(row["exit_code"]),
-        error=str(row["error"]),
-        log_tail=bytes(row["log_tail"]),
-        result_sha256=str(row["result_sha256"]),
-        result_size=int(row["result_size"]),
-        submitted_ms=int(row["submitted_ms"]),
-        started_ms=int(row["started_ms"]),
-        finished_ms=int(row["finished_ms"]),
-        usage=json.loads(row["usage"]),
-    )
+def _with_reason(beat: Heartbeat) -> dict[str, float | str]:
+    """The metrics kept for a node, with the reason it gave for its status, if any."""
+    kept: dict[str, float | str] = dict(beat.metrics)
+    if beat.status_message:
+        kept["status_message"] = beat.status_message
+    return kept

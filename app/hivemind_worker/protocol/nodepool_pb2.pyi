@@ -938,9 +938,12 @@ class UpdateNodeStatusRequest(_message.Message):
     TIMESTAMP_UNIX_MS_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
+    STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     status: Global___NodeStatus.ValueType
     timestamp_unix_ms: _builtins.int
+    status_message: _builtins.str
+    """Why, in words, when PAUSED by the worker's own rules ("on battery"); empty otherwise."""
     @_builtins.property
     def metrics(self) -> Global___HostMetrics: ...
     @_builtins.property
@@ -953,10 +956,11 @@ class UpdateNodeStatusRequest(_message.Message):
         timestamp_unix_ms: _builtins.int = ...,
         metrics: Global___HostMetrics | None = ...,
         running: _abc.Iterable[Global___RunningTask] | None = ...,
+        status_message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "node_id", b"node_id", "running", b"running", "status", b"status", "timestamp_unix_ms", b"timestamp_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "node_id", b"node_id", "running", b"running", "status", b"status", "status_message", b"status_message", "timestamp_unix_ms", b"timestamp_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1078,6 +1082,7 @@ class ReportTaskResultRequest(_message.Message):
     STARTED_UNIX_MS_FIELD_NUMBER: _builtins.int
     FINISHED_UNIX_MS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    EXCLUDE_THIS_NODE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     task_id: _builtins.str
     lease_id: _builtins.str
@@ -1090,6 +1095,10 @@ class ReportTaskResultRequest(_message.Message):
     result_size: _builtins.int
     started_unix_ms: _builtins.int
     finished_unix_ms: _builtins.int
+    exclude_this_node: _builtins.bool
+    """With CANCELLED: the person at this node cancelled the task there. The pool requeues it
+    as for any give-back but never leases it to this node again.
+    """
     @_builtins.property
     def usage(self) -> Global___ResourceUsage: ...
     def __init__(
@@ -1107,10 +1116,11 @@ class ReportTaskResultRequest(_message.Message):
         started_unix_ms: _builtins.int = ...,
         finished_unix_ms: _builtins.int = ...,
         usage: Global___ResourceUsage | None = ...,
+        exclude_this_node: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "exit_code", b"exit_code", "finished_unix_ms", b"finished_unix_ms", "lease_id", b"lease_id", "log_tail", b"log_tail", "node_id", b"node_id", "result_sha256", b"result_sha256", "result_size", b"result_size", "started_unix_ms", b"started_unix_ms", "status", b"status", "task_id", b"task_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "exclude_this_node", b"exclude_this_node", "exit_code", b"exit_code", "finished_unix_ms", b"finished_unix_ms", "lease_id", b"lease_id", "log_tail", b"log_tail", "node_id", b"node_id", "result_sha256", b"result_sha256", "result_size", b"result_size", "started_unix_ms", b"started_unix_ms", "status", b"status", "task_id", b"task_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -69,12 +69,15 @@ def settle_status(
     out_of_memory: bool,
     memory_limit: int,
     failure: str,
+    disk_exceeded: bool = False,
+    disk_limit: int = 0,
 ) -> None:
     """The status and error of a task whose run has ended, from how it ended.
 
-    A cancel wins over a timeout, which wins over running out of memory; then exit code 0
-    (`result.exit_code`) is SUCCEEDED and any other exit is FAILED with `failure`, the
-    executor's own words for that exit.
+    A cancel wins over a timeout, which wins over the disk limit (the executor stopped the
+    task for writing past it: FAILED), which wins over running out of memory; then exit
+    code 0 (`result.exit_code`) is SUCCEEDED and any other exit is FAILED with `failure`,
+    the executor's own words for that exit.
     """
     if cancelled:
         result.status = TaskStatus.CANCELLED
@@ -82,6 +85,10 @@ def settle_status(
     elif timed_out:
         result.status = TaskStatus.TIMED_OUT
         result.error = f"killed after {task.timeout_seconds} s timeout"
+    elif disk_exceeded:
+        result.status = TaskStatus.FAILED
+        size = f"{disk_limit // MiB} MiB" if disk_limit >= MiB else f"{disk_limit} bytes"
+        result.error = f"used more than its {size} disk limit"
     elif out_of_memory:
         result.status = TaskStatus.OUT_OF_MEMORY
         result.error = f"ran out of memory (limit {memory_limit // MiB} MiB)"
@@ -137,6 +144,10 @@ class Executor(abc.ABC):
     #: Told (task id, environment name, one line) while a runner environment is built for a
     #: task being prepared, from a worker thread (so it must not block).
     on_environment: Callable[[str, str, str], None] | None = None
+
+    #: Share (0-1] of their CPU limit that tasks may use: the policy's "use at most X % of CPU
+    #: time". Set by the engine, which then calls apply_caps() to bring running tasks to it.
+    cpu_time_share: float = 1.0
 
     #: Why this executor stands in for a better one (Docker enabled but unusable); the
     #: engine tells the person once at start. Empty when nothing needs saying.

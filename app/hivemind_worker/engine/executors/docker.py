@@ -31,6 +31,7 @@ from hivemind_worker.engine.executors.base import (
     settle_status,
 )
 from hivemind_worker.engine.executors.follow import (
+    SAMPLE_INTERVAL,
     ContainerRun,
     flush,
     in_thread,
@@ -47,6 +48,9 @@ from hivemind_worker.engine.executors.images import (
 from hivemind_worker.engine.executors.runner_images import RunnerImages
 from hivemind_worker.engine.executors.workspace import (
     ARCHIVES_DIR,
+    TRASH_DIR,
+    discard,
+    disk_usage,
     prepare_workspace,
     repack_results,
     rmtree,
@@ -136,8 +140,10 @@ class DockerExecutor(Executor):
     and byte caps) into the same archive format as the process executor.
 
     Status: exit 0 is SUCCEEDED; killed by the kernel's OOM killer is OUT_OF_MEMORY; past
-    the timeout (paused time not counted) is TIMED_OUT; cancel() is CANCELLED; any other exit
-    is FAILED. Usage is sampled from the stats API at 1 Hz in a thread per container.
+    the timeout (paused time not counted) is TIMED_OUT; cancel() is CANCELLED; a workspace
+    grown past the disk request gets the container killed and FAILED ("used more than its
+    N MiB disk limit"); any other exit is FAILED. Usage is sampled from the stats API at 1 Hz
+    in a thread per container.
     Output is followed in a thread and handed to the log sink (thinned, never buffered
     without bound, when the task outpaces it); the tail in the result comes from the capped
     log file once the container has stopped.
@@ -273,7 +279,7 @@ class DockerExecutor(Executor):
                 if (
                     path is not None
                     and path.parent == work_dir
-                    and path.name not in (ARCHIVES_DIR, SPECS_DIR)
+                    and path.name not in (ARCHIVES_DIR, SPECS_DIR, TRASH_DIR)
                 ):
                     rmtree(path)
         specs = self._work_dir / SPECS_DIR
@@ -461,7 +467,8 @@ class DockerExecutor(Executor):
             result.error = f"could not create the container: {docker_reason(exc)}"
             return
         self._containers[task.task_id] = container
-        run = ContainerRun(task, container, started=time.monotonic())
+        run = ContainerRun(task, container, started=time.monotonic(), workspace=workspace)
+        run.disk_limit = task.resources.disk_bytes
         # Registered before the start, so cancel() and pause() from here on reach it.
         self._running[task.task_id] = run
         # A cancel() that came while the container was being created found no run to stop.
@@ -495,7 +502,8 @@ class DockerExecutor(Executor):
             result.started_at = begun
         # The timeout counts from the container's start, not from this re-attachment.
         elapsed = max(time.time() - begun, 0.0) if begun else 0.0
-        run = ContainerRun(task, container, started=time.monotonic() - elapsed)
+        run = ContainerRun(task, container, started=time.monotonic() - elapsed, workspace=workspace)
+        run.disk_limit = task.resources.disk_bytes
         self._running[task.task_id] = run
         run.cancelled = task.task_id in self._cancel_requested
         try:
@@ -553,6 +561,8 @@ class DockerExecutor(Executor):
             task,
             cancelled=run.cancelled,
             timed_out=run.timed_out,
+            disk_exceeded=run.disk_exceeded,
+            disk_limit=run.disk_limit,
             out_of_memory=bool(state.get("OOMKilled")),
             memory_limit=memory,
             failure=(
@@ -591,6 +601,17 @@ class DockerExecutor(Executor):
                 run.timed_out = True
                 await asyncio.to_thread(_kill, run.container)
                 break
+            # The workspace's size, spaced by the walk's cost (many files: less often).
+            due = run.disk_checked_at + max(SAMPLE_INTERVAL, 10 * run.disk_walk_seconds)
+            if run.disk_limit > 0 and run.workspace is not None and now >= due:
+                used = await asyncio.to_thread(disk_usage, run.workspace, run.disk_limit)
+                run.disk_checked_at = time.monotonic()
+                run.disk_walk_seconds = run.disk_checked_at - now
+                if used > run.disk_limit and not run.cancelled:
+                    run.disk_exceeded = True
+                    await asyncio.to_thread(_kill, run.container)
+                    break
+                continue
             await asyncio.wait({waiter}, timeout=POLL_INTERVAL)
         with contextlib.suppress(*DOCKER_ERRORS):
             await waiter  # the exit itself; errors mean the container is gone already
@@ -655,7 +676,8 @@ class DockerExecutor(Executor):
         await self._remove_container(task_id)
         workspace = self._workspaces.pop(task_id, None)
         if workspace is not None:
-            await asyncio.to_thread(rmtree, workspace)
+            # Moved aside at once, deleted in the background: the report waits for cleanup().
+            await asyncio.to_thread(discard, workspace, self._work_dir)
         spec_file = self._spec_files.pop(task_id, None)
         if spec_file is not None:
             await asyncio.to_thread(spec_file.unlink, missing_ok=True)
@@ -678,6 +700,7 @@ class DockerExecutor(Executor):
         runs = [r for r in self._running.values() if not r.exited]
         wanted = sum(r.task.resources.cpus for r in runs)
         factor = min(1.0, caps.cpus / wanted) if wanted > 0 and caps.cpus > 0 else 1.0
+        factor *= self.cpu_time_share  # the policy's "use at most X % of CPU time"
         await asyncio.gather(
             *(
                 asyncio.to_thread(

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import docker.errors
@@ -53,6 +54,15 @@ class ContainerRun(PausableRun):
     pending: bytearray = field(default_factory=bytearray)
     dropped: int = 0
     flush_scheduled: bool = False
+    # The disk request: the read-only root leaves the bind-mounted workspace as the one
+    # writable place on disk (/tmp is a size-capped tmpfs, counted as memory), so it is the
+    # one watched. --storage-opt size= would cap nothing more, and works only on overlay2
+    # over xfs with project quotas.
+    workspace: Path | None = None
+    disk_limit: int = 0  # bytes; 0: not watched
+    disk_exceeded: bool = False
+    disk_checked_at: float = 0.0
+    disk_walk_seconds: float = 0.0
 
 
 def read_logs(

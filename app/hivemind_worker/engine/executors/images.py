@@ -21,6 +21,7 @@ import docker.errors
 import requests.exceptions
 
 from hivemind_worker.engine.executors.base import ExecutorError
+from hivemind_worker.errors import ErrorKind
 from hivemind_worker.tasks import TaskKind, TaskSpec, TaskSpecError
 
 if TYPE_CHECKING:
@@ -222,7 +223,7 @@ class ImageStore:
                 if not isinstance(event, dict):
                     continue
                 if event.get("error"):
-                    raise ExecutorError(f"cannot pull image {image}: {event['error']}")
+                    raise _unavailable(image, str(event["error"]))
                 detail = event.get("progressDetail") or {}
                 if event.get("id") and detail.get("total"):
                     layers[str(event["id"])] = (int(detail.get("current", 0)), int(detail["total"]))
@@ -231,7 +232,7 @@ class ImageStore:
                     reported = now
                     self._report_pull(image, layers, finished=False)
         except DOCKER_ERRORS as exc:
-            raise ExecutorError(f"cannot pull image {image}: {docker_reason(exc)}") from exc
+            raise _unavailable(image, docker_reason(exc)) from exc
         self._report_pull(image, layers, finished=True)
         self.ledger.touch(image)
 
@@ -401,3 +402,15 @@ def _requirements_context(python_image: str, requirements: Iterable[str]) -> io.
             tar.addfile(info, io.BytesIO(data))
     buffer.seek(0)
     return buffer
+
+
+def _unavailable(image: str, reason: str) -> ExecutorError:
+    """A pull that failed: this computer cannot get the image (registry unreachable, refused,
+    unknown). Its own kind, so the engine gives the task to another computer and tells the
+    person, instead of failing the task."""
+    return ExecutorError(
+        f"cannot pull image {image}: {reason}",
+        kind=ErrorKind.IMAGE_UNAVAILABLE,
+        details=reason,
+        needs_action=True,  # often this computer's network: worth telling, once
+    )

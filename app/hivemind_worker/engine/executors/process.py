@@ -4,33 +4,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
+from hivemind_worker.engine.executors import cgroups, launcher, sandbox_linux, windows_job
 from hivemind_worker.engine.executors import limits as plimits
 from hivemind_worker.engine.executors.base import (
     Executor,
     ExecutorError,
     LogSink,
-    PausableRun,
     Usage,
     collect_results,
     settle_status,
 )
+from hivemind_worker.engine.executors.freeze import TreeControl
+from hivemind_worker.engine.executors.process_run import (
+    SAMPLE_INTERVAL,
+    Running,
+    default_python,
+    exit_error,
+    psutil_process,
+    sample,
+    task_environment,
+)
 from hivemind_worker.engine.executors.workspace import (
     ARCHIVES_DIR,
-    TMP_DIR,
+    discard,
     pack_results,
     prepare_workspace,
     rmtree,
@@ -40,6 +49,7 @@ from hivemind_worker.engine.runners import EXTRA_ADDRESS_SPACE
 from hivemind_worker.engine.runners.environments import Environments
 from hivemind_worker.tasks import (
     MiB,
+    Resources,
     TaskKind,
     TaskResult,
     TaskSpec,
@@ -57,7 +67,6 @@ ADDRESS_SPACE_ALLOWANCE = 256 * MiB
 # RLIMIT_CPU is only a backstop (the wall-clock timeout is the real limit).
 CPU_LIMIT_SLACK_SECONDS = 5
 TERM_GRACE_SECONDS = 2.0
-SAMPLE_INTERVAL = 1.0
 POLL_INTERVAL = 0.1
 EXIT_POLL_INTERVAL = 0.005
 DRAIN_SECONDS = 5.0
@@ -67,42 +76,32 @@ READ_CHUNK = 64 * 1024
 # caught a MemoryError earlier and failed later for another reason is not called OOM.
 _OOM_MARKERS = (b"MemoryError", b"std::bad_alloc")
 _OOM_SCAN_BYTES = 4096
-
-
-@dataclass(eq=False)
-class _Running(PausableRun):
-    task: TaskSpec
-    proc: asyncio.subprocess.Process
-    started: float  # time.monotonic()
-    leader: psutil.Process | None = None
-    paused_at: float | None = None
-    paused_total: float = 0.0
-    cancelled: bool = False
-    timed_out: bool = False
-    # Every process seen in the task's tree, so that one which left the process group
-    # (setsid) is still paused, resumed and killed with it. Touched from sampling threads.
-    known: set[psutil.Process] = field(default_factory=set)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    usage: Usage = field(default_factory=Usage)
-    cpu_seconds: float = 0.0
-    max_rss: int = 0
-    last_sample: float = 0.0  # when the supervisor last asked for a sample
-    sampled_at: float = 0.0  # when the last sample was taken, for cpu_percent
-    tail: bytearray = field(default_factory=bytearray)
-    output_bytes: int = 0
+# Windows has no such signals; there they stand for the Job Object's terminate, and for
+# suspending and resuming the task's processes (_signal).
+SIGKILL = getattr(signal, "SIGKILL", 9)
+SIGSTOP = getattr(signal, "SIGSTOP", 19)
+SIGCONT = getattr(signal, "SIGCONT", 18)
+# The private /tmp (a tmpfs, so memory) is capped like the Docker executor's.
+TMPFS_MAX_BYTES = 256 * MiB
 
 
 class ProcessExecutor(Executor):
     """Runs TaskKind.PYTHON tasks as `python -E -s main.py *argv` in a private workspace.
 
-    Lower trust than Docker: the task runs as the worker's user, with a scrubbed
-    environment, its own session and process group, rlimits (address space = memory cap
-    + 256 MiB, CPU time backstop, file size = disk cap, no core dumps) and nice 10.
-    Nothing stops it from reading files that user can read, and cpus are not enforced
-    beyond the nice value and the CPU-time backstop.
+    Walls on Linux (launcher.py builds them; sandbox_linux.probe() says which this machine
+    gives, and a task is refused rather than run behind none): user, PID, network, IPC and
+    UTS namespaces; a minimal read-only root holding /usr, the /etc essentials, a fresh
+    /proc, a few devices, a private size-capped /tmp and the workspace at /workspace, and
+    nothing else; no capabilities; Landlock (writes only in /workspace and /tmp); a seccomp
+    filter; RLIMIT_NPROC counted per namespace (a cap on the whole tree); rlimits per process
+    (address space = memory cap + 256 MiB, CPU time backstop, file size = disk cap, no core
+    dumps); nice 10; a scrubbed environment. When the worker runs as root, tasks run as
+    nobody. The workspace is watched: past the disk cap the task is killed and FAILED
+    ("used more than its N MiB disk limit").
 
     Workspace: `work_dir/<task_id>-<lease_id or 'nolease'>` (0700), holding main.py, the
-    inputs, `tmp/` (TMPDIR, HOME is the workspace) and the results folder.
+    inputs, `tmp/` and the results folder; the task sees it as /workspace (its cwd), with
+    HOME and TMPDIR /tmp, as in the Docker executor.
 
     Results: once the task has ended (any status but CANCELLED) the results folder is packed
     into `work_dir/_archives/<task_id>-<lease_id>.tar.gz`, owned by the engine from then on.
@@ -138,7 +137,7 @@ class ProcessExecutor(Executor):
         environments: Environments | None = None,
     ) -> None:
         self._work_dir = Path(work_dir)
-        self._python = python or _default_python()
+        self._python = python or default_python()
         # Tasks with requirements (the ml and data runners among them) run with the
         # interpreter of a read-only virtualenv built once per requirement set.
         self._environments = environments
@@ -147,9 +146,12 @@ class ProcessExecutor(Executor):
         self._log_tail_bytes = max(int(log_tail_bytes), 0)
         self._max_result_files = max_result_files
         self._workspaces: dict[str, Path] = {}
-        self._running: dict[str, _Running] = {}
+        self._running: dict[str, Running] = {}
         self._cancel_requested: set[str] = set()
         self._paused = False
+        self._confinement: sandbox_linux.Confinement | None = None
+        self._cgroups: cgroups.Cgroups | None = None
+        self._cpu_cap = 0.0  # the person's CPU cap as last applied; 0: not applied yet
 
     @property
     def python(self) -> str:
@@ -165,6 +167,30 @@ class ProcessExecutor(Executor):
         """The workspace of a prepared task, until cleanup."""
         return self._workspaces.get(task_id)
 
+    async def tree_limiter(self) -> cgroups.Cgroups | None:
+        """How a task's whole tree is limited here (probed once); None off Linux."""
+        if not sys.platform.startswith("linux"):
+            return None
+        if self._cgroups is None:
+            self._cgroups = await asyncio.to_thread(cgroups.probe)
+            log.info("process sandbox limits for the task tree: %s", self._cgroups.reason)
+        return self._cgroups
+
+    async def confinement(self) -> sandbox_linux.Confinement | None:
+        """The walls tasks get on this machine (probed once, by a real launch); None off Linux."""
+        if not sys.platform.startswith("linux"):
+            return None
+        if self._confinement is None:
+            self._confinement = await asyncio.to_thread(sandbox_linux.probe, self._python)
+            log.info("%s", self._confinement.summary())
+            if self._confinement.run_as:
+                log.warning(
+                    "the worker runs as root: tasks run as uid %d instead; run the worker as "
+                    "an ordinary user",
+                    self._confinement.run_as[0],
+                )
+        return self._confinement
+
     # ---------------------------------------------------------------- prepare
 
     async def prepare(self, task: TaskSpec) -> None:
@@ -178,27 +204,43 @@ class ProcessExecutor(Executor):
             # Windows needs a Job Object for memory and CPU limits; until it has one, refuse
             # rather than run a task without the limits it was promised.
             raise ExecutorError(plimits.unsupported_reason())
+        confinement = await self.confinement()
+        if confinement is not None and not confinement.usable:
+            raise ExecutorError(confinement.problem)
         if task.task_id in self._running:
             raise ExecutorError(f"task {task.task_id} is already running")
         workspace = workspace_path(self._work_dir, task)
         previous = self._workspaces.get(task.task_id)
         if previous is not None and previous != workspace:
             # Prepared again under a new lease without a cleanup in between.
-            await asyncio.to_thread(rmtree, previous)
+            await asyncio.to_thread(discard, previous, self._work_dir)
         self._workspaces[task.task_id] = workspace
         self._cancel_requested.discard(task.task_id)
         self._task_python.pop(task.task_id, None)
         if task.requirements and self._environments is not None:
+            # On the interpreter tasks run with here (a root worker's tasks: the system's).
+            base = confinement.python if confinement is not None else self._python
             python = await asyncio.to_thread(
                 self._environments.venv_python,
                 task.environment or "python",
                 task.requirements,
-                self._python,
+                base,
                 self._environment_progress(task.task_id),
             )
+            if confinement is not None and confinement.run_as is not None:
+                problem = sandbox_linux.reachable_by_tasks(python.parent.parent)
+                if problem:
+                    raise ExecutorError(problem)
             self._task_python[task.task_id] = str(python)
         try:
             await asyncio.to_thread(prepare_workspace, task, workspace, self._work_dir)
+            if confinement is not None and confinement.run_as is not None:
+                await asyncio.to_thread(sandbox_linux.chown_tree, workspace, confinement.run_as)
+                problem = sandbox_linux.open_work_dir_to_tasks(confinement, self._work_dir)
+                if problem:
+                    raise ExecutorError(problem)
+            if sys.platform == "win32":
+                await asyncio.to_thread(windows_job.label_low, str(workspace))
         except BaseException:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(rmtree, workspace)
@@ -220,48 +262,145 @@ class ProcessExecutor(Executor):
         memory = task.resources.memory_bytes
         disk = task.resources.disk_bytes
         cpus = task.resources.cpus
+        confinement = await self.confinement()
+        walls = confinement.walls if confinement is not None else ""
         limits = plimits.ProcessLimits(
             address_space_bytes=memory
             + ADDRESS_SPACE_ALLOWANCE
             + EXTRA_ADDRESS_SPACE.get(task.environment, 0),
             cpu_seconds=task.timeout_seconds * max(1, math.ceil(cpus)) + CPU_LIMIT_SLACK_SECONDS,
-            # Per file, not per workspace: a backstop against filling the disk in one write.
+            # Per file: a backstop against filling the disk in one write; the workspace as a
+            # whole is watched (process_run.sample).
             file_size_bytes=disk,
+            max_processes=(
+                sandbox_linux.MAX_PROCESSES
+                if confinement is not None and confinement.process_cap
+                else None
+            ),
         )
+        tree = cgroups.TaskLimits(
+            max_processes=sandbox_linux.MAX_PROCESSES,
+            memory_bytes=memory,
+            cpus=cpus if cpus > 0 else float(os.cpu_count() or 1),
+        )
+        limiter = await self.tree_limiter()
+        group: cgroups.TaskCgroup | None = None
+        if limiter is not None and limiter.kind in ("v1", "v2"):
+            try:
+                group = await asyncio.to_thread(limiter.make, task.task_id, tree)
+            except OSError as exc:
+                result.error = f"could not limit the task's processes: {exc}"
+                return
+            walls += "G"  # wait until the worker has put it in its cgroup
+        if "M" in walls:
+            # The task's view, as in the Docker executor.
+            results_dir = Path(launcher.WORKSPACE, *task.result_path.parts)
+        tmp_bytes = max(min(disk or TMPFS_MAX_BYTES, TMPFS_MAX_BYTES, memory // 2), MiB)
+        workspace_fd = -1
+        python = self._task_python.get(task.task_id, self._python)
+        if confinement is not None and task.task_id in self._task_python:
+            # The task's environment, read-only in its view beside the interpreter's own.
+            venv = str(Path(python).parent.parent)
+            confinement = dataclasses.replace(
+                confinement, python=python, binds=(*confinement.binds, venv)
+            )
+        if confinement is not None:
+            # Open for bubblewrap, which binds it by descriptor (see sandbox_linux.launch).
+            workspace_fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            command = sandbox_linux.launch(
+                confinement, limits, "main.py", task.argv, walls=walls, tmp_bytes=tmp_bytes,
+                workspace_fd=workspace_fd,
+            )  # fmt: skip
+        else:
+            command = sandbox_linux.Launch(
+                plimits.launch_argv(
+                    python, limits, "main.py", task.argv, walls=walls, tmp_bytes=tmp_bytes
+                )
+            )
+        argv = command.argv
+        if limiter is not None:
+            argv = limiter.wrap(argv, tree)
+        identity: dict[str, Any] = sandbox_linux.identity_kwargs(
+            confinement.run_as if confinement else None
+        )
+        job: windows_job.Job | None = None
+        if sys.platform == "win32":
+            argv = windows_job.launch_argv(python, "main.py", task.argv)
+            identity = {"creationflags": windows_job.creation_flags()}
+            try:
+                job = windows_job.Job(windows_job.JobLimits(memory, tree.cpus, tree.max_processes))
+            except OSError as exc:
+                result.error = f"could not limit the task: {exc}"
+                return
         try:
             proc = await asyncio.create_subprocess_exec(
-                *plimits.launch_argv(
-                    self._task_python.get(task.task_id, self._python), limits, "main.py", task.argv
-                ),
+                *argv,
                 cwd=workspace,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if group is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=_task_environment(task, workspace, results_dir),
+                env=task_environment(task, workspace, results_dir, confined="M" in walls),
                 limit=READ_CHUNK,
+                pass_fds=command.pass_fds,
+                **identity,
             )
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             result.error = f"could not start the task: {exc}"
+            command.close()
+            if workspace_fd >= 0:
+                os.close(workspace_fd)
+            if group is not None:
+                await asyncio.to_thread(group.remove)
+            if job is not None:
+                job.close()
             return
-        run = _Running(task, proc, started=time.monotonic())
+        command.close()
+        if workspace_fd >= 0:
+            os.close(workspace_fd)
+        if group is not None and not await self._enter(proc, group, result):
+            return
+        if job is not None:
+            try:
+                job.adopt(proc.pid)  # it was created suspended: nothing ran outside the job
+            except OSError as exc:
+                result.error = f"could not limit the task: {exc}"
+                job.close()  # kill-on-close ends it
+                await proc.wait()
+                return
+        run = Running(task, proc, started=time.monotonic(), workspace=workspace, disk_limit=disk)
+        run.job = job
         # Registered before any await, so a pause() from here on reaches this task.
         self._running[task.task_id] = run
+        # A cgroup v2 folder freezes and throttles the whole tree at once; else signals.
+        v2 = (
+            group.folders[0] if group is not None and group.version == 2 and group.folders else None
+        )
+        run.control = TreeControl(lambda sig: self._signal(run, sig), cgroup=v2, cpus=cpus)
         if self._paused:
             run.paused_at = run.started
-            self._signal(run, signal.SIGSTOP)
+            run.control.freeze()
+        self._rebalance()
         reader = asyncio.create_task(self._pump(run, on_log))
         try:
-            run.leader = await asyncio.to_thread(_psutil_process, proc.pid)
+            run.leader = await asyncio.to_thread(psutil_process, proc.pid)
             await self._supervise(run, reader)
         finally:
             # However the run ends (exit, timeout, cancel, or this coroutine being cancelled),
             # nothing the task started may outlive it.
-            self._signal(run, signal.SIGKILL)
+            run.control.close()
+            self._signal(run, SIGKILL)
             self._running.pop(task.task_id, None)
+            self._rebalance()
             await self._drain(run, reader)
+            oom = False
+            if job is not None:
+                job.close()
+            if group is not None:
+                oom = await asyncio.to_thread(group.oom_killed)
+                await asyncio.to_thread(group.remove)
 
-        rc = proc.returncode if proc.returncode is not None else -signal.SIGKILL
+        rc = proc.returncode if proc.returncode is not None else -SIGKILL
         result.finished_at = time.time()
         result.exit_code = 128 - rc if rc < 0 else rc
         result.log_tail = bytes(run.tail)
@@ -272,10 +411,14 @@ class ProcessExecutor(Executor):
             task,
             cancelled=run.cancelled,
             timed_out=run.timed_out,
-            # Only a failed exit: a task that caught a MemoryError and went on succeeded.
-            out_of_memory=rc != 0 and any(m in run.tail[-_OOM_SCAN_BYTES:] for m in _OOM_MARKERS),
+            disk_exceeded=run.disk_exceeded,
+            disk_limit=disk,
+            # Only a failed exit: a task that caught a MemoryError and went on succeeded. The
+            # task's cgroup (where it has one) tells of the kernel's OOM killer.
+            out_of_memory=rc != 0
+            and (oom or any(m in run.tail[-_OOM_SCAN_BYTES:] for m in _OOM_MARKERS)),
             memory_limit=memory,
-            failure=_exit_error(rc, run.tail),
+            failure=exit_error(rc, run.tail),
         )
         await collect_results(
             result,
@@ -284,7 +427,25 @@ class ProcessExecutor(Executor):
             "pack",
         )
 
-    async def _supervise(self, run: _Running, reader: asyncio.Task[None]) -> None:
+    async def _enter(
+        self, proc: asyncio.subprocess.Process, group: cgroups.TaskCgroup, result: TaskResult
+    ) -> bool:
+        """Put the waiting launcher in the task's cgroup, then let it go on (wall "G")."""
+        try:
+            await asyncio.to_thread(group.add, proc.pid)
+        except OSError as exc:
+            result.error = f"could not limit the task's processes: {exc}"
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            await asyncio.to_thread(group.remove)
+            return False
+        assert proc.stdin is not None
+        proc.stdin.write(b"g")
+        proc.stdin.close()
+        return True
+
+    async def _supervise(self, run: Running, reader: asyncio.Task[None]) -> None:
         # asyncio's Process.wait() only returns once the stdout pipe is closed too, which a
         # grandchild holding it can delay forever; returncode is set at the exit itself.
         # The end of output usually comes with the exit, so it cuts the polling short.
@@ -294,7 +455,9 @@ class ProcessExecutor(Executor):
             now = time.monotonic()
             if now - run.last_sample >= SAMPLE_INTERVAL:
                 run.last_sample = now
-                await asyncio.to_thread(_sample, run)
+                await asyncio.to_thread(sample, run)
+                if run.disk_exceeded and not run.cancelled:
+                    self._signal(run, SIGKILL)
                 continue
             if not run.cancelled and run.paused_at is None and run.active_seconds(now) >= timeout:
                 run.timed_out = True
@@ -304,18 +467,18 @@ class ProcessExecutor(Executor):
                 await asyncio.sleep(EXIT_POLL_INTERVAL)  # output closed: the exit is near
             else:
                 await asyncio.wait({reader}, timeout=POLL_INTERVAL)
-        await asyncio.to_thread(_sample, run)
+        await asyncio.to_thread(sample, run)
 
-    async def _terminate(self, run: _Running) -> None:
+    async def _terminate(self, run: Running) -> None:
         """SIGTERM the task, give it a short grace to finish writing, then SIGKILL."""
         self._signal(run, signal.SIGTERM)
         deadline = time.monotonic() + TERM_GRACE_SECONDS
         # Polled: no event fires at the exit itself (see _supervise).
         while run.proc.returncode is None and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(POLL_INTERVAL)
-        self._signal(run, signal.SIGKILL)
+        self._signal(run, SIGKILL)
 
-    async def _pump(self, run: _Running, on_log: LogSink | None) -> None:
+    async def _pump(self, run: Running, on_log: LogSink | None) -> None:
         stream = run.proc.stdout
         if stream is None:
             return
@@ -337,7 +500,7 @@ class ProcessExecutor(Executor):
                     log.exception("log sink failed for task %s; no more output is sent", task_id)
                     on_log = None
 
-    async def _drain(self, run: _Running, reader: asyncio.Task[None]) -> None:
+    async def _drain(self, run: Running, reader: asyncio.Task[None]) -> None:
         """Wait (bounded) for the killed task's pipe to close and its output to be read."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(run.proc.wait(), DRAIN_SECONDS)
@@ -352,9 +515,12 @@ class ProcessExecutor(Executor):
                 "reading output of task %s failed: %s", run.task.task_id, reader.exception()
             )
 
-    def _signal(self, run: _Running, sig: int) -> None:
+    def _signal(self, run: Running, sig: int) -> None:
         # Plain syscalls (kill, and a /proc read per known process to guard against pid
         # reuse): microseconds each, so done inline on the loop.
+        if run.job is not None:  # Windows: the job holds the whole tree
+            self._signal_job(run, sig)
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             # After the leader is reaped its pid stays the group id while any member lives
             # (Linux never reuses a pid still in use as a process group id).
@@ -364,6 +530,22 @@ class ProcessExecutor(Executor):
         for p in known:
             with contextlib.suppress(psutil.Error, OSError):
                 p.send_signal(sig)
+
+    def _signal_job(self, run: Running, sig: int) -> None:
+        assert run.job is not None
+        if sig in (SIGKILL, signal.SIGTERM):
+            run.job.terminate()
+            return
+        with run.lock:
+            known = list(run.known)
+        if run.leader is not None:
+            known.append(run.leader)
+        for p in known:
+            with contextlib.suppress(psutil.Error, OSError):
+                if sig == SIGSTOP:
+                    p.suspend()
+                elif sig == SIGCONT:
+                    p.resume()
 
     # ---------------------------------------------------------------- control
 
@@ -375,7 +557,7 @@ class ProcessExecutor(Executor):
             return
         if not run.timed_out:
             run.cancelled = True
-        self._signal(run, signal.SIGKILL)
+        self._signal(run, SIGKILL)
 
     async def pause(self) -> None:
         self._paused = True
@@ -383,7 +565,8 @@ class ProcessExecutor(Executor):
         for run in list(self._running.values()):
             if run.paused_at is None:
                 run.paused_at = now
-                self._signal(run, signal.SIGSTOP)
+                if run.control is not None:
+                    run.control.freeze()
 
     async def resume(self) -> None:
         self._paused = False
@@ -393,19 +576,42 @@ class ProcessExecutor(Executor):
                 # The paused time is not counted against the task's timeout.
                 run.paused_total += now - run.paused_at
                 run.paused_at = None
-                self._signal(run, signal.SIGCONT)
+                if run.control is not None:
+                    run.control.thaw()
+
+    async def apply_caps(self, caps: Resources) -> None:
+        """Scale running tasks' CPU down to fit new caps and the CPU-time share, live.
+
+        Through the task's cgroup cpu.max where it has one, else a stop/continue duty cycle
+        of its tree (freeze.py). Memory is left alone, as in Docker: new caps bound new tasks.
+        """
+        self._cpu_cap = caps.cpus
+        self._rebalance()
+
+    def _rebalance(self) -> None:
+        """Give each running task its share: the caps over what all of them asked for, times
+        the CPU-time share; again whenever a task starts or ends."""
+        runs = list(self._running.values())
+        wanted = sum(r.task.resources.cpus for r in runs)
+        cap = self._cpu_cap
+        factor = min(1.0, cap / wanted) if wanted > 0 and cap > 0 else 1.0
+        for run in runs:
+            if run.control is not None:
+                run.control.set_share(factor * self.cpu_time_share)
 
     async def cleanup(self, task_id: str) -> None:
         run = self._running.get(task_id)
         if run is not None:
             if not run.timed_out:
                 run.cancelled = True
-            self._signal(run, signal.SIGKILL)
+            self._signal(run, SIGKILL)
         self._cancel_requested.discard(task_id)
         self._task_python.pop(task_id, None)
         workspace = self._workspaces.pop(task_id, None)
         if workspace is not None:
-            await asyncio.to_thread(rmtree, workspace)
+            # Moved aside at once and deleted in the background: a workspace of 100,000
+            # files must not hold up the report that waits for this cleanup.
+            await asyncio.to_thread(discard, workspace, self._work_dir)
 
     def usage(self) -> dict[str, Usage]:
         return {task_id: run.usage for task_id, run in self._running.items()}
@@ -414,111 +620,4 @@ class ProcessExecutor(Executor):
         for run in list(self._running.values()):
             if not run.timed_out:
                 run.cancelled = True
-            self._signal(run, signal.SIGKILL)
-
-
-# -------------------------------------------------------------------- helpers
-
-
-def _default_python() -> str:
-    if getattr(sys, "frozen", False):
-        # A frozen worker's sys.executable is the worker itself, not an interpreter.
-        found = shutil.which("python3") or shutil.which("python")
-        if not found:
-            raise ExecutorError(
-                "no Python interpreter was found (python3 on PATH) to run python tasks "
-                "without Docker"
-            )
-        return found
-    if not sys.executable:
-        raise ExecutorError("no Python interpreter was found to run python tasks")
-    return sys.executable
-
-
-def _task_environment(task: TaskSpec, workspace: Path, results_dir: Path) -> dict[str, str]:
-    """A minimal environment: nothing is inherited from the worker, which may hold secrets."""
-    env = {
-        "PATH": os.defpath,
-        "HOME": str(workspace),
-        "TMPDIR": str(workspace / TMP_DIR),
-        "LANG": "C.UTF-8",
-        # `-E` makes the task's own interpreter ignore PYTHON* variables; this one reaches
-        # the Python processes the task starts without -I/-E.
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-    for name, value in task.env.items():
-        if name == "PATH" or name.startswith("HIVEMIND_"):
-            continue  # the worker's values win
-        env[name] = value
-    env["HIVEMIND_TASK_ID"] = task.task_id
-    env["HIVEMIND_RESULTS_DIR"] = str(results_dir.absolute())
-    return env
-
-
-def _psutil_process(pid: int) -> psutil.Process | None:
-    try:
-        return psutil.Process(pid)
-    except psutil.Error:
-        return None
-
-
-def _sample(run: _Running) -> None:
-    """One usage sample of the task's process tree (runs in a thread; reads /proc)."""
-    tree: list[psutil.Process] = []
-    leader = run.leader
-    if leader is not None:
-        with contextlib.suppress(psutil.Error):
-            tree.append(leader)
-            tree.extend(leader.children(recursive=True))
-    with run.lock:
-        run.known.update(tree)
-        candidates = list(run.known)
-    rss = 0
-    cpu = 0.0
-    gone: list[psutil.Process] = []
-    for p in candidates:
-        try:
-            with p.oneshot():
-                if p.status() == psutil.STATUS_ZOMBIE:
-                    gone.append(p)
-                    continue
-                rss += p.memory_info().rss
-                t = p.cpu_times()
-                # children_* hold the children this process has reaped; live children are
-                # counted on their own, so nothing is counted twice.
-                cpu += t.user + t.system + t.children_user + t.children_system
-        except psutil.Error:
-            gone.append(p)
-    if gone:
-        with run.lock:
-            run.known.difference_update(gone)
-    now = time.monotonic()
-    previous_cpu = run.cpu_seconds
-    previous_at = run.sampled_at
-    run.cpu_seconds = max(run.cpu_seconds, cpu)
-    run.max_rss = max(run.max_rss, rss)
-    elapsed = now - previous_at
-    percent = (run.cpu_seconds - previous_cpu) / elapsed * 100 if previous_at and elapsed else 0.0
-    run.usage = Usage(cpu_percent=percent, memory_bytes=rss, cpu_seconds=run.cpu_seconds)
-    run.sampled_at = now
-
-
-def _exit_error(rc: int, tail: bytes | bytearray) -> str:
-    """The error of a non-zero exit: `rc` as asyncio reports it (-N for signal N)."""
-    if rc < 0:
-        return f"killed by signal {_signal_name(-rc)}"
-    if rc == plimits.ISOLATION_FAILED and plimits.ISOLATION_MARKER in tail:
-        return (
-            "this computer does not allow the process sandbox's isolation (unprivileged "
-            "user namespaces are off); install Docker, or enable user namespaces"
-        )
-    return f"exited with code {rc}"
-
-
-def _signal_name(number: int) -> str:
-    try:
-        name = signal.Signals(number).name
-    except ValueError:
-        return str(number)
-    hint = {"SIGXCPU": " (CPU time limit)", "SIGXFSZ": " (file size limit)"}.get(name, "")
-    return name + hint
+            self._signal(run, SIGKILL)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import shutil
 import stat
 import sys
 import tarfile
+import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO
@@ -23,10 +26,13 @@ from hivemind_worker.tasks import (
     safe_relative_path,
 )
 
+log = logging.getLogger(__name__)
+
 MAX_ARCHIVE_MEMBERS = 10_000
 MAX_ARCHIVE_BYTES = MAX_INPUT_BYTES
 MAX_RESULT_DEPTH = 100
 ARCHIVES_DIR = "_archives"
+TRASH_DIR = "_trash"  # workspaces being deleted in the background
 TMP_DIR = "tmp"
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -34,6 +40,96 @@ _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
+
+
+def check_result_name(name: str) -> PurePosixPath:
+    """The one rule for a result entry's name, in both executors: relative, '/'-separated,
+    no '..', '.', empty parts, backslashes, ':', control characters, or absolute names.
+
+    Kinds (only regular files and folders) and the count and byte caps are checked where
+    entries are read (_ResultWalker, _repack), each naming this same rule in its errors.
+    """
+    if "\x7f" in name:
+        raise ResultError(
+            f"refused an entry of the results: {name[:80]!r} contains control characters"
+        )
+    try:
+        return safe_relative_path(name, "results")
+    except TaskSpecError as exc:
+        raise ResultError(f"refused an entry of the results: {exc.reason}") from None
+
+
+def disk_usage(root: Path, stop_above: int = 0) -> int:
+    """Bytes allocated on disk under `root` (never following a symlink); stops counting once
+    past `stop_above` when that is > 0, so watching a huge workspace stays cheap."""
+    total = 0
+    stack = [str(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = os.scandir(folder)
+        except OSError:
+            continue  # removed or unreadable since the listing: nothing to count
+        with entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                total += getattr(st, "st_blocks", 0) * 512 or st.st_size
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(entry.path)
+                if stop_above and total > stop_above:
+                    return total
+    return total
+
+
+_discard_lock = threading.Lock()  # guards _discarding
+_delete_lock = threading.Lock()  # one deletion at a time: the disk, not the CPU, is the limit
+_discarding: list[threading.Thread] = []
+
+
+def discard(workspace: Path, work_dir: Path) -> None:
+    """Remove a workspace without waiting for it: it is renamed into `work_dir/_trash` (one
+    rename, however many files it holds) and deleted there by a background thread, which
+    also clears what an earlier run of the worker left in the trash."""
+    if not (workspace.exists() or workspace.is_symlink()):
+        return
+    trash = work_dir / TRASH_DIR
+    try:
+        trash.mkdir(parents=True, exist_ok=True, mode=0o700)
+        target = trash / f"{workspace.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(workspace, target)
+    except OSError:
+        rmtree(workspace)  # another filesystem, or no rights: delete it in place
+        return
+    thread = threading.Thread(target=_empty_trash, args=(trash,), name="discard", daemon=True)
+    with _discard_lock:
+        _discarding[:] = [t for t in _discarding if t.is_alive()]
+        _discarding.append(thread)
+    thread.start()
+
+
+def wait_for_discards(timeout: float | None = None) -> bool:
+    """Wait for background deletions (for tests and shutdown); True when none is left."""
+    with _discard_lock:
+        threads = list(_discarding)
+    for thread in threads:
+        thread.join(timeout)
+    return not any(t.is_alive() for t in threads)
+
+
+def _empty_trash(trash: Path) -> None:
+    with _delete_lock:
+        try:
+            names = os.listdir(trash)
+        except OSError:
+            return
+        for name in names:
+            try:
+                rmtree(trash / name)
+            except OSError as exc:
+                log.warning("cannot delete the old workspace %s: %s", trash / name, exc)
 
 
 def workspace_path(work_dir: Path, task: TaskSpec) -> Path:
@@ -173,10 +269,7 @@ def _repack(raw: io.RawIOBase, out: tarfile.TarFile, task: TaskSpec, max_files: 
                         "hold only regular files and folders"
                     )
                 name = raw_name.rstrip("/") if member.isdir() else raw_name
-                try:
-                    rel = safe_relative_path(name, "results")
-                except TaskSpecError as exc:
-                    raise ResultError(f"refused an entry of the results: {exc.reason}") from None
+                rel = check_result_name(name)
                 # get_archive names entries after the folder's own base name.
                 target = PurePosixPath(*result_path.parts, *rel.parts[1:])
                 info = tarfile.TarInfo(str(target))
@@ -377,7 +470,7 @@ class _ResultWalker:
         with os.scandir(dir_fd) as it:
             names = sorted(entry.name for entry in it)
         for entry_name in names:
-            name = prefix / entry_name
+            name = check_result_name(f"{prefix}/{entry_name}")
             try:
                 st = os.stat(entry_name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
