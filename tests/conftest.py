@@ -15,6 +15,11 @@ from keyring.backend import KeyringBackend
 # tests (headless subprocesses, the GUI's engine) would pause for them. The tests of that
 # rule set it themselves.
 os.environ.setdefault("HIVEMIND_OTHER_CPU_PERCENT", "0")
+# What hivemind_worker/__init__.py sets, set here too because gRPC reads it when it is first
+# imported, and a test module may import grpc before hivemind_worker. With gRPC's fork handlers
+# on, a child forked (not vforked: a root worker starts tasks as nobody) while gRPC calls are
+# in flight can crash before it execs the task's launcher.
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
 
 
 class MemoryKeyring(KeyringBackend):

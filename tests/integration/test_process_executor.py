@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -12,10 +14,12 @@ import shutil
 import signal
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
+import grpc
 import psutil
 import pytest
 
@@ -731,3 +735,39 @@ async def test_double_forked_daemon_dies_with_the_task(
             break
         await asyncio.sleep(0.05)
     assert is_gone(daemon)
+
+
+@pytest.mark.timeout(120)
+async def test_tasks_start_while_grpc_calls_are_in_flight(executor: ProcessExecutor) -> None:
+    # The worker starts tasks while its gRPC threads talk to the pool. A worker running as
+    # root starts them as nobody, so with a real fork (not vfork), which runs gRPC's fork
+    # handlers in the child when gRPC's fork support is on: children then died before exec
+    # (SIGSEGV, SIGBUS), seen as "could not limit the task's processes: No such process".
+    # This module imports grpc before hivemind_worker, as test_runners did.
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    stop = threading.Event()
+
+    def call_repeatedly() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/hivemind.Test/Missing")
+            while not stop.is_set():
+                with contextlib.suppress(grpc.RpcError):
+                    call(b"", timeout=1)
+
+    callers = [threading.Thread(target=call_repeatedly) for _ in range(3)]
+    for caller in callers:
+        caller.start()
+    try:
+        for n in range(25):
+            task = make_task(f"print('task {n} ran')", task_id=f"g{n}")
+            result = await run_task(executor, task)
+            await executor.cleanup(task.task_id)
+            assert result.status is TaskStatus.SUCCEEDED, (n, result.error, result.log_tail)
+            assert result.log_tail == f"task {n} ran\n".encode()
+    finally:
+        stop.set()
+        for caller in callers:
+            await asyncio.to_thread(caller.join)
+        server.stop(None)

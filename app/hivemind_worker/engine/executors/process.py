@@ -437,7 +437,13 @@ class ProcessExecutor(Executor):
             result.error = f"could not limit the task's processes: {exc}"
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-            await proc.wait()
+            rc = await proc.wait()
+            if isinstance(exc, ProcessLookupError):
+                # Not the cgroup's fault: the launcher was already gone (ESRCH), having died
+                # before it could read the go byte, e.g. in the forked child before exec.
+                ended = exit_error(rc, b"")
+                result.error = f"the task's launcher ended before the task started: {ended}"
+                log.error("task %s: %s", result.task_id, result.error)
             await asyncio.to_thread(group.remove)
             return False
         assert proc.stdin is not None
