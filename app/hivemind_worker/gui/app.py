@@ -340,7 +340,7 @@ class WorkerApp(QObject):
         self.engine.pause()
 
     def resume(self) -> None:
-        if self.model.state.value == "waiting" and self.model.policy is not None:
+        if self.model.state is EngineState.WAITING and self.model.policy is not None:
             self.offer_contribute_anyway()  # the person's rules hold it, not a pause
             return
         self._set_snooze(None)
@@ -348,7 +348,9 @@ class WorkerApp(QObject):
 
     def offer_contribute_anyway(self) -> None:
         """Say what holds the tasks, and offer to contribute anyway for an hour."""
-        decision = self.model.policy.decision
+        policy = self.model.policy
+        assert policy is not None  # only offered while the policy holds the tasks
+        decision = policy.decision
         hint = f" ({decision.hint})" if decision.hint else ""
         box = QMessageBox(
             QMessageBox.Icon.Question,

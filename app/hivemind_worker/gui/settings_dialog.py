@@ -32,7 +32,7 @@ from PySide6.QtWidgets import (
 from hivemind_worker.config import GIB, ConfigError, Settings, check_setting, save_settings
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.gui.engine_thread import Call, EngineThread
-from hivemind_worker.gui.policy_page import PolicyPage, policy_available
+from hivemind_worker.gui.policy_page import PolicyPage
 from hivemind_worker.gui.words import DOCKER_INSTALL_URL, cap_problems
 from hivemind_worker.paths import Paths
 from hivemind_worker.wiring import login_to_pool
@@ -276,16 +276,12 @@ class SettingsDialog(QDialog):
             box.addWidget(check)
         layout.addWidget(desktop)
 
-        self.policy: PolicyPage | None = None
-        if policy_available():
-            self.policy = PolicyPage(self.paths)
-            self.policy.changed.connect(self.validate)
-            self.tabs = QTabWidget()
-            self.tabs.addTab(general, "&General")
-            self.tabs.addTab(self.policy, "&When to contribute")
-            outer.addWidget(self.tabs)
-        else:
-            outer.addWidget(general)
+        self.policy = PolicyPage(self.paths)
+        self.policy.changed.connect(self.validate)
+        self.tabs = QTabWidget()
+        self.tabs.addTab(general, "&General")
+        self.tabs.addTab(self.policy, "&When to contribute")
+        outer.addWidget(self.tabs)
         layout = outer
         self.save_error = QLabel()
         self.save_error.setStyleSheet(ERROR_STYLE)
@@ -360,16 +356,14 @@ class SettingsDialog(QDialog):
         self.disk.setText(f"{settings.max_disk_gb:g}")
         self.concurrent.setText(str(settings.max_concurrent_tasks))
         self.docker_enabled.setChecked(settings.docker_enabled)
-        if self.policy is not None:
-            self.policy.load(settings)
+        self.policy.load(settings)
         self.start_at_login.setChecked(settings.start_at_login)
         self.start_on_launch.setChecked(settings.start_on_launch)
         self.close_to_tray.setChecked(settings.close_to_tray)
         self.validate()
 
     def raw_values(self) -> dict[str, Any]:
-        policy = self.policy.raw_values() if self.policy is not None else {}
-        return policy | {
+        return self.policy.raw_values() | {
             "node_pool_address": self.address.text().strip(),
             "account": self.account.text().strip(),
             # Exactly what was typed: check_setting parses text as the environment's is.
@@ -402,8 +396,7 @@ class SettingsDialog(QDialog):
         problem = account_problem(self.account.text().strip())
         if problem and "account" not in self.errors:
             self.errors["account"] = problem
-        if self.policy is not None:
-            self.policy.validate()  # its own labels, beside its fields
+        self.policy.validate()  # its own labels, beside its fields
         for key, label in self._error_labels.items():
             text = self.errors.get(key, "")
             label.setText(text)

@@ -107,7 +107,7 @@ class Tray(QObject):
         self.status_action.setText(status.headline)
         running = state not in (EngineState.STOPPED, EngineState.ERROR)
         self.start_action.setVisible(not running)
-        held = state is EngineState.PAUSED or state.value == "waiting"
+        held = state in (EngineState.PAUSED, EngineState.WAITING)
         self.pause_action.setVisible(running and state is not EngineState.PAUSED)
         self.resume_action.setVisible(held)
         self.stop_action.setVisible(state is not EngineState.STOPPED)
