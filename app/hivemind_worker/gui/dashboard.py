@@ -370,7 +370,7 @@ class Dashboard(QMainWindow):
         state = self.model.state
         if state in (EngineState.STOPPED, EngineState.ERROR):
             self.startRequested.emit()
-        elif state is EngineState.PAUSED or state.value == "waiting":
+        elif state in (EngineState.PAUSED, EngineState.WAITING):
             self.resumeRequested.emit()
         else:
             self.pauseRequested.emit()
@@ -391,7 +391,7 @@ class Dashboard(QMainWindow):
             EngineState.PAUSED: "Resume",
             EngineState.DRAINING: "Finishing…",
         }
-        waiting = state.value == "waiting"  # held by the when-to-contribute rules
+        waiting = state is EngineState.WAITING  # held by the when-to-contribute rules
         self.main_button.setText("Resume" if waiting else labels.get(state, "Pause"))
         self.main_button.setEnabled(state is not EngineState.DRAINING)
         # In the error state the engine still retries: Stop is how to make it give up.
@@ -474,7 +474,7 @@ class Dashboard(QMainWindow):
         tasks = list(model.running.values())
         table.setRowCount(len(tasks))
         now = time.time()
-        paused = model.state is EngineState.PAUSED
+        paused = model.state in (EngineState.PAUSED, EngineState.WAITING)  # frozen
         for row, task in enumerate(tasks):
             values = [
                 task.name,

@@ -102,16 +102,18 @@ class PolicyPage(QWidget):
             self.fields[key] = field
             words = QLabel(before)
             words.setBuddy(field)
-            words.setWordWrap(True)
+            # One line each: a wrapped label in a form row is given one line's height and
+            # clipped (seen in the screenshots); the dialog grows to fit instead.
             row = QHBoxLayout()
             if key == "schedule":
                 field.setPlaceholderText("e.g. mon-fri 18:00-08:00; sat-sun 00:00-24:00")
+                metrics = field.fontMetrics()  # the example whole, not cut off
+                field.setMinimumWidth(metrics.horizontalAdvance(field.placeholderText()) + 24)
                 row.addWidget(field, 1)
             else:
                 field.setMaximumWidth(70)
                 row.addWidget(field)
             unit = QLabel(after)
-            unit.setWordWrap(True)
             row.addWidget(unit, 1)
             form.addRow(words, row)
             error = QLabel()
