@@ -25,7 +25,8 @@ from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.engine.engine import WorkerEngine
 from hivemind_worker.engine.events import EngineState
 from hivemind_worker.engine.executors.process import ProcessExecutor
-from hivemind_worker.gui.app import WorkerApp, make_qapplication
+from hivemind_worker.gui.app import WorkerApp
+from hivemind_worker.gui.main import make_qapplication
 from hivemind_worker.paths import default_paths
 from hivemind_worker.protocol import nodepool_pb2 as pb
 

@@ -16,8 +16,9 @@ from helpers.guikit import LoopPool, World, busy_task, make_world
 from helpers.harness import USER, login_token
 from hivemind_worker.config import read_state
 from hivemind_worker.engine.events import EngineState
-from hivemind_worker.gui.app import SingleInstance, WorkerApp
+from hivemind_worker.gui.app import WorkerApp
 from hivemind_worker.gui.engine_thread import Bridge, CrashReporter, EngineThread
+from hivemind_worker.gui.single_instance import SingleInstance
 from hivemind_worker.pool.store import PoolStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.tasks import Resources, TaskStatus

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import html
 import os
 import time
 from collections.abc import Callable
 from datetime import datetime
 
-import pyqtgraph as pg
 from PySide6.QtCore import QByteArray, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QCloseEvent, QColor, QFont, QKeySequence, QPalette
 from PySide6.QtWidgets import (
@@ -34,14 +32,15 @@ from PySide6.QtWidgets import (
 )
 
 from hivemind_worker.engine.events import EngineState
+from hivemind_worker.gui.charts import Chart
 from hivemind_worker.gui.icons import Look, state_icon
-from hivemind_worker.gui.model import HISTORY_SECONDS, LogEntry, Status, WorkerModel, describe
+from hivemind_worker.gui.model import LogEntry, Status, WorkerModel, describe
+from hivemind_worker.gui.words import human_bytes, human_duration
 from hivemind_worker.tasks import TaskStatus
 
 GIB = 1024**3
 # Distinguishable on light and dark backgrounds (Okabe-Ito, colour-blind safe).
 SERIES_COLORS = ("#E69F00", "#56B4E9", "#009E73", "#CC79A7", "#0072B2", "#D55E00")
-MIN_SPAN = 60  # seconds shown at first; the axis widens to HISTORY_SECONDS as data builds up
 LOG_FILTERS = {
     "All events": None,
     "Errors": {"error"},
@@ -49,21 +48,6 @@ LOG_FILTERS = {
     "State changes": {"state", "error"},
     "Task output": {"output"},
 }
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def human_duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class _Stat(QFrame):
@@ -84,63 +68,6 @@ class _Stat(QFrame):
         label.setForegroundRole(QPalette.ColorRole.PlaceholderText)
         layout.addWidget(self.value)
         layout.addWidget(label)
-
-
-class _Chart(pg.PlotWidget):  # type: ignore[misc]
-    """A time chart of the last minutes; colours follow the window palette (light or dark)."""
-
-    def __init__(self, title: str, unit: str, y_max: float | None) -> None:
-        super().__init__()
-        palette = self.palette()
-        self.setBackground(palette.color(QPalette.ColorRole.Base))
-        text = palette.color(QPalette.ColorRole.Text)
-        self.setTitle(title, color=text.name())
-        item = self.getPlotItem()
-        for axis in ("left", "bottom"):
-            item.getAxis(axis).setPen(text)
-            item.getAxis(axis).setTextPen(text)
-        item.setLabel("bottom", "seconds ago")
-        item.setLabel("left", unit)
-        # The unit is chosen by us: pyqtgraph's own SI scaling would print "GiB (x0.001)".
-        item.getAxis("left").enableAutoSIPrefix(False)
-        item.showGrid(x=True, y=True, alpha=0.2)
-        item.setXRange(-MIN_SPAN, 0, padding=0)
-        if y_max is not None:
-            item.setYRange(0, y_max, padding=0.02)
-        else:  # grow with the data, from zero
-            item.enableAutoRange(axis="y")
-            item.setAutoVisible(y=True)
-            item.setLimits(yMin=0)
-        item.setMouseEnabled(x=False, y=False)
-        item.hideButtons()
-        item.setMenuEnabled(False)
-        self.lines: dict[str, pg.PlotDataItem] = {}
-        self.names: dict[str, tuple[str, str]] = {}  # key -> (name, colour), for the legend
-        self.setMinimumHeight(120)
-
-    def set_span(self, seconds: float) -> None:
-        span = min(HISTORY_SECONDS, max(MIN_SPAN, seconds))
-        self.getPlotItem().setXRange(-span, 0, padding=0)
-
-    def line(self, key: str, name: str, color: str, width: float = 2.0) -> pg.PlotDataItem:
-        if key not in self.lines:
-            self.lines[key] = self.plot([], [], pen=pg.mkPen(color, width=width))
-        self.names[key] = (name, color)
-        return self.lines[key]
-
-    def drop_except(self, keep: set[str]) -> None:
-        for key in list(self.lines):
-            if key not in keep:
-                item = self.lines.pop(key)
-                self.names.pop(key, None)
-                self.removeItem(item)
-
-    def legend_html(self) -> str:
-        """The legend sits under the plot, never on the lines."""
-        return " &nbsp; ".join(
-            f'<span style="color:{color}">&#9632;</span> {html.escape(name)}'
-            for name, color in self.names.values()
-        )
 
 
 class Dashboard(QMainWindow):
@@ -258,8 +185,8 @@ class Dashboard(QMainWindow):
         charts = QWidget()
         grid = QGridLayout(charts)
         grid.setContentsMargins(0, 0, 0, 0)
-        self.cpu_chart = _Chart("CPU (% of this computer)", "%", 100)
-        self.mem_chart = _Chart("Memory", "GiB", 1.0)
+        self.cpu_chart = Chart("CPU (% of this computer)", "%", 100)
+        self.mem_chart = Chart("Memory", "GiB", 1.0)
         self.cpu_legend = QLabel()
         self.mem_legend = QLabel()
         for legend in (self.cpu_legend, self.mem_legend):

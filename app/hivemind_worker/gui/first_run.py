@@ -29,8 +29,7 @@ from PySide6.QtWidgets import (
 from hivemind_worker.config import GIB, ConfigError, Settings, check_setting
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.gui.engine_thread import Call, EngineThread
-from hivemind_worker.gui.policy_page import ALWAYS, AWAY, PRESETS
-from hivemind_worker.gui.settings_dialog import (
+from hivemind_worker.gui.forms import (
     ERROR_STYLE,
     OK_STYLE,
     WARN_STYLE,
@@ -40,6 +39,7 @@ from hivemind_worker.gui.settings_dialog import (
     log_in,
     test_connection,
 )
+from hivemind_worker.gui.policy_page import ALWAYS, AWAY, PRESETS
 from hivemind_worker.gui.words import DOCKER_INSTALL_URL, cap_problems
 from hivemind_worker.paths import Paths
 

@@ -10,9 +10,9 @@ from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QMenu, QSystemTrayIcon
 
 from hivemind_worker.engine.events import EngineState, ErrorRaised
-from hivemind_worker.gui.dashboard import human_bytes
 from hivemind_worker.gui.icons import Look, state_icon
 from hivemind_worker.gui.model import Status, WorkerModel, describe
+from hivemind_worker.gui.words import human_bytes
 
 
 def needs_person(event: ErrorRaised) -> bool:
