@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QByteArray, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QCloseEvent, QColor, QFont, QKeySequence, QPalette
+from PySide6.QtGui import QAction, QCloseEvent, QColor, QFont, QKeySequence, QPalette, QShowEvent
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -32,11 +36,15 @@ from PySide6.QtWidgets import (
 )
 
 from hivemind_worker.engine.events import EngineState
-from hivemind_worker.gui.charts import Chart
 from hivemind_worker.gui.icons import Look, state_icon
 from hivemind_worker.gui.model import LogEntry, Status, WorkerModel, describe
 from hivemind_worker.gui.words import human_bytes, human_duration
 from hivemind_worker.tasks import TaskStatus
+
+if TYPE_CHECKING:
+    from hivemind_worker.gui.charts import Chart
+
+log = logging.getLogger(__name__)
 
 GIB = 1024**3
 # Distinguishable on light and dark backgrounds (Okabe-Ito, colour-blind safe).
@@ -82,6 +90,7 @@ class Dashboard(QMainWindow):
     setupRequested = Signal()
     quitRequested = Signal()
     geometryChanged = Signal(QByteArray)
+    chartsLoaded = Signal()  # the chart module is imported (from a worker thread)
 
     def __init__(
         self,
@@ -101,6 +110,7 @@ class Dashboard(QMainWindow):
         self.setWindowIcon(state_icon(Look.CONTRIBUTING))
         self.resize(1040, 760)
         self._build()
+        self.chartsLoaded.connect(self._build_charts)
         model.stateChanged.connect(self._update_state)
         model.metricsChanged.connect(self._update_charts)
         model.tasksChanged.connect(self._update_tasks)
@@ -185,18 +195,21 @@ class Dashboard(QMainWindow):
         charts = QWidget()
         grid = QGridLayout(charts)
         grid.setContentsMargins(0, 0, 0, 0)
-        self.cpu_chart = Chart("CPU (% of this computer)", "%", 100)
-        self.mem_chart = Chart("Memory", "GiB", 1.0)
+        self.chart_grid = grid
+        # The charts need pyqtgraph and NumPy (most of the app's start-up time): they are built
+        # once the window is first shown, imported off the GUI thread (_build_charts).
+        self.cpu_chart: Chart | None = None
+        self.mem_chart: Chart | None = None
+        self._charts_requested = False
+        self.charts_placeholder = QLabel("Charts are on their way…")
+        self.charts_placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.charts_placeholder.setMinimumHeight(120)
+        grid.addWidget(self.charts_placeholder, 0, 0, 1, 2)
         self.cpu_legend = QLabel()
         self.mem_legend = QLabel()
         for legend in (self.cpu_legend, self.mem_legend):
             legend.setWordWrap(True)
         self._colors: dict[str, str] = {}  # a task keeps its colour while it runs
-        # Charts are pictures to a screen reader; the same numbers are in the table and totals.
-        self.cpu_chart.setAccessibleName("CPU use over the last minutes")
-        self.mem_chart.setAccessibleName("Memory use over the last minutes")
-        grid.addWidget(self.cpu_chart, 0, 0)
-        grid.addWidget(self.mem_chart, 0, 1)
         grid.addWidget(self.cpu_legend, 1, 0)
         grid.addWidget(self.mem_legend, 1, 1)
         splitter.addWidget(charts)
@@ -342,7 +355,39 @@ class Dashboard(QMainWindow):
         hours = totals.cpu_hours
         self.stat_cpu.value.setText(f"{hours:,.2f}" if hours >= 1 else f"{hours:.3f}")
 
+    def _request_charts(self) -> None:
+        """Import the chart module on a worker thread; build the charts when it is loaded."""
+        if self._charts_requested:
+            return
+        self._charts_requested = True
+
+        def load() -> None:
+            try:
+                importlib.import_module("hivemind_worker.gui.charts")
+            except Exception:  # built on the GUI thread anyway: the error shows there
+                log.exception("could not load the charts")
+            self.chartsLoaded.emit()  # queued to the GUI thread: the dashboard lives there
+
+        threading.Thread(target=load, name="charts", daemon=True).start()
+
+    def _build_charts(self) -> None:
+        from hivemind_worker.gui.charts import Chart
+
+        grid = self.chart_grid
+        grid.removeWidget(self.charts_placeholder)
+        self.charts_placeholder.deleteLater()
+        self.cpu_chart = Chart("CPU (% of this computer)", "%", 100)
+        self.mem_chart = Chart("Memory", "GiB", 1.0)
+        # Charts are pictures to a screen reader; the same numbers are in the table and totals.
+        self.cpu_chart.setAccessibleName("CPU use over the last minutes")
+        self.mem_chart.setAccessibleName("Memory use over the last minutes")
+        grid.addWidget(self.cpu_chart, 0, 0)
+        grid.addWidget(self.mem_chart, 0, 1)
+        self._update_charts()  # the history so far is in the model
+
     def _update_charts(self) -> None:
+        if self.cpu_chart is None or self.mem_chart is None:  # not built yet: _build_charts
+            return
         model = self.model
         now = time.time()
         host = list(model.host_history)
@@ -518,6 +563,10 @@ class Dashboard(QMainWindow):
         bar.setValue(bar.maximum())
 
     # ------------------------------------------------------------------ window
+
+    def showEvent(self, event: QShowEvent) -> None:
+        super().showEvent(event)
+        self._request_charts()
 
     def show_and_raise(self) -> None:
         if self.isMinimized():
