@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -36,6 +34,7 @@ from PySide6.QtWidgets import (
 )
 
 from hivemind_worker.engine.events import EngineState
+from hivemind_worker.gui.charts_loader import ChartsLoader
 from hivemind_worker.gui.icons import Look, state_icon
 from hivemind_worker.gui.model import LogEntry, Status, WorkerModel, describe
 from hivemind_worker.gui.words import human_bytes, human_duration
@@ -90,7 +89,6 @@ class Dashboard(QMainWindow):
     setupRequested = Signal()
     quitRequested = Signal()
     geometryChanged = Signal(QByteArray)
-    chartsLoaded = Signal()  # the chart module is imported (from a worker thread)
 
     def __init__(
         self,
@@ -110,7 +108,6 @@ class Dashboard(QMainWindow):
         self.setWindowIcon(state_icon(Look.CONTRIBUTING))
         self.resize(1040, 760)
         self._build()
-        self.chartsLoaded.connect(self._build_charts)
         model.stateChanged.connect(self._update_state)
         model.metricsChanged.connect(self._update_charts)
         model.tasksChanged.connect(self._update_tasks)
@@ -356,19 +353,16 @@ class Dashboard(QMainWindow):
         self.stat_cpu.value.setText(f"{hours:,.2f}" if hours >= 1 else f"{hours:.3f}")
 
     def _request_charts(self) -> None:
-        """Import the chart module on a worker thread; build the charts when it is loaded."""
+        """Build the charts once their module is loaded (on a worker thread, see ChartsLoader)."""
         if self._charts_requested:
             return
         self._charts_requested = True
-
-        def load() -> None:
-            try:
-                importlib.import_module("hivemind_worker.gui.charts")
-            except Exception:  # built on the GUI thread anyway: the error shows there
-                log.exception("could not load the charts")
-            self.chartsLoaded.emit()  # queued to the GUI thread: the dashboard lives there
-
-        threading.Thread(target=load, name="charts", daemon=True).start()
+        loader = ChartsLoader.instance()
+        if loader.done:
+            QTimer.singleShot(0, self, self._build_charts)  # not after this window is gone
+        else:
+            loader.loaded.connect(self._build_charts)  # disconnected if this window goes
+            loader.start()
 
     def _build_charts(self) -> None:
         from hivemind_worker.gui.charts import Chart
