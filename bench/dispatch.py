@@ -75,7 +75,7 @@ async def worker_runs(n: int, home: Path) -> dict[str, list[float]]:
         overrides={"node_pool_address": pool.address, "account": "bench", "node_id": "bench"},
     )
     client = NodePoolClient(pool.address)
-    token = (await client.login("bench", "bench-password")).token
+    token = await client.login("bench", "bench-password")
     await client.close()
     credentials = CredentialStore(paths)
     credentials.set_token(pool.address, "bench", token)

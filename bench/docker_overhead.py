@@ -72,7 +72,7 @@ class Bench:
         )
         await self.pool.start()
         client = NodePoolClient(self.pool.address)
-        self.token = (await client.login("bench", "bench-password")).token
+        self.token = await client.login("bench", "bench-password")
         await client.close()
 
     async def stop(self) -> None:

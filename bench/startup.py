@@ -231,7 +231,16 @@ def main() -> None:
     )
     parser.add_argument("--no-window", action="store_true", help="skip the desktop app")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--venv",
+        action="store_true",
+        help="only the development install (`hivemind-worker gui` from the venv) to a window, "
+        "against a bare PySide6 window; printed, not written (no build needed)",
+    )
     args = parser.parse_args()
+    if args.venv:
+        venv_windows(args.window_runs)
+        return
     for program in (ONE_FILE, ONE_FOLDER):
         if not program.exists():
             sys.exit(f"{program.relative_to(ROOT)} is missing: run `python3 build.py exe` first")
@@ -357,6 +366,44 @@ def time_windows(
             return interleaved(cells, args.window_runs, 1)
         finally:
             x11.close()
+
+
+def venv_windows(runs: int) -> None:
+    """The venv's desktop app to a window, interleaved with a bare PySide6 window."""
+    home = Path(tempfile.mkdtemp(prefix="hivemind-startup-"))
+    env = {**os.environ, "HOME": str(home), "HIVEMIND_HOME": str(home / "hw")}
+    program = Path(sys.executable).parent / EXE
+    try:
+        with xvfb() as display:
+            x11 = X11(display)
+            try:
+                shown_env = {**env, "DISPLAY": display, "QT_QPA_PLATFORM": "xcb"}
+                data = home / "data"
+                # A returning person's start (settings saved): the dashboard, not the setup.
+                from hivemind_worker.config import load_settings, save_settings
+                from hivemind_worker.paths import default_paths
+
+                paths = default_paths(data)
+                paths.ensure()
+                save_settings(paths, load_settings(paths, env={}))
+                cells: list[Cell] = [
+                    ("bare", window([sys.executable, "-c", BARE_WINDOW], shown_env, x11), None),
+                    (
+                        "venv",
+                        window([str(program), "--data-dir", str(data), "gui"], shown_env, x11),
+                        None,
+                    ),
+                ]
+                times = interleaved(cells, runs, 1)
+            finally:
+                x11.close()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    bare, venv = statistics.median(times["bare"]), statistics.median(times["venv"])
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average {load:.1f}; {runs} runs each, medians")
+    print(f"bare PySide6 window: {bare * 1000:.0f} ms (1.0x)")
+    print(f"venv `hivemind-worker gui` to a window: {venv * 1000:.0f} ms ({venv / bare:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import keyring
 from keyring.backend import KeyringBackend
 from PySide6.QtCore import QCoreApplication, QEventLoop, QRectF, Qt
-from PySide6.QtGui import QColor, QImage, QPainter, QPalette
+from PySide6.QtGui import QColor, QFontMetrics, QImage, QPainter, QPalette
 from PySide6.QtWidgets import QApplication, QStyleFactory, QWidget
 
 from hivemind_worker.config import load_settings
@@ -24,7 +25,8 @@ from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.engine.engine import WorkerEngine
 from hivemind_worker.engine.events import EngineState
 from hivemind_worker.engine.executors.process import ProcessExecutor
-from hivemind_worker.gui.app import WorkerApp, make_qapplication
+from hivemind_worker.gui.app import WorkerApp
+from hivemind_worker.gui.main import make_qapplication
 from hivemind_worker.paths import default_paths
 from hivemind_worker.protocol import nodepool_pb2 as pb
 
@@ -143,6 +145,50 @@ def tray_sheet(path: Path, dark: bool) -> None:
             painter.drawImage(x + dx, 40 - size // 2, draw(look, size))
         painter.drawText(QRectF(i * cell, 62, cell, 24), Qt.AlignmentFlag.AlignCenter,
                          look.value.replace("_", " "))  # fmt: skip
+    painter.end()
+    image.save(str(path))
+    print(f"wrote {path}")
+
+
+def schedule_excluding_now() -> tuple[str, str]:
+    """Daily from two whole hours ahead, for six hours: now is outside it. Returns the
+    schedule and the time it resumes at."""
+    start = (datetime.now().hour + 2) % 24
+    return f"daily {start:02d}:00-{(start + 6) % 24:02d}:00", f"{start:02d}:00"
+
+
+def tray_state(worker: WorkerApp, path: Path, dark: bool) -> None:
+    """The tray as the person sees it now: the icon on a panel, its tooltip and its menu."""
+    from hivemind_worker.gui.icons import draw
+
+    tray = worker.tray
+    tray.update()
+    menu = tray.menu.grab().toImage()
+    tip = tray.tooltip_text().splitlines()
+    panel = QColor("#2b2d30" if dark else "#e9e9e9")
+    text = QColor("#e8e8e8" if dark else "#202020")
+    tip_box = QColor("#3a3d41" if dark else "#ffffdc")
+    font = QApplication.font()
+    metrics = QFontMetrics(font)
+    line = metrics.lineSpacing()
+    tip_w = max(metrics.horizontalAdvance(t) for t in tip) + 20
+    width = max(tip_w, menu.width()) + 120
+    height = 48 + len(tip) * line + 20 + menu.height() + 24
+    image = QImage(width, height, QImage.Format.Format_ARGB32)
+    image.fill(panel)
+    painter = QPainter(image)
+    painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+    painter.setFont(font)
+    painter.drawImage(12, 8, draw(tray.look, 32))
+    painter.setPen(text)
+    painter.drawText(QRectF(56, 8, width - 60, 32), Qt.AlignmentFlag.AlignVCenter,
+                     f"tray icon: {tray.look.value}")  # fmt: skip
+    top = 48
+    painter.fillRect(QRectF(12, top, tip_w, len(tip) * line + 12), tip_box)
+    for i, words in enumerate(tip):
+        painter.drawText(QRectF(22, top + 6 + i * line, tip_w, line), Qt.AlignmentFlag.AlignLeft,
+                         words)  # fmt: skip
+    painter.drawImage(12, top + len(tip) * line + 24, menu)
     painter.end()
     image.save(str(path))
     print(f"wrote {path}")
@@ -282,6 +328,33 @@ def render(out: Path, *, dark: bool, wait: float) -> None:
     worker.settings_dialog.cpu_spin.setText("1")
     assert worker.settings_dialog.apply()
     worker.settings_dialog.reject()
+
+    # When to contribute: a schedule that leaves out the present, typed on its settings page.
+    worker.open_settings()
+    dialog = worker.settings_dialog
+    assert dialog is not None
+    dialog.tabs.setCurrentWidget(dialog.policy)
+    schedule, resumes = schedule_excluding_now()
+    dialog.policy.fields["schedule"].setText(schedule)
+    pump(1)
+    save(dialog, out / f"settings-when{suffix}.png")
+    worker.engine_thread.submit(submit([_task("genome chunk 311", 30, 48, 0.004)])).result(30)
+    pump_until(lambda: len(worker.model.running) == 1, 60, "the task the schedule holds")
+    pump(3)  # some chart first
+    assert dialog.apply()  # the real engine's policy decides; nothing here is faked
+    dialog.reject()
+    pump_until(lambda: worker.model.state is EngineState.WAITING, 30, "the schedule's hold")
+    pump_until(lambda: f"Resumes at {resumes}" in dash.state_detail.text(), 10, "until when")
+    pump(2)
+    save(dash, out / f"dashboard-schedule{suffix}.png")
+    tray_state(worker, out / f"tray-schedule{suffix}.png", dark)
+    worker.open_settings()
+    assert worker.settings_dialog is not None
+    worker.settings_dialog.policy.fields["schedule"].setText("")
+    assert worker.settings_dialog.apply()
+    worker.settings_dialog.reject()
+    pump_until(lambda: worker.model.state is EngineState.BUSY, 30, "the schedule lifted")
+    pump_until(lambda: not worker.model.running, 120, "the held task to finish")
 
     # Disconnected, with a finished result waiting for the pool to come back.
     worker.engine_thread.submit(submit([_task("climate cell 88", 6, 32, 0.0)])).result(30)

@@ -208,7 +208,7 @@ def cmd_gui(args: argparse.Namespace, settings: Settings, paths: Paths) -> int:
             "run the worker without a window with `hivemind-worker run --headless`"
         )
     try:
-        from hivemind_worker.gui.app import run_gui
+        from hivemind_worker.gui.main import run_gui
     except ImportError as exc:  # a Qt library missing from the system
         raise CliError(
             f"the desktop app cannot start ({exc}); use `hivemind-worker run --headless`"
@@ -305,7 +305,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, paths: Paths) -> int:
     from hivemind_worker.gui import has_display
 
     if not args.headless and has_display():
-        from hivemind_worker.gui.app import run_gui
+        from hivemind_worker.gui.main import run_gui
 
         return run_gui(settings, paths, demo_tasks=args.tasks)
     pool = DemoPool(paths, args.tasks)

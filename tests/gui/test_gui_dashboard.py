@@ -16,8 +16,9 @@ from helpers.guikit import LoopPool, World, busy_task, make_world
 from helpers.harness import USER, login_token
 from hivemind_worker.config import read_state
 from hivemind_worker.engine.events import EngineState
-from hivemind_worker.gui.app import SingleInstance, WorkerApp
+from hivemind_worker.gui.app import WorkerApp
 from hivemind_worker.gui.engine_thread import Bridge, CrashReporter, EngineThread
+from hivemind_worker.gui.single_instance import SingleInstance
 from hivemind_worker.pool.store import PoolStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.tasks import Resources, TaskStatus
@@ -36,7 +37,10 @@ def test_dashboard_fills_from_a_real_engine(qtbot, gui_app: tuple[WorkerApp, Loo
     assert names  # the task label from the spec
     # Host and per-task chart lines fill at about 1 Hz.
     qtbot.waitUntil(lambda: len(app.model.host_history) >= 3, timeout=10_000)
-    qtbot.waitUntil(lambda: len(dash.cpu_chart.lines) >= 2, timeout=10_000)
+    qtbot.waitUntil(
+        lambda: dash.cpu_chart is not None and len(dash.cpu_chart.lines) >= 2, timeout=10_000
+    )
+    assert dash.cpu_chart is not None
     xs, _ys = dash.cpu_chart.lines["host"].getData()
     assert len(xs) >= 3 and all(-300 <= x <= 0 for x in xs)
     qtbot.waitUntil(
@@ -461,7 +465,10 @@ def test_charts_read_right(qtbot, gui_app: tuple[WorkerApp, LoopPool]) -> None:
     dash = app.dashboard
     app.engine_thread.submit(pool.submit([busy_task(20, 64)])).result(30)
     app.start()
-    qtbot.waitUntil(lambda: len(dash.cpu_chart.lines) == 2, timeout=30_000)
+    qtbot.waitUntil(
+        lambda: dash.cpu_chart is not None and len(dash.cpu_chart.lines) == 2, timeout=30_000
+    )
+    assert dash.cpu_chart is not None and dash.mem_chart is not None
     qtbot.waitUntil(
         lambda: any(t.usage.cpu_percent > 5 for t in app.model.running.values()), timeout=20_000
     )

@@ -1,26 +1,21 @@
 """When to contribute in the GUI (issue 11, items 5-6): the settings page, and the header,
-tray and Resume while the policy holds the tasks.
-
-They need the policy's settings and events (engine/policy.py, on wt-policy); until that
-branch is merged they are skipped with that reason.
+tray and Resume while the policy holds the tasks, decided by the real engine's policy loop.
 """
 
 from __future__ import annotations
 
-import time
+from datetime import datetime, timedelta
 
 import pytest
+from PySide6.QtCore import Qt
 
 from helpers.guikit import LoopPool
 from hivemind_worker.config import load_settings
-from hivemind_worker.engine import events
+from hivemind_worker.engine.events import EngineState
+from hivemind_worker.engine.policy import Reason, Verdict
 from hivemind_worker.gui.app import WorkerApp
-from hivemind_worker.gui.policy_page import ALWAYS, AWAY, CUSTOM, policy_available
-
-needs_policy = pytest.mark.skipif(
-    not policy_available() or not hasattr(events, "PolicyChanged"),
-    reason="issue 11's policy settings and PolicyChanged are not merged yet (wt-policy)",
-)
+from hivemind_worker.gui.icons import Look
+from hivemind_worker.gui.policy_page import ALWAYS, AWAY, CUSTOM
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +23,6 @@ def _no_real_autostart(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
 
 
-@needs_policy
 def test_when_to_contribute_page_presets_and_errors_beside_the_field(
     qtbot, gui_app: tuple[WorkerApp, LoopPool]
 ) -> None:
@@ -60,26 +54,58 @@ def test_when_to_contribute_page_presets_and_errors_beside_the_field(
     assert saved.schedule.startswith("mon-fri")
 
 
-@needs_policy
-def test_the_policy_reason_and_until_when_from_published_policy_events(
+def schedule_excluding_now() -> tuple[str, str]:
+    """A daily window that starts an hour from now: now is outside it. Returns the schedule
+    and the clock time it resumes at (a window past midnight is allowed: 23:30 -> 00:30)."""
+    start = datetime.now() + timedelta(hours=1)
+    end = start + timedelta(hours=1)
+    at = f"{start:%H:%M}"
+    return f"mon-sun {at}-{end:%H:%M}", at
+
+
+def test_a_schedule_set_in_settings_holds_the_tasks_with_its_reason_and_until_when(
     qtbot, gui_app: tuple[WorkerApp, LoopPool]
 ) -> None:
-    # The events the engine's policy loop publishes, handed to the bridge as the engine hands
-    # them (tests/integration/test_policy_engine runs the loop itself on real probes).
-    from hivemind_worker.engine.policy import Decision, Reason, Verdict
-    from hivemind_worker.gui.icons import Look
-
+    # The real engine's policy loop decides (no hand-made events): the person sets a schedule
+    # that leaves out the present in Settings → When to contribute, and presses Start.
     app, _ = gui_app
-    decision = Decision(Verdict.SUSPEND, Reason.ON_BATTERY, time.time(),
-                        hint="resumes when plugged in")  # fmt: skip
-    app.bridge.publish(events.PolicyChanged(decision, decision.line()))
-    app.bridge.publish(events.StateChanged(events.EngineState.WAITING, "on battery"))
-    qtbot.waitUntil(lambda: app.dashboard.state_label.text() == "Paused: on battery", timeout=5_000)
-    assert "Resumes when plugged in" in app.dashboard.state_detail.text()
-    assert "Paused: on battery" in app.tray.tooltip_text()
+    schedule, resumes = schedule_excluding_now()
+    app.open_settings()
+    dialog = app.settings_dialog
+    assert dialog is not None
+    dialog.tabs.setCurrentWidget(dialog.policy)
+    dialog.policy.fields["schedule"].setText(schedule)
+    assert dialog.policy.preset.currentText() == CUSTOM
+    ok = dialog.buttons.button(dialog.buttons.StandardButton.Ok)
+    qtbot.mouseClick(ok, Qt.MouseButton.LeftButton)
+    assert load_settings(app.paths, env={}).schedule == schedule
+    app.start()
+
+    headline = "Paused: outside your schedule"
+    qtbot.waitUntil(lambda: app.dashboard.state_label.text() == headline, timeout=20_000)
+    assert app.model.state is EngineState.WAITING
+    policy = app.model.policy
+    assert policy is not None
+    assert policy.decision.verdict is Verdict.SUSPEND
+    assert policy.decision.reason is Reason.SCHEDULE
+    assert f"Resumes at {resumes}" in app.dashboard.state_detail.text()
+    tooltip = app.tray.tooltip_text()
+    assert headline in tooltip and resumes in tooltip
     assert app.status().look is Look.WAITING
+    assert app.tray.look is Look.WAITING  # the tray icon, and its menu, follow
+    assert app.tray.status_action.text() == headline
+    assert app.tray.resume_action.isVisible()
     assert app.dashboard.main_button.text() == "Resume"
+    assert any("outside your schedule" in e.text for e in app.model.log)
+
     app.dashboard.main_button.click()  # Resume explains and offers to contribute anyway
     box = app.override_box
-    assert box is not None and "on battery" in box.text()
-    assert "Contribute anyway for 1 hour" in box.buttons()[0].text().replace("&", "")
+    assert box is not None and "outside your schedule" in box.text()
+    anyway = box.buttons()[0]
+    assert "Contribute anyway for 1 hour" in anyway.text().replace("&", "")
+    anyway.click()
+    # The engine's override lifts the hold: the header leaves "Paused" and says until when.
+    qtbot.waitUntil(lambda: app.model.state is not EngineState.WAITING, timeout=20_000)
+    qtbot.waitUntil(lambda: "Contributing anyway until" in app.dashboard.state_detail.text(),
+                    timeout=20_000)  # fmt: skip
+    assert app.status().look is not Look.WAITING

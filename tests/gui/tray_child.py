@@ -18,7 +18,8 @@ from PySide6.QtWidgets import QSystemTrayIcon
 
 from helpers.guikit import LoopPool, busy_task, make_world
 from hivemind_worker.engine.events import EngineState
-from hivemind_worker.gui.app import WorkerApp, make_qapplication
+from hivemind_worker.gui.app import WorkerApp
+from hivemind_worker.gui.main import make_qapplication
 
 HERE = Path(__file__).resolve().parent
 

@@ -5,17 +5,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import getpass
-import hashlib
 import logging
-import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from PySide6.QtCore import QByteArray, QObject, Qt, QTimer, Signal
-from PySide6.QtNetwork import QLocalServer, QLocalSocket
 from PySide6.QtWidgets import (
     QApplication,
     QMessageBox,
@@ -39,17 +34,14 @@ from hivemind_worker.gui.engine_thread import (
     install_excepthooks,
 )
 from hivemind_worker.gui.first_run import FirstRunWizard
-from hivemind_worker.gui.icons import app_icon
 from hivemind_worker.gui.model import Status, WorkerModel, describe
 from hivemind_worker.gui.settings_dialog import SettingsDialog
 from hivemind_worker.gui.tray import Tray, needs_person
 from hivemind_worker.gui.words import cap_warning, for_kind
 from hivemind_worker.paths import Paths
-from hivemind_worker.wiring import make_engine
 
 log = logging.getLogger(__name__)
 
-SHOW_MESSAGE = b"show\n"
 SNOOZE_CHECK_MS = 15_000
 NOTIFY_AGAIN_SECONDS = 600.0
 CONTRIBUTING_KEY = "contributing"  # in the state file: resume contributing at the next start
@@ -63,59 +55,6 @@ def was_contributing(paths: Paths) -> bool:
 
 def should_start(settings: Settings, paths: Paths) -> bool:
     return settings.start_on_launch or was_contributing(paths)
-
-
-def instance_name(paths: Paths) -> str:
-    """One name per user and data folder, so test runs with their own folders don't collide."""
-    digest = hashlib.sha256(str(paths.data_dir).encode()).hexdigest()[:10]
-    user = "".join(c for c in getpass.getuser() if c.isalnum()) or "user"
-    return f"hivemind-worker-{user}-{digest}"
-
-
-class SingleInstance(QObject):
-    """The first instance listens on a local socket; later ones ask it to show its window."""
-
-    activated = Signal()
-
-    def __init__(self, name: str, parent: QObject | None = None) -> None:
-        super().__init__(parent)
-        self.name = name
-        self.server: QLocalServer | None = None
-
-    def forward_to_running(self, timeout_ms: int = 1000) -> bool:
-        """True if another instance answered (and was asked to show itself)."""
-        socket = QLocalSocket()
-        socket.connectToServer(self.name)
-        if not socket.waitForConnected(timeout_ms):
-            return False
-        socket.write(SHOW_MESSAGE)
-        socket.waitForBytesWritten(timeout_ms)
-        socket.disconnectFromServer()
-        return True
-
-    def listen(self) -> bool:
-        server = QLocalServer(self)
-        server.setSocketOptions(QLocalServer.SocketOption.UserAccessOption)
-        if not server.listen(self.name):
-            # A socket left by a crashed instance: nobody answered forward_to_running.
-            QLocalServer.removeServer(self.name)
-            if not server.listen(self.name):
-                log.warning("single-instance socket unavailable: %s", server.errorString())
-                return False
-        server.newConnection.connect(self._on_connection)
-        self.server = server
-        log.info("single instance: a second launch will show this window (%s)", self.name)
-        return True
-
-    def _on_connection(self) -> None:
-        assert self.server is not None
-        while (socket := self.server.nextPendingConnection()) is not None:
-            socket.readyRead.connect(lambda s=socket: self._on_ready(s))
-            socket.disconnected.connect(socket.deleteLater)
-
-    def _on_ready(self, socket: QLocalSocket) -> None:
-        if bytes(socket.readAll().data()).startswith(SHOW_MESSAGE.strip()):
-            self.activated.emit()
 
 
 class WorkerApp(QObject):
@@ -340,7 +279,7 @@ class WorkerApp(QObject):
         self.engine.pause()
 
     def resume(self) -> None:
-        if self.model.state.value == "waiting" and self.model.policy is not None:
+        if self.model.state is EngineState.WAITING and self.model.policy is not None:
             self.offer_contribute_anyway()  # the person's rules hold it, not a pause
             return
         self._set_snooze(None)
@@ -348,7 +287,9 @@ class WorkerApp(QObject):
 
     def offer_contribute_anyway(self) -> None:
         """Say what holds the tasks, and offer to contribute anyway for an hour."""
-        decision = self.model.policy.decision
+        policy = self.model.policy
+        assert policy is not None  # only offered while the policy holds the tasks
+        decision = policy.decision
         hint = f" ({decision.hint})" if decision.hint else ""
         box = QMessageBox(
             QMessageBox.Icon.Question,
@@ -561,91 +502,3 @@ class WorkerApp(QObject):
             state["gui"] = {**(gui if isinstance(gui, dict) else {}), "geometry": encoded}
 
         self.model.write_state(put)
-
-
-def make_qapplication(argv: list[str] | None = None) -> QApplication:
-    app = QApplication.instance()
-    if isinstance(app, QApplication):
-        return app
-    # High-DPI: Qt 6 scales by default; pass fractional factors through instead of rounding.
-    QApplication.setHighDpiScaleFactorRoundingPolicy(
-        Qt.HighDpiScaleFactorRoundingPolicy.PassThrough
-    )
-    app = QApplication(argv or [sys.argv[0]])
-    app.setApplicationName("HiveMind Worker")
-    app.setOrganizationName("HiveMind")
-    app.setDesktopFileName("hivemind-worker")
-    app.setWindowIcon(app_icon())
-    app.setQuitOnLastWindowClosed(False)  # the tray keeps the app alive
-    return app
-
-
-def run_gui(
-    settings: Settings,
-    paths: Paths,
-    *,
-    hidden: bool = False,
-    demo_tasks: int | None = None,
-) -> int:
-    """The desktop app's main loop; returns the exit code."""
-    app = make_qapplication()
-    single = SingleInstance(instance_name(paths))
-    if single.forward_to_running():
-        print("HiveMind Worker is already running; its window was brought forward.")
-        return 0
-    single.listen()
-    credentials = CredentialStore(paths)
-    engine = make_engine(settings, paths, credentials, demo=demo_tasks is not None)
-    before = after = None
-    autostart_engine = should_start(settings, paths)
-    window: list[WorkerApp] = []
-    if demo_tasks is not None:
-        from hivemind_worker.demo import DemoPool
-
-        demo = DemoPool(paths, demo_tasks)
-        autostart_engine = True
-
-        async def before() -> None:
-            window[0].set_settings_from_loop(await demo.start(settings, credentials))
-
-        async def after() -> None:
-            await demo.stop()
-
-    worker_app = WorkerApp(
-        settings,
-        paths,
-        credentials,
-        engine,
-        autostart_engine=autostart_engine,
-        before=before,
-        after=after,
-        demo=demo_tasks is not None,
-    )
-    window.append(worker_app)
-    single.activated.connect(worker_app.dashboard.show_and_raise)
-    _quit_on_signals(worker_app)
-    if not paths.settings_file.exists() and demo_tasks is None:
-        worker_app.open_setup()  # the first run: the setup flow instead of the dashboard
-        hidden = True
-    worker_app.start_engine(show_dashboard=not hidden)
-    return app.exec()
-
-
-def _quit_on_signals(worker_app: WorkerApp) -> None:
-    """Ctrl-C or SIGTERM (a terminal, a session ending) quit as the menu does: drain first."""
-
-    def on_signal(signum: int, frame: object) -> None:
-        log.info("signal %d: quitting", signum)
-        if worker_app.quitting:
-            worker_app.engine.shutdown()  # a second signal: stop now
-        else:
-            worker_app.quit()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError, OSError):  # not the main thread, or no such signal
-            signal.signal(sig, on_signal)
-    # Python runs signal handlers only between bytecodes; while Qt's C++ loop waits, nothing
-    # runs. A cheap timer hands control back to Python a few times a second.
-    timer = QTimer(worker_app)
-    timer.timeout.connect(lambda: None)
-    timer.start(250)

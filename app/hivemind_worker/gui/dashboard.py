@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import html
+import logging
 import os
 import time
 from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-import pyqtgraph as pg
 from PySide6.QtCore import QByteArray, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QCloseEvent, QColor, QFont, QKeySequence, QPalette
+from PySide6.QtGui import QAction, QCloseEvent, QColor, QFont, QKeySequence, QPalette, QShowEvent
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -34,14 +34,20 @@ from PySide6.QtWidgets import (
 )
 
 from hivemind_worker.engine.events import EngineState
+from hivemind_worker.gui.charts_loader import ChartsLoader
 from hivemind_worker.gui.icons import Look, state_icon
-from hivemind_worker.gui.model import HISTORY_SECONDS, LogEntry, Status, WorkerModel, describe
+from hivemind_worker.gui.model import LogEntry, Status, WorkerModel, describe
+from hivemind_worker.gui.words import human_bytes, human_duration
 from hivemind_worker.tasks import TaskStatus
+
+if TYPE_CHECKING:
+    from hivemind_worker.gui.charts import Chart
+
+log = logging.getLogger(__name__)
 
 GIB = 1024**3
 # Distinguishable on light and dark backgrounds (Okabe-Ito, colour-blind safe).
 SERIES_COLORS = ("#E69F00", "#56B4E9", "#009E73", "#CC79A7", "#0072B2", "#D55E00")
-MIN_SPAN = 60  # seconds shown at first; the axis widens to HISTORY_SECONDS as data builds up
 LOG_FILTERS = {
     "All events": None,
     "Errors": {"error"},
@@ -49,21 +55,6 @@ LOG_FILTERS = {
     "State changes": {"state", "error"},
     "Task output": {"output"},
 }
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def human_duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class _Stat(QFrame):
@@ -84,63 +75,6 @@ class _Stat(QFrame):
         label.setForegroundRole(QPalette.ColorRole.PlaceholderText)
         layout.addWidget(self.value)
         layout.addWidget(label)
-
-
-class _Chart(pg.PlotWidget):  # type: ignore[misc]
-    """A time chart of the last minutes; colours follow the window palette (light or dark)."""
-
-    def __init__(self, title: str, unit: str, y_max: float | None) -> None:
-        super().__init__()
-        palette = self.palette()
-        self.setBackground(palette.color(QPalette.ColorRole.Base))
-        text = palette.color(QPalette.ColorRole.Text)
-        self.setTitle(title, color=text.name())
-        item = self.getPlotItem()
-        for axis in ("left", "bottom"):
-            item.getAxis(axis).setPen(text)
-            item.getAxis(axis).setTextPen(text)
-        item.setLabel("bottom", "seconds ago")
-        item.setLabel("left", unit)
-        # The unit is chosen by us: pyqtgraph's own SI scaling would print "GiB (x0.001)".
-        item.getAxis("left").enableAutoSIPrefix(False)
-        item.showGrid(x=True, y=True, alpha=0.2)
-        item.setXRange(-MIN_SPAN, 0, padding=0)
-        if y_max is not None:
-            item.setYRange(0, y_max, padding=0.02)
-        else:  # grow with the data, from zero
-            item.enableAutoRange(axis="y")
-            item.setAutoVisible(y=True)
-            item.setLimits(yMin=0)
-        item.setMouseEnabled(x=False, y=False)
-        item.hideButtons()
-        item.setMenuEnabled(False)
-        self.lines: dict[str, pg.PlotDataItem] = {}
-        self.names: dict[str, tuple[str, str]] = {}  # key -> (name, colour), for the legend
-        self.setMinimumHeight(120)
-
-    def set_span(self, seconds: float) -> None:
-        span = min(HISTORY_SECONDS, max(MIN_SPAN, seconds))
-        self.getPlotItem().setXRange(-span, 0, padding=0)
-
-    def line(self, key: str, name: str, color: str, width: float = 2.0) -> pg.PlotDataItem:
-        if key not in self.lines:
-            self.lines[key] = self.plot([], [], pen=pg.mkPen(color, width=width))
-        self.names[key] = (name, color)
-        return self.lines[key]
-
-    def drop_except(self, keep: set[str]) -> None:
-        for key in list(self.lines):
-            if key not in keep:
-                item = self.lines.pop(key)
-                self.names.pop(key, None)
-                self.removeItem(item)
-
-    def legend_html(self) -> str:
-        """The legend sits under the plot, never on the lines."""
-        return " &nbsp; ".join(
-            f'<span style="color:{color}">&#9632;</span> {html.escape(name)}'
-            for name, color in self.names.values()
-        )
 
 
 class Dashboard(QMainWindow):
@@ -258,18 +192,21 @@ class Dashboard(QMainWindow):
         charts = QWidget()
         grid = QGridLayout(charts)
         grid.setContentsMargins(0, 0, 0, 0)
-        self.cpu_chart = _Chart("CPU (% of this computer)", "%", 100)
-        self.mem_chart = _Chart("Memory", "GiB", 1.0)
+        self.chart_grid = grid
+        # The charts need pyqtgraph and NumPy (most of the app's start-up time): they are built
+        # once the window is first shown, imported off the GUI thread (_build_charts).
+        self.cpu_chart: Chart | None = None
+        self.mem_chart: Chart | None = None
+        self._charts_requested = False
+        self.charts_placeholder = QLabel("Charts are on their way…")
+        self.charts_placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.charts_placeholder.setMinimumHeight(120)
+        grid.addWidget(self.charts_placeholder, 0, 0, 1, 2)
         self.cpu_legend = QLabel()
         self.mem_legend = QLabel()
         for legend in (self.cpu_legend, self.mem_legend):
             legend.setWordWrap(True)
         self._colors: dict[str, str] = {}  # a task keeps its colour while it runs
-        # Charts are pictures to a screen reader; the same numbers are in the table and totals.
-        self.cpu_chart.setAccessibleName("CPU use over the last minutes")
-        self.mem_chart.setAccessibleName("Memory use over the last minutes")
-        grid.addWidget(self.cpu_chart, 0, 0)
-        grid.addWidget(self.mem_chart, 0, 1)
         grid.addWidget(self.cpu_legend, 1, 0)
         grid.addWidget(self.mem_legend, 1, 1)
         splitter.addWidget(charts)
@@ -370,7 +307,7 @@ class Dashboard(QMainWindow):
         state = self.model.state
         if state in (EngineState.STOPPED, EngineState.ERROR):
             self.startRequested.emit()
-        elif state is EngineState.PAUSED or state.value == "waiting":
+        elif state in (EngineState.PAUSED, EngineState.WAITING):
             self.resumeRequested.emit()
         else:
             self.pauseRequested.emit()
@@ -391,7 +328,7 @@ class Dashboard(QMainWindow):
             EngineState.PAUSED: "Resume",
             EngineState.DRAINING: "Finishing…",
         }
-        waiting = state.value == "waiting"  # held by the when-to-contribute rules
+        waiting = state is EngineState.WAITING  # held by the when-to-contribute rules
         self.main_button.setText("Resume" if waiting else labels.get(state, "Pause"))
         self.main_button.setEnabled(state is not EngineState.DRAINING)
         # In the error state the engine still retries: Stop is how to make it give up.
@@ -415,7 +352,36 @@ class Dashboard(QMainWindow):
         hours = totals.cpu_hours
         self.stat_cpu.value.setText(f"{hours:,.2f}" if hours >= 1 else f"{hours:.3f}")
 
+    def _request_charts(self) -> None:
+        """Build the charts once their module is loaded (on a worker thread, see ChartsLoader)."""
+        if self._charts_requested:
+            return
+        self._charts_requested = True
+        loader = ChartsLoader.instance()
+        if loader.done:
+            QTimer.singleShot(0, self, self._build_charts)  # not after this window is gone
+        else:
+            loader.loaded.connect(self._build_charts)  # disconnected if this window goes
+            loader.start()
+
+    def _build_charts(self) -> None:
+        from hivemind_worker.gui.charts import Chart
+
+        grid = self.chart_grid
+        grid.removeWidget(self.charts_placeholder)
+        self.charts_placeholder.deleteLater()
+        self.cpu_chart = Chart("CPU (% of this computer)", "%", 100)
+        self.mem_chart = Chart("Memory", "GiB", 1.0)
+        # Charts are pictures to a screen reader; the same numbers are in the table and totals.
+        self.cpu_chart.setAccessibleName("CPU use over the last minutes")
+        self.mem_chart.setAccessibleName("Memory use over the last minutes")
+        grid.addWidget(self.cpu_chart, 0, 0)
+        grid.addWidget(self.mem_chart, 0, 1)
+        self._update_charts()  # the history so far is in the model
+
     def _update_charts(self) -> None:
+        if self.cpu_chart is None or self.mem_chart is None:  # not built yet: _build_charts
+            return
         model = self.model
         now = time.time()
         host = list(model.host_history)
@@ -474,7 +440,7 @@ class Dashboard(QMainWindow):
         tasks = list(model.running.values())
         table.setRowCount(len(tasks))
         now = time.time()
-        paused = model.state is EngineState.PAUSED
+        paused = model.state in (EngineState.PAUSED, EngineState.WAITING)  # frozen
         for row, task in enumerate(tasks):
             values = [
                 task.name,
@@ -591,6 +557,10 @@ class Dashboard(QMainWindow):
         bar.setValue(bar.maximum())
 
     # ------------------------------------------------------------------ window
+
+    def showEvent(self, event: QShowEvent) -> None:
+        super().showEvent(event)
+        self._request_charts()
 
     def show_and_raise(self) -> None:
         if self.isMinimized():

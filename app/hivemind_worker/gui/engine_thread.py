@@ -14,13 +14,13 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QThread, Signal
 
-from hivemind_worker.engine import events
 from hivemind_worker.engine.engine import WorkerEngine
 from hivemind_worker.engine.events import (
     ErrorRaised,
     Event,
     ImagePull,
     MetricsSample,
+    PolicyChanged,
     ResultDelivered,
     StateChanged,
     TaskFinished,
@@ -50,7 +50,7 @@ class Bridge(QObject):
     taskFinished = Signal(object)  # TaskFinished
     resultDelivered = Signal(object)  # ResultDelivered
     error = Signal(object)  # ErrorRaised
-    policyChanged = Signal(object)  # PolicyChanged (issue 11), once the engine has it
+    policyChanged = Signal(object)  # PolicyChanged: the when-to-contribute decision
     crashed = Signal(str, str)  # title, details: an uncaught exception anywhere
     engineStopped = Signal()  # engine.run() returned: the thread is about to end
 
@@ -73,13 +73,9 @@ SIGNALS: dict[type, str] = {
     TaskOutput: "taskOutput",
     TaskFinished: "taskFinished",
     ResultDelivered: "resultDelivered",
+    PolicyChanged: "policyChanged",
     ErrorRaised: "error",
 }
-# The when-to-contribute decision (engine/policy.py, issue 11): mapped as soon as the engine
-# publishes it, so the test that every event type has a signal holds before and after.
-_POLICY_EVENT: type | None = getattr(events, "PolicyChanged", None)
-if _POLICY_EVENT is not None:
-    SIGNALS[_POLICY_EVENT] = "policyChanged"
 
 
 class EngineThread(QThread):

@@ -29,8 +29,7 @@ from PySide6.QtWidgets import (
 from hivemind_worker.config import GIB, ConfigError, Settings, check_setting
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.gui.engine_thread import Call, EngineThread
-from hivemind_worker.gui.policy_page import ALWAYS, AWAY, PRESETS, policy_available
-from hivemind_worker.gui.settings_dialog import (
+from hivemind_worker.gui.forms import (
     ERROR_STYLE,
     OK_STYLE,
     WARN_STYLE,
@@ -40,6 +39,7 @@ from hivemind_worker.gui.settings_dialog import (
     log_in,
     test_connection,
 )
+from hivemind_worker.gui.policy_page import ALWAYS, AWAY, PRESETS
 from hivemind_worker.gui.words import DOCKER_INSTALL_URL, cap_problems
 from hivemind_worker.paths import Paths
 
@@ -311,23 +311,21 @@ class WhenPage(QWizardPage):
         self.start_on_launch.setChecked(True)
         layout.addWidget(self.start_at_login)
         layout.addWidget(self.start_on_launch)
-        self.preset: QComboBox | None = None
-        if policy_available():  # the when-to-contribute rules (issue 11)
-            self.preset = QComboBox()
-            self.preset.addItems([ALWAYS, AWAY])
-            label = QLabel("Contribute &when:")
-            label.setBuddy(self.preset)
-            row = QHBoxLayout()
-            row.addWidget(label)
-            row.addWidget(self.preset, 1)
-            layout.addLayout(row)
-            layout.addWidget(
-                _wrapped(
-                    "Either way the app steps aside on battery, during games and full-screen "
-                    "apps, and while other programs are busy. Settings → When to contribute "
-                    "has every rule."
-                )
+        self.preset = QComboBox()
+        self.preset.addItems([ALWAYS, AWAY])
+        label = QLabel("Contribute &when:")
+        label.setBuddy(self.preset)
+        row = QHBoxLayout()
+        row.addWidget(label)
+        row.addWidget(self.preset, 1)
+        layout.addLayout(row)
+        layout.addWidget(
+            _wrapped(
+                "Either way the app steps aside on battery, during games and full-screen "
+                "apps, and while other programs are busy. Settings → When to contribute "
+                "has every rule."
             )
+        )
         layout.addStretch(1)
 
     def initializePage(self) -> None:
@@ -339,9 +337,8 @@ class WhenPage(QWizardPage):
             start_at_login=self.start_at_login.isChecked(),
             start_on_launch=self.start_on_launch.isChecked(),
         )
-        if self.preset is not None:
-            preset = PRESETS[self.preset.currentText()]
-            self.w.settings = dataclasses.replace(self.w.settings, **preset)
+        preset = PRESETS[self.preset.currentText()]
+        self.w.settings = dataclasses.replace(self.w.settings, **preset)
         return True
 
 

@@ -32,7 +32,7 @@ def look_for(state: EngineState, *, attention: bool = False, disconnected: bool 
         return Look.ATTENTION
     if disconnected:
         return Look.DISCONNECTED
-    if state.value == "waiting":  # EngineState.WAITING, from the when-to-contribute policy
+    if state is EngineState.WAITING:  # the when-to-contribute rules hold the tasks
         return Look.WAITING
     return {
         EngineState.BUSY: Look.CONTRIBUTING,

@@ -18,6 +18,7 @@ from hivemind_worker.engine.events import (
     ErrorRaised,
     ImagePull,
     MetricsSample,
+    PolicyChanged,
     ResultDelivered,
     StateChanged,
     TaskFinished,
@@ -95,9 +96,6 @@ STATE_TEXT = {
     EngineState.DRAINING: "Finishing running tasks",
     EngineState.ERROR: "Needs attention",
 }
-# The policy's state (issue 11): its own words come from the decision (see describe()).
-for _state in EngineState:
-    STATE_TEXT.setdefault(_state, "Waiting")
 
 
 class WorkerModel(QObject):
@@ -120,7 +118,7 @@ class WorkerModel(QObject):
         self.state_details = ""
         self.snooze_until: float | None = None  # set by the app; shown in header and tray
         self.pulls: dict[str, tuple[int, int]] = {}  # image -> (done, total bytes)
-        self.policy: Any = None  # the last PolicyChanged event (issue 11), if any
+        self.policy: PolicyChanged | None = None  # the last when-to-contribute decision
         self.host: HostSample | None = None
         self.host_history: collections.deque[tuple[float, float, int]] = collections.deque(
             maxlen=HISTORY_SECONDS + 5
@@ -205,7 +203,7 @@ class WorkerModel(QObject):
             self.add_log("state", f"{text}: {message}" if message else text)
         self.stateChanged.emit()
 
-    def _on_policy(self, event: Any) -> None:
+    def _on_policy(self, event: PolicyChanged) -> None:
         self.policy = event
         self.add_log("state", f"When to contribute: {event.line}")
         self.stateChanged.emit()
@@ -362,7 +360,7 @@ def _describe(model: WorkerModel, address: str, cap_warning: str) -> Status:
         )
     if state is EngineState.CONNECTING:
         return Status("Connecting", f"Connecting to the pool at {address}…{pending}", raw)
-    if state.value == "waiting" and model.policy is not None:
+    if state is EngineState.WAITING and model.policy is not None:
         # Held by the person's own rules: say which, and how it ends.
         decision = model.policy.decision
         hint = decision.hint or "it goes on by itself when that changes"

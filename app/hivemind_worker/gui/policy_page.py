@@ -1,7 +1,6 @@
 """Settings: the "When to contribute" page, presets and rules in plain words, checked as typed.
 
-Built against the when-to-contribute settings of engine/policy.py (issue 11). Until those
-settings are declared in config.py the page is not shown (`policy_available`).
+One field per setting of engine/policy.py (declared in config.py); `check_setting` checks each.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from hivemind_worker.config import ConfigError, Settings, check_setting, settings_table
+from hivemind_worker.config import ConfigError, Settings, check_setting
 from hivemind_worker.paths import Paths
 
 # (key, words before the field, words after it); a field of None is a check box.
@@ -58,12 +57,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 PRESETS[AWAY] = {**PRESETS[ALWAYS], "idle_only_minutes": 5.0}
-
-
-def policy_available() -> bool:
-    """Whether config.py declares the when-to-contribute settings (issue 11 has landed)."""
-    declared = {spec.key for spec in settings_table()}
-    return all(key in declared for key in POLICY_KEYS)
 
 
 def _text(value: Any) -> str:
@@ -109,16 +102,18 @@ class PolicyPage(QWidget):
             self.fields[key] = field
             words = QLabel(before)
             words.setBuddy(field)
-            words.setWordWrap(True)
+            # One line each: a wrapped label in a form row is given one line's height and
+            # clipped (seen in the screenshots); the dialog grows to fit instead.
             row = QHBoxLayout()
             if key == "schedule":
                 field.setPlaceholderText("e.g. mon-fri 18:00-08:00; sat-sun 00:00-24:00")
+                metrics = field.fontMetrics()  # the example whole, not cut off
+                field.setMinimumWidth(metrics.horizontalAdvance(field.placeholderText()) + 24)
                 row.addWidget(field, 1)
             else:
                 field.setMaximumWidth(70)
                 row.addWidget(field)
             unit = QLabel(after)
-            unit.setWordWrap(True)
             row.addWidget(unit, 1)
             form.addRow(words, row)
             error = QLabel()

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
-import re
 from collections.abc import Callable
 from typing import Any
 
 import psutil
-from PySide6.QtCore import QEvent, QObject, Qt, QTimer, Signal
-from PySide6.QtGui import QKeyEvent
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QAbstractButton,
     QCheckBox,
@@ -32,88 +29,23 @@ from PySide6.QtWidgets import (
 from hivemind_worker.config import GIB, ConfigError, Settings, check_setting, save_settings
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.gui.engine_thread import Call, EngineThread
-from hivemind_worker.gui.policy_page import PolicyPage, policy_available
+from hivemind_worker.gui.forms import (
+    ERROR_STYLE,
+    OK_STYLE,
+    WARN_STYLE,
+    EnterRuns,
+    account_problem,
+    free_disk_gb,
+    log_in,
+    log_out,
+    login_status,
+    test_connection,
+)
+from hivemind_worker.gui.policy_page import PolicyPage
 from hivemind_worker.gui.words import DOCKER_INSTALL_URL, cap_problems
 from hivemind_worker.paths import Paths
-from hivemind_worker.wiring import login_to_pool
 
-ERROR_STYLE = "color: #d64541;"  # mid red: readable on light and dark backgrounds
-WARN_STYLE = "color: #b7791f;"  # amber
-OK_STYLE = "color: #3fa66b;"
-# What a pool account name may be (the pool's own rule): 1-64 of letters, digits and . _ @ -.
-ACCOUNT_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 NUMBER_KEYS = ("max_cpu_cores", "max_memory_gb", "max_disk_gb", "max_concurrent_tasks")
-
-
-def account_problem(text: str) -> str:
-    """'' if `text` is a usable account name (or empty), else what is wrong with it."""
-    if not text or ACCOUNT_RE.fullmatch(text):
-        return ""
-    if len(text) > 64:
-        return "expected at most 64 characters"
-    return "expected letters, digits and . _ @ - only (no spaces or slashes)"
-
-
-class EnterRuns(QObject):
-    """Return or Enter in a field runs `action` instead of the dialog's default button.
-
-    Without it, Enter in the password field pressed OK: the dialog closed without signing in.
-    """
-
-    def __init__(self, field: QWidget, action: Callable[[], None]) -> None:
-        super().__init__(field)
-        self.action = action
-        field.installEventFilter(self)
-
-    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
-        if (
-            event.type() == QEvent.Type.KeyPress
-            and isinstance(event, QKeyEvent)
-            and event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter)
-        ):
-            self.action()
-            return True
-        return False
-
-
-def free_disk_gb(settings: Settings) -> float:
-    path = settings.work_dir
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return psutil.disk_usage(str(path)).free / GIB
-
-
-async def test_connection(address: str, insecure: bool) -> str:
-    """Ping the pool; a one-line answer for the dialog, or PoolError."""
-    from hivemind_worker.engine.pool_client import NodePoolClient
-
-    client = NodePoolClient(address, insecure=insecure, timeout=10)
-    try:
-        version = await client.ping()
-    finally:
-        await client.close()
-    return f"Reached the pool (version {version or 'unknown'})"
-
-
-async def log_in(
-    settings: Settings, credentials: CredentialStore, account: str, password: str
-) -> str:
-    await login_to_pool(settings, credentials, account, password)
-    return account
-
-
-async def log_out(credentials: CredentialStore, address: str, account: str) -> None:
-    await asyncio.to_thread(credentials.delete_token, address, account)
-
-
-async def login_status(credentials: CredentialStore, address: str, account: str) -> str:
-    """The account with a token for `address`, or '' (keyring calls, so off the GUI thread)."""
-    last: str | None = await asyncio.to_thread(credentials.last_account, address)
-    name = account or last or ""
-    if not name:
-        return ""
-    token = await asyncio.to_thread(credentials.get_token, address, name)
-    return name if token else ""
 
 
 class SettingsDialog(QDialog):
@@ -276,16 +208,12 @@ class SettingsDialog(QDialog):
             box.addWidget(check)
         layout.addWidget(desktop)
 
-        self.policy: PolicyPage | None = None
-        if policy_available():
-            self.policy = PolicyPage(self.paths)
-            self.policy.changed.connect(self.validate)
-            self.tabs = QTabWidget()
-            self.tabs.addTab(general, "&General")
-            self.tabs.addTab(self.policy, "&When to contribute")
-            outer.addWidget(self.tabs)
-        else:
-            outer.addWidget(general)
+        self.policy = PolicyPage(self.paths)
+        self.policy.changed.connect(self.validate)
+        self.tabs = QTabWidget()
+        self.tabs.addTab(general, "&General")
+        self.tabs.addTab(self.policy, "&When to contribute")
+        outer.addWidget(self.tabs)
         layout = outer
         self.save_error = QLabel()
         self.save_error.setStyleSheet(ERROR_STYLE)
@@ -360,16 +288,14 @@ class SettingsDialog(QDialog):
         self.disk.setText(f"{settings.max_disk_gb:g}")
         self.concurrent.setText(str(settings.max_concurrent_tasks))
         self.docker_enabled.setChecked(settings.docker_enabled)
-        if self.policy is not None:
-            self.policy.load(settings)
+        self.policy.load(settings)
         self.start_at_login.setChecked(settings.start_at_login)
         self.start_on_launch.setChecked(settings.start_on_launch)
         self.close_to_tray.setChecked(settings.close_to_tray)
         self.validate()
 
     def raw_values(self) -> dict[str, Any]:
-        policy = self.policy.raw_values() if self.policy is not None else {}
-        return policy | {
+        return self.policy.raw_values() | {
             "node_pool_address": self.address.text().strip(),
             "account": self.account.text().strip(),
             # Exactly what was typed: check_setting parses text as the environment's is.
@@ -402,8 +328,7 @@ class SettingsDialog(QDialog):
         problem = account_problem(self.account.text().strip())
         if problem and "account" not in self.errors:
             self.errors["account"] = problem
-        if self.policy is not None:
-            self.policy.validate()  # its own labels, beside its fields
+        self.policy.validate()  # its own labels, beside its fields
         for key, label in self._error_labels.items():
             text = self.errors.get(key, "")
             label.setText(text)

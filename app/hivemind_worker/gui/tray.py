@@ -10,9 +10,9 @@ from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QMenu, QSystemTrayIcon
 
 from hivemind_worker.engine.events import EngineState, ErrorRaised
-from hivemind_worker.gui.dashboard import human_bytes
 from hivemind_worker.gui.icons import Look, state_icon
 from hivemind_worker.gui.model import Status, WorkerModel, describe
+from hivemind_worker.gui.words import human_bytes
 
 
 def needs_person(event: ErrorRaised) -> bool:
@@ -107,7 +107,7 @@ class Tray(QObject):
         self.status_action.setText(status.headline)
         running = state not in (EngineState.STOPPED, EngineState.ERROR)
         self.start_action.setVisible(not running)
-        held = state is EngineState.PAUSED or state.value == "waiting"
+        held = state in (EngineState.PAUSED, EngineState.WAITING)
         self.pause_action.setVisible(running and state is not EngineState.PAUSED)
         self.resume_action.setVisible(held)
         self.stop_action.setVisible(state is not EngineState.STOPPED)
