@@ -8,6 +8,9 @@ declaration: the environment mapping and the checks in `load_settings`, the flag
 builds from `settings_table()`, and the tests that hold README's configuration table and
 `hivemind-worker run --help` to the declarations.
 
+The module runs past ~600 lines because it is mostly that list of declarations, one per
+setting (rules live in setting_rules.py): split, the list would no longer be the one place.
+
 To add a setting, add one field, in the place its README row should have:
 
     max_gpus: int = setting(
