@@ -213,7 +213,7 @@ class Dashboard(QMainWindow):
 
         self.tabs = QTabWidget()
         self.tasks_table = self._table(
-            ["Task", "Image / kind", "State", "Elapsed", "CPU", "Memory"]
+            ["Task", "Image / kind", "State", "Elapsed", "CPU", "Memory", "Progress"]
         )
         self.tasks_table.itemSelectionChanged.connect(self._update_cancel_button)
         self.tasks_table.setAccessibleName("Running tasks")
@@ -449,11 +449,12 @@ class Dashboard(QMainWindow):
                 human_duration(now - task.started),
                 f"{task.usage.cpu_percent / (os.cpu_count() or 1):.0f}%",
                 human_bytes(task.usage.memory_bytes),
+                task.progress_text,  # "epoch 3 of 10, loss 0.412" or "preparing: …"
             ]
             for col, value in enumerate(values):
                 item = QTableWidgetItem(value)
                 item.setData(Qt.ItemDataRole.UserRole, task.task_id)
-                if col >= 3:
+                if 3 <= col <= 5:  # the numbers
                     item.setTextAlignment(
                         Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter
                     )

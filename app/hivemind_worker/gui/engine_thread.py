@@ -25,6 +25,7 @@ from hivemind_worker.engine.events import (
     StateChanged,
     TaskFinished,
     TaskOutput,
+    TaskProgress,
     TaskStarted,
 )
 from hivemind_worker.errors import HiveMindError
@@ -47,6 +48,7 @@ class Bridge(QObject):
     taskStarted = Signal(object)  # TaskStarted
     imagePull = Signal(object)  # ImagePull
     taskOutput = Signal(object)  # TaskOutput
+    taskProgress = Signal(object)  # TaskProgress: epoch k of n, or its environment's build
     taskFinished = Signal(object)  # TaskFinished
     resultDelivered = Signal(object)  # ResultDelivered
     error = Signal(object)  # ErrorRaised
@@ -71,6 +73,7 @@ SIGNALS: dict[type, str] = {
     TaskStarted: "taskStarted",
     ImagePull: "imagePull",
     TaskOutput: "taskOutput",
+    TaskProgress: "taskProgress",
     TaskFinished: "taskFinished",
     ResultDelivered: "resultDelivered",
     PolicyChanged: "policyChanged",

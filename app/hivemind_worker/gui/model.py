@@ -23,6 +23,7 @@ from hivemind_worker.engine.events import (
     StateChanged,
     TaskFinished,
     TaskOutput,
+    TaskProgress,
     TaskStarted,
 )
 from hivemind_worker.engine.executors.base import Usage
@@ -64,6 +65,11 @@ class RunningTask:
     history: collections.deque[tuple[float, float, int]] = field(
         default_factory=lambda: collections.deque(maxlen=HISTORY_SECONDS + 5)
     )
+    progress: TaskProgress | None = None  # the last one: "epoch 3 of 10, loss 0.412"
+
+    @property
+    def progress_text(self) -> str:
+        return self.progress.label() if self.progress is not None else ""
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,7 @@ class WorkerModel(QObject):
         bridge.taskStarted.connect(self._on_started)
         bridge.taskFinished.connect(self._on_finished)
         bridge.taskOutput.connect(self._on_output)
+        bridge.taskProgress.connect(self._on_progress)
         bridge.resultDelivered.connect(self._on_delivered)
         bridge.error.connect(self._on_error)
         bridge.imagePull.connect(self._on_pull)
@@ -275,6 +282,13 @@ class WorkerModel(QObject):
             if line.strip():
                 self.add_log("output", f"{name}: {line}")
 
+    def _on_progress(self, event: TaskProgress) -> None:
+        task = self.running.get(event.task_id)
+        if task is None:
+            return  # a line that arrived after its task finished
+        task.progress = event
+        self.tasksChanged.emit()
+
     def _on_delivered(self, event: ResultDelivered) -> None:
         for i, row in enumerate(self.results):
             if row.task_id == event.task_id and row.delivered is None:
@@ -312,8 +326,11 @@ class WorkerModel(QObject):
     def current_task_text(self) -> str:
         if not self.running:
             return "no task running"
-        names = [t.name for t in self.running.values()]
-        return names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
+        tasks = list(self.running.values())
+        first = tasks[0].name
+        if tasks[0].progress_text:
+            first += f" ({tasks[0].progress_text})"
+        return first if len(tasks) == 1 else f"{first} and {len(tasks) - 1} more"
 
 
 @dataclass(frozen=True)
