@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,13 +77,18 @@ def test_headless_demo_completes_every_task(binary: Path, tmp_path: Path) -> Non
 def test_the_bundled_uv_builds_the_data_runners_environment(binary: Path, tmp_path: Path) -> None:
     """The runner programs, their requirement sets and uv travel in the binary: with only the
     system's PATH, the demo's data sample gets its environment built and runs."""
-    home = tmp_path / "home"
-    home.mkdir()
+    # A folder tasks can reach when they run as nobody (a root worker's tasks do, and pytest's
+    # own temporary folders are 0700).
+    home = Path(tempfile.mkdtemp(prefix="hivemind-e2e-", dir="/var/tmp"))
+    home.chmod(0o755)
     # The machine's uv cache (the integration tier filled it) spares a second download.
     cache = os.environ.get("UV_CACHE_DIR") or str(Path.home() / ".cache" / "uv")
     env = clean_env(home, HIVEMIND_DATA_PROCESSING="true", UV_CACHE_DIR=cache)
     demo = [binary, "--data-dir", home / "data", "demo", "--headless", "--tasks", "1"]
-    done = run(demo, env=env, timeout=600)
+    try:
+        done = run(demo, env=env, timeout=600)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
     report = f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     assert done.returncode == 0, report
     assert "Done: 2 of 2 tasks succeeded." in done.stdout, report
