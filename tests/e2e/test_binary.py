@@ -84,7 +84,8 @@ def test_the_bundled_uv_builds_the_data_runners_environment(binary: Path, tmp_pa
     # The machine's uv cache (the integration tier filled it) spares a second download.
     cache = os.environ.get("UV_CACHE_DIR") or str(Path.home() / ".cache" / "uv")
     env = clean_env(home, HIVEMIND_DATA_PROCESSING="true", UV_CACHE_DIR=cache)
-    demo = [binary, "--data-dir", home / "data", "demo", "--headless", "--tasks", "1"]
+    demo = [binary, "--data-dir", home / "data", "demo", "--headless", "--tasks", "1",
+            "--work-dir", home / "work"]  # fmt: skip
     try:
         done = run(demo, env=env, timeout=600)
     finally:

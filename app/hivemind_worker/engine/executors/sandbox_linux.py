@@ -437,6 +437,16 @@ def reachable_by_tasks(folder: Path) -> str:
     )
 
 
+def passable_by_others(folder: Path) -> None:
+    """Let others pass through `folder` (o+x, no listing or reading added), when it is ours."""
+    try:
+        mode = folder.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            os.chmod(folder, stat.S_IMODE(mode) | stat.S_IXOTH)
+    except OSError as exc:  # not ours, or gone: reachable_by_tasks says what is wrong
+        log.debug("cannot open %s to tasks: %s", folder, exc)
+
+
 def _searchable_by_others(folder: Path) -> bool:
     try:
         return bool(folder.stat().st_mode & stat.S_IXOTH)
