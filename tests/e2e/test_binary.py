@@ -81,6 +81,9 @@ def test_the_bundled_uv_builds_the_data_runners_environment(binary: Path, tmp_pa
     # own temporary folders are 0700).
     home = Path(tempfile.mkdtemp(prefix="hivemind-e2e-", dir="/var/tmp"))
     home.chmod(0o755)
+    for folder in (home / "work", home / "work" / "_environments"):
+        folder.mkdir(mode=0o755)
+        folder.chmod(0o755)
     # The machine's uv cache (the integration tier filled it) spares a second download.
     cache = os.environ.get("UV_CACHE_DIR") or str(Path.home() / ".cache" / "uv")
     env = clean_env(home, HIVEMIND_DATA_PROCESSING="true", UV_CACHE_DIR=cache)
