@@ -271,6 +271,11 @@ def test_task_cannot_reach_a_unix_socket_or_a_loopback_port(worker: Worker) -> N
             f"import socket; socket.socket(socket.AF_UNIX).connect({str(sock_path)!r})",
         )
         assert control.returncode == 0, control.stderr
+        # The server thread takes the connection when it next wakes (bounded wait, not a race).
+        for _ in range(100):
+            if accepted:
+                break
+            stop.wait(0.1)
         assert accepted == ["unix"]
         accepted.clear()
         source = (
@@ -290,6 +295,7 @@ def test_task_cannot_reach_a_unix_socket_or_a_loopback_port(worker: Worker) -> N
         assert result["status"] == "succeeded", _outcome(result)
         assert "CONNECTED" not in result["output"], result["output"]
         assert result["output"].count("BLOCKED") == 5
+        stop.wait(0.5)  # a connection that got through would be taken by now
         assert accepted == []
     finally:
         stop.set()
