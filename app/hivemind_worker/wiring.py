@@ -25,7 +25,7 @@ def make_engine(
 ) -> WorkerEngine:
     """The engine with the executor this machine supports (for the demo: one that is ready)."""
     from hivemind_worker.engine.engine import WorkerEngine
-    from hivemind_worker.engine.executors import ready_for_python, select_executor
+    from hivemind_worker.engine.executors.choice import ready_for_python, select_executor
     from hivemind_worker.logs import set_node_id
 
     node_id = resolve_node_id(settings, paths)
