@@ -15,7 +15,9 @@ from PySide6.QtWidgets import QMessageBox
 from helpers.guikit import LoopPool, World, busy_task, make_world
 from helpers.harness import USER, login_token
 from hivemind_worker.config import read_state
+from hivemind_worker.engine.engine import WorkerEngine
 from hivemind_worker.engine.events import EngineState
+from hivemind_worker.engine.executors.process import ProcessExecutor
 from hivemind_worker.gui.app import WorkerApp
 from hivemind_worker.gui.engine_thread import Bridge, CrashReporter, EngineThread
 from hivemind_worker.gui.single_instance import SingleInstance
@@ -228,6 +230,49 @@ def test_login_token_round_trip_through_the_engine_loop(
     assert pool.world.pool is not None
     token = app.engine_thread.submit(login_token(pool.world.pool.address)).result(30)
     assert isinstance(token, str) and token
+
+
+def test_the_window_is_up_while_the_sandbox_is_still_being_chosen(
+    qtbot, tmp_path: Path, memory_keyring
+) -> None:
+    """Choosing Docker or the process sandbox (a Docker ping, a tidy-up) happens on the engine
+    thread after the window shows; the window says so meanwhile, then what was chosen."""
+    world = make_world(tmp_path / "home")
+    release = threading.Event()
+
+    def choose() -> ProcessExecutor:
+        release.wait(30)  # as a slow or wedged Docker engine would
+        return ProcessExecutor(world.settings.work_dir)
+
+    engine = WorkerEngine(
+        world.settings,
+        node_id=world.settings.node_id,
+        credentials=world.credentials,
+        executor=choose,
+        outbox_dir=world.paths.outbox_dir,
+    )
+    app = WorkerApp(
+        world.settings, world.paths, world.credentials, engine,
+        autostart_engine=False, show_tray=False, exit_on_quit=False,
+    )  # fmt: skip
+    try:
+        app.start_engine(show_dashboard=True)
+        qtbot.waitUntil(app.dashboard.isVisible, timeout=10_000)
+        assert "looking for Docker" in app.dashboard.connection_label.text()
+        app.open_settings()
+        assert app.settings_dialog is not None
+        assert "Looking for Docker" in app.settings_dialog.docker_status.text()
+        release.set()
+        qtbot.waitUntil(
+            lambda: "process sandbox" in app.dashboard.connection_label.text(), timeout=20_000
+        )
+        assert "built-in process sandbox" in app.settings_dialog.docker_status.text()
+    finally:
+        release.set()
+        engine.shutdown()
+        app.engine_thread.wait(30_000)
+        app.dispose()
+        qtbot.wait(50)
 
 
 def test_second_launch_raises_the_first_window(qtbot, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from hivemind_worker.engine.events import (
     EventHub,
     ImagePull,
     MetricsSample,
+    SandboxChosen,
     StateChanged,
     Subscriber,
     TaskProgress,
@@ -61,7 +62,7 @@ class WorkerEngine(Session, TaskRuns, Contribute):
         *,
         node_id: str,
         credentials: CredentialStore,
-        executor: Executor,
+        executor: Executor | Callable[[], Executor],
         outbox_dir: Path,
         client_factory: Callable[..., NodePoolClient] = client_for,
         probes: Probes | None = None,
@@ -69,7 +70,11 @@ class WorkerEngine(Session, TaskRuns, Contribute):
         self.settings = settings
         self.node_id = node_id
         self.credentials = credentials
-        self.executor = executor
+        # An executor, or how to choose one: choosing pings Docker and tidies what an earlier
+        # run left (blocking, a few hundred ms), so the desktop app has it done on the
+        # engine's thread when run() starts, after its window is up.
+        self._executor: Executor | None = None
+        self._make_executor = None if isinstance(executor, Executor) else executor
         self.outbox_dir = outbox_dir
         self.monitor = HostMonitor(settings.work_dir)
         self._hub = EventHub()
@@ -95,11 +100,28 @@ class WorkerEngine(Session, TaskRuns, Contribute):
         self._max_wait = 30
         self._attempt = 0  # reconnect attempts since the last successful registration
         self._poll_call: asyncio.Future[list[TaskSpec | RefusedSpec]] | None = None
-        executor.on_pull = self._on_pull
-        executor.on_environment = self._on_environment
+        if isinstance(executor, Executor):
+            self._use_executor(executor)
         self._init_policy(settings, probes)  # when to contribute: contribute.py
         self.tasks_done = 0
         self.tasks_failed = 0
+
+    @property
+    def executor(self) -> Executor:
+        """The executor; chosen by the time run() has published SandboxChosen."""
+        if self._executor is None:
+            raise RuntimeError("the executor is chosen when the engine starts; use executor_ready")
+        return self._executor
+
+    @property
+    def executor_ready(self) -> Executor | None:
+        """The executor once chosen; None until then (for a window shown before the engine)."""
+        return self._executor
+
+    def _use_executor(self, executor: Executor) -> None:
+        executor.on_pull = self._on_pull
+        executor.on_environment = self._on_environment
+        self._executor = executor
 
     def _on_pull(self, image: str, done: int, total: int) -> None:
         # Called from the executor's pull thread: the event is published on the engine loop.
@@ -183,6 +205,10 @@ class WorkerEngine(Session, TaskRuns, Contribute):
         self._connected = asyncio.Event()
         self._changed = asyncio.Event()
         self._want_running = autostart or self._want_running
+        if self._executor is None:
+            assert self._make_executor is not None
+            self._use_executor(await asyncio.to_thread(self._make_executor))
+        self._hub.publish(SandboxChosen(self.executor.capability, self.executor.notice))
         metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
         policy = asyncio.create_task(self._policy_loop(), name="policy")
         leftovers: list[asyncio.Task[None]] = []

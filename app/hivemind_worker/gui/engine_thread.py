@@ -22,6 +22,7 @@ from hivemind_worker.engine.events import (
     MetricsSample,
     PolicyChanged,
     ResultDelivered,
+    SandboxChosen,
     StateChanged,
     TaskFinished,
     TaskOutput,
@@ -44,6 +45,7 @@ class Bridge(QObject):
 
     anyEvent = Signal(object)  # every event, whatever its type (not `event`: QObject.event)
     stateChanged = Signal(object)  # StateChanged
+    sandboxChosen = Signal(object)  # SandboxChosen: Docker or the process sandbox, at start
     metrics = Signal(object)  # MetricsSample
     taskStarted = Signal(object)  # TaskStarted
     imagePull = Signal(object)  # ImagePull
@@ -69,6 +71,7 @@ class Bridge(QObject):
 # One signal per event type; a test checks that every member of `Event` is here.
 SIGNALS: dict[type, str] = {
     StateChanged: "stateChanged",
+    SandboxChosen: "sandboxChosen",
     MetricsSample: "metrics",
     TaskStarted: "taskStarted",
     ImagePull: "imagePull",

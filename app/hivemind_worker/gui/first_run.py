@@ -347,11 +347,20 @@ class DockerPage(QWizardPage):
         super().__init__()
         self.setTitle("How tasks are kept apart from your files")
         layout = QVBoxLayout(self)
+        self.text = _wrapped("")
+        layout.addWidget(self.text)
+        layout.addStretch(1)
+        self.set_capability(capability)
+
+    def set_capability(self, capability: str) -> None:
+        """What the engine chose: "docker", "process", or "" while it is still looking."""
         if capability == "docker":
             text = (
                 "<p><b>Docker is installed and running.</b> Each task runs in its own "
                 "container: the safest way, and every kind of task can run here.</p>"
             )
+        elif not capability:
+            text = "<p>Looking for Docker on this computer…</p>"
         else:
             text = (
                 "<p><b>Docker was not found</b>, so tasks run in the app's built-in sandbox. "
@@ -360,8 +369,7 @@ class DockerPage(QWizardPage):
                 f'<p>To run every kind of task, <a href="{DOCKER_INSTALL_URL}">install Docker'
                 "</a>, then restart this app. You can also do that later.</p>"
             )
-        layout.addWidget(_wrapped(text))
-        layout.addStretch(1)
+        self.text.setText(text)
 
 
 class DonePage(QWizardPage):

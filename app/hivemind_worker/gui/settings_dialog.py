@@ -376,6 +376,8 @@ class SettingsDialog(QDialog):
         """What the running engine uses (the executor is chosen when the app starts)."""
         if capability == "docker":
             text = "Docker is running: tasks run in containers, the safest way."
+        elif not capability:
+            text = "Looking for Docker on this computer…"
         else:
             why = (
                 "Docker is switched off here"
