@@ -196,7 +196,8 @@ class WorkerEngine(Session, TaskRuns, Contribute):
         self._call(begin)
 
     def apply_settings(self, settings: Settings) -> None:
-        """New caps and limits apply to new tasks at once; a new pool address reconnects."""
+        """New caps, limits and kinds of task apply to the next offer at once (the pool is told
+        of new kinds by registering again); a new pool address reconnects."""
         self._call(lambda: self._do_apply(settings))
 
     async def run(self, *, autostart: bool = True) -> None:
@@ -345,10 +346,17 @@ class WorkerEngine(Session, TaskRuns, Contribute):
             or settings.account != self.settings.account
             or settings.insecure != self.settings.insecure
         )
+        capabilities = self._capabilities()
         self.settings = settings
         self._configure_policy(settings)
         if reconnect and self._client is not None:
             self._spawn(self._close_client(), "reconnect")
+        elif self._capabilities() != capabilities and self._client is not None:
+            # A kind of task turned on or off: the pool's record of this node is updated, and
+            # the long-poll in flight (which offers the old kinds) gives way to one that
+            # offers the new ones.
+            self._spawn(self._register(self._client), "register the new capabilities")
+            self._withdraw_poll()
         if self._running:  # only then is the loop running, and is there anything to bring in
             self._spawn(self.executor.apply_caps(self._caps()), "apply caps")
         self._poke()
