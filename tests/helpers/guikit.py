@@ -20,6 +20,7 @@ from hivemind_worker.config import Settings
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.engine.engine import WorkerEngine
 from hivemind_worker.engine.executors.process import ProcessExecutor
+from hivemind_worker.engine.runners.environments import Environments
 from hivemind_worker.paths import Paths
 from hivemind_worker.pool.server import PoolServer
 from hivemind_worker.protocol import nodepool_pb2 as pb
@@ -40,14 +41,20 @@ class World:
     task_ids: list[str] = field(default_factory=list)
 
 
-def make_world(home: Path, address: str = "127.0.0.1:1", **overrides: object) -> World:
+def make_world(
+    home: Path,
+    address: str = "127.0.0.1:1",
+    environments: Environments | None = None,
+    **overrides: object,
+) -> World:
+    """With `environments`, the engine runs (and advertises) the ml and data runners."""
     settings, paths = worker_settings(home, address, **overrides)
     credentials = CredentialStore(paths)
     engine = WorkerEngine(
         settings,
         node_id=settings.node_id,
         credentials=credentials,
-        executor=ProcessExecutor(settings.work_dir),
+        executor=ProcessExecutor(settings.work_dir, environments=environments),
         outbox_dir=paths.outbox_dir,
     )
     return World(settings, paths, credentials, engine)

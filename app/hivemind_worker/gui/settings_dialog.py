@@ -1,4 +1,5 @@
-"""The settings dialog: pool, account, resource caps and desktop behaviour, checked as typed."""
+"""The settings dialog: pool, account, resource caps, desktop behaviour, when to contribute and
+the kinds of tasks taken, checked as typed."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from hivemind_worker.gui.forms import (
     test_connection,
 )
 from hivemind_worker.gui.policy_page import PolicyPage
+from hivemind_worker.gui.tasks_page import TasksPage
 from hivemind_worker.gui.words import DOCKER_INSTALL_URL, cap_problems
 from hivemind_worker.paths import Paths
 
@@ -213,6 +215,8 @@ class SettingsDialog(QDialog):
         self.tabs = QTabWidget()
         self.tabs.addTab(general, "&General")
         self.tabs.addTab(self.policy, "&When to contribute")
+        self.tasks = TasksPage()
+        self.tabs.addTab(self.tasks, "&Kinds of tasks")
         outer.addWidget(self.tabs)
         layout = outer
         self.save_error = QLabel()
@@ -289,13 +293,14 @@ class SettingsDialog(QDialog):
         self.concurrent.setText(str(settings.max_concurrent_tasks))
         self.docker_enabled.setChecked(settings.docker_enabled)
         self.policy.load(settings)
+        self.tasks.load(settings)
         self.start_at_login.setChecked(settings.start_at_login)
         self.start_on_launch.setChecked(settings.start_on_launch)
         self.close_to_tray.setChecked(settings.close_to_tray)
         self.validate()
 
     def raw_values(self) -> dict[str, Any]:
-        return self.policy.raw_values() | {
+        return self.policy.raw_values() | self.tasks.raw_values() | {
             "node_pool_address": self.address.text().strip(),
             "account": self.account.text().strip(),
             # Exactly what was typed: check_setting parses text as the environment's is.
