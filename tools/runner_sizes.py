@@ -68,7 +68,7 @@ def download_bytes(name: str, platform: str, find_links: str) -> int:
         deps = ", ".join(f'"{line}"' for line in pins(name, platform))
         (project / "pyproject.toml").write_text(
             f'[project]\nname = "measure"\nversion = "0"\nrequires-python = "=={PYTHON}.*"\n'
-            f"dependencies = [{deps}]\n[tool.uv]\nenvironments = [\"{marker}\"]\n"
+            f'dependencies = [{deps}]\n[tool.uv]\nenvironments = ["{marker}"]\n'
         )
         command = [uv(), "lock", "--quiet", "--python", PYTHON, "--no-build"]
         if find_links and not platform.startswith("windows"):
@@ -96,7 +96,9 @@ def main() -> int:
     parser.add_argument("--find-links", default=os.environ.get("HIVEMIND_RUNNER_FIND_LINKS", ""))
     args = parser.parse_args()
     names = sorted(p.stem for p in REQUIREMENTS.glob("*.txt"))
-    version = subprocess.run([uv(), "--version"], capture_output=True, text=True).stdout.strip()
+    version = subprocess.run(
+        [uv(), "--version"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     lines = [
         "# What building each runner environment downloads the first time, in MB (10^6 bytes):",
         f"# the wheels of its pinned set for Python {PYTHON}. Written by tools/runner_sizes.py",

@@ -66,6 +66,7 @@ def test_the_page_offers_every_runner_kind_with_its_download_size(qtbot, gui_app
     assert not page.switches["ml_tensorflow"].isChecked()
     assert not page.switches["ml_pytorch"].isChecked()
     assert download_words(355) == "about 360 MB" and download_words(1349) == "about 1.3 GB"
+    assert download_words(92) == "about 90 MB" and download_words(3) == "about 10 MB"
 
 
 def test_pytorch_switch_decides_what_the_pool_offers_without_a_restart(
@@ -102,14 +103,14 @@ def test_pytorch_switch_decides_what_the_pool_offers_without_a_restart(
     # On its box: the check box spans the row, but only its box and words take a click.
     qtbot.mouseClick(switch, Qt.MouseButton.LeftButton, pos=QPoint(8, switch.height() // 2))
     assert switch.isChecked()
-    qtbot.mouseClick(dialog.buttons.button(dialog.buttons.StandardButton.Ok), Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(
+        dialog.buttons.button(dialog.buttons.StandardButton.Ok), Qt.MouseButton.LeftButton
+    )
     saved = load_settings(app.paths, env={})
     assert saved.ml_pytorch is True and saved.ml_tensorflow is False
     assert "ml_pytorch = true" in app.paths.settings_file.read_text()
     qtbot.waitUntil(lambda: "ml:pytorch" in on_loop(app, capabilities()), timeout=15_000)
-    qtbot.waitUntil(
-        lambda: on_loop(app, pool.task_info(task_id)).node_id == node, timeout=30_000
-    )
+    qtbot.waitUntil(lambda: on_loop(app, pool.task_info(task_id)).node_id == node, timeout=30_000)
     assert app.engine_thread is thread_before and app.engine_thread.isRunning()
 
     # Off again: the pool's record of this node drops it at once.

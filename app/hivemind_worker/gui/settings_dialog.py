@@ -300,19 +300,23 @@ class SettingsDialog(QDialog):
         self.validate()
 
     def raw_values(self) -> dict[str, Any]:
-        return self.policy.raw_values() | self.tasks.raw_values() | {
-            "node_pool_address": self.address.text().strip(),
-            "account": self.account.text().strip(),
-            # Exactly what was typed: check_setting parses text as the environment's is.
-            "max_cpu_cores": self.cpu_spin.text().strip(),
-            "max_memory_gb": self.memory.text().strip(),
-            "max_disk_gb": self.disk.text().strip(),
-            "max_concurrent_tasks": self.concurrent.text().strip(),
-            "docker_enabled": self.docker_enabled.isChecked(),
-            "start_at_login": self.start_at_login.isChecked(),
-            "start_on_launch": self.start_on_launch.isChecked(),
-            "close_to_tray": self.close_to_tray.isChecked(),
-        }
+        return (
+            self.policy.raw_values()
+            | self.tasks.raw_values()
+            | {
+                "node_pool_address": self.address.text().strip(),
+                "account": self.account.text().strip(),
+                # Exactly what was typed: check_setting parses text as the environment's is.
+                "max_cpu_cores": self.cpu_spin.text().strip(),
+                "max_memory_gb": self.memory.text().strip(),
+                "max_disk_gb": self.disk.text().strip(),
+                "max_concurrent_tasks": self.concurrent.text().strip(),
+                "docker_enabled": self.docker_enabled.isChecked(),
+                "start_at_login": self.start_at_login.isChecked(),
+                "start_on_launch": self.start_on_launch.isChecked(),
+                "close_to_tray": self.close_to_tray.isChecked(),
+            }
+        )
 
     def validate(self) -> bool:
         """Check every field with the settings' own rules; show each problem beside its field."""

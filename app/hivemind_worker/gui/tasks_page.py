@@ -22,10 +22,10 @@ KINDS: tuple[tuple[str, str, str], ...] = (
 
 
 def download_words(megabytes: int) -> str:
-    """'about 360 MB', 'about 1.3 GB': an estimate, so rounded."""
+    """'about 360 MB', 'about 1.3 GB': an estimate, so rounded (to 10 MB, or 0.1 GB)."""
     if megabytes >= 1000:
         return f"about {megabytes / 1000:.1f} GB"
-    return f"about {round(megabytes, -1) if megabytes >= 100 else megabytes} MB"
+    return f"about {max(round(megabytes, -1), 10)} MB"
 
 
 class TasksPage(QWidget):
@@ -48,8 +48,9 @@ class TasksPage(QWidget):
             switch = QCheckBox(words)
             words_of_size = download_words(download_mb(environment))
             size = QLabel(f"{words_of_size[0].upper()}{words_of_size[1:]} download.")
-            size.setIndent(24)  # under the switch's text, past its box
-            size.setEnabled(False)  # the platform's dimmed text: a note, not a control
+            # Under the switch's words, past its box; in the normal text colour (a disabled
+            # label's grey was too faint to read on the screenshots).
+            size.setIndent(24)
             switch.setAccessibleDescription(size.text())
             inner.addWidget(switch)
             inner.addWidget(size)
