@@ -346,12 +346,14 @@ class WorkerEngine(Session, TaskRuns, Contribute):
             or settings.account != self.settings.account
             or settings.insecure != self.settings.insecure
         )
-        capabilities = self._capabilities()
+        # Only a live session has told the pool its kinds (and only then is the executor,
+        # whose capability they include, sure to be chosen).
+        capabilities = self._capabilities() if self._client is not None else ()
         self.settings = settings
         self._configure_policy(settings)
         if reconnect and self._client is not None:
             self._spawn(self._close_client(), "reconnect")
-        elif self._capabilities() != capabilities and self._client is not None:
+        elif self._client is not None and self._capabilities() != capabilities:
             # A kind of task turned on or off: the pool's record of this node is updated, and
             # the long-poll in flight (which offers the old kinds) gives way to one that
             # offers the new ones.
