@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
 
 from hivemind_worker.config import GIB, ConfigError, Settings, check_setting
 from hivemind_worker.credentials import CredentialStore
-from hivemind_worker.gui.engine_thread import Call, EngineThread
+from hivemind_worker.gui.engine_thread import Calls, EngineThread
 from hivemind_worker.gui.forms import (
     ERROR_STYLE,
     OK_STYLE,
@@ -412,7 +412,7 @@ class FirstRunWizard(QWizard):
         self.paths = paths
         self.credentials = credentials
         self.engine_thread = engine_thread
-        self._calls: set[Call] = set()
+        self.calls = Calls(engine_thread, self)
         self.welcome = WelcomePage()
         self.pool = PoolPage(self)
         self.give = GivePage(self)
@@ -424,21 +424,7 @@ class FirstRunWizard(QWizard):
 
     def run(self, coro: Any, on_ok: Callable[[Any], None], on_fail: Callable[[str], None]) -> None:
         """Off the GUI thread, on the engine's loop; the answer comes back as a signal."""
-        holder: list[Call] = []
-
-        def finish(handler: Callable[[Any], None], value: Any) -> None:
-            for call in holder:
-                self._calls.discard(call)
-            handler(value)
-
-        call = Call(
-            self.engine_thread.submit(coro),
-            lambda value: finish(on_ok, value),
-            lambda message: finish(on_fail, message),
-            self,
-        )
-        holder.append(call)
-        self._calls.add(call)
+        self.calls.run(coro, on_ok, on_fail)
 
     def accept(self) -> None:
         self.completed.emit(self.settings, self.done_page.start_now.isChecked())

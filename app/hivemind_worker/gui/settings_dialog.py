@@ -29,7 +29,7 @@ from PySide6.QtWidgets import (
 
 from hivemind_worker.config import GIB, ConfigError, Settings, check_setting, save_settings
 from hivemind_worker.credentials import CredentialStore
-from hivemind_worker.gui.engine_thread import Call, EngineThread
+from hivemind_worker.gui.engine_thread import Call, Calls, EngineThread
 from hivemind_worker.gui.forms import (
     ERROR_STYLE,
     OK_STYLE,
@@ -75,7 +75,7 @@ class SettingsDialog(QDialog):
         self.engine_thread = engine_thread
         self._set_autostart = set_autostart
         self._persist = persist or (lambda settings: save_settings(paths, settings))
-        self._calls: set[Call] = set()
+        self._calls = Calls(engine_thread, self)
         self.errors: dict[str, str] = {}
         self._error_labels: dict[str, QLabel] = {}
         self.logged_in_as = ""
@@ -435,31 +435,8 @@ class SettingsDialog(QDialog):
 
     # ------------------------------------------------------------------ off-thread actions
 
-    def _run(
-        self,
-        coro: Any,
-        on_ok: Callable[[Any], None],
-        on_fail: Callable[[str], None],
-    ) -> Call:
-        calls: list[Call] = []
-        finished: list[bool] = []
-
-        def finish(handler: Callable[[Any], None], value: Any) -> None:
-            finished.append(True)
-            for call in calls:
-                self._calls.discard(call)
-            handler(value)
-
-        call = Call(
-            self.engine_thread.submit(coro),
-            lambda value: finish(on_ok, value),
-            lambda message: finish(on_fail, message),
-            self,
-        )
-        calls.append(call)
-        if not finished:  # kept alive until its answer arrives
-            self._calls.add(call)
-        return call
+    def _run(self, coro: Any, on_ok: Callable[[Any], None], on_fail: Callable[[str], None]) -> Call:
+        return self._calls.run(coro, on_ok, on_fail)
 
     def test_connection(self) -> None:
         if not self.validate() and "node_pool_address" in self.errors:
