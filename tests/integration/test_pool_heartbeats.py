@@ -136,3 +136,18 @@ def test_a_token_revoked_by_another_process_is_refused_within_the_recheck(
         assert time.monotonic() < deadline, "the revoked token was still accepted"
         time.sleep(0.05)
     store.close()
+
+
+def test_a_node_changed_by_another_process_is_read_again_within_the_recheck(
+    tmp_path: Path,
+) -> None:
+    store = _store(tmp_path, 1)
+    assert store.node_capabilities("n0", "alice") == {"process"}  # read once, then kept
+    other = PoolStore(tmp_path / "pool.db")
+    other.upsert_node("n0", "alice", pb.RegisterNodeRequest(node_id="n0"), ["docker"])
+    other.close()
+    deadline = time.monotonic() + 10  # a hang guard: the cache rechecks every second
+    while store.node_capabilities("n0", "alice") != {"docker"}:
+        assert time.monotonic() < deadline, "the node's old capabilities were still used"
+        time.sleep(0.05)
+    store.close()

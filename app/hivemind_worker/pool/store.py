@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -41,9 +40,7 @@ from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.task_params import required_capability
 from hivemind_worker.tasks import Resources, TaskSpec, TaskStatus
 
-#: How long a node's owner and capabilities are trusted without reading them again (seconds).
-CACHE_SECONDS = 5.0
-MAX_CACHED = 100_000
+MAX_CACHED = 100_000  # nodes whose owner and capabilities are kept in memory
 
 __all__ = [
     "KIND_CAPABILITIES",
@@ -86,15 +83,21 @@ class PoolStore(LeaseStore):
         # Lease transactions run (lease_tasks calls that found a candidate): the count a test
         # reads to show one submit wakes one parked poll, not all of them.
         self.lease_transactions = 0
-        # Every call a worker makes checks its node's owner: kept here a few seconds
-        # (CACHE_SECONDS) rather than read and parsed each time. Nodes change only through
-        # upsert_node, on this store, which drops the entry.
-        self._nodes: dict[str, tuple[str, frozenset[str], float]] = {}  # -> owner, caps, read at
+        # Every call a worker makes checks its node's owner: kept here rather than read and
+        # parsed each time (a time limit did not help: with thousands of workers each node
+        # calls less often than any useful limit). Nodes change through upsert_node, on this
+        # store, which drops the entry; a write by another process drops them all
+        # (_check_external_writes).
+        self._nodes: dict[str, tuple[str, frozenset[str]]] = {}  # node id -> owner, caps
         # Blobs that no result names and no upload is writing (after a crash mid-upload).
         self._db.execute(
             "INSERT OR IGNORE INTO garbage_blobs(blob_id) SELECT DISTINCT blob_id"
             " FROM blob_chunks WHERE blob_id NOT IN (SELECT blob_id FROM results)"
         )
+
+    def _drop_caches(self) -> None:
+        super()._drop_caches()
+        self._nodes.clear()
 
     # -------------------------------------------------------------------- nodes
 
@@ -120,12 +123,13 @@ class PoolStore(LeaseStore):
 
     def node_capabilities(self, node_id: str, owner: str) -> frozenset[str]:
         """The capabilities the node registered, checked to belong to `owner` (as get_node)."""
+        self._check_external_writes()
         cached = self._nodes.get(node_id)
-        if cached is None or time.monotonic() - cached[2] >= CACHE_SECONDS:
+        if cached is None:
             node = self.get_node(node_id, owner)
             if len(self._nodes) >= MAX_CACHED:
                 self._nodes.clear()
-            self._nodes[node_id] = (node.owner, node.capabilities, time.monotonic())
+            self._nodes[node_id] = (node.owner, node.capabilities)
             return node.capabilities
         if cached[0] != owner:
             raise NodeOwnedByOther(node_id)

@@ -15,8 +15,8 @@ from hivemind_worker.pool.records import (
 )
 from hivemind_worker.pool.results import ResultStore
 
-#: How often the token cache asks SQLite whether another process wrote to the database.
-TOKEN_RECHECK_SECONDS = 1.0
+#: How often the caches ask SQLite whether another process wrote to the database.
+RECHECK_SECONDS = 1.0
 MAX_CACHED_TOKENS = 100_000
 
 
@@ -27,18 +27,18 @@ class UserStore(ResultStore):
     # token, and hashing it and reading its row on each one was a measurable share of a
     # heartbeat. Dropped whenever this store revokes sessions (add_user) and whenever another
     # process has committed to the database (PRAGMA data_version, asked at most every
-    # TOKEN_RECHECK_SECONDS): `hivemind-pool add-user` run beside a live pool signs the old
-    # sessions out within a second.
+    # RECHECK_SECONDS, `_check_external_writes`): `hivemind-pool add-user` run beside a live
+    # pool signs the old sessions out within a second.
     def __init__(self, path: Path | str) -> None:
         super().__init__(path)
         self._tokens: dict[str, tuple[str, int]] = {}
-        self._tokens_version = -1
-        self._tokens_checked = float("-inf")
+        self._data_version = -1
+        self._data_checked = float("-inf")
 
     def add_user(self, username: str, password: str) -> bool:
         """Create the user, or set a new password and revoke its sessions; True if created."""
         stored = hash_password(password)
-        self._token_cache().clear()
+        self._tokens.clear()
         with self._tx() as db:
             exists = db.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone()
             if exists:
@@ -75,7 +75,8 @@ class UserStore(ResultStore):
 
     def token_user(self, token: str, now: int | None = None) -> str | None:
         """The user a token belongs to; None if unknown, TokenExpired if expired."""
-        cache = self._token_cache()
+        self._check_external_writes()
+        cache = self._tokens
         hit = cache.get(token)
         if hit is None:
             row = self._db.execute(
@@ -92,13 +93,16 @@ class UserStore(ResultStore):
             raise TokenExpired()
         return hit[0]
 
-    def _token_cache(self) -> dict[str, tuple[str, int]]:
-        """The verified tokens, emptied if another process wrote to the database since."""
+    def _check_external_writes(self) -> None:
+        """Drop what is cached if another process committed since (asked at most each second)."""
         clock = time.monotonic()
-        if clock - self._tokens_checked >= TOKEN_RECHECK_SECONDS:
-            self._tokens_checked = clock
-            version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
-            if version != self._tokens_version:
-                self._tokens_version = version
-                self._tokens.clear()
-        return self._tokens
+        if clock - self._data_checked < RECHECK_SECONDS:
+            return
+        self._data_checked = clock
+        version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
+        if version != self._data_version:
+            self._data_version = version
+            self._drop_caches()
+
+    def _drop_caches(self) -> None:
+        self._tokens.clear()
