@@ -513,6 +513,8 @@ class Rung:
             assert proc.stdin is not None
             proc.stdin.write("go\n")
             proc.stdin.flush()
+        fleet_ps = [psutil.Process(proc.pid) for proc in fleets]
+        fleet0 = sum(sum(f.cpu_times()[:2]) for f in fleet_ps)
         cpu0, t0 = ps.cpu_times(), time.perf_counter()
         rss_max = 0
         end = t0 + self.seconds
@@ -562,6 +564,7 @@ class Rung:
             await asyncio.sleep(0.1)
         drain = time.perf_counter() - t0 - window
         cpu1 = ps.cpu_times()
+        fleet1 = sum(sum(f.cpu_times()[:2]) for f in fleet_ps)
         os.kill(pool.pid, signal.SIGUSR2)  # the server takes its calls served and CPU used
         rss_max = max(rss_max, ps.memory_info().rss)
         await channel.close()
@@ -619,6 +622,7 @@ class Rung:
                 (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (window + drain)
             ),
             "pool_rss_mib": rss_max / 2**20,
+            "fleet_cpu_cores": (fleet1 - fleet0) / (window + drain),  # the load generator
             "pool": pool_stats,
             "db": db_check,
         }
@@ -687,7 +691,8 @@ def floor_rows(results: list[dict[str, Any]]) -> str:
                 f"| {'bare grpc.aio handler' if r['bare'] else 'the pool'} | {r['workers']:,} "
                 f"| {hb['p50_ms']:.1f} / {hb['p99_ms']:.1f} | {errors} | {r['calls_served']:,} "
                 f"| {r['cpu_us_per_call']:.0f} "
-                f"| {r['cpu_us_per_call'] / max(bare['cpu_us_per_call'], 1e-9):.2f} |"
+                f"| {r['cpu_us_per_call'] / max(bare['cpu_us_per_call'], 1e-9):.2f} "
+                f"| {r['pool_cpu_cores'] * 100:.0f} % / {r['fleet_cpu_cores'] * 100:.0f} % |"
             )
     return "\n".join(lines)
 
@@ -716,7 +721,8 @@ def report(
             "in the window over the worker calls it served then; *ratio to bare* is the pool's "
             "cost as a multiple of the bare server's.\n\n"
             "| server | workers | heartbeat p50 / p99 ms | errors | calls served | CPU µs per call "
-            "| ratio to bare |\n|---|---|---|---|---|---|---|\n"
+            "| ratio to bare | CPU: server / worker processes |\n"
+            "|---|---|---|---|---|---|---|---|\n"
             f"{floor}\n"
         )
         if floor
