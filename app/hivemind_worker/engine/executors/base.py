@@ -149,6 +149,10 @@ class Executor(abc.ABC):
     #: time". Set by the engine, which then calls apply_caps() to bring running tasks to it.
     cpu_time_share: float = 1.0
 
+    #: How many tasks may run at once on this worker (the person's setting), set by the
+    #: engine: an executor that keeps sandboxes ready keeps at most one per free slot.
+    slots: int = 1
+
     #: Why this executor stands in for a better one (Docker enabled but unusable); the
     #: engine tells the person once at start. Empty when nothing needs saying.
     notice: str = ""
@@ -271,6 +275,10 @@ class Executor(abc.ABC):
 
     async def apply_caps(self, caps: Resources) -> None:  # noqa: B027 - optional hook
         """The person's caps changed: bring running tasks within them where the sandbox can."""
+
+    async def standby(self) -> None:  # noqa: B027 - optional hook
+        """No task is coming for now (stopped, draining): release what is kept ready for the
+        next one, until a task is prepared again."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the executor holds (clients, watchers) at engine stop."""

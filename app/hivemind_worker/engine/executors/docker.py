@@ -1,9 +1,8 @@
 """DockerExecutor: tasks in locked-down containers through the Docker engine's API.
 
-Over the ~600-line mark on purpose, for now: the image subsystem (images.py) and container
-following (follow.py) have left; what remains is one container's lifecycle, and its run path is
-being reworked for warm sandboxes (a pending branch), after which the kept-spec and leftover
-sweep code is the next piece to move out (docs/architecture.md).
+One container's lifecycle lives here; around it: images (images.py), following a started
+container (follow.py), warm sandboxes (warm.py), kept specs and the leftover sweep
+(leftovers.py).
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -31,7 +29,6 @@ from hivemind_worker.engine.executors.base import (
     Executor,
     ExecutorError,
     LogSink,
-    ResultError,
     Usage,
     collect_results,
     settle_status,
@@ -51,17 +48,30 @@ from hivemind_worker.engine.executors.images import (
     ImageStore,
     docker_reason,
 )
+from hivemind_worker.engine.executors.leftovers import (
+    LABEL_LEASE,
+    LABEL_NODE,
+    LABEL_SLOT,
+    LABEL_TASK,
+    OLD_SPEC_SUFFIX,
+    SPEC_SUFFIX,
+    SPECS_DIR,
+    WARM_DIR,
+    forget_spec,
+    keep_spec,
+    spec_path,
+    sweep,
+)
 from hivemind_worker.engine.executors.runner_images import RunnerImages
+from hivemind_worker.engine.executors.warm import WAITER_COMMAND, Shape, Slot, WarmError, WarmPool
 from hivemind_worker.engine.executors.workspace import (
     ARCHIVES_DIR,
-    TRASH_DIR,
     discard,
     disk_usage,
+    pack_results,
     prepare_workspace,
-    repack_results,
     rmtree,
     workspace_path,
-    write_archive,
 )
 from hivemind_worker.engine.runners.environments import Environments
 from hivemind_worker.tasks import (
@@ -75,9 +85,20 @@ from hivemind_worker.tasks import (
 
 log = logging.getLogger(__name__)
 
-LABEL_NODE = "hivemind.node"
-LABEL_TASK = "hivemind.task"
-LABEL_LEASE = "hivemind.lease"
+__all__ = [  # kept where the tests and benchmarks have always found them
+    "LABEL_LEASE",
+    "LABEL_NODE",
+    "LABEL_SLOT",
+    "LABEL_TASK",
+    "OLD_SPEC_SUFFIX",
+    "SPECS_DIR",
+    "SPEC_SUFFIX",
+    "DockerExecutor",
+    "connect",
+    "courtesy_cgroup_parent",
+    "worker_user",
+]
+
 WORKSPACE_MOUNT = "/workspace"
 # The unprivileged user tasks run as when the worker itself runs as root.
 NOBODY = "65534:65534"
@@ -90,19 +111,12 @@ CPU_SHARES = 2
 # container's memory limit, so it is capped well below it.
 TMPFS_MAX_BYTES = 256 * MiB
 LOG_MAX_SIZE = "10m"
+# Every container's environment, before the task's own; the root filesystem is read-only.
+BASE_ENV = {"HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
 POLL_INTERVAL = 0.1
 DRAIN_SECONDS = 5.0
 API_TIMEOUT = 60
 MIN_NANO_CPUS = 10_000_000  # 1 % of a core: Docker refuses a ceiling of less
-# In the work folder, beside (never inside: the task could rewrite it) each workspace: the spec
-# of every prepared task, `<task>-<lease>.json` (TaskSpec.to_dict()), so that a restarted
-# worker can re-attach.
-SPECS_DIR = "_specs"
-SPEC_SUFFIX = ".json"
-# Specs kept by versions before this one, in the wire format; their containers are removed as
-# orphans and the files with them.
-OLD_SPEC_SUFFIX = ".pb"
-ADOPTABLE_STATES = ("running", "paused", "exited")
 
 
 def connect(timeout: int = API_TIMEOUT) -> docker.DockerClient:
@@ -141,9 +155,19 @@ class DockerExecutor(Executor):
     other than the allowed one, pip options such as -r, -e, --index-url in its requirements)
     is refused in prepare() with TaskSpecError, which the engine reports as REJECTED.
 
-    Results are copied out of /workspace/<result_path> with get_archive and re-packed entry
-    by entry (regular files and folders only, no absolute names or '..', under the file-count
-    and byte caps) into the same archive format as the process executor.
+    Results are packed from the bind-mounted workspace once the container has exited (no
+    process of the task is left to change them), as the process executor packs them: entry by
+    entry, never following a link, regular files and folders only, under the file-count and
+    byte caps. The wait gives the exit code; the container is inspected only for an exit
+    other than 0 (was it the OOM killer?), and its log file is read only when the followed
+    output may have missed part of the tail.
+
+    With `warm`, python tasks start in warm sandboxes (warm.py): after each python task a
+    fresh container of its shape is made and started, up to one per free slot (`slots`,
+    set by the engine), with this executor's own lock-down (warm_config); the next task of
+    that shape runs in it without creating or starting a container. Warm sandboxes are
+    dropped on pause(), standby(), close() and when the caps change; one made from an image
+    that has changed since is not used.
 
     Status: exit 0 is SUCCEEDED; killed by the kernel's OOM killer is OUT_OF_MEMORY; past
     the timeout (paused time not counted) is TIMED_OUT; cancel() is CANCELLED; a workspace
@@ -155,8 +179,8 @@ class DockerExecutor(Executor):
     log file once the container has stopped.
 
     Housekeeping: remove_leftovers() (at start) adopts containers labelled with this node
-    whose task spec it kept (SPECS_DIR, beside the workspaces), for the engine to re-attach
-    them with reattach(), and removes the others and their workspaces; cleanup() removes the
+    whose task spec it kept (leftovers.py), for the engine to re-attach them with reattach(),
+    and removes the others and their workspaces; cleanup() removes the
     container, workspace and kept spec, then prunes the images this worker pulled or built,
     least recently used first, past `image_budget_bytes`. `cgroup_parent` (see
     courtesy_cgroup_parent) puts every container under a parent cgroup of minimal CPU weight
@@ -183,6 +207,7 @@ class DockerExecutor(Executor):
         max_result_files: int = 10_000,
         image_budget_bytes: int = 0,
         environments: Environments | None = None,
+        warm: bool = False,
     ) -> None:
         self._client = client
         self._work_dir = Path(work_dir)
@@ -213,6 +238,16 @@ class DockerExecutor(Executor):
         self._running: dict[str, ContainerRun] = {}
         self._cancel_requested: set[str] = set()
         self._paused = False
+        self._standby = False
+        self._closed = False
+        self._caps_seen: tuple[Resources, float] | None = None
+        self._slots: dict[str, Slot] = {}  # the warm sandbox each prepared task took
+        self._shapes: dict[str, Shape] = {}  # each prepared python task's, to make the next
+        self.warm = (
+            WarmPool(client, self._work_dir / WARM_DIR, self.warm_config, self._hand_over)
+            if warm
+            else None
+        )
 
     @property
     def client(self) -> docker.DockerClient:
@@ -241,101 +276,22 @@ class DockerExecutor(Executor):
     # ---------------------------------------------------------------- housekeeping
 
     def remove_leftovers(self) -> int:
-        """Settle what an earlier run of this node left behind; returns how many containers
-        were removed. Blocking; called once at start, before any task runs.
-
-        A labelled container that still runs (or is paused), or has exited without its result
-        collected, is adopted when its task's spec was kept (SPECS_DIR): adoptable() offers it
-        and reattach() follows it to its end. Every other labelled container is removed with
-        its workspace, and so is a kept spec's workspace when no container is adopted for it.
-        """
-        found = self._client.containers.list(
-            all=True, filters={"label": f"{LABEL_NODE}={self._node_id}"}
-        )
-        work_dir = self._work_dir.resolve()
-        adopted: set[str] = set()
-        removed = 0
-        for container in found:
-            spec = self._adoptable_spec(container)
-            if spec is not None:
-                self._workspaces[spec.task_id] = workspace_path(self._work_dir, spec)
-                self._containers[spec.task_id] = container
-                self._spec_files[spec.task_id] = self._spec_path(spec)
-                # Kept from pruning while it runs, as for a prepared task.
-                self.images.adopt(
-                    spec.task_id, str((container.attrs.get("Config") or {}).get("Image"))
-                )
-                self._adopted.append(spec)
-                adopted.add(self._spec_path(spec).stem)
-                log.info(
-                    "adopting container %s (%s) of task %s left by an earlier run",
-                    container.short_id,
-                    container.status,
-                    spec.task_id,
-                )
-                continue
-            sources = [m.get("Source", "") for m in container.attrs.get("Mounts", [])]
-            log.info("removing container %s left by an earlier run", container.short_id)
-            with contextlib.suppress(docker.errors.NotFound):
-                container.remove(force=True, v=True)
-            removed += 1
-            for source in sources:
-                path = Path(source).resolve() if source else None
-                # Only a workspace of ours: a direct child of the work folder.
-                if (
-                    path is not None
-                    and path.parent == work_dir
-                    and path.name not in (ARCHIVES_DIR, SPECS_DIR, TRASH_DIR)
-                ):
-                    rmtree(path)
-        specs = self._work_dir / SPECS_DIR
-        kept_files = (
-            sorted(p for p in specs.iterdir() if p.suffix in (SPEC_SUFFIX, OLD_SPEC_SUFFIX))
-            if specs.is_dir()
-            else []
-        )
-        for kept in kept_files:
-            if kept.stem in adopted:
-                continue
-            # The task's workspace has the spec file's name (workspace_path).
-            orphan = self._work_dir / kept.stem
-            if orphan.is_dir() and not orphan.is_symlink():
-                rmtree(orphan)
-            kept.unlink(missing_ok=True)
+        """Settle what an earlier run of this node left behind (leftovers.sweep); returns how
+        many containers were removed. Blocking; called once at start, before any task runs.
+        Adopted containers are offered by adoptable() and followed by reattach()."""
+        adopted, removed = sweep(self._client, self._work_dir, self._node_id)
+        for record in adopted:
+            task_id = record.spec.task_id
+            self._workspaces[task_id] = record.workspace
+            self._containers[task_id] = record.container
+            self._spec_files[task_id] = record.spec_file
+            self.images.adopt(task_id, record.image)  # kept from pruning while it runs
+            self._adopted.append(record.spec)
         return removed
 
     def adoptable(self) -> list[TaskSpec]:
         adopted, self._adopted = self._adopted, []
         return adopted
-
-    def _spec_path(self, task: TaskSpec) -> Path:
-        name = f"{task.task_id}-{task.lease_id or 'nolease'}{SPEC_SUFFIX}"
-        return self._work_dir / SPECS_DIR / name
-
-    def _adoptable_spec(self, container: Container) -> TaskSpec | None:
-        """The kept spec of a container this run can follow, or None (it is removed)."""
-        labels = container.labels or {}
-        task_id = labels.get(LABEL_TASK, "")
-        lease_id = labels.get(LABEL_LEASE, "")
-        if container.status not in ADOPTABLE_STATES or not task_id or not lease_id:
-            return None
-        if task_id in self._workspaces:  # a second container of the task: keep one at most
-            return None
-        path = self._work_dir / SPECS_DIR / f"{task_id}-{lease_id}{SPEC_SUFFIX}"
-        if path.parent != self._work_dir / SPECS_DIR:  # a label naming another folder
-            return None
-        try:
-            spec = TaskSpec.from_dict(
-                json.loads(path.read_text(encoding="utf-8")), require_lease=True
-            )
-        except (OSError, ValueError) as exc:  # TaskSpecError and bad JSON are ValueErrors
-            log.info("container %s cannot be re-attached: %s", container.short_id, exc)
-            return None
-        if spec.task_id != task_id or spec.lease_id != lease_id:
-            return None
-        if not workspace_path(self._work_dir, spec).is_dir():
-            return None
-        return spec
 
     # ---------------------------------------------------------------- prepare
 
@@ -355,80 +311,110 @@ class DockerExecutor(Executor):
         if task.network not in ("none", self._network):
             raise TaskSpecError("network", f"'{task.network}' is not allowed on this worker")
         await self.images.acquire(task, self._environment_progress(task.task_id))
+        self._standby = False  # a task came: keep sandboxes warm again
 
-        workspace = workspace_path(self._work_dir, task)
         previous = self._workspaces.get(task.task_id)
-        if previous is not None and previous != workspace:
-            await self._remove_container(task.task_id)
+        if previous is not None:  # prepared before, under another lease
+            await self._release(task.task_id)
             await asyncio.to_thread(rmtree, previous)
-            stale = self._spec_files.pop(task.task_id, None)
-            if stale is not None:
-                await asyncio.to_thread(stale.unlink, missing_ok=True)
+        shape = self._shape(task)
+        slot = None
+        if shape is not None and self.warm is not None and not self._paused:
+            self._shapes[task.task_id] = shape
+            slot = await self.warm.take(shape)
+        workspace = slot.workspace if slot is not None else workspace_path(self._work_dir, task)
         self._workspaces[task.task_id] = workspace
-        self._spec_files[task.task_id] = self._spec_path(task)
+        self._spec_files[task.task_id] = spec_path(self._work_dir, task)
+        if slot is not None:
+            self._slots[task.task_id] = slot
+            if slot.container is not None:  # removed by cleanup() like any task's container
+                self._containers[task.task_id] = slot.container
         self._cancel_requested.discard(task.task_id)
         try:
-            await asyncio.to_thread(self._prepare_sync, task, workspace)
+            await asyncio.to_thread(self._prepare_sync, task, workspace, slot)
         except BaseException:
+            await self._release(task.task_id)
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(rmtree, workspace)
             raise
 
-    def _prepare_sync(self, task: TaskSpec, workspace: Path) -> None:
-        prepare_workspace(task, workspace, self._work_dir)
+    def _prepare_sync(self, task: TaskSpec, workspace: Path, slot: Slot | None) -> None:
+        prepare_workspace(task, workspace, self._work_dir, existing=slot is not None)
         # Kept for re-attaching after a crash; the inputs are in the workspace already.
-        kept = dataclasses.replace(task, input_files=(), input_archive=b"")
-        path = self._spec_path(task)
-        try:
-            path.parent.mkdir(exist_ok=True, mode=0o700)
-            partial = path.with_suffix(".partial")
-            partial.write_text(json.dumps(kept.to_dict()), encoding="utf-8")
-            partial.replace(path)
-        except OSError as exc:
-            raise ExecutorError(f"cannot keep the task's spec in {path.parent}: {exc}") from exc
+        path = spec_path(self._work_dir, task)
+        keep_spec(path, dataclasses.replace(task, input_files=(), input_archive=b""))
+        if slot is not None:
+            keep_spec(path, task, slot=slot.name)
+        self._hand_over(workspace)
+
+    def _hand_over(self, workspace: Path) -> None:
+        """The worker is root and the task is not: hand it the workspace it must write."""
         if self._user == NOBODY and hasattr(os, "lchown"):
-            # The worker is root and the task is not: hand it the workspace it must write.
             try:
                 _chown_tree(workspace, 65534, 65534)
             except OSError as exc:
                 raise ExecutorError(f"cannot hand the workspace to the task user: {exc}") from exc
 
+    def _shape(self, task: TaskSpec) -> Shape | None:
+        """A prepared task's shape when it can run in a warm sandbox (python tasks)."""
+        image = self.images.image_of(task)
+        image_id = self.images.image_ids.get(image, "")
+        if task.kind is not TaskKind.PYTHON or not image_id:
+            return None
+        return Shape(image, image_id, task.resources, self._network_of(task))
+
+    def _network_of(self, task: TaskSpec) -> str:
+        return task.network if task.network == self._network else "none"
+
     # ---------------------------------------------------------------- run
 
     def container_config(self, task: TaskSpec, workspace: Path) -> dict[str, Any]:
-        """The keyword arguments of containers.create() for a task: the lockdown lives here."""
-        memory = task.resources.memory_bytes
-        disk = task.resources.disk_bytes
-        cpus = task.resources.cpus
-        tmpfs_bytes = max(min(disk, TMPFS_MAX_BYTES, memory // 2), MiB)
+        """The keyword arguments of containers.create() for a task: its command, environment,
+        name and labels on sandbox_config()'s lock-down."""
         if task.kind is TaskKind.PYTHON:
             command = ["python3", "main.py", *task.argv]
         else:
             command = list(task.argv)
         results_dir = PurePosixPath(WORKSPACE_MOUNT, *task.result_path.parts)
-        env = {
-            "HOME": "/tmp",
-            "TMPDIR": "/tmp",
-            "LANG": "C.UTF-8",
-            "PYTHONDONTWRITEBYTECODE": "1",  # the root filesystem is read-only anyway
-        }
+        config = self.sandbox_config(
+            self.images.image_of(task), task.resources, self._network_of(task), workspace
+        )
+        env = config["environment"]
         env.update({k: v for k, v in task.env.items() if not k.startswith("HIVEMIND_")})
         env["HIVEMIND_TASK_ID"] = task.task_id
         env["HIVEMIND_RESULTS_DIR"] = str(results_dir)
+        config["command"] = command
+        config["name"] = f"hivemind-{task.task_id}-{(task.lease_id or 'nolease')[:12]}"
+        config["labels"] = {
+            LABEL_NODE: self._node_id,
+            LABEL_TASK: task.task_id,
+            LABEL_LEASE: task.lease_id,
+        }
+        return config
+
+    def warm_config(self, shape: Shape, workspace: Path, slot: str) -> dict[str, Any]:
+        """The keyword arguments of containers.create() for a warm sandbox (warm.py): the
+        waiter as its command, the slot as its label, on sandbox_config()'s lock-down."""
+        config = self.sandbox_config(shape.image, shape.resources, shape.network, workspace)
+        config["command"] = list(WAITER_COMMAND)
+        config["name"] = f"hivemind-{slot}"
+        config["labels"] = {LABEL_NODE: self._node_id, LABEL_SLOT: slot}
+        return config
+
+    def sandbox_config(
+        self, image: str, resources: Resources, network: str, workspace: Path
+    ) -> dict[str, Any]:
+        """What every container is made with, a task's or a warm sandbox's: the lock-down
+        lives here, and only here."""
+        memory = resources.memory_bytes
+        tmpfs_bytes = max(min(resources.disk_bytes, TMPFS_MAX_BYTES, memory // 2), MiB)
         config: dict[str, Any] = {
-            "image": self.images.image_of(task),
-            "command": command,
-            "name": f"hivemind-{task.task_id}-{(task.lease_id or 'nolease')[:12]}",
-            "labels": {
-                LABEL_NODE: self._node_id,
-                LABEL_TASK: task.task_id,
-                LABEL_LEASE: task.lease_id,
-            },
+            "image": image,
             "user": self._user,
             "working_dir": WORKSPACE_MOUNT,
-            "environment": env,
+            "environment": dict(BASE_ENV),
             "entrypoint": [],
-            "network_mode": task.network if task.network == self._network else "none",
+            "network_mode": network,
             "read_only": True,
             "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={tmpfs_bytes}"},
             "mounts": [
@@ -440,7 +426,7 @@ class DockerExecutor(Executor):
             "pids_limit": self._pids_limit,
             "mem_limit": memory,
             "memswap_limit": memory,
-            "nano_cpus": max(int(cpus * 1e9), 1),
+            "nano_cpus": max(int(resources.cpus * 1e9), 1),
             "cpu_shares": self._cpu_shares,
             "ipc_mode": "private",
             "log_config": LogConfig(
@@ -467,11 +453,14 @@ class DockerExecutor(Executor):
         result: TaskResult,
     ) -> None:
         config = self.container_config(task, workspace)
-        try:
-            container = await asyncio.to_thread(self._create, config)
-        except DOCKER_ERRORS as exc:
-            result.error = f"could not create the container: {docker_reason(exc)}"
-            return
+        slot = self._slots.get(task.task_id)
+        container = slot.container if slot is not None else None
+        if container is None:
+            try:
+                container = await asyncio.to_thread(self._create, config)
+            except DOCKER_ERRORS as exc:
+                result.error = f"could not create the container: {docker_reason(exc)}"
+                return
         self._containers[task.task_id] = container
         run = ContainerRun(task, container, started=time.monotonic(), workspace=workspace)
         run.disk_limit = task.resources.disk_bytes
@@ -481,7 +470,11 @@ class DockerExecutor(Executor):
         run.cancelled = task.task_id in self._cancel_requested
         try:
             try:
-                await asyncio.to_thread(container.start)
+                if slot is not None:
+                    await asyncio.to_thread(self._launch, slot, config, run)
+                    self._containers[task.task_id] = run.container
+                else:
+                    await asyncio.to_thread(run.container.start)
             except DOCKER_ERRORS as exc:
                 run.logs_done.set()  # no output thread was started
                 result.error = f"could not start the task: {docker_reason(exc)}"
@@ -529,6 +522,17 @@ class DockerExecutor(Executor):
         memory = int((container.attrs.get("HostConfig") or {}).get("Memory") or 0)
         await self._conclude(run, result, memory or task.resources.memory_bytes)
 
+    def _launch(self, slot: Slot, config: dict[str, Any], run: ContainerRun) -> None:
+        """Start the task in its warm sandbox; in a new container if the sandbox fails it."""
+        assert self.warm is not None
+        try:
+            self.warm.launch(slot, config["command"], config["environment"])
+        except WarmError as exc:
+            log.warning("task %s: %s; starting it in a new container", run.task.task_id, exc)
+            _remove(run.container)
+            run.container = self._create(config)
+            run.container.start()
+
     async def _follow(self, run: ContainerRun, on_log: LogSink | None) -> None:
         """Wait for the started container's exit, following its output and usage meanwhile."""
         loop = asyncio.get_running_loop()
@@ -553,12 +557,18 @@ class DockerExecutor(Executor):
         """The exited container's status, output tail, usage and results into `result`."""
         task, container = run.task, run.container
         result.finished_at = time.time()
-        state = await asyncio.to_thread(_state, container)
-        code = int(state.get("ExitCode", -1))
+        code = run.exit_code
+        state: dict[str, Any] = {}
+        if code != 0:  # the one inspect: the exit code the wait missed, and the OOM flag
+            state = await asyncio.to_thread(_state, container)
+            code = int(state.get("ExitCode", -1))
         result.exit_code = code
-        # The followed stream can miss output when the log file rotates under it; the file
-        # itself (capped by max-size) holds the authoritative end.
-        tail = await asyncio.to_thread(log_tail, container, self._log_tail_bytes)
+        # The followed stream can miss output when the log file rotates under it, which
+        # cannot happen before the cap's worth of output (the file is 10 MiB of JSON lines):
+        # past that, or when the stream broke, the file holds the authoritative end.
+        tail: bytes | None = bytes(run.tail)
+        if not run.logs_complete or run.output_bytes > self._log_tail_bytes:
+            tail = await asyncio.to_thread(log_tail, container, self._log_tail_bytes)
         result.log_tail = tail if tail is not None else bytes(run.tail)
         result.cpu_seconds = run.cpu_seconds
         result.max_memory_bytes = run.max_memory
@@ -577,8 +587,13 @@ class DockerExecutor(Executor):
                 else f"exited with code {code}"
             ),
         )
+        workspace = run.workspace
+        assert workspace is not None
         await collect_results(
-            result, lambda: self._collect(task, container), (OSError, *DOCKER_ERRORS), "copy"
+            result,
+            lambda: pack_results(task, workspace, self.archive_dir, self._max_result_files),
+            (OSError,),
+            "pack",
         )
 
     def _create(self, config: dict[str, Any]) -> Container:
@@ -620,25 +635,10 @@ class DockerExecutor(Executor):
                 continue
             await asyncio.wait({waiter}, timeout=POLL_INTERVAL)
         with contextlib.suppress(*DOCKER_ERRORS):
-            await waiter  # the exit itself; errors mean the container is gone already
+            status = await waiter  # the exit itself; errors mean the container is gone already
+            if isinstance(status, dict) and isinstance(status.get("StatusCode"), int):
+                run.exit_code = status["StatusCode"]
         run.exited = True
-
-    # ---------------------------------------------------------------- results
-
-    def _collect(self, task: TaskSpec, container: Container) -> tuple[Path, str, int]:
-        path = str(PurePosixPath(WORKSPACE_MOUNT, *task.result_path.parts))
-        try:
-            chunks, stat = container.get_archive(path)
-        except docker.errors.NotFound:
-            # The task removed its results folder: an archive with no entries.
-            return write_archive(task, self.archive_dir, lambda tar: None)
-        # get_archive follows a symlink at the path itself; the tar would hold its target.
-        mode = int(stat.get("mode", 0))
-        if stat.get("linkTarget") or not mode & (1 << 31):  # Go's os.ModeDir bit
-            raise ResultError(
-                f"{task.result_path} is not a folder (a link or a file); results are refused"
-            )
-        return repack_results(chunks, task, self.archive_dir, self._max_result_files)
 
     # ---------------------------------------------------------------- control
 
@@ -654,6 +654,7 @@ class DockerExecutor(Executor):
 
     async def pause(self) -> None:
         self._paused = True
+        await self._drop_warm()
         now = time.monotonic()
         runs = [r for r in self._running.values() if r.paused_at is None and not r.exited]
         for run in runs:
@@ -679,20 +680,40 @@ class DockerExecutor(Executor):
             await asyncio.to_thread(_kill, run.container)
         self._cancel_requested.discard(task_id)
         self.images.release(task_id)
-        await self._remove_container(task_id)
+        shape = self._shapes.get(task_id)
+        await self._release(task_id)
         workspace = self._workspaces.pop(task_id, None)
         if workspace is not None:
             # Moved aside at once, deleted in the background: the report waits for cleanup().
             await asyncio.to_thread(discard, workspace, self._work_dir)
-        spec_file = self._spec_files.pop(task_id, None)
-        if spec_file is not None:
-            await asyncio.to_thread(spec_file.unlink, missing_ok=True)
+        if shape is not None and self.warm is not None and self._keeps_warm():
+            # A fresh sandbox for the next task of this shape, made in the background.
+            self.warm.fill(shape, self.slots - len(self._running))
         await self.images.prune_to_budget()
 
-    async def _remove_container(self, task_id: str) -> None:
+    async def _release(self, task_id: str) -> None:
+        """The task's container removed (a warm sandbox's too), its kept spec forgotten."""
+        self._slots.pop(task_id, None)
+        self._shapes.pop(task_id, None)
         container = self._containers.pop(task_id, None)
         if container is not None:
             await asyncio.to_thread(_remove, container)
+        spec_file = self._spec_files.pop(task_id, None)
+        if spec_file is not None:
+            await asyncio.to_thread(forget_spec, spec_file)
+
+    def _keeps_warm(self) -> bool:
+        return not (self._paused or self._standby or self._closed)
+
+    async def _drop_warm(self) -> None:
+        if self.warm is not None:
+            await self.warm.drop()
+
+    async def standby(self) -> None:
+        """No task is coming for now (contributing stopped or draining): no warm sandbox is
+        kept until the next task is prepared."""
+        self._standby = True
+        await self._drop_warm()
 
     def usage(self) -> dict[str, Usage]:
         return {task_id: run.usage for task_id, run in self._running.items()}
@@ -703,6 +724,9 @@ class DockerExecutor(Executor):
         CPU is the one limit Docker can change safely in flight; memory is left alone (a
         lower limit than a task holds would kill it) and the new caps bound new tasks.
         """
+        if self._caps_seen is not None and self._caps_seen != (caps, self.cpu_time_share):
+            await self._drop_warm()  # made for the old caps: the next ones fit the new
+        self._caps_seen = (caps, self.cpu_time_share)
         runs = [r for r in self._running.values() if not r.exited]
         wanted = sum(r.task.resources.cpus for r in runs)
         factor = min(1.0, caps.cpus / wanted) if wanted > 0 and caps.cpus > 0 else 1.0
@@ -729,11 +753,14 @@ class DockerExecutor(Executor):
             log.debug("cannot update the CPU limit of %s: %s", container.short_id, exc)
 
     async def close(self) -> None:
+        self._closed = True
         runs = list(self._running.values())
         for run in runs:
             if not run.timed_out:
                 run.cancelled = True
-        await asyncio.gather(*(asyncio.to_thread(_kill, r.container) for r in runs))
+        await asyncio.gather(
+            *(asyncio.to_thread(_kill, r.container) for r in runs), self._drop_warm()
+        )
 
 
 # -------------------------------------------------------------------- helpers

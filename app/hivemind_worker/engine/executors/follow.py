@@ -46,6 +46,10 @@ class ContainerRun(PausableRun):
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
     logs_done: threading.Event = field(default_factory=threading.Event)
+    # The followed output reached its end (the container's exit), unbroken: with less than
+    # the log file's cap written, `tail` is then the whole end and no final read is needed.
+    logs_complete: bool = False
+    exit_code: int | None = None  # from the wait, once the container has exited
     usage: Usage = field(default_factory=Usage)
     cpu_seconds: float = 0.0
     max_memory: int = 0
@@ -93,6 +97,8 @@ def read_logs(
                 run.flush_scheduled = True
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
                 loop.call_soon_threadsafe(flush, run, on_log)
+        else:
+            run.logs_complete = True
     except Exception as exc:  # the engine went away, the socket broke: the run goes on
         log.debug("output of task %s ended: %s", run.task.task_id, exc)
     finally:

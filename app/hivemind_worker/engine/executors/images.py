@@ -129,6 +129,9 @@ class ImageStore:
         self._preloaded: set[str] = set()
         self._on_progress = on_progress
         self._images: dict[str, str] = {}  # the image each prepared task runs
+        # The id each reference had when last looked up or pulled: a warm sandbox made from
+        # an older id is not used (warm.py).
+        self.image_ids: dict[str, str] = {}
         self._build_locks: dict[str, threading.Lock] = {}
         self._build_locks_lock = threading.Lock()
         self.ledger = _ImageLedger(Path(work_dir) / IMAGES_FILE)
@@ -214,7 +217,7 @@ class ImageStore:
         """Apply the pull policy; a failed pull fails the task with the registry's message."""
         if self._pull_policy != "always":
             try:
-                self._client.images.get(image)
+                self.image_ids[image] = str(self._client.images.get(image).id)
                 return
             except docker.errors.ImageNotFound:
                 if self._pull_policy == "never":
@@ -247,6 +250,10 @@ class ImageStore:
             raise _unavailable(image, docker_reason(exc)) from exc
         self._report_pull(image, layers, finished=True)
         self.ledger.touch(image)
+        try:
+            self.image_ids[image] = str(self._client.images.get(image).id)
+        except DOCKER_ERRORS:
+            self.image_ids.pop(image, None)  # unknown: no warm sandbox is taken for it
 
     def _report_pull(
         self, image: str, layers: dict[str, tuple[int, int]], *, finished: bool

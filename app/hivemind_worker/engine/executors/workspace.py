@@ -137,13 +137,20 @@ def workspace_path(work_dir: Path, task: TaskSpec) -> Path:
     return work_dir / f"{task.task_id}-{task.lease_id or 'nolease'}"
 
 
-def prepare_workspace(task: TaskSpec, workspace: Path, work_dir: Path) -> None:
-    """A fresh 0700 workspace holding the inputs, main.py, the results folder and tmp/."""
+def prepare_workspace(
+    task: TaskSpec, workspace: Path, work_dir: Path, *, existing: bool = False
+) -> None:
+    """A fresh 0700 workspace holding the inputs, main.py, the results folder and tmp/.
+
+    `existing`: the workspace is a warm sandbox's, made empty for this task (warm.py); the
+    inputs are written into it as it is.
+    """
     try:
         work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if workspace.exists() or workspace.is_symlink():
-            rmtree(workspace)
-        os.mkdir(workspace, 0o700)
+        if not existing:
+            if workspace.exists() or workspace.is_symlink():
+                rmtree(workspace)
+            os.mkdir(workspace, 0o700)
     except OSError as exc:
         raise ExecutorError(f"cannot create the task workspace {workspace}: {exc}") from exc
     root = os.open(workspace, _DIR_FLAGS)
