@@ -288,6 +288,11 @@ class Settings:
         help="run tasks in Docker containers when Docker is there",
         gui=True,
     )
+    docker_warm_sandboxes: bool = setting(
+        True,
+        env="DOCKER_WARM_SANDBOXES",
+        help="keep a started container ready per free slot so python tasks start at once",
+    )
     docker_network: str = setting(
         "none",
         env="DOCKER_NETWORK",

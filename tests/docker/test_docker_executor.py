@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -98,16 +99,32 @@ time.sleep(60)
 """
 
 
+async def warm_up(executor: dockerx.DockerExecutor, resources: Resources) -> None:
+    """Run a python task of this shape, so that a warm sandbox of it is made, and wait for it."""
+    assert executor.warm is not None
+    result, _ = await run_task(executor, make_task("pass", "warm-up", resources=resources))
+    assert result.status is TaskStatus.SUCCEEDED, result.error
+    await executor.cleanup("warm-up")
+    await asyncio.wait_for(executor.warm.settle(), 60)
+    assert len(executor.warm) == 1, executor.warm.broken
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["new-container", "warm-sandbox"])
 async def test_running_container_shows_every_default(
-    make_executor: MakeExecutor, docker_client: docker.DockerClient, node_id: str
+    make_executor: MakeExecutor, docker_client: docker.DockerClient, node_id: str, warm: bool
 ) -> None:
-    executor = make_executor()
+    executor = make_executor(warm=warm)
+    resources = Resources(0.5, 96 * MiB, 32 * MiB)
     task = make_task(
         PROBE,
-        resources=Resources(0.5, 96 * MiB, 32 * MiB),
+        resources=resources,
         input_files=(InputFile(PurePosixPath("in/data.txt"), b"hello"),),
     )
+    if warm:
+        await warm_up(executor, resources)
     await executor.prepare(task)
+    if warm:  # the probe runs in the sandbox made for it, not in a new container
+        assert executor.warm is not None and executor.warm.taken == 1
     workspace = executor.workspace("t1")
     assert workspace is not None
     running = asyncio.create_task(executor.run(task))
@@ -142,8 +159,13 @@ async def test_running_container_shows_every_default(
     ]
     assert config["WorkingDir"] == "/workspace"
     assert config["Labels"][dockerx.LABEL_NODE] == node_id
-    assert config["Labels"][dockerx.LABEL_TASK] == "t1"
-    assert config["Labels"][dockerx.LABEL_LEASE] == "lease-1"
+    if warm:  # made before its task was known: the slot names it, a kept file the task
+        assert set(config["Labels"]) == {dockerx.LABEL_NODE, dockerx.LABEL_SLOT}
+        slot_file = (tmp_work(executor) / dockerx.SPECS_DIR / "t1-lease-1").with_suffix(".slot")
+        assert slot_file.read_text() == config["Labels"][dockerx.LABEL_SLOT]
+    else:
+        assert config["Labels"][dockerx.LABEL_TASK] == "t1"
+        assert config["Labels"][dockerx.LABEL_LEASE] == "lease-1"
     assert host["LogConfig"]["Type"] == "json-file"
     assert host["LogConfig"]["Config"]["max-size"] == dockerx.LOG_MAX_SIZE
 
@@ -168,6 +190,62 @@ async def test_running_container_shows_every_default(
     assert not workspace.exists()
     with pytest.raises(docker.errors.NotFound):
         docker_client.containers.get(container.id)
+
+
+def tmp_work(executor: dockerx.DockerExecutor) -> Path:
+    return executor.archive_dir.parent
+
+
+# Run twice in one warm slot: the first run leaves a file in the workspace and in /tmp and a
+# process behind (in its own session, as a daemon would); the second looks for all three.
+LEAVE_TRACES = """
+import os, subprocess, sys
+seen = {"pid": os.getpid(), "files": sorted(os.listdir(".")), "tmp": sorted(os.listdir("/tmp"))}
+seen["pids"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+with open("results/seen.txt", "w") as fh:
+    fh.write(repr(seen))
+open("secret.txt", "w").write("first task")
+open("/tmp/secret.txt", "w").write("first task")
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+"""
+
+
+async def test_a_task_never_sees_the_one_before_it_in_its_warm_slot(
+    make_executor: MakeExecutor, docker_client: docker.DockerClient, node_id: str
+) -> None:
+    executor = make_executor(warm=True)
+    assert executor.warm is not None
+    resources = Resources(0.5, 96 * MiB, 32 * MiB)
+    seen = []
+    containers = []
+    for task_id in ("first", "second"):
+        task = make_task(LEAVE_TRACES, task_id, resources=resources)
+        result, _ = await run_task(executor, task)
+        assert result.status is TaskStatus.SUCCEEDED, result.error
+        assert result.archive is not None
+        files = archive_files(result.archive.read_bytes())
+        seen.append(ast.literal_eval(files["results/seen.txt"].decode()))
+        container = executor.container(task_id)
+        assert container is not None
+        containers.append(container.id)
+        await executor.cleanup(task_id)
+        await asyncio.wait_for(executor.warm.settle(), 60)
+    assert executor.warm.taken == 1  # the second ran in the slot made after the first
+    assert containers[0] != containers[1]
+    second = seen[1]
+    assert second["files"] == ["main.py", "results", "tmp"]  # no secret, no start pipe
+    assert second["tmp"] == []
+    assert second["pid"] == 1 and second["pids"] == [1]  # no process of the first task
+    for used in containers:  # each used container is removed after its task
+        with pytest.raises(docker.errors.NotFound):
+            docker_client.containers.get(used)
+    # What is left is one fresh sandbox, waiting; close() removes it.
+    left = docker_client.containers.list(filters={"label": f"{dockerx.LABEL_NODE}={node_id}"})
+    assert [c.labels.get(dockerx.LABEL_SLOT, "") != "" for c in left] == [True]
+    await executor.close()
+    assert not docker_client.containers.list(
+        all=True, filters={"label": f"{dockerx.LABEL_NODE}={node_id}"}
+    )
 
 
 async def test_container_task_runs_image_and_argv(make_executor: MakeExecutor) -> None:
@@ -271,8 +349,8 @@ RESULTS_IS_LINK = "import os\nos.rmdir('results')\nos.symlink('/etc', 'results')
 
 @pytest.mark.parametrize(
     ("source", "reason"),
-    [(SYMLINK_RESULT, "link"), (HARDLINK_RESULT, "link"), (RESULTS_IS_LINK, "not a folder")],
-    ids=["symlink", "hardlink", "results-folder-is-a-link"],
+    [(SYMLINK_RESULT, "link"), (RESULTS_IS_LINK, "not a folder")],
+    ids=["symlink", "results-folder-is-a-link"],
 )
 async def test_links_in_results_are_refused(
     make_executor: MakeExecutor, tmp_path: Path, source: str, reason: str
@@ -294,6 +372,21 @@ async def test_links_in_results_are_refused(
         specs,
         specs / f"{workspace.name}{dockerx.SPEC_SUFFIX}",
     }
+
+
+async def test_hardlinked_results_come_back_as_plain_files(make_executor: MakeExecutor) -> None:
+    # A hard link can only name a file of the workspace itself (the one mount the container
+    # shares with the host), so it is packed as the file it is; the archive holds no link.
+    result, _ = await run_task(make_executor(), make_task(HARDLINK_RESULT))
+    assert result.status is TaskStatus.SUCCEEDED, result.error
+    assert result.archive is not None
+    with tarfile.open(result.archive) as tar:
+        assert {m.name: m.type for m in tar.getmembers()} == {
+            "results": tarfile.DIRTYPE,
+            "results/a": tarfile.REGTYPE,
+            "results/b": tarfile.REGTYPE,
+        }
+    assert archive_files(result.archive.read_bytes()) == {"results/a": b"a", "results/b": b"a"}
 
 
 async def test_pause_freezes_cpu_and_resume_finishes(

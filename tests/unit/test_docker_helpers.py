@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import docker.errors
 import pytest
 
 from hivemind_worker.engine.executors import docker as dockerx
-from hivemind_worker.engine.executors import follow, images
+from hivemind_worker.engine.executors import docker_host, follow, images
 from hivemind_worker.engine.executors.base import ExecutorError
 from hivemind_worker.tasks import MiB, Resources, TaskKind, TaskSpec
 
@@ -87,10 +88,10 @@ def test_container_config_never_widens_the_lockdown(tmp_path: Path) -> None:
 def test_courtesy_cgroup_parent_off_linux_and_unknown_driver(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(dockerx.sys, "platform", "win32")
+    monkeypatch.setattr(docker_host.sys, "platform", "win32")
     parent, why = dockerx.courtesy_cgroup_parent("cgroupfs", "1")
     assert parent == "" and "Docker Desktop" in why
-    monkeypatch.setattr(dockerx.sys, "platform", "linux")
+    monkeypatch.setattr(docker_host.sys, "platform", "linux")
     parent, why = dockerx.courtesy_cgroup_parent("", "2")
     assert parent == "" and "unknown" in why
 
@@ -102,7 +103,7 @@ class _FakeImages:
     def get(self, ref: str) -> object:
         if ref not in self.present:
             raise docker.errors.ImageNotFound(ref)
-        return object()
+        return SimpleNamespace(id=f"sha256:{len(ref)}")
 
 
 class _FakeAPI:

@@ -121,6 +121,7 @@ class WorkerEngine(Session, TaskRuns, Contribute):
     def _use_executor(self, executor: Executor) -> None:
         executor.on_pull = self._on_pull
         executor.on_environment = self._on_environment
+        executor.slots = self.settings.max_concurrent_tasks
         self._executor = executor
 
     def _on_pull(self, image: str, done: int, total: int) -> None:
@@ -318,6 +319,7 @@ class WorkerEngine(Session, TaskRuns, Contribute):
     def _do_drain(self) -> None:
         self._draining = True
         self._withdraw_poll()
+        self._standby()
         self._refresh_state()
         self._poke()
 
@@ -331,7 +333,13 @@ class WorkerEngine(Session, TaskRuns, Contribute):
         self._draining = False
         self._withdraw_poll()
         self._cancel_running()
+        self._standby()
         self._poke()
+
+    def _standby(self) -> None:
+        """No task is coming: the executor lets go of sandboxes it keeps ready."""
+        if self._executor is not None and self._loop is not None and not self._loop.is_closed():
+            self._spawn(self._executor.standby(), "standby")
 
     def _do_shutdown(self) -> None:
         self._shutdown = True
@@ -350,6 +358,8 @@ class WorkerEngine(Session, TaskRuns, Contribute):
         # whose capability they include, sure to be chosen).
         capabilities = self._capabilities() if self._client is not None else ()
         self.settings = settings
+        if self._executor is not None:
+            self._executor.slots = settings.max_concurrent_tasks
         self._configure_policy(settings)
         if reconnect and self._client is not None:
             self._spawn(self._close_client(), "reconnect")
@@ -359,7 +369,8 @@ class WorkerEngine(Session, TaskRuns, Contribute):
             # offers the new ones.
             self._spawn(self._register(self._client), "register the new capabilities")
             self._withdraw_poll()
-        if self._running:  # only then is the loop running, and is there anything to bring in
+        if self._executor is not None and self._loop is not None and not self._loop.is_closed():
+            # Running tasks brought within the caps; sandboxes kept ready for the old ones go.
             self._spawn(self.executor.apply_caps(self._caps()), "apply caps")
         self._poke()
 

@@ -89,6 +89,7 @@ def _docker_executor(settings: Settings, node_id: str) -> Executor:
             cgroup_parent=parent,
             image_budget_bytes=settings.disk_cap_bytes(),
             environments=environments_for(settings),
+            warm=settings.docker_warm_sandboxes,
         )
         removed = executor.remove_leftovers()
         if removed:

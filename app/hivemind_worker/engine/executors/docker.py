@@ -11,12 +11,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
-import signal
-import sys
 import time
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -33,15 +29,29 @@ from hivemind_worker.engine.executors.base import (
     collect_results,
     settle_status,
 )
+from hivemind_worker.engine.executors.docker_host import (
+    NOBODY,
+    connect,
+    courtesy_cgroup_parent,
+    hand_over,
+    worker_user,
+)
 from hivemind_worker.engine.executors.follow import (
     SAMPLE_INTERVAL,
     ContainerRun,
+    container_state,
+    docker_time,
     flush,
     in_thread,
+    kill_container,
     log_tail,
+    pause_container,
     read_logs,
+    remove_container,
     sample_stats,
+    signal_name,
     start_thread,
+    unpause_container,
 )
 from hivemind_worker.engine.executors.images import (
     DOCKER_ERRORS,
@@ -90,6 +100,7 @@ __all__ = [  # kept where the tests and benchmarks have always found them
     "LABEL_NODE",
     "LABEL_SLOT",
     "LABEL_TASK",
+    "NOBODY",
     "OLD_SPEC_SUFFIX",
     "SPECS_DIR",
     "SPEC_SUFFIX",
@@ -100,8 +111,6 @@ __all__ = [  # kept where the tests and benchmarks have always found them
 ]
 
 WORKSPACE_MOUNT = "/workspace"
-# The unprivileged user tasks run as when the worker itself runs as root.
-NOBODY = "65534:65534"
 PIDS_LIMIT = 256
 # Docker's smallest CPU weight. On its own it only ranks tasks among Docker's containers;
 # the parent cgroup of minimal weight (courtesy_cgroup_parent) puts the person's programs
@@ -115,26 +124,7 @@ LOG_MAX_SIZE = "10m"
 BASE_ENV = {"HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
 POLL_INTERVAL = 0.1
 DRAIN_SECONDS = 5.0
-API_TIMEOUT = 60
 MIN_NANO_CPUS = 10_000_000  # 1 % of a core: Docker refuses a ceiling of less
-
-
-def connect(timeout: int = API_TIMEOUT) -> docker.DockerClient:
-    """A client for the local engine (DOCKER_HOST, the socket, or Docker Desktop's pipe).
-
-    The pool is sized for three long-lived streams per running container (wait, logs,
-    stats) so requests never queue behind them.
-    """
-    return docker.from_env(version="auto", timeout=timeout, max_pool_size=64)
-
-
-def worker_user() -> str:
-    """uid:gid for task containers: the worker's own, or nobody's when it runs as root."""
-    getuid = getattr(os, "getuid", None)
-    getgid = getattr(os, "getgid", None)
-    if getuid is None or getgid is None or getuid() == 0:
-        return NOBODY
-    return f"{getuid()}:{getgid()}"
 
 
 class DockerExecutor(Executor):
@@ -348,12 +338,7 @@ class DockerExecutor(Executor):
         self._hand_over(workspace)
 
     def _hand_over(self, workspace: Path) -> None:
-        """The worker is root and the task is not: hand it the workspace it must write."""
-        if self._user == NOBODY and hasattr(os, "lchown"):
-            try:
-                _chown_tree(workspace, 65534, 65534)
-            except OSError as exc:
-                raise ExecutorError(f"cannot hand the workspace to the task user: {exc}") from exc
+        hand_over(workspace, self._user)
 
     def _shape(self, task: TaskSpec) -> Shape | None:
         """A prepared task's shape when it can run in a warm sandbox (python tasks)."""
@@ -495,8 +480,8 @@ class DockerExecutor(Executor):
         container = self._containers.get(task.task_id)
         if container is None:
             raise ExecutorError(f"task {task.task_id} has no container to re-attach to")
-        state = await asyncio.to_thread(_state, container)
-        begun = _docker_time(str(state.get("StartedAt", "")))
+        state = await asyncio.to_thread(container_state, container)
+        begun = docker_time(str(state.get("StartedAt", "")))
         if begun:
             result.started_at = begun
         # The timeout counts from the container's start, not from this re-attachment.
@@ -508,13 +493,13 @@ class DockerExecutor(Executor):
         try:
             frozen = bool(state.get("Paused"))  # by the earlier run, paused when it died
             if run.cancelled:
-                await asyncio.to_thread(_kill, container)
+                await asyncio.to_thread(kill_container, container)
             elif self._paused:
                 run.paused_at = time.monotonic()
                 if not frozen:
-                    await asyncio.to_thread(_pause, container)
+                    await asyncio.to_thread(pause_container, container)
             elif frozen:
-                await asyncio.to_thread(_unpause, container)
+                await asyncio.to_thread(unpause_container, container)
             log.info("re-attached to task %s (%s)", task.task_id, state.get("Status", "?"))
             await self._follow(run, on_log)
         finally:
@@ -529,7 +514,7 @@ class DockerExecutor(Executor):
             self.warm.launch(slot, config["command"], config["environment"])
         except WarmError as exc:
             log.warning("task %s: %s; starting it in a new container", run.task.task_id, exc)
-            _remove(run.container)
+            remove_container(run.container)
             run.container = self._create(config)
             run.container.start()
 
@@ -547,7 +532,7 @@ class DockerExecutor(Executor):
         if not run.exited:
             # Cancelled from outside (engine shutdown), or a worker error: the
             # container must not outlive the run, whatever interrupted it.
-            await asyncio.shield(asyncio.to_thread(_kill, run.container))
+            await asyncio.shield(asyncio.to_thread(kill_container, run.container))
         self._running.pop(run.task.task_id, None)
         await asyncio.to_thread(run.logs_done.wait, DRAIN_SECONDS)
         run.closed = True
@@ -560,7 +545,7 @@ class DockerExecutor(Executor):
         code = run.exit_code
         state: dict[str, Any] = {}
         if code != 0:  # the one inspect: the exit code the wait missed, and the OOM flag
-            state = await asyncio.to_thread(_state, container)
+            state = await asyncio.to_thread(container_state, container)
             code = int(state.get("ExitCode", -1))
         result.exit_code = code
         # The followed stream can miss output when the log file rotates under it, which
@@ -582,7 +567,7 @@ class DockerExecutor(Executor):
             out_of_memory=bool(state.get("OOMKilled")),
             memory_limit=memory,
             failure=(
-                f"killed by signal {_signal_name(code - 128)}"
+                f"killed by signal {signal_name(code - 128)}"
                 if code > 128
                 else f"exited with code {code}"
             ),
@@ -609,7 +594,7 @@ class DockerExecutor(Executor):
 
     def _freeze_or_kill(self, run: ContainerRun) -> None:
         if run.cancelled:
-            _kill(run.container)
+            kill_container(run.container)
         else:
             with contextlib.suppress(*DOCKER_ERRORS):
                 run.container.pause()
@@ -620,7 +605,7 @@ class DockerExecutor(Executor):
             now = time.monotonic()
             if not run.cancelled and run.paused_at is None and run.active_seconds(now) >= timeout:
                 run.timed_out = True
-                await asyncio.to_thread(_kill, run.container)
+                await asyncio.to_thread(kill_container, run.container)
                 break
             # The workspace's size, spaced by the walk's cost (many files: less often).
             due = run.disk_checked_at + max(SAMPLE_INTERVAL, 10 * run.disk_walk_seconds)
@@ -630,7 +615,7 @@ class DockerExecutor(Executor):
                 run.disk_walk_seconds = run.disk_checked_at - now
                 if used > run.disk_limit and not run.cancelled:
                     run.disk_exceeded = True
-                    await asyncio.to_thread(_kill, run.container)
+                    await asyncio.to_thread(kill_container, run.container)
                     break
                 continue
             await asyncio.wait({waiter}, timeout=POLL_INTERVAL)
@@ -650,7 +635,7 @@ class DockerExecutor(Executor):
             return
         if not run.timed_out:
             run.cancelled = True
-        await asyncio.to_thread(_kill, run.container)
+        await asyncio.to_thread(kill_container, run.container)
 
     async def pause(self) -> None:
         self._paused = True
@@ -659,12 +644,12 @@ class DockerExecutor(Executor):
         runs = [r for r in self._running.values() if r.paused_at is None and not r.exited]
         for run in runs:
             run.paused_at = now
-        await asyncio.gather(*(asyncio.to_thread(_pause, r.container) for r in runs))
+        await asyncio.gather(*(asyncio.to_thread(pause_container, r.container) for r in runs))
 
     async def resume(self) -> None:
         self._paused = False
         runs = [r for r in self._running.values() if r.paused_at is not None]
-        await asyncio.gather(*(asyncio.to_thread(_unpause, r.container) for r in runs))
+        await asyncio.gather(*(asyncio.to_thread(unpause_container, r.container) for r in runs))
         now = time.monotonic()
         for run in runs:
             if run.paused_at is not None:
@@ -677,7 +662,7 @@ class DockerExecutor(Executor):
         if run is not None:
             if not run.timed_out:
                 run.cancelled = True
-            await asyncio.to_thread(_kill, run.container)
+            await asyncio.to_thread(kill_container, run.container)
         self._cancel_requested.discard(task_id)
         self.images.release(task_id)
         shape = self._shapes.get(task_id)
@@ -697,7 +682,7 @@ class DockerExecutor(Executor):
         self._shapes.pop(task_id, None)
         container = self._containers.pop(task_id, None)
         if container is not None:
-            await asyncio.to_thread(_remove, container)
+            await asyncio.to_thread(remove_container, container)
         spec_file = self._spec_files.pop(task_id, None)
         if spec_file is not None:
             await asyncio.to_thread(forget_spec, spec_file)
@@ -724,7 +709,7 @@ class DockerExecutor(Executor):
         CPU is the one limit Docker can change safely in flight; memory is left alone (a
         lower limit than a task holds would kill it) and the new caps bound new tasks.
         """
-        if self._caps_seen is not None and self._caps_seen != (caps, self.cpu_time_share):
+        if self._caps_seen != (caps, self.cpu_time_share):
             await self._drop_warm()  # made for the old caps: the next ones fit the new
         self._caps_seen = (caps, self.cpu_time_share)
         runs = [r for r in self._running.values() if not r.exited]
@@ -759,104 +744,5 @@ class DockerExecutor(Executor):
             if not run.timed_out:
                 run.cancelled = True
         await asyncio.gather(
-            *(asyncio.to_thread(_kill, r.container) for r in runs), self._drop_warm()
+            *(asyncio.to_thread(kill_container, r.container) for r in runs), self._drop_warm()
         )
-
-
-# -------------------------------------------------------------------- helpers
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return str(number)
-
-
-def _state(container: Container) -> dict[str, Any]:
-    container.reload()
-    state: dict[str, Any] = container.attrs.get("State", {})
-    return state
-
-
-def _docker_time(text: str) -> float:
-    """Seconds since the epoch of a time the engine reports in UTC
-    ('2026-11-30T21:58:03.123456789Z'); 0.0 for Go's zero time or anything else."""
-    if not text.endswith("Z") or text.startswith("0001-"):
-        return 0.0
-    head, _, fraction = text[:-1].partition(".")
-    try:
-        stamp = datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp()
-        return stamp + (float(f"0.{fraction}") if fraction else 0.0)
-    except ValueError:
-        return 0.0
-
-
-def _kill(container: Container) -> None:
-    """SIGKILL the container; a frozen one is thawed so that the kill lands at once."""
-    with contextlib.suppress(*DOCKER_ERRORS):
-        container.kill()
-    with contextlib.suppress(*DOCKER_ERRORS):
-        container.unpause()
-
-
-def _pause(container: Container) -> None:
-    with contextlib.suppress(*DOCKER_ERRORS):  # it may have exited meanwhile
-        container.pause()
-
-
-def _unpause(container: Container) -> None:
-    with contextlib.suppress(*DOCKER_ERRORS):
-        container.unpause()
-
-
-def _remove(container: Container) -> None:
-    with contextlib.suppress(docker.errors.NotFound):
-        try:
-            container.remove(force=True, v=True)
-        except DOCKER_ERRORS as exc:
-            log.warning("cannot remove container %s: %s", container.short_id, docker_reason(exc))
-
-
-def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    os.lchown(root, uid, gid)
-    for folder, dirs, files in os.walk(root):
-        for name in (*dirs, *files):
-            os.lchown(os.path.join(folder, name), uid, gid)
-
-
-def courtesy_cgroup_parent(cgroup_driver: str, cgroup_version: str) -> tuple[str, str]:
-    """A parent cgroup of minimal CPU weight for task containers, made when this process can.
-
-    Returns (cgroup_parent, reason); an empty parent means containers sit under Docker's
-    default parent with only their own low cpu_shares (and `reason` says why).
-    With the cgroupfs driver and cgroup v1 the worker (as root) makes /hivemind under the
-    cpu controller with cpu.shares=2; with cgroup v2 it makes /hivemind with cpu.weight=1.
-    With the systemd driver the parent is hivemind.slice when the person has made it (systemd
-    owns its weight; see docs/docker.md).
-    """
-    if not sys.platform.startswith("linux"):
-        return "", "not Linux: Docker Desktop's VM has its own scheduler (see the docs)"
-    if cgroup_driver == "systemd":
-        # systemd owns the weights; the person makes the slice once (see docs/docker.md).
-        for slice_dir in (
-            Path("/sys/fs/cgroup/hivemind.slice"),
-            Path("/sys/fs/cgroup/cpu/hivemind.slice"),
-        ):
-            if slice_dir.is_dir():
-                return "hivemind.slice", f"hivemind.slice ({slice_dir})"
-        return "", "systemd cgroup driver: create hivemind.slice with CPUWeight=1 (docs/docker.md)"
-    if cgroup_driver != "cgroupfs":
-        return "", f"cgroup driver {cgroup_driver or 'unknown'}"
-    if str(cgroup_version) == "2":
-        base = Path("/sys/fs/cgroup/hivemind")
-        setting, value = "cpu.weight", "1"
-    else:
-        base = Path("/sys/fs/cgroup/cpu/hivemind")
-        setting, value = "cpu.shares", "2"
-    try:
-        base.mkdir(exist_ok=True)
-        (base / setting).write_text(value)
-    except OSError as exc:
-        return "", f"cannot make {base}: {exc.strerror or exc}"
-    return "/hivemind", f"{base} with {setting}={value}"

@@ -1,23 +1,26 @@
 """Following a started container from threads: its output to the log sink, its usage from
-the stats API, its exit, without blocking the engine's loop."""
+the stats API, its exit, without blocking the engine's loop; and the blocking calls on one
+container that tolerate its being gone already (kill, pause, remove, state)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import docker.errors
 from docker.models.containers import Container
 
 from hivemind_worker.engine.executors.base import LogSink, PausableRun, Usage
-from hivemind_worker.engine.executors.images import DOCKER_ERRORS
+from hivemind_worker.engine.executors.images import DOCKER_ERRORS, docker_reason
 from hivemind_worker.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -206,3 +209,58 @@ def in_thread(loop: asyncio.AbstractEventLoop, fn: Callable[[], T], name: str) -
 
     start_thread(target, name)
     return future
+
+
+# ---------------------------------------------------------------- one container's calls
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+def container_state(container: Container) -> dict[str, Any]:
+    container.reload()
+    state: dict[str, Any] = container.attrs.get("State", {})
+    return state
+
+
+def docker_time(text: str) -> float:
+    """Seconds since the epoch of a time the engine reports in UTC
+    ('2026-11-30T21:58:03.123456789Z'); 0.0 for Go's zero time or anything else."""
+    if not text.endswith("Z") or text.startswith("0001-"):
+        return 0.0
+    head, _, fraction = text[:-1].partition(".")
+    try:
+        stamp = datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp()
+        return stamp + (float(f"0.{fraction}") if fraction else 0.0)
+    except ValueError:
+        return 0.0
+
+
+def kill_container(container: Container) -> None:
+    """SIGKILL the container; a frozen one is thawed so that the kill lands at once."""
+    with contextlib.suppress(*DOCKER_ERRORS):
+        container.kill()
+    with contextlib.suppress(*DOCKER_ERRORS):
+        container.unpause()
+
+
+def pause_container(container: Container) -> None:
+    with contextlib.suppress(*DOCKER_ERRORS):  # it may have exited meanwhile
+        container.pause()
+
+
+def unpause_container(container: Container) -> None:
+    with contextlib.suppress(*DOCKER_ERRORS):
+        container.unpause()
+
+
+def remove_container(container: Container) -> None:
+    with contextlib.suppress(docker.errors.NotFound):
+        try:
+            container.remove(force=True, v=True)
+        except DOCKER_ERRORS as exc:
+            log.warning("cannot remove container %s: %s", container.short_id, docker_reason(exc))

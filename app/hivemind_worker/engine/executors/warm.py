@@ -138,6 +138,10 @@ class WarmPool:
     async def take(self, shape: Shape) -> Slot | None:
         """A ready sandbox of this shape, now the caller's; None when there is none (one
         still being made is waited for: it is ready sooner than a new container)."""
+        for stale in [s for s in self._slots if s.shape.image == shape.image != "" and
+                      s.shape.image_id != shape.image_id]:  # fmt: skip
+            self._slots.remove(stale)  # made from what the image was before a pull or build
+            self._drop(stale)
         slot = next((s for s in self._slots if s.shape == shape and not s.dropped), None)
         if slot is None or slot.ready is None:
             return None
