@@ -256,6 +256,10 @@ class DockerExecutor(Executor):
         """The container of a task that has started, until cleanup."""
         return self._containers.get(task_id)
 
+    def slot(self, task_id: str) -> Slot | None:
+        """The warm sandbox a prepared task took, until cleanup."""
+        return self._slots.get(task_id)
+
     def _pull_progress(self, image: str, done: int, total: int) -> None:
         if self.on_pull is not None:  # set by the engine after construction
             self.on_pull(image, done, total)
