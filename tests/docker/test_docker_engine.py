@@ -228,7 +228,10 @@ async def test_running_tasks_never_exceed_the_memory_cap(
             running = await asyncio.to_thread(labelled, docker_client, "node-c", running=True)
             seen.append(len(running))
             for item in running:
-                attrs = await asyncio.to_thread(docker_client.api.inspect_container, item["Id"])
+                try:
+                    attrs = await asyncio.to_thread(docker_client.api.inspect_container, item["Id"])
+                except docker.errors.NotFound:
+                    continue  # ended and removed since the listing
                 limits.add(attrs["HostConfig"]["Memory"])
             await asyncio.sleep(0.05)
 

@@ -105,7 +105,7 @@ async def warm_up(executor: dockerx.DockerExecutor, resources: Resources) -> Non
     result, _ = await run_task(executor, make_task("pass", "warm-up", resources=resources))
     assert result.status is TaskStatus.SUCCEEDED, result.error
     await executor.cleanup("warm-up")
-    await asyncio.wait_for(executor.warm.settle(), 60)
+    await asyncio.wait_for(executor.settle(), 60)
     assert len(executor.warm) == 1, executor.warm.broken
 
 
@@ -187,6 +187,7 @@ async def test_running_container_shows_every_default(
     result = await asyncio.wait_for(running, 30)
     assert result.status is TaskStatus.CANCELLED
     await executor.cleanup("t1")
+    await asyncio.wait_for(executor.settle(), 60)  # the container is removed in the background
     assert not workspace.exists()
     with pytest.raises(docker.errors.NotFound):
         docker_client.containers.get(container.id)
@@ -229,7 +230,7 @@ async def test_a_task_never_sees_the_one_before_it_in_its_warm_slot(
         assert container is not None
         containers.append(container.id)
         await executor.cleanup(task_id)
-        await asyncio.wait_for(executor.warm.settle(), 60)
+        await asyncio.wait_for(executor.settle(), 60)
     assert executor.warm.taken == 1  # the second ran in the slot made after the first
     assert containers[0] != containers[1]
     second = seen[1]
@@ -532,6 +533,7 @@ async def test_a_restarted_executor_reattaches_containers_left_running_or_exited
         if task_id == "slow":
             assert b"slow here" in result.log_tail
         await second.cleanup(task_id)
+        await asyncio.wait_for(second.settle(), 60)
         with pytest.raises(docker.errors.NotFound):
             docker_client.containers.get(ids[task_id])
         assert not (

@@ -55,7 +55,7 @@ async def test_a_task_started_in_a_warm_sandbox_is_reattached_after_a_crash(
     await first.prepare(make_task("pass", "warm-up"))
     assert (await first.run(make_task("pass", "warm-up"))).status is TaskStatus.SUCCEEDED
     await first.cleanup("warm-up")
-    await asyncio.wait_for(first.warm.settle(), 60)
+    await asyncio.wait_for(first.settle(), 60)
     slow = make_task(
         "import time\nprint('slow here', flush=True)\ntime.sleep(3)\n"
         "open('results/out.txt', 'w').write('slow')\n",
@@ -77,6 +77,7 @@ async def test_a_task_started_in_a_warm_sandbox_is_reattached_after_a_crash(
     assert result.archive is not None
     assert archive_files(result.archive.read_bytes()) == {"results/out.txt": b"slow"}
     await second.cleanup("slow")
+    await asyncio.wait_for(second.settle(), 60)
     assert labels(docker_client, node_id) == []
     assert not workspace.exists()
 

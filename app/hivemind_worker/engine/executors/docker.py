@@ -230,6 +230,7 @@ class DockerExecutor(Executor):
         self._paused = False
         self._standby = False
         self._closed = False
+        self._removing: set[asyncio.Future[None]] = set()
         self._caps_seen: tuple[Resources, float] | None = None
         self._slots: dict[str, Slot] = {}  # the warm sandbox each prepared task took
         self._shapes: dict[str, Shape] = {}  # each prepared python task's, to make the next
@@ -670,7 +671,7 @@ class DockerExecutor(Executor):
         self._cancel_requested.discard(task_id)
         self.images.release(task_id)
         shape = self._shapes.get(task_id)
-        await self._release(task_id)
+        await self._release(task_id, wait=False)
         workspace = self._workspaces.pop(task_id, None)
         if workspace is not None:
             # Moved aside at once, deleted in the background: the report waits for cleanup().
@@ -680,16 +681,32 @@ class DockerExecutor(Executor):
             self.warm.fill(shape, self.slots - len(self._running))
         await self.images.prune_to_budget()
 
-    async def _release(self, task_id: str) -> None:
-        """The task's container removed (a warm sandbox's too), its kept spec forgotten."""
+    async def _release(self, task_id: str, *, wait: bool = True) -> None:
+        """The task's container removed (a warm sandbox's too), its kept spec forgotten.
+
+        Without `wait` the removal goes on in the background (settle() and close() wait for
+        it): a stopped container holds nothing the next task needs, and the result's report
+        should not wait for it.
+        """
         self._slots.pop(task_id, None)
         self._shapes.pop(task_id, None)
         container = self._containers.pop(task_id, None)
-        if container is not None:
-            await asyncio.to_thread(remove_container, container)
         spec_file = self._spec_files.pop(task_id, None)
         if spec_file is not None:
             await asyncio.to_thread(forget_spec, spec_file)
+        if container is not None:
+            removal = asyncio.ensure_future(asyncio.to_thread(remove_container, container))
+            self._removing.add(removal)
+            removal.add_done_callback(self._removing.discard)
+            if wait:
+                await removal
+
+    async def settle(self) -> None:
+        """Wait until no container is being removed and no warm sandbox is being made."""
+        while self._removing:
+            await asyncio.gather(*list(self._removing), return_exceptions=True)
+        if self.warm is not None:
+            await self.warm.settle()
 
     def _keeps_warm(self) -> bool:
         return not (self._paused or self._standby or self._closed)
@@ -750,3 +767,4 @@ class DockerExecutor(Executor):
         await asyncio.gather(
             *(asyncio.to_thread(kill_container, r.container) for r in runs), self._drop_warm()
         )
+        await self.settle()
