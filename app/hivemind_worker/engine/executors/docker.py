@@ -2,7 +2,9 @@
 
 One container's lifecycle lives here; around it: images (images.py), following a started
 container (follow.py), warm sandboxes (warm.py), kept specs and the leftover sweep
-(leftovers.py).
+(leftovers.py), the host's Docker (docker_host.py). Still over the ~600-line mark: the
+supervision of a running container (_supervise, the disk watch, the timeout) is the next piece
+to move out.
 """
 
 from __future__ import annotations
@@ -165,8 +167,8 @@ class DockerExecutor(Executor):
     N MiB disk limit"); any other exit is FAILED. Usage is sampled from the stats API at 1 Hz
     in a thread per container.
     Output is followed in a thread and handed to the log sink (thinned, never buffered
-    without bound, when the task outpaces it); the tail in the result comes from the capped
-    log file once the container has stopped.
+    without bound, when the task outpaces it); the tail in the result is the followed one,
+    or the capped log file's end when the followed output may have missed some.
 
     Housekeeping: remove_leftovers() (at start) adopts containers labelled with this node
     whose task spec it kept (leftovers.py), for the engine to re-attach them with reattach(),
