@@ -238,7 +238,8 @@ class Bench:
             ids = [await queue.submit(spec) for _ in range(tasks)]
             infos = await queue.wait_done(ids, timeout=300, poll_interval=0.02)
             elapsed = time.perf_counter() - t0
-            assert all(i.status == pb.TASK_STATUS_SUCCEEDED for i in infos.values())
+            failed = [i for i in infos.values() if i.status != pb.TASK_STATUS_SUCCEEDED]
+            assert not failed, [(pb.TaskStatus.Name(i.status), i.error) for i in failed]
         finally:
             await queue.close()
             engine.shutdown()

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SAMPLE_INTERVAL = 1.0
+FIRST_SAMPLE = 0.25  # seconds after the start
 # Output waiting for the engine loop; beyond this the oldest is dropped, so a task printing
 # faster than the log sink consumes cannot grow the worker.
 PENDING_OUTPUT_CAP = 256 * 1024
@@ -126,8 +127,15 @@ def flush(run: ContainerRun, on_log: LogSink | None) -> None:
 
 
 def sample_stats(run: ContainerRun) -> None:
-    """Sample CPU and memory once a second (in a thread) until the run ends."""
+    """Sample CPU and memory once a second (in a thread) until the run ends.
+
+    The first sample comes a little after the start, not with it: a sample of a container
+    that has only just started says nothing, and the stats call would compete with the
+    start itself in the engine.
+    """
     previous: tuple[float, float] | None = None  # (monotonic, cpu seconds)
+    if run.stop.wait(FIRST_SAMPLE):
+        return
     while not run.stop.is_set():
         try:
             stats = run.container.stats(stream=False, one_shot=True)
