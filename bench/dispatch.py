@@ -22,18 +22,13 @@ from pathlib import Path
 
 import keyring
 from _report import MemoryKeyring, write_section
+from _worker import bench_worker
 
-from hivemind_worker.config import load_settings
-from hivemind_worker.credentials import CredentialStore
-from hivemind_worker.engine.engine import WorkerEngine
+from hivemind_worker.config import Settings
 from hivemind_worker.engine.events import Event, ResultDelivered, TaskFinished, TaskStarted
 from hivemind_worker.engine.executors import cgroups
 from hivemind_worker.engine.executors.process import ProcessExecutor
-from hivemind_worker.engine.pool_client import NodePoolClient
-from hivemind_worker.paths import default_paths
 from hivemind_worker.pool.client import TaskQueueClient
-from hivemind_worker.pool.server import PoolConfig, PoolServer
-from hivemind_worker.pool.store import PoolStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.tasks import MiB, Resources, TaskKind, TaskSpec
 
@@ -59,67 +54,40 @@ def baseline_runs(n: int) -> list[float]:
 async def worker_runs(n: int, home: Path) -> dict[str, list[float]]:
     """Per task, seconds: submit → started (pick-up), started → finished (execution),
     finished → delivered (archive upload and report), and submit → done at the pool (total)."""
-    db = home / "pool.db"
-    store = PoolStore(db)
-    store.add_user("bench", "bench-password")
-    store.close()
-    pool = PoolServer(
-        PoolConfig(db_path=db, listen="127.0.0.1:0", heartbeat_interval=5, max_wait=30)
-    )
-    await pool.start()
-    paths = default_paths(home / "worker")
-    paths.ensure()
-    settings = load_settings(
-        paths,
-        env={},
-        overrides={"node_pool_address": pool.address, "account": "bench", "node_id": "bench"},
-    )
-    client = NodePoolClient(pool.address)
-    token = await client.login("bench", "bench-password")
-    await client.close()
-    credentials = CredentialStore(paths)
-    credentials.set_token(pool.address, "bench", token)
-    engine = WorkerEngine(
-        settings,
-        node_id="bench",
-        credentials=credentials,
-        executor=ProcessExecutor(settings.work_dir),
-        outbox_dir=paths.outbox_dir,
-    )
     seen: dict[tuple[type, str], float] = {}
 
     def on_event(event: Event) -> None:
         if isinstance(event, TaskStarted | TaskFinished | ResultDelivered):
             seen[type(event), event.task_id] = time.perf_counter()
 
-    engine.subscribe(on_event)
-    runner = asyncio.create_task(engine.run())
-    queue = TaskQueueClient(pool.address)
-    await queue.login("bench", "bench-password")
+    def make(settings: Settings) -> ProcessExecutor:
+        return ProcessExecutor(settings.work_dir)
+
+    async with bench_worker(home, make, on_event=on_event) as bench:
+        return await _measure(n, bench.queue, seen)
+
+
+async def _measure(
+    n: int, queue: TaskQueueClient, seen: dict[tuple[type, str], float]
+) -> dict[str, list[float]]:
     phases: dict[str, list[float]] = {"pickup": [], "execute": [], "deliver": [], "total": []}
     spec = pb.TaskSpec(
         kind=pb.TASK_KIND_PYTHON,
         source=SOURCE,
         resources=pb.Resources(cpus=1, memory_bytes=256 << 20),
     )
-    try:
-        # One warm-up task: the engine connects and parks its first long-poll.
-        await queue.wait_done([await queue.submit(spec)], timeout=60)
-        for _ in range(n):
-            t0 = time.perf_counter()
-            task_id = await queue.submit(spec)
-            await queue.wait_done([task_id], timeout=60, poll_interval=0.005)
-            phases["total"].append(time.perf_counter() - t0)
-            started = seen[TaskStarted, task_id]
-            finished = seen[TaskFinished, task_id]
-            phases["pickup"].append(started - t0)
-            phases["execute"].append(finished - started)
-            phases["deliver"].append(seen[ResultDelivered, task_id] - finished)
-    finally:
-        await queue.close()
-        engine.shutdown()
-        await runner
-        await pool.stop()
+    # One warm-up task: the engine connects and parks its first long-poll.
+    await queue.wait_done([await queue.submit(spec)], timeout=60)
+    for _ in range(n):
+        t0 = time.perf_counter()
+        task_id = await queue.submit(spec)
+        await queue.wait_done([task_id], timeout=60, poll_interval=0.005)
+        phases["total"].append(time.perf_counter() - t0)
+        started = seen[TaskStarted, task_id]
+        finished = seen[TaskFinished, task_id]
+        phases["pickup"].append(started - t0)
+        phases["execute"].append(finished - started)
+        phases["deliver"].append(seen[ResultDelivered, task_id] - finished)
     return phases
 
 

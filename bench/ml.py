@@ -24,19 +24,13 @@ from pathlib import Path
 
 import keyring
 from _report import MemoryKeyring, write_section
+from _worker import bench_worker
 
-from hivemind_worker.config import load_settings
-from hivemind_worker.credentials import CredentialStore
-from hivemind_worker.engine.engine import WorkerEngine
+from hivemind_worker.config import Settings
 from hivemind_worker.engine.events import Event, TaskFinished, TaskStarted
 from hivemind_worker.engine.executors.process import ProcessExecutor
-from hivemind_worker.engine.pool_client import NodePoolClient
 from hivemind_worker.engine.runners import requirements
 from hivemind_worker.engine.runners.environments import Environments
-from hivemind_worker.paths import default_paths
-from hivemind_worker.pool.client import TaskQueueClient
-from hivemind_worker.pool.server import PoolConfig, PoolServer
-from hivemind_worker.pool.store import PoolStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.samples import runner_samples
 
@@ -97,46 +91,19 @@ async def compare(n: int, home: Path, envs: Environments) -> dict[str, list[floa
     """Per run, seconds: the baseline script, and the worker's submit → result stored at the
     pool (total) and started → finished (execute), alternating."""
     python = envs.venv_python(FRAMEWORK, requirements(FRAMEWORK), sys.executable)
-    db = home / "pool.db"
-    store = PoolStore(db)
-    store.add_user("bench", "bench-password")
-    store.close()
-    pool = PoolServer(
-        PoolConfig(db_path=db, listen="127.0.0.1:0", heartbeat_interval=5, max_wait=30)
-    )
-    await pool.start()
-    paths = default_paths(home / "worker")
-    paths.ensure()
-    settings = load_settings(
-        paths,
-        env={},
-        overrides={"node_pool_address": pool.address, "account": "bench", "node_id": "bench"},
-    )
-    client = NodePoolClient(pool.address)
-    token = await client.login("bench", "bench-password")
-    await client.close()
-    credentials = CredentialStore(paths)
-    credentials.set_token(pool.address, "bench", token)
-    engine = WorkerEngine(
-        settings,
-        node_id="bench",
-        credentials=credentials,
-        executor=ProcessExecutor(settings.work_dir, environments=envs),
-        outbox_dir=paths.outbox_dir,
-    )
     seen: dict[tuple[type, str], float] = {}
 
     def on_event(event: Event) -> None:
         if isinstance(event, TaskStarted | TaskFinished):
             seen[type(event), event.task_id] = time.perf_counter()
 
-    engine.subscribe(on_event)
-    runner = asyncio.create_task(engine.run())
-    queue = TaskQueueClient(pool.address)
-    await queue.login("bench", "bench-password")
+    def make(settings: Settings) -> ProcessExecutor:
+        return ProcessExecutor(settings.work_dir, environments=envs)
+
     spec = next(s.spec for s in runner_samples() if s.needs == f"ml:{FRAMEWORK}")
     out: dict[str, list[float]] = {"baseline": [], "total": [], "execute": []}
-    try:
+    async with bench_worker(home, make, on_event=on_event) as bench:
+        queue = bench.queue
         # A warm-up on each side: page cache, the engine's first long-poll.
         await queue.wait_done([await queue.submit(spec)], timeout=600)
         await asyncio.to_thread(baseline_run, python, home / "baseline-warm")
@@ -151,11 +118,6 @@ async def compare(n: int, home: Path, envs: Environments) -> dict[str, list[floa
             if info.status != pb.TASK_STATUS_SUCCEEDED:
                 raise SystemExit(f"the task failed: {info.error}")
             out["execute"].append(seen[TaskFinished, task_id] - seen[TaskStarted, task_id])
-    finally:
-        await queue.close()
-        engine.shutdown()
-        await runner
-        await pool.stop()
     return out
 
 

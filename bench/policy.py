@@ -27,21 +27,17 @@ from pathlib import Path
 import keyring
 import psutil
 from _report import DOC, MemoryKeyring, write_section
+from _worker import bench_worker
 
-from hivemind_worker.config import load_settings
-from hivemind_worker.credentials import CredentialStore
+from hivemind_worker.config import Settings
 from hivemind_worker.engine.engine import WorkerEngine
 from hivemind_worker.engine.events import Event, PolicyChanged, TaskStarted
 from hivemind_worker.engine.executors.process import ProcessExecutor
 from hivemind_worker.engine.monitor import HostMonitor
 from hivemind_worker.engine.policy import Policy, PolicySettings, Verdict
-from hivemind_worker.engine.pool_client import NodePoolClient
 from hivemind_worker.engine.probes import DesktopProbes
 from hivemind_worker.engine.probes.x11 import X11Desktop
-from hivemind_worker.paths import default_paths
 from hivemind_worker.pool.client import TaskQueueClient
-from hivemind_worker.pool.server import PoolConfig, PoolServer
-from hivemind_worker.pool.store import PoolStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
 
 SLEEPER = "import time\nwhile True:\n    time.sleep(0.05)\n"
@@ -117,19 +113,24 @@ def cpu_cost(display: str, n: int) -> dict[str, float]:
 
 
 def task_processes() -> list[psutil.Process]:
+    """The tasks' own programs: the innermost processes naming main.py (the sandbox's
+    launcher and init name it too, and are not what a freeze stops)."""
     found = []
     for child in psutil.Process().children(recursive=True):
         try:
-            if "main.py" in child.cmdline():
+            if "main.py" in child.cmdline() and not child.children():
                 found.append(child)
         except psutil.Error:
             pass
     return found
 
 
-def frozen(processes: list[psutil.Process]) -> bool:
+def frozen() -> bool:
+    """Every task program stopped; looked up afresh each time (a process seen while a task
+    was starting may be gone by now)."""
+    processes = task_processes()
     try:
-        return all(p.status() == psutil.STATUS_STOPPED for p in processes)
+        return bool(processes) and all(p.status() == psutil.STATUS_STOPPED for p in processes)
     except psutil.Error:
         return False
 
@@ -147,39 +148,31 @@ async def wait(predicate: object, timeout: float, interval: float = 0.002) -> fl
 async def freeze_latency(
     display: str, home: Path, rounds: int, tasks: int
 ) -> dict[str, list[float]]:
-    db = home / "pool.db"
-    store = PoolStore(db)
-    store.add_user("bench", "bench-password")
-    store.close()
-    pool = PoolServer(PoolConfig(db_path=db, listen="127.0.0.1:0", heartbeat_interval=5))
-    await pool.start()
-    paths = default_paths(home / "worker")
-    paths.ensure()
-    settings = load_settings(
-        paths,
-        env={},
-        overrides={
-            "node_pool_address": pool.address, "account": "bench", "node_id": "bench",
-            "max_concurrent_tasks": tasks, "idle_only_minutes": 0.03,  # 1.8 s
-            "other_cpu_percent": 0, "memory_low_percent": 0,
-        },
-    )  # fmt: skip
-    client = NodePoolClient(pool.address)
-    token = await client.login("bench", "bench-password")
-    await client.close()
-    credentials = CredentialStore(paths)
-    credentials.set_token(pool.address, "bench", token)
     x11 = X11Desktop(display)
-    engine = WorkerEngine(
-        settings, node_id="bench", credentials=credentials,
-        executor=ProcessExecutor(settings.work_dir), outbox_dir=paths.outbox_dir,
-        probes=DesktopProbes(idle=x11, fullscreen=x11),
-    )  # fmt: skip
     events: list[Event] = []
-    engine.subscribe(events.append)
-    runner = asyncio.create_task(engine.run())
-    queue = TaskQueueClient(pool.address)
-    await queue.login("bench", "bench-password")
+    settings = {
+        "max_concurrent_tasks": tasks, "idle_only_minutes": 0.03,  # 1.8 s
+        "other_cpu_percent": 0, "memory_low_percent": 0,
+    }  # fmt: skip
+
+    def make(config: Settings) -> ProcessExecutor:
+        return ProcessExecutor(config.work_dir)
+
+    async with bench_worker(
+        home, make, on_event=events.append,
+        engine_options={"probes": DesktopProbes(idle=x11, fullscreen=x11)}, **settings,
+    ) as bench:  # fmt: skip
+        return await _rounds(display, bench.engine, bench.queue, events, rounds, tasks)
+
+
+async def _rounds(
+    display: str,
+    engine: WorkerEngine,
+    queue: TaskQueueClient,
+    events: list[Event],
+    rounds: int,
+    tasks: int,
+) -> dict[str, list[float]]:
     env = {**os.environ, "DISPLAY": display}
     result: dict[str, list[float]] = {"pointer": [], "manual": []}
 
@@ -187,41 +180,34 @@ async def freeze_latency(
         changes = [e for e in events if isinstance(e, PolicyChanged)]
         return bool(changes) and changes[-1].decision.verdict is Verdict.RUN
 
-    try:
-        spec = pb.TaskSpec(
-            kind=pb.TASK_KIND_PYTHON, source=SLEEPER, timeout_seconds=3600,
-            resources=pb.Resources(cpus=0.5, memory_bytes=128 << 20, disk_bytes=16 << 20),
-        )  # fmt: skip
-        await wait(running, 30)
-        for _ in range(tasks):
-            await queue.submit(spec)
-        await wait(lambda: sum(isinstance(e, TaskStarted) for e in events) == tasks, 60)
-        await wait(lambda: len(task_processes()) >= tasks, 30)
-        procs = task_processes()
-        for _ in range(rounds):
-            await wait(lambda: running() and not frozen(procs), 30)
-            # A random moment within the evaluation period, so that the rounds sample every
-            # phase of the once-a-second loop rather than one.
-            await asyncio.sleep(0.3 + random.random())
-            # Timed from before xdotool starts: its own start-up counts against us.
-            start = time.perf_counter()
-            mover = await asyncio.create_subprocess_exec(
-                "xdotool", "mousemove", "--", "5", str(100 + _ % 50), env=env
-            )
-            await mover.wait()
-            await wait(lambda: frozen(procs), 10)
-            result["pointer"].append(time.perf_counter() - start)
-            await wait(lambda: running() and not frozen(procs), 30)
-            start = time.perf_counter()
-            engine.pause()
-            await wait(lambda: frozen(procs), 10)
-            result["manual"].append(time.perf_counter() - start)
-            engine.resume()
-    finally:
-        await queue.close()
-        engine.shutdown()
-        await runner
-        await pool.stop()
+    spec = pb.TaskSpec(
+        kind=pb.TASK_KIND_PYTHON, source=SLEEPER, timeout_seconds=3600,
+        resources=pb.Resources(cpus=0.5, memory_bytes=128 << 20, disk_bytes=16 << 20),
+    )  # fmt: skip
+    await wait(running, 30)
+    for _ in range(tasks):
+        await queue.submit(spec)
+    await wait(lambda: sum(isinstance(e, TaskStarted) for e in events) == tasks, 60)
+    await wait(lambda: len(task_processes()) >= tasks, 30)
+    for _ in range(rounds):
+        await wait(lambda: running() and not frozen(), 30)
+        # A random moment within the evaluation period, so that the rounds sample every
+        # phase of the once-a-second loop rather than one.
+        await asyncio.sleep(0.3 + random.random())
+        # Timed from before xdotool starts: its own start-up counts against us.
+        start = time.perf_counter()
+        mover = await asyncio.create_subprocess_exec(
+            "xdotool", "mousemove", "--", "5", str(100 + _ % 50), env=env
+        )
+        await mover.wait()
+        await wait(frozen, 10)
+        result["pointer"].append(time.perf_counter() - start)
+        await wait(lambda: running() and not frozen(), 30)
+        start = time.perf_counter()
+        engine.pause()
+        await wait(frozen, 10)
+        result["manual"].append(time.perf_counter() - start)
+        engine.resume()
     return result
 
 
