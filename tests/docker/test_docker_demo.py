@@ -69,6 +69,7 @@ def test_demo_runs_the_ml_and_data_samples_in_docker(
 ) -> None:
     """With a Python image that has the whole standard library, the runner samples run in
     containers too: their environments built, copied into images, the metrics printed."""
+    _remove_runner_images(docker_client)  # a run killed midway leaves them: this one builds
     done = demo(tmp_path, STDLIB_IMAGE, 1, timeout=840)
     try:
         assert done.returncode == 0, done.stdout + done.stderr
@@ -82,6 +83,10 @@ def test_demo_runs_the_ml_and_data_samples_in_docker(
         )
         assert "sales by region (csv analysis): sales.csv: 2000 rows" in done.stdout
     finally:
-        for image in docker_client.images.list(filters={"label": "hivemind.runner"}):
-            if any(t.startswith("hivemind-runner-") for t in image.tags):
-                docker_client.images.remove(image.id, force=True)
+        _remove_runner_images(docker_client)
+
+
+def _remove_runner_images(docker_client: docker.DockerClient) -> None:
+    for image in docker_client.images.list(filters={"label": "hivemind.runner"}):
+        if any(t.startswith("hivemind-runner-") for t in image.tags):
+            docker_client.images.remove(image.id, force=True)
