@@ -171,6 +171,7 @@ class TaskRuns:
         self._running[spec.task_id] = run
         run.task = asyncio.create_task(self._run_task(run), name=f"task-{spec.task_id}")
         self._refresh_state()
+        self._poke()  # the policy looks again at once (a task runs: its cadence quickens)
 
     async def _accept_after(self, earlier: asyncio.Task[None], spec: TaskSpec) -> None:
         await asyncio.wait({earlier})

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Idle footprint: the headless worker connected to a pool with nothing to do, against the
+BOINC client attached to no project, side by side over the same window.
+
+The pool is the reference pool in its own process on loopback, with its default heartbeat
+interval (10 s) and long-poll (30 s). The worker is `hivemind-worker run --headless` with
+the process sandbox, logged in, registered and idle; BOINC runs with `--no_info_fetch`
+(no project list or version fetch, its only traffic when attached to nothing) and the
+benchmark checks that none of its sockets reaches past loopback. Both are measured over
+the same window after they settle (CPU time per thread from schedstat, resident memory of
+the process tree); the ratios go to docs/benchmarks.md between the idle-footprint markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _footprint import (
+    Boinc,
+    Usage,
+    load_line,
+    local_pool,
+    login,
+    measure_together,
+    stop,
+    wait_for_line,
+    worker_env,
+)
+from _report import write_section
+
+GOAL_CPU_PERCENT = 0.1
+GOAL_RSS_MIB = 50.0
+
+
+def row(name: str, usage: Usage) -> str:
+    return (
+        f"| {name} | {usage.cpu_percent:.3f} % ({usage.cpu_seconds * 1000:.0f} ms; "
+        f"ticks {usage.tick_seconds * 1000:.0f} ms) | {usage.rss_mib:.1f} MiB "
+        f"(peak {usage.rss_peak_bytes / 2**20:.1f}) |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=60.0, help="measuring window")
+    parser.add_argument("--settle", type=float, default=15.0, help="wait after registering")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    load = load_line()
+    print(f"idle footprint, {args.seconds:.0f} s window; {load}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="idle-footprint-") as tmp:
+        home = Path(tmp)
+        boinc = Boinc(home / "boinc") if Boinc.available() else None
+        worker: subprocess.Popen[bytes] | None = None
+        with local_pool(home) as pool:
+            try:
+                env = worker_env(home / "worker")
+                login(env, pool.address)
+                log = home / "worker.log"
+                with log.open("wb") as out:
+                    worker = subprocess.Popen(
+                        [sys.executable, "-m", "hivemind_worker", "run", "--headless",
+                         "--node-pool", pool.address, "--node-id", "idle-bench"],
+                        env=env, stdout=out, stderr=subprocess.STDOUT,
+                    )  # fmt: skip
+                pids = {"worker": worker.pid}
+                if boinc is not None:
+                    pids["boinc"] = boinc.start()
+                wait_for_line(log, "registered node", 120, worker)
+                measure_together({"settle": worker.pid}, args.settle)
+                usage = measure_together(pids, args.seconds)
+                peers = boinc.remote_peers() if boinc is not None else []
+                if worker.poll() is not None:
+                    raise RuntimeError(f"the worker exited; see {log}")
+            finally:
+                stop(worker)
+                if boinc is not None:
+                    boinc.stop()
+    if peers:
+        raise SystemExit(f"BOINC reached past loopback ({', '.join(peers)}): not a fair yardstick")
+    lines = [
+        f"Measured {args.seconds:.0f} s after {args.settle:.0f} s of settling; "
+        f"{load} at the start.",
+        "",
+        "| process | CPU (share of one core) | resident memory |",
+        "|---|---|---|",
+        row("headless worker, connected, idle", usage["worker"]),
+    ]
+    if "boinc" in usage:
+        w, b = usage["worker"], usage["boinc"]
+        lines += [
+            row("BOINC client, no project (yardstick)", b),
+            "",
+            f"Ratio worker / BOINC: CPU {w.cpu_percent / max(b.cpu_percent, 1e-9):.2f}x, "
+            f"memory {w.rss_bytes / b.rss_bytes:.2f}x.",
+        ]
+    else:
+        lines += ["", "BOINC is not installed (`apt-get install boinc-client`): no yardstick."]
+    w = usage["worker"]
+    met = w.cpu_percent <= GOAL_CPU_PERCENT and w.rss_mib <= GOAL_RSS_MIB
+    lines.append(
+        f"Goal ≤ {GOAL_CPU_PERCENT} % of a core and ≤ {GOAL_RSS_MIB:.0f} MiB: "
+        + ("met." if met else "not met.")
+    )
+    section = "\n".join(lines)
+    print(section)
+    if not args.no_write:
+        write_section("idle-footprint", "## Idle footprint (headless)\n\n" + section)
+
+
+if __name__ == "__main__":
+    main()
