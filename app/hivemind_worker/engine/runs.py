@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hivemind_worker.config import Settings
-from hivemind_worker.engine import runners
+from hivemind_worker.engine import memory, runners
 from hivemind_worker.engine.delivery import Delivery
 from hivemind_worker.engine.events import (
     ErrorRaised,
@@ -254,6 +254,8 @@ class TaskRuns:
                 self._running.pop(spec.task_id, None)
                 self._refresh_state()
                 self._poke()
+                if not self._running:  # idle again: give the task's peak memory back
+                    self._spawn(asyncio.to_thread(memory.trim), "trim memory")
 
     async def _execute(self, spec: TaskSpec, *, adopted: bool = False) -> TaskResult:
         progress = runners.ProgressReader()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from hivemind_worker import __version__
 from hivemind_worker.config import Settings
 from hivemind_worker.credentials import CredentialError, CredentialStore
-from hivemind_worker.engine import runners
+from hivemind_worker.engine import memory, runners
 from hivemind_worker.engine.delivery import Delivery
 from hivemind_worker.engine.events import EngineState
 from hivemind_worker.engine.executors.base import Executor
@@ -194,6 +194,8 @@ class Session:
             # Validated like a task's image before anything is fetched.
             images = [i for i in terms.preload_images if image_reference_ok(i)][:32]
             self._spawn(self.executor.preload(images), "preload images")
+        if not self._running:  # start-up's garbage (imports, settings, login) goes back
+            self._spawn(asyncio.to_thread(memory.trim), "trim memory")
         log.info(
             "registered node %s with %s (heartbeat every %.0f s)",
             self.node_id,
