@@ -57,7 +57,7 @@ def test_minimised_dashboard_is_not_watched(qtbot, gui_app: tuple[WorkerApp, Loo
     dash = app.dashboard
     qtbot.waitUntil(lambda: app.engine.watching_metrics, timeout=10_000)
     dash.showMinimized()
-    qtbot.waitUntil(lambda: dash.isMinimized(), timeout=10_000)
+    qtbot.waitUntil(dash.isMinimized, timeout=10_000)
     qtbot.waitUntil(lambda: not app.engine.watching_metrics, timeout=10_000)
     assert not dash._tick.isActive()
     dash.show_and_raise()
