@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -243,9 +244,6 @@ def cmd_package(args: argparse.Namespace) -> None:
     run([venv_python(), ROOT / "installer" / "packaging.py", args.command, *args.rest])
 
 
-PACKAGING_COMMANDS = ("exe", "deb", "tarball", "nsis")
-
-
 def cmd_clean(_: argparse.Namespace) -> None:
     for path in (ROOT / "build", ROOT / "dist", VENV):
         shutil.rmtree(path, ignore_errors=True)
@@ -254,6 +252,7 @@ def cmd_clean(_: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    commands: dict[str, Callable[[argparse.Namespace], None]] = {}
     for name, func, help_text in (
         ("proto", cmd_proto, "regenerate the gRPC stubs from proto/"),
         ("run", cmd_run, "set up and run the demo: a local pool and the worker"),
@@ -272,12 +271,15 @@ def main() -> None:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("rest", nargs=argparse.REMAINDER, help="passed on to the tool")
         p.set_defaults(func=func)
-    if len(sys.argv) > 1 and sys.argv[1] in PACKAGING_COMMANDS:
-        # Their options belong to installer/packaging.py; argparse's REMAINDER would read
-        # `build.py deb --no-lintian` as an unknown option of build.py's own.
-        args = argparse.Namespace(command=sys.argv[1], rest=sys.argv[2:], func=cmd_package)
+        commands[name] = func
+    if len(sys.argv) > 1 and sys.argv[1] in commands:
+        # What follows the command belongs to its tool (pytest, installer/packaging.py...);
+        # argparse's REMAINDER would read `build.py test -x` or `build.py deb --no-lintian`
+        # as unknown options of build.py's own.
+        command = sys.argv[1]
+        args = argparse.Namespace(command=command, rest=sys.argv[2:], func=commands[command])
     else:
-        args = parser.parse_args()
+        args = parser.parse_args()  # --help, or the error for an unknown command
     try:
         args.func(args)
     except subprocess.CalledProcessError as exc:

@@ -54,24 +54,64 @@ def pct(values: list[float], q: float) -> float:
 # ----------------------------------------------------------------------------- the pool
 
 
+class BareNodeManager(pb_grpc.NodeManagerServicer):
+    """The floor: grpc.aio unary handlers that do nothing but answer (no auth, no store).
+
+    Served with the pool's own server options and driven by the same simulated workers, it
+    measures what one call costs in grpc.aio itself on this machine, in the same run."""
+
+    def __init__(self, heartbeat_interval: int) -> None:
+        self.interval = heartbeat_interval or 10
+
+    async def Login(self, request: Any, context: Any) -> Any:
+        return pb.LoginResponse(token="bare", username=request.username)
+
+    async def RegisterNode(self, request: Any, context: Any) -> Any:
+        return pb.RegisterNodeResponse(
+            accepted=True,
+            heartbeat_interval_seconds=self.interval,
+            lease_timeout_seconds=60,
+            max_wait_seconds=30,
+        )
+
+    async def UpdateNodeStatus(self, request: Any, context: Any) -> Any:
+        return pb.UpdateNodeStatusResponse(ack=True)
+
+    async def GetAssignedTasks(self, request: Any, context: Any) -> Any:
+        wait = min(float(request.wait_seconds), 30.0)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = min(wait, max(remaining - 1.0, 0.0))
+        await asyncio.sleep(wait)  # parked, as the pool parks a poll with no work for it
+        return pb.GetAssignedTasksResponse()
+
+
+#: The unary calls counted in the measured window (CPU per call = CPU seconds / calls).
+COUNTED = ("UpdateNodeStatus", "GetAssignedTasks", "ReportTaskResult", "RegisterNode")
+
+
 def serve(args: argparse.Namespace) -> None:
-    """The pool in this process; SIGUSR1 starts the measured window, SIGTERM ends it."""
+    """The pool (or the bare floor server) in this process.
+
+    SIGUSR1 starts the measured window, SIGUSR2 ends it (calls served and CPU used are
+    taken then), SIGTERM stops the server and writes the stats file."""
     import logging
 
+    from hivemind_worker.pool import server as pool_server
     from hivemind_worker.pool.server import PoolConfig, PoolServer
     from hivemind_worker.pool.store import PoolStore
 
     logging.basicConfig(level=logging.WARNING)  # a log line per RPC would measure the logging
-    store = PoolStore(args.db)
-    store.add_user(USER, PASSWORD)
-    store.close()
-
-    from hivemind_worker.pool import server as pool_server
+    if not args.bare:
+        store = PoolStore(args.db)
+        store.add_user(USER, PASSWORD)
+        store.close()
 
     handler_seconds: dict[str, list[float]] = defaultdict(list)
+    calls: Counter[str] = Counter()
 
-    def timed(name: str) -> None:  # each handler's own time, to tell queueing from service
-        inner = getattr(pool_server.NodeManagerService, name)
+    def timed(cls: Any, name: str) -> None:  # each handler's own time, calls by method
+        inner = getattr(cls, name)
 
         async def wrapper(self: Any, request: Any, context: Any) -> Any:
             start = time.perf_counter()
@@ -82,13 +122,17 @@ def serve(args: argparse.Namespace) -> None:
                 return await inner(self, request, context)
             finally:
                 handler_seconds[name].append(time.perf_counter() - start)
+                calls[name] += 1
 
-        setattr(pool_server.NodeManagerService, name, wrapper)
+        setattr(cls, name, wrapper)
 
-    for name in ("UpdateNodeStatus", "ReportTaskResult"):
-        timed(name)
+    for name in COUNTED:
+        timed(BareNodeManager if args.bare else pool_server.NodeManagerService, name)
 
     async def main() -> None:
+        if args.bare:
+            await serve_bare(args, handler_seconds, calls)
+            return
         config = PoolConfig(db_path=Path(args.db), listen="127.0.0.1:0")
         if args.heartbeat_interval:
             config.heartbeat_interval = args.heartbeat_interval
@@ -99,22 +143,29 @@ def serve(args: argparse.Namespace) -> None:
         assert core is not None
         lags: list[float] = []
         marks: dict[str, Any] = {}
+        window: dict[str, Any] = {}
 
         def mark() -> None:
             lags.clear()
             handler_seconds.clear()
+            calls.clear()
             pool.store.tx_seconds.clear()
             marks.update(
                 writes=pool.store.write_transactions,
                 leases=pool.store.lease_transactions,
                 wakeups=pool.wakeups,
-                batches=core.heartbeats.batches,
+                batches=core.liveness.flushes,
+                cpu=time.process_time(),
             )
+
+        def end_window() -> None:
+            window.update(calls=dict(calls), cpu_s=time.process_time() - marks["cpu"])
 
         mark()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGUSR1, mark)
+        loop.add_signal_handler(signal.SIGUSR2, end_window)
         loop.add_signal_handler(signal.SIGTERM, stop.set)
 
         async def lag_probe() -> None:  # how late the loop runs a 50 ms timer: its busyness
@@ -131,7 +182,7 @@ def serve(args: argparse.Namespace) -> None:
             "write_transactions": pool.store.write_transactions - marks["writes"],
             "lease_transactions": pool.store.lease_transactions - marks["leases"],
             "wakeups": pool.wakeups - marks["wakeups"],
-            "heartbeat_batches": core.heartbeats.batches - marks["batches"],
+            "heartbeat_flushes": core.liveness.flushes - marks["batches"],
             "tx_p50_ms": pct(tx, 0.5) * 1000,
             "tx_p99_ms": pct(tx, 0.99) * 1000,
             "tx_max_ms": max(tx, default=0.0) * 1000,
@@ -142,6 +193,7 @@ def serve(args: argparse.Namespace) -> None:
                 name: [pct(v, 0.5) * 1000, pct(v, 0.99) * 1000]
                 for name, v in handler_seconds.items()
             },
+            **window,
         }
         await asyncio.to_thread(Path(args.stats_file).write_text, json.dumps(out))
         await pool.stop(0)
@@ -155,6 +207,44 @@ def serve(args: argparse.Namespace) -> None:
     with cProfile.Profile() as prof:
         asyncio.run(main())
     prof.dump_stats(profile)
+
+
+async def serve_bare(
+    args: argparse.Namespace, handler_seconds: dict[str, list[float]], calls: Counter[str]
+) -> None:
+    """The floor server: BareNodeManager with the pool's server options, the same signals."""
+    from hivemind_worker.pool.server import server_options
+
+    server = grpc.aio.server(options=server_options())
+    pb_grpc.add_NodeManagerServicer_to_server(BareNodeManager(args.heartbeat_interval), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await asyncio.to_thread(Path(args.port_file).write_text, str(port))
+    marks: dict[str, float] = {"cpu": time.process_time()}
+    window: dict[str, Any] = {}
+
+    def mark() -> None:
+        handler_seconds.clear()
+        calls.clear()
+        marks["cpu"] = time.process_time()
+
+    def end_window() -> None:
+        window.update(calls=dict(calls), cpu_s=time.process_time() - marks["cpu"])
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, mark)
+    loop.add_signal_handler(signal.SIGUSR2, end_window)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    out = {
+        "handler_ms": {
+            name: [pct(v, 0.5) * 1000, pct(v, 0.99) * 1000] for name, v in handler_seconds.items()
+        },
+        **window,
+    }
+    await asyncio.to_thread(Path(args.stats_file).write_text, json.dumps(out))
+    await server.stop(0)
 
 
 # ------------------------------------------------------------------- simulated workers
@@ -243,11 +333,15 @@ class Fleet:
                 await asyncio.sleep(self.interval)
 
         beat = asyncio.create_task(heartbeats())
+        # The first poll waits a random part of max_wait, so re-polls are spread as in a fleet
+        # whose workers joined at different times, not all due in the same second.
+        wait = random.randint(1, int(self.max_wait))
         try:
             while not self.stopping:
                 request = pb.GetAssignedTasksRequest(
-                    node_id=node_id, free=FREE, max_tasks=1, wait_seconds=int(self.max_wait)
+                    node_id=node_id, free=FREE, max_tasks=1, wait_seconds=wait
                 )
+                wait = int(self.max_wait)
                 reply = await self.call(
                     "GetAssignedTasks", stub.GetAssignedTasks, request, self.max_wait + 5
                 )
@@ -319,12 +413,19 @@ class Rung:
     """One measured run: a fresh pool, `workers` simulated workers, submits for `seconds`."""
 
     def __init__(
-        self, home: Path, workers: int, rate: float | None, seconds: float, heartbeat: int = 0
+        self,
+        home: Path,
+        workers: int,
+        rate: float | None,
+        seconds: float,
+        heartbeat: int = 0,
+        bare: bool = False,
     ) -> None:
         self.home = home
         self.heartbeat = heartbeat  # 0: the pool's default interval
         self.workers = workers
-        self.rate = rate  # None: as fast as the pool accepts
+        self.rate = rate  # None: as fast as the pool accepts; 0: no submits
+        self.bare = bare  # the floor server instead of the pool (no submits then)
         self.seconds = seconds
         self.procs: list[subprocess.Popen[str]] = []
         self.db = home / "pool.db"
@@ -358,6 +459,7 @@ class Rung:
             str(port_file),
             "--stats-file",
             str(stats_file),
+            *(["--bare"] if self.bare else []),
         )
         for _ in range(300):
             if port_file.exists() and port_file.read_text():
@@ -411,10 +513,16 @@ class Rung:
             assert proc.stdin is not None
             proc.stdin.write("go\n")
             proc.stdin.flush()
+        fleet_ps = [psutil.Process(proc.pid) for proc in fleets]
+        fleet0 = sum(sum(f.cpu_times()[:2]) for f in fleet_ps)
         cpu0, t0 = ps.cpu_times(), time.perf_counter()
         rss_max = 0
         end = t0 + self.seconds
-        if self.rate:
+        if self.rate == 0:  # heartbeats and polls only
+            while time.perf_counter() < end:
+                rss_max = max(rss_max, ps.memory_info().rss)
+                await asyncio.sleep(min(1.0, max(0.0, end - time.perf_counter())))
+        elif self.rate:
             pending: set[asyncio.Task[None]] = set()
             i = 0
             while (due := t0 + i / self.rate) < end:  # open loop: on schedule, not on replies
@@ -446,8 +554,8 @@ class Rung:
             await sampling
         window = time.perf_counter() - t0
         # Let the last tasks finish (bounded), then read the pool's own account.
-        reader = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
-        for _ in range(150):
+        reader = None if self.bare else sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        for _ in range(150 if reader is not None else 0):
             left = reader.execute(
                 "SELECT count(*) FROM tasks WHERE status IN ('queued', 'running')"
             ).fetchone()[0]
@@ -456,6 +564,8 @@ class Rung:
             await asyncio.sleep(0.1)
         drain = time.perf_counter() - t0 - window
         cpu1 = ps.cpu_times()
+        fleet1 = sum(sum(f.cpu_times()[:2]) for f in fleet_ps)
+        os.kill(pool.pid, signal.SIGUSR2)  # the server takes its calls served and CPU used
         rss_max = max(rss_max, ps.memory_info().rss)
         await channel.close()
         outs = []
@@ -467,8 +577,11 @@ class Rung:
         os.kill(pool.pid, signal.SIGTERM)
         await asyncio.to_thread(pool.wait, 30)
         pool_stats = json.loads(stats_file.read_text())
-        db_check = self.check_db(reader)
-        reader.close()
+        db_check = {"tasks": 0, "succeeded": 0, "not_succeeded": 0, "retried": 0}
+        if reader is not None:
+            db_check = self.check_db(reader)
+            reader.close()
+        db_check.setdefault("reports_not_one", 0)
         self.end()
 
         latency: dict[str, list[float]] = defaultdict(list)
@@ -484,10 +597,14 @@ class Rung:
             handout.extend(out["handout"])
             received.extend(out["tasks"])
         latency["SubmitTask"] = submit_latency
+        served = sum(pool_stats.get("calls", {}).values())
         return {
             "workers": self.workers,
             "heartbeat": self.heartbeat,
             "rate": self.rate,
+            "bare": self.bare,
+            "calls_served": served,
+            "cpu_us_per_call": pool_stats.get("cpu_s", 0.0) / max(served, 1) * 1e6,
             "window_s": window,
             "drain_s": drain,
             "ramp_s": ramp,
@@ -505,6 +622,7 @@ class Rung:
                 (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (window + drain)
             ),
             "pool_rss_mib": rss_max / 2**20,
+            "fleet_cpu_cores": (fleet1 - fleet0) / (window + drain),  # the load generator
             "pool": pool_stats,
             "db": db_check,
         }
@@ -527,6 +645,7 @@ class Rung:
 
 def row(r: dict[str, Any]) -> str:
     rpc = r["rpc"]
+    nan = float("nan")
 
     def lat(name: str) -> str:
         v = rpc.get(name)
@@ -546,7 +665,7 @@ def row(r: dict[str, Any]) -> str:
             f"{r['handed_out_twice']} handed out twice)"
         )
     )
-    rate = f"{r['rate']:g}" if r["rate"] else "max"
+    rate = "max" if r["rate"] is None else f"{r['rate']:g}"
     workers = f"{r['workers']:,}" + (f" (heartbeat {r['heartbeat']} s)" if r["heartbeat"] else "")
     return (
         f"| {workers} | {rate} | {lat('UpdateNodeStatus')} | {lat('GetAssignedTasks')} "
@@ -554,37 +673,85 @@ def row(r: dict[str, Any]) -> str:
         f"| {r['handout_p50_ms']:.1f} / {r['handout_p99_ms']:.1f} "
         f"| {r['completed_per_s']:.1f} | {errors} | {once} "
         f"| {r['pool_cpu_cores'] * 100:.0f} % / {r['pool_rss_mib']:.0f} MiB "
-        f"| {r['pool']['tx_p99_ms']:.2f} / {r['pool']['lag_p99_ms']:.1f} |"
+        f"| {r['cpu_us_per_call']:.0f} "
+        f"| {r['pool'].get('tx_p99_ms', nan):.2f} / {r['pool'].get('lag_p99_ms', nan):.1f} |"
     )
 
 
-def report(results: list[dict[str, Any]], load: tuple[float, float, float], seconds: float) -> str:
+def floor_rows(results: list[dict[str, Any]]) -> str:
+    """The pool against the bare grpc.aio server, same fleet, no submits: cost per call."""
+    pairs = [(r, b) for r in results for b in results if b["bare"] and not r["bare"]]
+    pairs = [(r, b) for r, b in pairs if r["rate"] == 0 and r["workers"] == b["workers"]]
+    lines = []
+    for pool, bare in pairs:
+        for r in (bare, pool):
+            hb = r["rpc"].get("UpdateNodeStatus", {"p50_ms": float("nan"), "p99_ms": float("nan")})
+            errors = ", ".join(f"{k}: {v}" for k, v in sorted(r["errors"].items())) or "0"
+            lines.append(
+                f"| {'bare grpc.aio handler' if r['bare'] else 'the pool'} | {r['workers']:,} "
+                f"| {hb['p50_ms']:.1f} / {hb['p99_ms']:.1f} | {errors} | {r['calls_served']:,} "
+                f"| {r['cpu_us_per_call']:.0f} "
+                f"| {r['cpu_us_per_call'] / max(bare['cpu_us_per_call'], 1e-9):.2f} "
+                f"| {r['pool_cpu_cores'] * 100:.0f} % / {r['fleet_cpu_cores'] * 100:.0f} % |"
+            )
+    return "\n".join(lines)
+
+
+def report(
+    results: list[dict[str, Any]],
+    load: tuple[float, float, float],
+    seconds: float,
+    processes: int,
+) -> str:
     head = (
         "| workers | submits/s | heartbeat p50 / p99 ms | poll p50 / p99 ms | report p50 / p99 ms "
         "| submit p50 / p99 ms | submit → handed out p50 / p99 ms | tasks/s done | errors "
-        "| each task once | pool CPU / RSS | SQLite tx p99 ms / loop lag p99 ms |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| each task once | pool CPU / RSS | pool CPU µs per worker call "
+        "| SQLite tx p99 ms / loop lag p99 ms |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
-    rows = "\n".join(row(r) for r in results)
+    rows = "\n".join(row(r) for r in results if r["rate"] != 0)
+    floor = floor_rows(results)
+    floor_text = (
+        (
+            "\n**The floor.** The same simulated workers (heartbeats and long-polls, no submits) "
+            "against the pool and against a bare grpc.aio server with the pool's server options "
+            "whose handlers only answer (no auth, no store; a poll just waits), one after the "
+            "other in this run. *CPU per call* is the server process's CPU time (all its threads) "
+            "in the window over the worker calls it served then; *ratio to bare* is the pool's "
+            "cost as a multiple of the bare server's.\n\n"
+            "| server | workers | heartbeat p50 / p99 ms | errors | calls served | CPU µs per call "
+            "| ratio to bare | CPU: server / worker processes |\n"
+            "|---|---|---|---|---|---|---|---|\n"
+            f"{floor}\n"
+        )
+        if floor
+        else ""
+    )
     return (
         "## Pool scale (`bench/pool_scale.py`)\n\n"
         f"One reference pool process (SQLite in WAL mode) on loopback, simulated workers in "
-        f"{PROCESSES} processes ({WORKERS_PER_CHANNEL} per HTTP/2 connection, one login per "
+        f"{processes} processes ({WORKERS_PER_CHANNEL} per HTTP/2 connection, one login per "
         "process) and the submitter, all on the same 2 cores. Each worker registers, "
-        "heartbeats at the pool's default interval (10 s), keeps one long-poll open (30 s) and "
-        "reports each task at once (a row marked *heartbeat 20 s* uses that interval instead). "
+        "heartbeats at the pool's default interval (10 s), keeps one long-poll open (30 s; the "
+        "first waits a random part of it, so re-polls are spread as in a fleet that joined over "
+        "time) and reports each task at once (a row marked *heartbeat 20 s* uses that interval "
+        "instead). "
         "The pool logs at WARNING: a line per task would measure the logging. "
         f"Each rung submits for {seconds:g} s (open loop), then "
         "waits for the last tasks. Latencies are client side. *Poll* is a GetAssignedTasks "
         "call, which waits up to 30 s when there is no work, so its p50 is not a service time. "
         "*Each task once*: every task succeeded with one lease, one attempt and one report, "
         "checked in the pool's database. The pool's CPU is in cores (100 % = one core); "
+        "*CPU µs per worker call* is the pool's CPU time in the window over the worker calls "
+        "(register, heartbeat, poll, report) it served then (submits are not counted, so at "
+        "few workers it is mostly their cost and the pool's fixed costs); "
         "*SQLite tx* is the time of a write transaction inside the pool, *loop lag* how late "
         "its event loop ran a 50 ms timer.\n\n"
         f"Load average at the start: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 "
         "min). The machine is shared with other engineers' builds and tests and is noisy: "
         "read the numbers as an order of magnitude, not to the millisecond.\n\n"
-        f"{head}\n{rows}\n"
+        f"{head}\n{rows}\n{floor_text}"
     )
 
 
@@ -594,15 +761,19 @@ SUBMITTERS = int(os.environ.get("POOL_SCALE_SUBMITTERS", "16"))  # concurrent su
 
 async def orchestrate(args: argparse.Namespace) -> list[dict[str, Any]]:
     hb = args.heartbeat_interval
-    plan: list[tuple[int, float | None, int]] = [(n, args.rate, hb) for n in args.ladder]
+    plan: list[tuple[int, float | None, int, bool]] = [
+        (n, args.rate, hb, False) for n in args.ladder
+    ]
     if args.max_workers:
-        plan.append((args.max_workers, None, hb))
+        plan.append((args.max_workers, None, hb, False))
     if args.also_heartbeat and args.ladder:  # the largest rung again, with a longer interval
-        plan.append((max(args.ladder), args.rate, args.also_heartbeat))
+        plan.append((max(args.ladder), args.rate, args.also_heartbeat, False))
+    if args.floor:  # heartbeats and polls only: the pool, then the bare grpc.aio server
+        plan += [(args.floor, 0, hb, False), (args.floor, 0, hb, True)]
     results = []
-    for workers, rate, heartbeat in plan:
+    for workers, rate, heartbeat, bare in plan:
         with tempfile.TemporaryDirectory(prefix="pool-scale-") as tmp:
-            rung = Rung(Path(tmp), workers, rate, args.seconds, heartbeat)
+            rung = Rung(Path(tmp), workers, rate, args.seconds, heartbeat, bare)
             try:
                 result = await asyncio.wait_for(rung.run(args.processes), args.seconds + 300)
             finally:
@@ -621,6 +792,7 @@ def main() -> None:
     s.add_argument("--port-file", required=True)
     s.add_argument("--stats-file", required=True)
     s.add_argument("--heartbeat-interval", type=int, default=0)
+    s.add_argument("--bare", action="store_true", help="the floor server instead of the pool")
     w = sub.add_parser("workers")
     w.add_argument("--address", required=True)
     w.add_argument("--prefix", required=True)
@@ -643,6 +815,12 @@ def main() -> None:
         default=0,
         help="run the largest rung once more with this heartbeat interval (seconds)",
     )
+    parser.add_argument(
+        "--floor",
+        type=int,
+        default=0,
+        help="this many workers, no submits, against the pool and the bare grpc.aio server",
+    )
     parser.add_argument("--no-write", action="store_true", help="print, leave docs alone")
     args = parser.parse_args()
     if args.command == "serve":
@@ -653,7 +831,7 @@ def main() -> None:
         return
     load = os.getloadavg()
     results = asyncio.run(orchestrate(args))
-    section = report(results, load, args.seconds)
+    section = report(results, load, args.seconds, args.processes)
     print(section)
     if not args.no_write:
         write_section("pool-scale", section)

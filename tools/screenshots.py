@@ -356,6 +356,16 @@ def render(out: Path, *, dark: bool, wait: float) -> None:
     pump_until(lambda: worker.model.state is EngineState.BUSY, 30, "the schedule lifted")
     pump_until(lambda: not worker.model.running, 120, "the held task to finish")
 
+    # Kinds of tasks: each framework with what it downloads, PyTorch being turned on.
+    worker.open_settings()
+    dialog = worker.settings_dialog
+    assert dialog is not None
+    dialog.tabs.setCurrentWidget(dialog.tasks)
+    dialog.tasks.switches["ml_pytorch"].setChecked(True)
+    pump(1)
+    save(dialog, out / f"settings-tasks{suffix}.png")
+    dialog.reject()
+
     # Disconnected, with a finished result waiting for the pool to come back.
     worker.engine_thread.submit(submit([_task("climate cell 88", 6, 32, 0.0)])).result(30)
     pump_until(lambda: len(worker.model.running) == 1, 60, "the last task")

@@ -352,27 +352,32 @@ class Settings:
     close_to_tray: bool = setting(
         True, help="desktop app: closing the window keeps it running in the tray", gui=True
     )
-    # The ml and data task kinds: each framework's environment is downloaded on first use,
-    # so the heavy ones are opt-in and say their size (engine/runners DOWNLOAD_MB).
+    # The ml and data task kinds: each framework's environment is downloaded on first use, so
+    # the heavy ones are opt-in; the settings dialog shows each download's size (measured per
+    # platform in engine/runners/requirements/download-sizes.toml).
     ml_scikit_learn: bool = setting(
         True,
-        help="run scikit-learn training tasks (about 190 MB downloaded on first use)",
+        help="run scikit-learn training tasks (its environment is downloaded on first use)",
         env="HIVEMIND_ML_SCIKIT_LEARN",
+        gui=True,
     )
     ml_tensorflow: bool = setting(
         False,
-        help="run TensorFlow training tasks (tensorflow-cpu, about 1.3 GB on first use)",
+        help="run TensorFlow training tasks (tensorflow-cpu; a large download on first use)",
         env="HIVEMIND_ML_TENSORFLOW",
+        gui=True,
     )
     ml_pytorch: bool = setting(
         False,
-        help="run PyTorch training tasks (CPU build, about 800 MB on first use)",
+        help="run PyTorch training tasks (CPU build; a large download on first use)",
         env="HIVEMIND_ML_PYTORCH",
+        gui=True,
     )
     data_processing: bool = setting(
         True,
-        help="run data-processing tasks: CSV, image and text analysis (about 170 MB on first use)",
+        help="run data-processing tasks: CSV, image and text analysis (downloaded on first use)",
         env="HIVEMIND_DATA_PROCESSING",
+        gui=True,
     )
     runner_find_links: str = setting(
         "",

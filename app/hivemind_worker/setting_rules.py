@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hivemind_worker.schedule import Schedule, ScheduleError
+
 
 def number_text(x: float) -> str:
     """A bound as a person reads it: 8 not 8.0, 15.5 for 15.56."""
@@ -130,14 +132,12 @@ class RuleError(ValueError):
 
 @dataclass(frozen=True)
 class WeeklySchedule(Rule):
-    """Days and time ranges (engine/policy.py's Schedule); normalized to trimmed text."""
+    """Days and time ranges (schedule.py's Schedule); normalized to trimmed text."""
 
     def allowed(self) -> str:
         return "days and times like 'mon-fri 18:00-08:00; sat-sun 00:00-24:00', or empty"
 
     def check(self, value: Any) -> Any:
-        from hivemind_worker.engine.policy import Schedule, ScheduleError
-
         try:
             return Schedule.parse(value).text
         except ScheduleError as exc:

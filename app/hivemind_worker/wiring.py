@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from hivemind_worker.config import Settings, resolve_node_id
@@ -21,37 +22,53 @@ if TYPE_CHECKING:
 
 
 def make_engine(
-    settings: Settings, paths: Paths, credentials: CredentialStore, *, demo: bool = False
+    settings: Settings,
+    paths: Paths,
+    credentials: CredentialStore,
+    *,
+    demo: bool = False,
+    choose_executor_at_start: bool = False,
 ) -> WorkerEngine:
-    """The engine with the executor this machine supports (for the demo: one that is ready)."""
+    """The engine with the executor this machine supports (for the demo: one that is ready).
+
+    Choosing the executor pings Docker and tidies what an earlier run left: a few hundred ms.
+    With `choose_executor_at_start` the engine does it on its own thread when it starts (the
+    desktop app shows its window first); otherwise here, before this returns.
+    """
     from hivemind_worker.engine.engine import WorkerEngine
-    from hivemind_worker.engine.executors import ready_for_python, select_executor
     from hivemind_worker.logs import set_node_id
 
     node_id = resolve_node_id(settings, paths)
     set_node_id(node_id)
-    executor = select_executor(settings, node_id)
-    if demo:
-        executor = ready_for_python(executor, settings)
-    return WorkerEngine(
+
+    def choose() -> Executor:
+        from hivemind_worker.engine.executors.choice import ready_for_python, select_executor
+
+        executor = select_executor(settings, node_id)
+        return ready_for_python(executor, settings) if demo else executor
+
+    engine = WorkerEngine(
         settings,
         node_id=node_id,
         credentials=credentials,
-        executor=executor,
+        executor=choose if choose_executor_at_start else choose(),
         outbox_dir=paths.outbox_dir,
-        probes=desktop_probes(executor),
+        probes=desktop_probes(lambda: engine.executor_ready),
     )
+    return engine
 
 
-def desktop_probes(executor: Executor) -> DesktopProbes:
+def desktop_probes(executor: Callable[[], Executor | None]) -> DesktopProbes:
     """This desktop's probes; Docker containers' CPU counts as the worker's own, not other
-    programs' (they are not in the worker's process tree)."""
+    programs' (they are not in the worker's process tree). `executor`: the engine's, once
+    chosen."""
     from hivemind_worker.engine.probes import DesktopProbes
 
     def container_cpu() -> float:
-        if executor.capability != "docker":
+        chosen = executor()
+        if chosen is None or chosen.capability != "docker":
             return 0.0  # process-sandbox tasks are in the worker's process tree already
-        return sum(u.cpu_seconds for u in executor.usage().values())
+        return sum(u.cpu_seconds for u in chosen.usage().values())
 
     return DesktopProbes.for_this_desktop(extra_cpu_seconds=container_cpu)
 

@@ -18,8 +18,8 @@ from helpers.harness import archive_files, wait_for
 from helpers.images import TEST_IMAGE
 from hivemind_worker.config import load_settings
 from hivemind_worker.engine.executors import docker as dockerx
-from hivemind_worker.engine.executors import select_executor
 from hivemind_worker.engine.executors.base import ExecutorError
+from hivemind_worker.engine.executors.choice import select_executor
 from hivemind_worker.engine.executors.images import requirements_tag
 from hivemind_worker.paths import default_paths
 from hivemind_worker.tasks import (

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers.guikit import LoopPool, make_world
+from helpers.guikit import LoopPool, World, make_world
+from hivemind_worker.engine.runners.environments import Environments
 from hivemind_worker.gui.app import WorkerApp
 
 
@@ -25,7 +26,26 @@ def qapp_args() -> list[str]:
 def gui_app(qtbot, tmp_path: Path, memory_keyring) -> Iterator[tuple[WorkerApp, LoopPool]]:
     """A WorkerApp on a real engine thread, with the real pool on the same loop, not started."""
     world = make_world(tmp_path / "home", drain_timeout=20)
-    pool = LoopPool(world, tmp_path / "pool.db", [])
+    yield from _running_app(qtbot, world, LoopPool(world, tmp_path / "pool.db", []))
+
+
+@pytest.fixture
+def gui_app_with_runners(
+    qtbot, tmp_path: Path, memory_keyring, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[WorkerApp, LoopPool]]:
+    """As gui_app, with an engine that runs (and advertises) the ml and data runners.
+
+    uv is offline with an empty cache: a runner task that reaches this worker fails at its
+    environment's build instead of downloading hundreds of MB.
+    """
+    monkeypatch.setenv("UV_OFFLINE", "1")
+    monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "uv-cache"))
+    environments = Environments(tmp_path / "environments")
+    world = make_world(tmp_path / "home", environments=environments, drain_timeout=20)
+    yield from _running_app(qtbot, world, LoopPool(world, tmp_path / "pool.db", []))
+
+
+def _running_app(qtbot, world: World, pool: LoopPool) -> Iterator[tuple[WorkerApp, LoopPool]]:
     app = WorkerApp(
         world.settings,
         world.paths,

@@ -9,85 +9,39 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+
+from helpers import xserver
 
 TOOLS = ("Xvfb", "openbox", "xdotool")
-
-
-class DesktopError(RuntimeError):
-    pass
 
 
 def missing_tools() -> list[str]:
     return [tool for tool in TOOLS if shutil.which(tool) is None]
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise DesktopError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def _stop(process: subprocess.Popen[bytes] | None) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(5)
-
-
 @contextlib.contextmanager
 def xvfb(log_dir: Path, *, window_manager: bool = False) -> Iterator[str]:
-    """Yield the DISPLAY of a fresh Xvfb (1280x800), with openbox managing it if asked.
-
-    -noreset: by default the server resets (and its idle counter with it) each time its
-    last client disconnects, as xdotool does after every command.
-    """
-    log_dir.mkdir(parents=True, exist_ok=True)
-    server = wm = None
-    try:
-        read_fd, write_fd = os.pipe()
-        with (log_dir / "xvfb.log").open("wb") as out:
-            server = subprocess.Popen(
-                ["Xvfb", "-displayfd", str(write_fd), "-screen", "0", "1280x800x24",
-                 "-nolisten", "tcp", "-noreset"],
-                stdout=out, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
-            )  # fmt: skip
-        os.close(write_fd)
-        number = b""
-        deadline = time.monotonic() + 20
-        while not number.endswith(b"\n"):
-            ready, _, _ = select.select([read_fd], [], [], max(0.0, deadline - time.monotonic()))
-            chunk = os.read(read_fd, 16) if ready else b""
-            if not chunk:
-                raise DesktopError(f"Xvfb did not start; see {log_dir / 'xvfb.log'}")
-            number += chunk
-        os.close(read_fd)
-        display = f":{int(number)}"
-        if window_manager:
-            env = {**os.environ, "DISPLAY": display}
-            with (log_dir / "openbox.log").open("wb") as out:
-                wm = subprocess.Popen(
-                    ["openbox", "--sm-disable"], env=env, stdout=out, stderr=subprocess.STDOUT
-                )
-            _wait(lambda: _has_ewmh(display), 20, "openbox to manage the screen")
-        yield display
-    finally:
-        _stop(wm)
-        _stop(server)
+    """Yield the DISPLAY of a fresh Xvfb (1280x800) that keeps its idle counter when xdotool
+    disconnects (-noreset), with openbox managing it if asked."""
+    with xserver.xvfb(log_dir, noreset=True) as display:
+        wm = None
+        try:
+            if window_manager:
+                env = {**os.environ, "DISPLAY": display}
+                with (log_dir / "openbox.log").open("wb") as out:
+                    wm = subprocess.Popen(
+                        ["openbox", "--sm-disable"], env=env, stdout=out, stderr=subprocess.STDOUT
+                    )
+                xserver.wait_until(lambda: _has_ewmh(display), 20, "openbox to manage the screen")
+            yield display
+        finally:
+            xserver.stop(wm)
 
 
 def _has_ewmh(display: str) -> bool:
@@ -141,7 +95,7 @@ def app_window(display: str, title: str) -> Iterator[int]:
         window = int(client.stdout.readline())
         yield window
     finally:
-        _stop(client)
+        xserver.stop(client)
 
 
 def set_fullscreen(display: str, window: int, on: bool) -> None:

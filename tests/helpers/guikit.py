@@ -20,6 +20,7 @@ from hivemind_worker.config import Settings
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.engine.engine import WorkerEngine
 from hivemind_worker.engine.executors.process import ProcessExecutor
+from hivemind_worker.engine.runners.environments import Environments
 from hivemind_worker.paths import Paths
 from hivemind_worker.pool.server import PoolServer
 from hivemind_worker.protocol import nodepool_pb2 as pb
@@ -40,14 +41,20 @@ class World:
     task_ids: list[str] = field(default_factory=list)
 
 
-def make_world(home: Path, address: str = "127.0.0.1:1", **overrides: object) -> World:
+def make_world(
+    home: Path,
+    address: str = "127.0.0.1:1",
+    environments: Environments | None = None,
+    **overrides: object,
+) -> World:
+    """With `environments`, the engine runs (and advertises) the ml and data runners."""
     settings, paths = worker_settings(home, address, **overrides)
     credentials = CredentialStore(paths)
     engine = WorkerEngine(
         settings,
         node_id=settings.node_id,
         credentials=credentials,
-        executor=ProcessExecutor(settings.work_dir),
+        executor=ProcessExecutor(settings.work_dir, environments=environments),
         outbox_dir=paths.outbox_dir,
     )
     return World(settings, paths, credentials, engine)
@@ -93,20 +100,23 @@ class LoopPool:
             await self.world.pool.stop()
 
 
-def busy_task(seconds: float, megabytes: int = 40) -> pb.TaskSpec:
-    """Burns CPU and holds memory for a while, so charts and tables have something to show."""
+def busy_task(seconds: float, megabytes: int = 40, *, cpu: bool = False) -> pb.TaskSpec:
+    """Burns CPU and holds memory for a while, so charts and tables have something to show:
+    `seconds` of wall time, or (`cpu`) of its own CPU time, however loaded the machine is."""
     return python_task(
         """
         import sys, time
         hold = bytearray(int(sys.argv[2]) * 1024 * 1024)
         for i in range(0, len(hold), 4096):
             hold[i] = 1  # touch every page so it counts as used memory
-        end = time.time() + float(sys.argv[1])
+        clock = time.process_time if sys.argv[3] == "cpu" else time.time
+        end = clock() + float(sys.argv[1])
         n = 0
-        while time.time() < end:
+        while clock() < end:
             n += 1
         open("results/summary.txt", "w").write(f"{n} loops\\n")
         """,
         str(seconds),
         str(megabytes),
+        "cpu" if cpu else "wall",
     )

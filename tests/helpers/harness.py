@@ -100,18 +100,24 @@ async def start_worker(
     token: str | None = None,
     executor: Callable[[Settings], Executor] | None = None,
     probes: Probes | None = None,
+    choose_executor_at_start: bool = False,
     **overrides: object,
 ) -> Worker:
     """An engine, logged in through the (in-memory) keyring; the process executor unless
-    `executor` makes another from the worker's settings."""
+    `executor` makes another from the worker's settings (when the engine starts, on its own
+    thread, with `choose_executor_at_start`, as the desktop app has it)."""
     settings, paths = worker_settings(home, address, **overrides)
     credentials = CredentialStore(paths)
     credentials.set_token(address, USER, token if token is not None else await login_token(address))
+
+    def make() -> Executor:
+        return executor(settings) if executor else ProcessExecutor(settings.work_dir)
+
     engine = WorkerEngine(
         settings,
         node_id=settings.node_id,
         credentials=credentials,
-        executor=executor(settings) if executor else ProcessExecutor(settings.work_dir),
+        executor=make if choose_executor_at_start else make(),
         outbox_dir=paths.outbox_dir,
         probes=probes,
     )

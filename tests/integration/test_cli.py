@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -14,7 +15,10 @@ import pytest
 
 from helpers.harness import PASSWORD, USER, python_task, queue_client, start_pool, worker_subprocess
 from hivemind_worker import __version__
+from hivemind_worker.config import load_settings, save_settings
 from hivemind_worker.demo import LocalPool
+from hivemind_worker.paths import default_paths
+from hivemind_worker.pool.records import NodeNotFound
 from hivemind_worker.protocol import nodepool_pb2 as pb
 
 pytestmark = pytest.mark.timeout(180)
@@ -170,4 +174,31 @@ async def test_ctrl_c_finishes_the_running_task_then_exits(
     finally:
         if proc.poll() is None:
             proc.kill()
+        await pool.stop()
+
+
+async def test_the_headless_worker_takes_the_kinds_the_settings_file_turns_on(
+    tmp_path: Path, memory_keyring: object
+) -> None:
+    """The file the settings dialog writes decides the headless worker's kinds of tasks too."""
+    home = tmp_path / "node-a"
+    paths = default_paths(home)
+    save_settings(paths, dataclasses.replace(load_settings(paths, env={}), ml_pytorch=True))
+    pool = await start_pool(tmp_path / "pool.db")
+    # Offline uv with an empty cache: nothing is downloaded, whatever reaches this worker.
+    offline = {"UV_OFFLINE": "1", "UV_CACHE_DIR": str(tmp_path / "uv-cache")}
+    proc = await worker_subprocess(home, pool.address, env_overrides=offline)
+    try:
+        registered: frozenset[str] = frozenset()
+        for _ in range(600):  # bounded wait for the registration
+            try:
+                registered = pool.store.get_node(home.name, USER).capabilities
+                break
+            except NodeNotFound:
+                await asyncio.sleep(0.1)
+        assert "ml:pytorch" in registered, (home / "stderr.log").read_text()
+        assert "ml:tensorflow" not in registered and "ml:scikit-learn" in registered
+    finally:
+        proc.kill()
+        proc.wait(30)
         await pool.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 from pathlib import Path
 
 import psutil
@@ -22,13 +23,17 @@ from helpers.harness import (
     worker_subprocess,
 )
 from helpers.sandbox_pids import TASK_PID, host_pid, written
+from hivemind_worker.config import Settings
 from hivemind_worker.engine.events import (
     EngineState,
     ResultDelivered,
+    SandboxChosen,
     StateChanged,
     TaskFinished,
     TaskStarted,
 )
+from hivemind_worker.engine.executors.base import Executor
+from hivemind_worker.engine.executors.process import ProcessExecutor
 from hivemind_worker.pool.store import PoolStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
 
@@ -55,6 +60,46 @@ async def test_batch_of_tasks_end_to_end(tmp_path: Path) -> None:
         assert len(delivered) == 24 and all(e.accepted for e in delivered)
         assert {"connecting", "idle", "busy"} <= set(worker.states())
     finally:
+        await worker.stop()
+        await pool.stop()
+
+
+async def test_an_executor_chosen_when_the_engine_starts_runs_tasks(tmp_path: Path) -> None:
+    """The desktop app's way: choosing the executor (a Docker ping) happens on the engine's
+    loop thread's worker, not before the window; until then the engine says it has none."""
+    pool = await start_pool(tmp_path / "pool.db")
+    chosen_in: list[str] = []
+    release = threading.Event()
+
+    def slow_choice(settings: Settings) -> Executor:
+        chosen_in.append(threading.current_thread().name)
+        release.wait(30)  # as a wedged Docker engine would hold it
+        return ProcessExecutor(settings.work_dir)
+
+    worker = await start_worker(
+        tmp_path / "node-a", pool.address, executor=slow_choice, choose_executor_at_start=True
+    )
+    try:
+        await wait_for(lambda: bool(chosen_in), what="the choice to begin")
+        # The engine's loop is not blocked by the choice, and says no executor yet.
+        assert worker.engine.executor_ready is None
+        with pytest.raises(RuntimeError, match="chosen when the engine starts"):
+            _ = worker.engine.executor
+        assert chosen_in != [threading.main_thread().name]
+        release.set()
+        async with queue_client(pool.address) as queue:
+            task_id = await queue.submit(python_task("print('after the choice')"))
+            await wait_for(
+                lambda: any(isinstance(e, ResultDelivered) for e in worker.events), what="result"
+            )
+            info = await queue.get(task_id)
+        assert info.status == pb.TASK_STATUS_SUCCEEDED
+        announced = [e for e in worker.events if isinstance(e, SandboxChosen)]
+        assert announced == [SandboxChosen("process", "")]
+        first_task = next(i for i, e in enumerate(worker.events) if isinstance(e, TaskStarted))
+        assert worker.events.index(announced[0]) < first_task
+    finally:
+        release.set()
         await worker.stop()
         await pool.stop()
 

@@ -6,7 +6,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from hivemind_worker.pool.records import Heartbeat
+from hivemind_worker.pool.records import Heartbeat, LivenessRow, RenewalRow
 from hivemind_worker.pool.store import PoolStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.tasks import GiB, Resources, TaskSpec, TaskStatus
@@ -48,8 +48,14 @@ def test_hot_path_statements_use_indexes_not_scans(tmp_path: Path) -> None:
     store.get_node("n1", "alice")
     task_id = store.submit(_task(1000), "alice")
     (spec,) = store.lease_tasks("n1", BIG, 1, ["process"], lease_seconds=60)
-    store.heartbeat_batch(
-        [Heartbeat("n1", 1, {"cpu_percent": 1.0}, [spec.lease_id]), Heartbeat("n2", 1, {})], 60
+    store.check_heartbeat("n1", [spec.lease_id, "unknown-lease"])
+    store.record_liveness(
+        [
+            LivenessRow.of(Heartbeat("n1", 1, {"cpu_percent": 1.0}), 1),
+            LivenessRow("n2", 1, 1, "{}"),
+        ],
+        [RenewalRow(spec.lease_id, "n1", 10**13, {"cpu_seconds": 1.0})],
+        2,
     )
     store.renew("n1", ["unknown-lease"], 60)
     store.request_cancel(task_id, "alice")

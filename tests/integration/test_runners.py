@@ -364,8 +364,11 @@ async def test_the_demo_runs_the_ml_and_data_samples_showing_progress(tmp_path: 
         "HIVEMIND_DATA_PROCESSING",
     ):
         env.pop(name, None)  # fmt: skip
-    # The environments live in the work folder, which tasks running as nobody must reach.
-    work = reachable_dir("hivemind-test-demo-")
+    # The environments live in the work folder, which tasks running as nobody (a root
+    # worker's) must pass through: made 0700 here, as the worker's first workspace makes it.
+    parent = reachable_dir("hivemind-test-demo-")
+    work = parent / "work"
+    work.mkdir(mode=0o700)
     env["WORK_DIR"] = str(work)
     try:
         done = await asyncio.to_thread(
@@ -374,7 +377,7 @@ async def test_the_demo_runs_the_ml_and_data_samples_showing_progress(tmp_path: 
             capture_output=True, text=True, env=env, timeout=540, check=False,
         )  # fmt: skip
     finally:
-        remove_environments(work)
+        remove_environments(parent)
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
     assert "Done: 3 of 3 tasks succeeded." in out

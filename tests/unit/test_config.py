@@ -313,6 +313,11 @@ def test_settings_table_matches_settings() -> None:
         "start_at_login",
         "start_on_launch",
         "close_to_tray",
+        # the "Kinds of tasks" page
+        "ml_scikit_learn",
+        "ml_tensorflow",
+        "ml_pytorch",
+        "data_processing",
         # the "When to contribute" page
         "idle_only_minutes",
         "suspend_on_battery",

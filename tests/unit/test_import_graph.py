@@ -33,15 +33,18 @@ def is_type_checking_block(node: ast.AST) -> bool:
     return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
 
 
-def imports(path: Path, package: Path, *, top_level_only: bool) -> set[str]:
-    """The package modules a file imports; top level only, or also inside functions."""
+def imports(
+    path: Path, package: Path, *, top_level_only: bool, type_checking: bool = False
+) -> set[str]:
+    """The package modules a file imports; top level only, or also inside functions; with
+    `type_checking`, also those imported for annotations only."""
     tree = ast.parse(path.read_text(), str(path))
     found: set[str] = set()
     this = module_name(path, package)
     is_package = path.name == "__init__.py"
 
     def visit(node: ast.AST, in_function: bool) -> None:
-        if is_type_checking_block(node):
+        if is_type_checking_block(node) and not type_checking:
             return  # annotations only: no import at run time
         if isinstance(node, ast.Import):
             if not (in_function and top_level_only):
@@ -77,12 +80,14 @@ def known(name: str, modules: dict[str, Path]) -> str | None:
     return name or None
 
 
-def circles(package: Path) -> list[str]:
-    """Import circles among module-level imports, as 'a -> b -> a'."""
+def circles(package: Path, *, every_import: bool = False) -> list[str]:
+    """Import circles as 'a -> b -> a': among module-level imports, or (`every_import`) also
+    counting imports inside functions and for annotations, which tie modules together too."""
     modules = sources(package)
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
-        targets = {known(i, modules) for i in imports(path, package, top_level_only=True)}
+        found = imports(path, package, top_level_only=not every_import, type_checking=every_import)
+        targets = {known(i, modules) for i in found}
         # A package's __init__ importing its own submodules is no circle.
         graph[name] = {m for m in targets if m and m != name and not name.startswith(m + ".")}
     found: list[str] = []
@@ -148,6 +153,11 @@ def test_no_import_circles_at_module_level() -> None:
     assert not circles(PACKAGE), "\n".join(circles(PACKAGE))
 
 
+def test_no_import_circles_counting_deferred_and_annotation_imports() -> None:
+    """A circle hidden in a function or a TYPE_CHECKING block still ties two rooms together."""
+    assert not circles(PACKAGE, every_import=True), "\n".join(circles(PACKAGE, every_import=True))
+
+
 def test_no_forbidden_edges() -> None:
     problems = forbidden_edges(PACKAGE)
     assert not problems, "\n".join(problems)
@@ -165,6 +175,14 @@ def test_the_checker_sees_a_circle_and_a_forbidden_edge(tmp_path: Path) -> None:
     assert "hivemind_worker.gui" not in imports(fake / "b.py", fake, top_level_only=True)
     assert "hivemind_worker.gui" in imports(fake / "b.py", fake, top_level_only=False)
     assert circles(fake) == ["hivemind_worker.a -> hivemind_worker.b -> hivemind_worker.a"]
+    (fake / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from hivemind_worker import d\n"
+    )
+    (fake / "d.py").write_text("def f():\n    from hivemind_worker import c\n")
+    assert not any("hivemind_worker.c" in c for c in circles(fake))
+    assert "hivemind_worker.c -> hivemind_worker.d -> hivemind_worker.c" in circles(
+        fake, every_import=True
+    )
     assert "hivemind_worker.pool.server (pool) imports hivemind_worker.engine.engine" in (
         forbidden_edges(fake)
     )

@@ -13,10 +13,9 @@ from hivemind_worker.engine.policy import (
     Policy,
     PolicySettings,
     Reason,
-    Schedule,
-    ScheduleError,
     Verdict,
 )
+from hivemind_worker.schedule import Schedule, ScheduleError
 
 MONDAY_NOON = datetime(2026, 3, 2, 12, 0, 0)  # a Monday
 QUIET = Observation(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hivemind_worker.config import load_settings
-from hivemind_worker.engine.executors import select_executor
+from hivemind_worker.engine.executors.choice import select_executor
 from hivemind_worker.engine.executors.process import ProcessExecutor
 from hivemind_worker.paths import default_paths
 

@@ -168,3 +168,22 @@ def test_random_kept_params_never_crash_validation(ml: dict[str, object], data: 
             TaskSpec.from_dict({**base, **change})
         except TaskSpecError as exc:
             assert exc.field and exc.reason
+
+
+def test_every_environment_says_what_it_downloads_on_every_platform() -> None:
+    """A new requirement set without a measured size would show the person nothing: run
+    tools/runner_sizes.py after changing one."""
+    import tomllib
+    from importlib import resources
+
+    folder = resources.files(runners).joinpath("requirements")
+    sets = {p.name.removesuffix(".txt") for p in folder.iterdir() if p.name.endswith(".txt")}
+    table = tomllib.loads(folder.joinpath(runners.SIZES_FILE).read_text(encoding="utf-8"))
+    assert runners.MEASURED_PLATFORM in table and "windows-amd64" in table
+    for platform, figures in table.items():
+        assert set(figures) == sets, platform
+        assert all(isinstance(mb, int) and mb > 0 for mb in figures.values()), platform
+        # The opt-in frameworks are the large ones; the on-by-default kinds are lighter.
+        assert min(figures["tensorflow"], figures["pytorch"]) > figures[runners.DATA_ENVIRONMENT]
+    for name in sets:  # this machine's figure, or the measured platform's where it has none
+        assert runners.download_mb(name) > 0

@@ -54,7 +54,10 @@ class Contribute:
     _want_running: bool
     _running: dict[str, _Running]
     _hub: EventHub
-    executor: Executor
+    if TYPE_CHECKING:
+
+        @property
+        def executor(self) -> Executor: ...  # WorkerEngine's, chosen when run() starts
 
     if TYPE_CHECKING:
 

@@ -18,6 +18,7 @@ from hivemind_worker.engine.events import (
     EventHub,
     ImagePull,
     MetricsSample,
+    SandboxChosen,
     StateChanged,
     Subscriber,
     TaskProgress,
@@ -60,7 +61,7 @@ class WorkerEngine(Session, TaskRuns, Contribute):
         *,
         node_id: str,
         credentials: CredentialStore,
-        executor: Executor,
+        executor: Executor | Callable[[], Executor],
         outbox_dir: Path,
         client_factory: Callable[..., NodePoolClient] = client_for,
         probes: Probes | None = None,
@@ -68,7 +69,11 @@ class WorkerEngine(Session, TaskRuns, Contribute):
         self.settings = settings
         self.node_id = node_id
         self.credentials = credentials
-        self.executor = executor
+        # An executor, or how to choose one: choosing pings Docker and tidies what an earlier
+        # run left (blocking, a few hundred ms), so the desktop app has it done on the
+        # engine's thread when run() starts, after its window is up.
+        self._executor: Executor | None = None
+        self._make_executor = None if isinstance(executor, Executor) else executor
         self.outbox_dir = outbox_dir
         self.monitor = HostMonitor(settings.work_dir)
         self._hub = EventHub()
@@ -99,11 +104,28 @@ class WorkerEngine(Session, TaskRuns, Contribute):
         self._max_wait = 30
         self._attempt = 0  # reconnect attempts since the last successful registration
         self._poll_call: asyncio.Future[list[TaskSpec | RefusedSpec]] | None = None
-        executor.on_pull = self._on_pull
-        executor.on_environment = self._on_environment
+        if isinstance(executor, Executor):
+            self._use_executor(executor)
         self._init_policy(settings, probes)  # when to contribute: contribute.py
         self.tasks_done = 0
         self.tasks_failed = 0
+
+    @property
+    def executor(self) -> Executor:
+        """The executor; chosen by the time run() has published SandboxChosen."""
+        if self._executor is None:
+            raise RuntimeError("the executor is chosen when the engine starts; use executor_ready")
+        return self._executor
+
+    @property
+    def executor_ready(self) -> Executor | None:
+        """The executor once chosen; None until then (for a window shown before the engine)."""
+        return self._executor
+
+    def _use_executor(self, executor: Executor) -> None:
+        executor.on_pull = self._on_pull
+        executor.on_environment = self._on_environment
+        self._executor = executor
 
     def _on_pull(self, image: str, done: int, total: int) -> None:
         # Called from the executor's pull thread: the event is published on the engine loop.
@@ -194,7 +216,8 @@ class WorkerEngine(Session, TaskRuns, Contribute):
         return self._watching
 
     def apply_settings(self, settings: Settings) -> None:
-        """New caps and limits apply to new tasks at once; a new pool address reconnects."""
+        """New caps, limits and kinds of task apply to the next offer at once (the pool is told
+        of new kinds by registering again); a new pool address reconnects."""
         self._call(lambda: self._do_apply(settings))
 
     async def run(self, *, autostart: bool = True) -> None:
@@ -203,6 +226,10 @@ class WorkerEngine(Session, TaskRuns, Contribute):
         self._connected = asyncio.Event()
         self._watch_changed = asyncio.Event()
         self._want_running = autostart or self._want_running
+        if self._executor is None:
+            assert self._make_executor is not None
+            self._use_executor(await asyncio.to_thread(self._make_executor))
+        self._hub.publish(SandboxChosen(self.executor.capability, self.executor.notice))
         metrics = asyncio.create_task(self._metrics_loop(), name="metrics")
         policy = asyncio.create_task(self._policy_loop(), name="policy")
         leftovers: list[asyncio.Task[None]] = []
@@ -344,10 +371,19 @@ class WorkerEngine(Session, TaskRuns, Contribute):
             or settings.account != self.settings.account
             or settings.insecure != self.settings.insecure
         )
+        # Only a live session has told the pool its kinds (and only then is the executor,
+        # whose capability they include, sure to be chosen).
+        capabilities = self._capabilities() if self._client is not None else ()
         self.settings = settings
         self._configure_policy(settings)
         if reconnect and self._client is not None:
             self._spawn(self._close_client(), "reconnect")
+        elif self._client is not None and self._capabilities() != capabilities:
+            # A kind of task turned on or off: the pool's record of this node is updated, and
+            # the long-poll in flight (which offers the old kinds) gives way to one that
+            # offers the new ones.
+            self._spawn(self._register(self._client), "register the new capabilities")
+            self._withdraw_poll()
         if self._running:  # only then is the loop running, and is there anything to bring in
             self._spawn(self.executor.apply_caps(self._caps()), "apply caps")
         self._poke()

@@ -38,6 +38,14 @@ class StateChanged:
 
 
 @dataclass(frozen=True)
+class SandboxChosen:
+    """Where tasks will run, once the engine has chosen (at the start of run())."""
+
+    capability: str  # "docker" or "process"
+    notice: str = ""  # why not Docker, when Docker was wanted but is not usable
+
+
+@dataclass(frozen=True)
 class MetricsSample:
     host: HostSample
     tasks: dict[str, Usage] = field(default_factory=dict)
@@ -147,6 +155,7 @@ class ErrorRaised:
 
 Event = (
     StateChanged
+    | SandboxChosen
     | MetricsSample
     | TaskStarted
     | ImagePull

@@ -49,7 +49,11 @@ class TaskRuns:
     """Running tasks, from acceptance to delivered result (mixed into WorkerEngine)."""
 
     settings: Settings
-    executor: Executor
+    if TYPE_CHECKING:
+
+        @property
+        def executor(self) -> Executor: ...  # WorkerEngine's, chosen when run() starts
+
     delivery: Delivery
     tasks_done: int
     tasks_failed: int

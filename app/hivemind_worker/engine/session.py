@@ -51,7 +51,11 @@ class Session:
     settings: Settings
     node_id: str
     credentials: CredentialStore
-    executor: Executor
+    if TYPE_CHECKING:
+
+        @property
+        def executor(self) -> Executor: ...  # WorkerEngine's, chosen when run() starts
+
     delivery: Delivery
     monitor: HostMonitor
     _client: NodePoolClient | None

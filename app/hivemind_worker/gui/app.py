@@ -23,7 +23,7 @@ from hivemind_worker import __version__
 from hivemind_worker.config import Settings, read_state, save_settings
 from hivemind_worker.credentials import CredentialStore
 from hivemind_worker.engine.engine import WorkerEngine
-from hivemind_worker.engine.events import EngineState, ErrorRaised
+from hivemind_worker.engine.events import EngineState, ErrorRaised, SandboxChosen
 from hivemind_worker.errors import ErrorKind
 from hivemind_worker.gui.autostart import autostart
 from hivemind_worker.gui.dashboard import Dashboard
@@ -139,6 +139,7 @@ class WorkerApp(QObject):
         d.watchingChanged.connect(self.engine.watch_metrics)
         t.snoozeRequested.connect(self.snooze)
         self.bridge.error.connect(self._on_error)
+        self.bridge.sandboxChosen.connect(self._on_sandbox_chosen)
         self.bridge.engineStopped.connect(self._on_engine_stopped)
         self.model.stateChanged.connect(self._update_connection)
         self.model.tasksChanged.connect(self.dashboard._update_state)
@@ -362,9 +363,7 @@ class WorkerApp(QObject):
             self.settings_dialog.finished.connect(self._forget_settings_dialog)
         else:
             self.settings_dialog.load(self.settings)
-        self.settings_dialog.show_docker_status(
-            self.engine.executor.capability, self.engine.executor.notice
-        )
+        self.settings_dialog.show_docker_status(*self._sandbox())
         self.settings_dialog.show()
         self.settings_dialog.raise_()
         self.settings_dialog.activateWindow()
@@ -377,7 +376,7 @@ class WorkerApp(QObject):
                 self.paths,
                 self.credentials,
                 self.engine_thread,
-                self.engine.executor.capability,
+                self._sandbox()[0],
                 parent=None,
             )
             self.setup.completed.connect(self._on_setup_done)
@@ -456,14 +455,25 @@ class WorkerApp(QObject):
     def _update_connection(self) -> None:
         s = self.settings
         account = "signed out" if self.signed_out or not s.account else f"signed in as {s.account}"
-        sandbox = (
-            "tasks run in Docker containers"
-            if self.engine.executor.capability == "docker"
-            else "tasks run in the process sandbox"
-        )
+        sandbox = {
+            "docker": "tasks run in Docker containers",
+            "": "looking for Docker",
+        }.get(self._sandbox()[0], "tasks run in the process sandbox")
         self.dashboard.set_connection(
             f"Pool {s.node_pool_address} · {account} · {sandbox} · v{__version__}"
         )
+
+    def _sandbox(self) -> tuple[str, str]:
+        """The executor's capability and notice; ("", "") until the engine has chosen it."""
+        executor = self.engine.executor_ready
+        return (executor.capability, executor.notice) if executor else ("", "")
+
+    def _on_sandbox_chosen(self, event: SandboxChosen) -> None:
+        self._update_connection()
+        if self.settings_dialog is not None:
+            self.settings_dialog.show_docker_status(event.capability, event.notice)
+        if self.setup is not None:
+            self.setup.docker.set_capability(event.capability)
 
     def _on_error(self, event: ErrorRaised) -> None:
         # One balloon per kind of trouble in a while: 24 tasks that cannot get their image

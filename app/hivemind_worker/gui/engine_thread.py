@@ -22,6 +22,7 @@ from hivemind_worker.engine.events import (
     MetricsSample,
     PolicyChanged,
     ResultDelivered,
+    SandboxChosen,
     StateChanged,
     TaskFinished,
     TaskOutput,
@@ -44,6 +45,7 @@ class Bridge(QObject):
 
     anyEvent = Signal(object)  # every event, whatever its type (not `event`: QObject.event)
     stateChanged = Signal(object)  # StateChanged
+    sandboxChosen = Signal(object)  # SandboxChosen: Docker or the process sandbox, at start
     metrics = Signal(object)  # MetricsSample
     taskStarted = Signal(object)  # TaskStarted
     imagePull = Signal(object)  # ImagePull
@@ -69,6 +71,7 @@ class Bridge(QObject):
 # One signal per event type; a test checks that every member of `Event` is here.
 SIGNALS: dict[type, str] = {
     StateChanged: "stateChanged",
+    SandboxChosen: "sandboxChosen",
     MetricsSample: "metrics",
     TaskStarted: "taskStarted",
     ImagePull: "imagePull",
@@ -191,6 +194,45 @@ class Call(QObject):
         else:  # a bug: the person gets one sentence, the log the traceback
             log.error("background call failed", exc_info=exc)
             self.failed.emit(f"Something went wrong ({type(exc).__name__}); see the log.")
+
+
+class Calls:
+    """A window's calls in flight on the engine's loop, each kept alive until it answers.
+
+    `run` hands a coroutine to the engine thread and calls `on_ok(value)` or `on_fail(one
+    sentence)` back on the GUI thread; the window never waits.
+    """
+
+    def __init__(self, engine_thread: EngineThread, owner: QObject) -> None:
+        self._engine_thread = engine_thread
+        self._owner = owner
+        self._pending: set[Call] = set()
+
+    def run(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        on_ok: Callable[[Any], None],
+        on_fail: Callable[[str], None],
+    ) -> Call:
+        calls: list[Call] = []
+        finished: list[bool] = []
+
+        def finish(handler: Callable[[Any], None], value: Any) -> None:
+            finished.append(True)
+            for call in calls:
+                self._pending.discard(call)
+            handler(value)
+
+        call = Call(
+            self._engine_thread.submit(coro),
+            lambda value: finish(on_ok, value),
+            lambda message: finish(on_fail, message),
+            self._owner,
+        )
+        calls.append(call)
+        if not finished:  # an answer already in hand needs no keeping
+            self._pending.add(call)
+        return call
 
 
 class CrashReporter(QObject):

@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
 
 from hivemind_worker.config import GIB, ConfigError, Settings, check_setting
 from hivemind_worker.credentials import CredentialStore
-from hivemind_worker.gui.engine_thread import Call, EngineThread
+from hivemind_worker.gui.engine_thread import Calls, EngineThread
 from hivemind_worker.gui.forms import (
     ERROR_STYLE,
     OK_STYLE,
@@ -347,11 +347,20 @@ class DockerPage(QWizardPage):
         super().__init__()
         self.setTitle("How tasks are kept apart from your files")
         layout = QVBoxLayout(self)
+        self.text = _wrapped("")
+        layout.addWidget(self.text)
+        layout.addStretch(1)
+        self.set_capability(capability)
+
+    def set_capability(self, capability: str) -> None:
+        """What the engine chose: "docker", "process", or "" while it is still looking."""
         if capability == "docker":
             text = (
                 "<p><b>Docker is installed and running.</b> Each task runs in its own "
                 "container: the safest way, and every kind of task can run here.</p>"
             )
+        elif not capability:
+            text = "<p>Looking for Docker on this computer…</p>"
         else:
             text = (
                 "<p><b>Docker was not found</b>, so tasks run in the app's built-in sandbox. "
@@ -360,8 +369,7 @@ class DockerPage(QWizardPage):
                 f'<p>To run every kind of task, <a href="{DOCKER_INSTALL_URL}">install Docker'
                 "</a>, then restart this app. You can also do that later.</p>"
             )
-        layout.addWidget(_wrapped(text))
-        layout.addStretch(1)
+        self.text.setText(text)
 
 
 class DonePage(QWizardPage):
@@ -404,7 +412,7 @@ class FirstRunWizard(QWizard):
         self.paths = paths
         self.credentials = credentials
         self.engine_thread = engine_thread
-        self._calls: set[Call] = set()
+        self.calls = Calls(engine_thread, self)
         self.welcome = WelcomePage()
         self.pool = PoolPage(self)
         self.give = GivePage(self)
@@ -416,21 +424,7 @@ class FirstRunWizard(QWizard):
 
     def run(self, coro: Any, on_ok: Callable[[Any], None], on_fail: Callable[[str], None]) -> None:
         """Off the GUI thread, on the engine's loop; the answer comes back as a signal."""
-        holder: list[Call] = []
-
-        def finish(handler: Callable[[Any], None], value: Any) -> None:
-            for call in holder:
-                self._calls.discard(call)
-            handler(value)
-
-        call = Call(
-            self.engine_thread.submit(coro),
-            lambda value: finish(on_ok, value),
-            lambda message: finish(on_fail, message),
-            self,
-        )
-        holder.append(call)
-        self._calls.add(call)
+        self.calls.run(coro, on_ok, on_fail)
 
     def accept(self) -> None:
         self.completed.emit(self.settings, self.done_page.start_now.isChecked())

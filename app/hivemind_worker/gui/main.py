@@ -54,7 +54,9 @@ def run_gui(
         return 0
     single.listen()
     credentials = CredentialStore(paths)
-    engine = make_engine(settings, paths, credentials, demo=demo_tasks is not None)
+    engine = make_engine(
+        settings, paths, credentials, demo=demo_tasks is not None, choose_executor_at_start=True
+    )
     before = after = None
     autostart_engine = should_start(settings, paths)
     window: list[WorkerApp] = []

@@ -1,4 +1,5 @@
-"""The settings dialog: pool, account, resource caps and desktop behaviour, checked as typed."""
+"""The settings dialog: pool, account, resource caps, desktop behaviour, when to contribute and
+the kinds of tasks taken, checked as typed."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from PySide6.QtWidgets import (
 
 from hivemind_worker.config import GIB, ConfigError, Settings, check_setting, save_settings
 from hivemind_worker.credentials import CredentialStore
-from hivemind_worker.gui.engine_thread import Call, EngineThread
+from hivemind_worker.gui.engine_thread import Call, Calls, EngineThread
 from hivemind_worker.gui.forms import (
     ERROR_STYLE,
     OK_STYLE,
@@ -42,6 +43,7 @@ from hivemind_worker.gui.forms import (
     test_connection,
 )
 from hivemind_worker.gui.policy_page import PolicyPage
+from hivemind_worker.gui.tasks_page import TasksPage
 from hivemind_worker.gui.words import DOCKER_INSTALL_URL, cap_problems
 from hivemind_worker.paths import Paths
 
@@ -73,7 +75,7 @@ class SettingsDialog(QDialog):
         self.engine_thread = engine_thread
         self._set_autostart = set_autostart
         self._persist = persist or (lambda settings: save_settings(paths, settings))
-        self._calls: set[Call] = set()
+        self._calls = Calls(engine_thread, self)
         self.errors: dict[str, str] = {}
         self._error_labels: dict[str, QLabel] = {}
         self.logged_in_as = ""
@@ -213,6 +215,8 @@ class SettingsDialog(QDialog):
         self.tabs = QTabWidget()
         self.tabs.addTab(general, "&General")
         self.tabs.addTab(self.policy, "&When to contribute")
+        self.tasks = TasksPage()
+        self.tabs.addTab(self.tasks, "&Kinds of tasks")
         outer.addWidget(self.tabs)
         layout = outer
         self.save_error = QLabel()
@@ -289,25 +293,30 @@ class SettingsDialog(QDialog):
         self.concurrent.setText(str(settings.max_concurrent_tasks))
         self.docker_enabled.setChecked(settings.docker_enabled)
         self.policy.load(settings)
+        self.tasks.load(settings)
         self.start_at_login.setChecked(settings.start_at_login)
         self.start_on_launch.setChecked(settings.start_on_launch)
         self.close_to_tray.setChecked(settings.close_to_tray)
         self.validate()
 
     def raw_values(self) -> dict[str, Any]:
-        return self.policy.raw_values() | {
-            "node_pool_address": self.address.text().strip(),
-            "account": self.account.text().strip(),
-            # Exactly what was typed: check_setting parses text as the environment's is.
-            "max_cpu_cores": self.cpu_spin.text().strip(),
-            "max_memory_gb": self.memory.text().strip(),
-            "max_disk_gb": self.disk.text().strip(),
-            "max_concurrent_tasks": self.concurrent.text().strip(),
-            "docker_enabled": self.docker_enabled.isChecked(),
-            "start_at_login": self.start_at_login.isChecked(),
-            "start_on_launch": self.start_on_launch.isChecked(),
-            "close_to_tray": self.close_to_tray.isChecked(),
-        }
+        return (
+            self.policy.raw_values()
+            | self.tasks.raw_values()
+            | {
+                "node_pool_address": self.address.text().strip(),
+                "account": self.account.text().strip(),
+                # Exactly what was typed: check_setting parses text as the environment's is.
+                "max_cpu_cores": self.cpu_spin.text().strip(),
+                "max_memory_gb": self.memory.text().strip(),
+                "max_disk_gb": self.disk.text().strip(),
+                "max_concurrent_tasks": self.concurrent.text().strip(),
+                "docker_enabled": self.docker_enabled.isChecked(),
+                "start_at_login": self.start_at_login.isChecked(),
+                "start_on_launch": self.start_on_launch.isChecked(),
+                "close_to_tray": self.close_to_tray.isChecked(),
+            }
+        )
 
     def validate(self) -> bool:
         """Check every field with the settings' own rules; show each problem beside its field."""
@@ -376,6 +385,8 @@ class SettingsDialog(QDialog):
         """What the running engine uses (the executor is chosen when the app starts)."""
         if capability == "docker":
             text = "Docker is running: tasks run in containers, the safest way."
+        elif not capability:
+            text = "Looking for Docker on this computer…"
         else:
             why = (
                 "Docker is switched off here"
@@ -424,31 +435,8 @@ class SettingsDialog(QDialog):
 
     # ------------------------------------------------------------------ off-thread actions
 
-    def _run(
-        self,
-        coro: Any,
-        on_ok: Callable[[Any], None],
-        on_fail: Callable[[str], None],
-    ) -> Call:
-        calls: list[Call] = []
-        finished: list[bool] = []
-
-        def finish(handler: Callable[[Any], None], value: Any) -> None:
-            finished.append(True)
-            for call in calls:
-                self._calls.discard(call)
-            handler(value)
-
-        call = Call(
-            self.engine_thread.submit(coro),
-            lambda value: finish(on_ok, value),
-            lambda message: finish(on_fail, message),
-            self,
-        )
-        calls.append(call)
-        if not finished:  # kept alive until its answer arrives
-            self._calls.add(call)
-        return call
+    def _run(self, coro: Any, on_ok: Callable[[Any], None], on_fail: Callable[[str], None]) -> Call:
+        return self._calls.run(coro, on_ok, on_fail)
 
     def test_connection(self) -> None:
         if not self.validate() and "node_pool_address" in self.errors:

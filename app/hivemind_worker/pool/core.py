@@ -1,4 +1,4 @@
-"""What the pool's services share: store, stats, auth, parked long-polls and heartbeat batches."""
+"""What the pool's services share: store, stats, auth, parked long-polls and heartbeats."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from hivemind_worker.pool.common import Context, LoginThrottle, PoolConfig, PoolStats, Refused
-from hivemind_worker.pool.heartbeats import HeartbeatBatcher
+from hivemind_worker.pool.heartbeats import Liveness
 from hivemind_worker.pool.interface import TaskStore
 from hivemind_worker.pool.records import TaskNeed
 from hivemind_worker.pool.waiters import Waiter, WaiterQueue
@@ -48,7 +48,7 @@ class PoolCore:
         self.store = store
         self.stats = stats
         self.waiters = WaiterQueue()
-        self.heartbeats = HeartbeatBatcher(store, config.lease_timeout)
+        self.liveness = Liveness(store, config.lease_timeout)
         self.login_slots = asyncio.Semaphore(max(config.login_concurrency, 1))
         self.login_throttle = LoginThrottle(config.login_max_failures, config.login_failure_window)
         self.spool = config.spool_path

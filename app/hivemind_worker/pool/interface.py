@@ -11,7 +11,8 @@ The rules an implementation must keep, whatever it is built on (docs/pool.md):
 - A report is recorded once per lease; a repeat returns the first outcome; a report, renewal
   or upload for a lease that is not current raises StaleLease.
 - Renewals only extend (`MAX(expiry, new)`), and an expired lease goes back to the queue with
-  attempt + 1, or fails when its attempts are spent.
+  attempt + 1, or fails when its attempts are spent. Heartbeats are noted in memory
+  (heartbeats.Liveness) and written by `record_liveness` before each reaper pass.
 - Every method is short and returns promptly: the SQLite store runs them on the event loop.
 """
 
@@ -22,8 +23,9 @@ from typing import Protocol
 
 from hivemind_worker.pool.records import (
     ExpiryOutcome,
-    Heartbeat,
     HeartbeatOutcome,
+    LivenessRow,
+    RenewalRow,
     ReportOutcome,
     ResultInfo,
     TaskNeed,
@@ -52,9 +54,10 @@ class TaskStore(Protocol):
         self, node_id: str, owner: str, info: pb.RegisterNodeRequest, capabilities: Iterable[str]
     ) -> None: ...
     def node_capabilities(self, node_id: str, owner: str) -> frozenset[str]: ...
-    def heartbeat_batch(
-        self, beats: Sequence[Heartbeat], lease_seconds: float, now: int | None = None
-    ) -> list[HeartbeatOutcome]: ...
+    def check_heartbeat(self, node_id: str, lease_ids: Sequence[str]) -> HeartbeatOutcome: ...
+    def record_liveness(
+        self, nodes: Sequence[LivenessRow], renewals: Sequence[RenewalRow], beats: int
+    ) -> None: ...
 
     # tasks and leases
     def submit(self, task: TaskSpec, owner: str, now: int | None = None) -> str: ...

@@ -166,7 +166,7 @@ class TaskNeed:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """One UpdateNodeStatus, as the store records it (many at once: heartbeat_batch)."""
+    """One UpdateNodeStatus: noted in memory (heartbeats.Liveness), written by the next flush."""
 
     node_id: str
     status: int
@@ -180,6 +180,33 @@ class Heartbeat:
 class HeartbeatOutcome:
     lost: list[str]  # leases the worker listed that the pool no longer honours
     cancels: list[str]  # the node's running tasks whose submitter asked to cancel
+
+
+@dataclass(frozen=True)
+class LivenessRow:
+    """A node's last heartbeat, as a flush writes it."""
+
+    node_id: str
+    seen_ms: int
+    status: int
+    metrics_json: str  # the metrics, with the reason the node gave for its status, if any
+
+    @classmethod
+    def of(cls, beat: Heartbeat, seen_ms: int) -> LivenessRow:
+        kept: dict[str, float | str] = dict(beat.metrics)
+        if beat.status_message:
+            kept["status_message"] = beat.status_message
+        return cls(beat.node_id, seen_ms, beat.status, json.dumps(kept))
+
+
+@dataclass(frozen=True)
+class RenewalRow:
+    """A lease renewed by a heartbeat, as a flush writes it: the expiry only ever grows."""
+
+    lease_id: str
+    node_id: str
+    expires_ms: int
+    usage: dict[str, float] | None
 
 
 @dataclass(frozen=True)

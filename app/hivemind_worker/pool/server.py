@@ -65,6 +65,30 @@ log = logging.getLogger("hivemind_worker.pool")
 MAX_PENDING_CALLS = 20_000
 
 
+def server_options() -> list[tuple[str, int]]:
+    """The gRPC server's channel options (the pool's, and the benchmark's bare floor server)."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # Workers ping every 20 s to notice a dead connection (keepalive); a long-poll
+        # carries no data for up to max_wait, and the default policy (one ping per
+        # 5 minutes without data) would answer those pings with GOAWAY.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        # And the pool pings too, so a worker whose connection went silent does not
+        # hold an upload slot (or a long-poll) for ever.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.so_reuseport", 0),
+        # Calls that arrived but that the loop has not picked up yet. gRPC's defaults
+        # (1,000, and 3,000 at most) cancel calls at random past them: with thousands
+        # of workers a burst of heartbeats and re-polls crosses that in a busy moment,
+        # and each cancelled worker retries, adding load. Queue them instead.
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
+    ]
+
+
 class NodeManagerService(pb_grpc.NodeManagerServicer):
     """The worker-facing service: login, registration, heartbeats, leases, reports, uploads."""
 
@@ -141,8 +165,9 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
             if running.HasField("usage"):
                 usage[lease_id] = usage_dict(running.usage)
         metrics = request.metrics
-        # Recorded with the other beats of the same few milliseconds, in one transaction.
-        outcome = await core.heartbeats.beat(
+        # Noted in memory and answered now; the reaper writes the noted beats in one
+        # transaction before each pass (heartbeats.py says what a crash loses).
+        outcome = core.liveness.beat(
             Heartbeat(
                 node_id=node_id,
                 status=int(request.status),
@@ -220,6 +245,12 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
         if request.result_size < 0:
             raise invalid("result_size", "is negative")
         core.store.node_capabilities(node_id, user)
+        # A renewal still in memory is moot once the lease is reported; its usage is the
+        # latest the pool has if the report carries none.
+        pending = core.liveness.renewal(lease_id)
+        usage = usage_dict(request.usage) if request.HasField("usage") else None
+        if usage is None and pending is not None and pending.node_id == node_id:
+            usage = pending.usage
         try:
             outcome = core.store.record_report(
                 node_id=node_id,
@@ -233,13 +264,14 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
                 result_size=request.result_size,
                 started_ms=max(request.started_unix_ms, 0),
                 finished_ms=max(request.finished_unix_ms, 0),
-                usage=usage_dict(request.usage) if request.HasField("usage") else None,
+                usage=usage,
                 exclude_node=request.exclude_this_node and status is TaskStatus.CANCELLED,
             )
         except StaleLease:
             core.stats.stale_reports += 1
             core.store.count_stale_report()
             raise
+        core.liveness.forget(lease_id)
         if outcome.repeated:
             log.info("repeated report for lease %s acknowledged again", lease_id)
         else:
@@ -366,28 +398,7 @@ class PoolServer:
         if extended:
             log.info("gave %d running leases %ds to reconnect", extended, config.lease_timeout)
         core = PoolCore(config, store, self.stats)
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                # Workers ping every 20 s to notice a dead connection (keepalive); a long-poll
-                # carries no data for up to max_wait, and the default policy (one ping per
-                # 5 minutes without data) would answer those pings with GOAWAY.
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-                ("grpc.http2.max_ping_strikes", 0),
-                # And the pool pings too, so a worker whose connection went silent does not
-                # hold an upload slot (or a long-poll) for ever.
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.so_reuseport", 0),
-                # Calls that arrived but that the loop has not picked up yet. gRPC's defaults
-                # (1,000, and 3,000 at most) cancel calls at random past them: with thousands
-                # of workers a burst of heartbeats and re-polls crosses that in a busy moment,
-                # and each cancelled worker retries, adding load. Queue them instead.
-                ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
-                ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
-            ]
-        )
+        server = grpc.aio.server(options=server_options())
         pb_grpc.add_NodeManagerServicer_to_server(NodeManagerService(core), server)
         pb_grpc.add_TaskQueueServicer_to_server(TaskQueueService(core), server)
         health_servicer = health.aio.HealthServicer()
@@ -427,7 +438,10 @@ class PoolServer:
             await self._server.stop(grace)
             self._server = None
         if self._core is not None:
-            self._core.heartbeats.flush()  # nobody is left waiting on an unwritten batch
+            try:
+                self._core.liveness.flush()  # a clean stop loses no heartbeat
+            except Exception:  # the store may be gone (disk); a restart grants grace anyway
+                log.exception("writing the last heartbeats on stop failed")
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -444,6 +458,9 @@ class PoolServer:
             if core is None:
                 return
             try:
+                # The renewals noted since the last pass first: a lease a worker renewed is
+                # never expired for want of its write.
+                core.liveness.flush()
                 out = core.store.expire_leases()
                 # Free discarded result blobs a few MiB per pass, never in one long transaction.
                 core.store.collect_garbage()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 from google.protobuf import json_format
 
+from hivemind_worker.pool.leases import LeaseStore
 from hivemind_worker.pool.records import (
     KIND_CAPABILITIES,
     MAX_ERROR_CHARS,
@@ -36,14 +36,11 @@ from hivemind_worker.pool.records import (
     verify_password,
 )
 from hivemind_worker.pool.schema import SCHEMA_VERSION
-from hivemind_worker.pool.users import UserStore
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.task_params import required_capability
 from hivemind_worker.tasks import Resources, TaskSpec, TaskStatus
 
-#: How long a node's owner and capabilities are trusted without reading them again (seconds).
-CACHE_SECONDS = 5.0
-MAX_CACHED = 100_000
+MAX_CACHED = 100_000  # nodes whose owner and capabilities are kept in memory
 
 __all__ = [
     "KIND_CAPABILITIES",
@@ -70,7 +67,7 @@ __all__ = [
 ]
 
 
-class PoolStore(UserStore):
+class PoolStore(LeaseStore):
     """The pool's state in one SQLite file: the seam a pool server talks to (pool/interface.py).
 
     One connection, used from one thread only: the pool server calls it inline on its event
@@ -86,15 +83,21 @@ class PoolStore(UserStore):
         # Lease transactions run (lease_tasks calls that found a candidate): the count a test
         # reads to show one submit wakes one parked poll, not all of them.
         self.lease_transactions = 0
-        # Every call a worker makes checks its node's owner: kept here a few seconds
-        # (CACHE_SECONDS) rather than read and parsed each time. Nodes change only through
-        # upsert_node, on this store, which drops the entry.
-        self._nodes: dict[str, tuple[str, frozenset[str], float]] = {}  # -> owner, caps, read at
+        # Every call a worker makes checks its node's owner: kept here rather than read and
+        # parsed each time (a time limit did not help: with thousands of workers each node
+        # calls less often than any useful limit). Nodes change through upsert_node, on this
+        # store, which drops the entry; a write by another process drops them all
+        # (_check_external_writes).
+        self._nodes: dict[str, tuple[str, frozenset[str]]] = {}  # node id -> owner, caps
         # Blobs that no result names and no upload is writing (after a crash mid-upload).
         self._db.execute(
             "INSERT OR IGNORE INTO garbage_blobs(blob_id) SELECT DISTINCT blob_id"
             " FROM blob_chunks WHERE blob_id NOT IN (SELECT blob_id FROM results)"
         )
+
+    def _drop_caches(self) -> None:
+        super()._drop_caches()
+        self._nodes.clear()
 
     # -------------------------------------------------------------------- nodes
 
@@ -120,12 +123,13 @@ class PoolStore(UserStore):
 
     def node_capabilities(self, node_id: str, owner: str) -> frozenset[str]:
         """The capabilities the node registered, checked to belong to `owner` (as get_node)."""
+        self._check_external_writes()
         cached = self._nodes.get(node_id)
-        if cached is None or time.monotonic() - cached[2] >= CACHE_SECONDS:
+        if cached is None:
             node = self.get_node(node_id, owner)
             if len(self._nodes) >= MAX_CACHED:
                 self._nodes.clear()
-            self._nodes[node_id] = (node.owner, node.capabilities, time.monotonic())
+            self._nodes[node_id] = (node.owner, node.capabilities)
             return node.capabilities
         if cached[0] != owner:
             raise NodeOwnedByOther(node_id)
@@ -150,15 +154,6 @@ class PoolStore(UserStore):
             status=int(row["status"]),
             status_message=str(json.loads(row["metrics"]).get("status_message", "")),
         )
-
-    def record_heartbeat(self, node_id: str, status: int, metrics: dict[str, float]) -> None:
-        """Note that the node is alive, with its status and host metrics."""
-        with self._tx() as db:
-            db.execute(
-                "UPDATE nodes SET last_seen_ms = ?, status = ?, metrics = ? WHERE node_id = ?",
-                (now_ms(), status, json.dumps(metrics), node_id),
-            )
-            self._bump(db, "heartbeats")
 
     # -------------------------------------------------------------------- tasks
 
@@ -304,138 +299,6 @@ class PoolStore(UserStore):
             return None
         return TaskNeed.of(TaskSpec.from_proto(pb.TaskSpec.FromString(row["spec"])), task_id)
 
-    def heartbeat_batch(
-        self, beats: Sequence[Heartbeat], lease_seconds: float, now: int | None = None
-    ) -> list[HeartbeatOutcome]:
-        """Record many heartbeats in one transaction (group commit); an outcome for each.
-
-        Each notes its node alive, renews the leases it lists (`renew`'s rules) and returns
-        the node's pending cancels. One commit for the lot is what keeps thousands of workers'
-        heartbeats cheap.
-        """
-        now = now if now is not None else now_ms()
-        out: list[HeartbeatOutcome] = []
-        with self._tx() as db:
-            for beat in beats:
-                db.execute(
-                    "UPDATE nodes SET last_seen_ms = ?, status = ?, metrics = ? WHERE node_id = ?",
-                    (now, beat.status, json.dumps(_with_reason(beat)), beat.node_id),
-                )
-                lost = self._renew(db, beat.node_id, beat.lease_ids, lease_seconds, beat.usage, now)
-                out.append(HeartbeatOutcome(lost, self.cancels_for(beat.node_id)))
-            self._bump(db, "heartbeats", len(beats))
-        return out
-
-    def renew(
-        self,
-        node_id: str,
-        lease_ids: Sequence[str],
-        lease_seconds: float,
-        usage: dict[str, dict[str, float]] | None = None,
-        now: int | None = None,
-    ) -> list[str]:
-        """Extend the node's listed leases; return those the pool no longer honours.
-
-        A lease already reported is neither renewed nor lost: the worker is done with it.
-        """
-        now = now if now is not None else now_ms()
-        with self._tx() as db:
-            return self._renew(db, node_id, lease_ids, lease_seconds, usage or {}, now)
-
-    @staticmethod
-    def _renew(
-        db: sqlite3.Connection,
-        node_id: str,
-        lease_ids: Sequence[str],
-        lease_seconds: float,
-        usage: dict[str, dict[str, float]],
-        now: int,
-    ) -> list[str]:
-        expires = now + int(lease_seconds * 1000)
-        lost: list[str] = []
-        for lease_id in dict.fromkeys(lease_ids):
-            cur = db.execute(
-                "UPDATE tasks SET lease_expires_ms = MAX(lease_expires_ms, ?),"
-                " usage = COALESCE(?, usage)"
-                " WHERE lease_id = ? AND node_id = ? AND status = ?",
-                (
-                    expires,
-                    json.dumps(usage[lease_id]) if lease_id in usage else None,
-                    lease_id,
-                    node_id,
-                    TaskStatus.RUNNING.value,
-                ),
-            )
-            if cur.rowcount:
-                continue
-            reported = db.execute(
-                "SELECT 1 FROM reports WHERE lease_id = ? AND node_id = ?", (lease_id, node_id)
-            ).fetchone()
-            if reported is None:
-                lost.append(lease_id)
-        return lost
-
-    def extend_running_leases(self, until_ms: int) -> int:
-        """Make every running lease last at least until `until_ms` (on start: time to reconnect)."""
-        with self._tx() as db:
-            cur = db.execute(
-                "UPDATE tasks SET lease_expires_ms = ? WHERE status = ? AND lease_expires_ms < ?",
-                (until_ms, TaskStatus.RUNNING.value, until_ms),
-            )
-            return cur.rowcount
-
-    def expire_leases(self, now: int | None = None) -> ExpiryOutcome:
-        """Requeue tasks whose lease ran out (attempt + 1), or fail them when attempts are spent."""
-        now = now if now is not None else now_ms()
-        out = ExpiryOutcome()
-        with self._tx() as db:
-            rows = db.execute(
-                # Named: without statistics SQLite would take tasks_by_status and read every
-                # running lease; this partial index goes straight to the expired ones.
-                "SELECT task_id, attempt, max_attempts, node_id, cancel_requested FROM tasks"
-                " INDEXED BY tasks_running_by_expiry"
-                " WHERE status = 'running' AND lease_expires_ms <= ?",
-                (now,),
-            ).fetchall()
-            for row in rows:
-                task_id = str(row["task_id"])
-                attempt = int(row["attempt"])
-                if row["cancel_requested"]:
-                    db.execute(
-                        "UPDATE tasks SET status = ?, lease_id = NULL, lease_expires_ms = NULL,"
-                        " finished_ms = ?, error = ? WHERE task_id = ?",
-                        (
-                            TaskStatus.CANCELLED.value,
-                            now,
-                            f"cancelled; the lease on node {row['node_id']} expired",
-                            task_id,
-                        ),
-                    )
-                    out.cancelled.append(task_id)
-                elif attempt >= int(row["max_attempts"]):
-                    db.execute(
-                        "UPDATE tasks SET status = ?, lease_id = NULL, lease_expires_ms = NULL,"
-                        " finished_ms = ?, error = ? WHERE task_id = ?",
-                        (
-                            TaskStatus.FAILED.value,
-                            now,
-                            f"lease expired {attempt} times; last on node {row['node_id']}",
-                            task_id,
-                        ),
-                    )
-                    out.failed.append(task_id)
-                else:
-                    db.execute(
-                        "UPDATE tasks SET status = ?, attempt = attempt + 1, node_id = NULL,"
-                        " lease_id = NULL, lease_expires_ms = NULL, started_ms = 0,"
-                        " usage = '{}' WHERE task_id = ?",
-                        (TaskStatus.QUEUED.value, task_id),
-                    )
-                    out.requeued.append(task_id)
-            if rows:
-                self._bump(db, "expired", len(rows))
-        return out
-
     def request_cancel(
         self, task_id: str, owner: str, reason: str = "", now: int | None = None
     ) -> TaskStatus | None:
@@ -466,15 +329,6 @@ class PoolStore(UserStore):
             if status is TaskStatus.RUNNING:
                 db.execute("UPDATE tasks SET cancel_requested = 1 WHERE task_id = ?", (task_id,))
             return status
-
-    def cancels_for(self, node_id: str) -> list[str]:
-        rows = self._db.execute(
-            # Literal conditions, so SQLite can use the partial index tasks_cancels_by_node.
-            "SELECT task_id FROM tasks WHERE node_id = ? AND status = 'running'"
-            " AND cancel_requested = 1",
-            (node_id,),
-        ).fetchall()
-        return [str(r["task_id"]) for r in rows]
 
     def record_report(
         self,
@@ -618,11 +472,3 @@ class PoolStore(UserStore):
             f"SELECT * FROM tasks {clause} ORDER BY seq DESC LIMIT ?", args
         ).fetchall()
         return [_task_record(r) for r in rows]
-
-
-def _with_reason(beat: Heartbeat) -> dict[str, float | str]:
-    """The metrics kept for a node, with the reason it gave for its status, if any."""
-    kept: dict[str, float | str] = dict(beat.metrics)
-    if beat.status_message:
-        kept["status_message"] = beat.status_message
-    return kept

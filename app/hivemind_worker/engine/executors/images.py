@@ -12,9 +12,9 @@ import logging
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import docker
 import docker.errors
@@ -24,8 +24,20 @@ from hivemind_worker.engine.executors.base import ExecutorError
 from hivemind_worker.errors import ErrorKind
 from hivemind_worker.tasks import TaskKind, TaskSpec, TaskSpecError
 
-if TYPE_CHECKING:
-    from hivemind_worker.engine.executors.runner_images import RunnerImages
+
+class RunnerImageBuilder(Protocol):
+    """What images and docker.py need of runner_images.RunnerImages (which imports this module)."""
+
+    def image(
+        self,
+        python_image: str,
+        name: str,
+        requirements: Sequence[str],
+        on_progress: Callable[[str, str], None] | None = None,
+    ) -> str: ...
+
+    def python_version(self, python_image: str) -> str: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +133,7 @@ class ImageStore:
         self._build_locks_lock = threading.Lock()
         self.ledger = _ImageLedger(Path(work_dir) / IMAGES_FILE)
         # Set by the executor when it runs the ml and data runners (runner_images.py).
-        self.runner_images: RunnerImages | None = None
+        self.runner_images: RunnerImageBuilder | None = None
         self._budget = budget_bytes
 
     def image_for(self, task: TaskSpec) -> str:

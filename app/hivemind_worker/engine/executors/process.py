@@ -228,11 +228,11 @@ class ProcessExecutor(Executor):
                 self._environment_progress(task.task_id),
             )
             if confinement is not None and confinement.run_as is not None:
-                # A root worker's tasks run as nobody: the work folder and the environments'
-                # folder (public packages, no secrets) must be passable to them.
-                await asyncio.to_thread(
-                    sandbox_linux.open_work_dir_to_tasks, confinement, self._work_dir
-                )
+                # A root worker's tasks run as nobody, and their view binds the environment by
+                # path: the work folder (made 0700 by the first workspace) and the
+                # environments' folder (public packages, no secrets) must be passable to them
+                # (o+x: passing through, not listing), whichever way the sandbox is built.
+                await asyncio.to_thread(sandbox_linux.passable_by_others, self._work_dir)
                 await asyncio.to_thread(sandbox_linux.passable_by_others, python.parents[2])
                 problem = sandbox_linux.reachable_by_tasks(python.parent.parent)
                 if problem:

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import platform
+import sys
+import tomllib
 from importlib import resources
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
@@ -41,9 +44,10 @@ PROGRAMS = {
 # The helpers every runner may import from _hivemind/.
 HELPERS = ("hivemind_runner.py", "tables.py", "networks.py")
 DATA_ENVIRONMENT = "data"
-# Opt-in frameworks and what their first use downloads (measured: the built environment's
-# size on disk, Linux x86-64, Python 3.11). The person is told before saying yes.
-DOWNLOAD_MB = {"scikit-learn": 190, "tensorflow": 1300, "pytorch": 800, DATA_ENVIRONMENT: 170}
+# What each environment's first build downloads, per platform, measured from its pinned set by
+# tools/runner_sizes.py. The person is told before turning a framework on (the settings dialog).
+SIZES_FILE = "download-sizes.toml"
+MEASURED_PLATFORM = "linux-x86_64"  # whose figures stand in for a platform not measured
 READ_ONLY = 0o444
 # The runner's process environment, set by the worker (a submitter gives none): glibc's
 # malloc otherwise reserves an arena of 64 MiB address space per thread, up to 8 per core,
@@ -127,6 +131,21 @@ def enabled_capabilities(settings: Settings) -> list[str]:
         DATA_ENVIRONMENT: settings.data_processing,
     }
     return [capability_of(name) for name, on in enabled.items() if on]
+
+
+def platform_key() -> str:
+    """This machine as download-sizes.toml names platforms: linux-x86_64, windows-amd64."""
+    machine = platform.machine().lower()
+    if sys.platform == "win32":
+        return "windows-amd64" if machine in ("amd64", "x86_64") else f"windows-{machine}"
+    return f"{sys.platform}-{machine}"
+
+
+def download_mb(environment: str) -> int:
+    """What building `environment` downloads the first time on this platform, in MB."""
+    table = tomllib.loads(_package_file("requirements", SIZES_FILE))
+    figures = table.get(platform_key()) or table[MEASURED_PLATFORM]
+    return int(figures[environment])
 
 
 class ProgressReader:
