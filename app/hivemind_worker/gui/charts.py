@@ -45,13 +45,23 @@ class Chart(pg.PlotWidget):  # type: ignore[misc]
         item.setMouseEnabled(x=False, y=False)
         item.hideButtons()
         item.setMenuEnabled(False)
+        self.title_text = title
+        self.span = float(MIN_SPAN)
+        self.top: float | None = y_max
         self.lines: dict[str, pg.PlotDataItem] = {}
         self.names: dict[str, tuple[str, str]] = {}  # key -> (name, colour), for the legend
         self.setMinimumHeight(120)
 
     def set_span(self, seconds: float) -> None:
         span = min(HISTORY_SECONDS, max(MIN_SPAN, seconds))
-        self.getPlotItem().setXRange(-span, 0, padding=0)
+        if span != self.span:  # unchanged, it would only cost a layout
+            self.span = span
+            self.getPlotItem().setXRange(-span, 0, padding=0)
+
+    def set_top(self, top: float) -> None:
+        if top != self.top:
+            self.top = top
+            self.getPlotItem().setYRange(0, top, padding=0)
 
     def line(self, key: str, name: str, color: str, width: float = 2.0) -> pg.PlotDataItem:
         if key not in self.lines:
@@ -111,5 +121,5 @@ def draw_history(
     top = 1.0
     while top < peak * 1.15:
         top *= 2
-    mem.getPlotItem().setYRange(0, top, padding=0)
+    mem.set_top(top)
     return {k: v for k, v in colors.items() if k in keep}

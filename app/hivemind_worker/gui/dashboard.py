@@ -124,7 +124,10 @@ class Dashboard(QMainWindow):
             at_once=frozenset({"results", "totals"}), parent=self,
         )  # fmt: skip
         model.stateChanged.connect(self._update_state)
-        model.metricsChanged.connect(lambda: self.redraws.mark("charts", "tasks"))
+        # A sample changes the tasks table's numbers only when tasks run.
+        model.metricsChanged.connect(
+            lambda: self.redraws.mark("charts", *(("tasks",) if model.running else ()))
+        )
         model.tasksChanged.connect(lambda: self.redraws.mark("tasks"))
         model.resultsChanged.connect(lambda: self.redraws.mark("results"))
         model.totalsChanged.connect(lambda: self.redraws.mark("totals"))
@@ -133,7 +136,7 @@ class Dashboard(QMainWindow):
         # while the window shows.
         self._tick = QTimer(self)
         self._tick.setInterval(1000)
-        self._tick.timeout.connect(lambda: self.redraws.mark("tasks"))
+        self._tick.timeout.connect(self._on_tick)
         self._update_state()
         self._update_totals()
         self._update_results()
@@ -404,15 +407,21 @@ class Dashboard(QMainWindow):
             self.stat_host.value.setText(
                 f"{model.host.cpu_percent:.0f}% CPU · {human_bytes(model.host.memory_used_bytes)}"
             )
-            self.mem_chart.setTitle(
-                f"Memory (of {human_bytes(model.host.memory_total_bytes)})",
-                color=self.palette().color(QPalette.ColorRole.Text).name(),
-            )
+            title = f"Memory (of {human_bytes(model.host.memory_total_bytes)})"
+            if self.mem_chart.title_text != title:  # a new title lays the whole plot out again
+                self.mem_chart.title_text = title
+                self.mem_chart.setTitle(
+                    title, color=self.palette().color(QPalette.ColorRole.Text).name()
+                )
 
         text = self.palette().color(QPalette.ColorRole.Text).name()
         self._colors = draw_history(self.cpu_chart, self.mem_chart, model, self._colors, text)
         self.cpu_legend.setText(self.cpu_chart.legend_html())
         self.mem_legend.setText(self.mem_chart.legend_html())
+
+    def _on_tick(self) -> None:
+        if self.model.running:  # elapsed times
+            self.redraws.mark("tasks")
 
     def _update_tasks(self) -> None:
         model = self.model
@@ -443,7 +452,9 @@ class Dashboard(QMainWindow):
             if task.task_id == selected:
                 table.selectRow(row)
         self._update_cancel_button()
-        self.tabs.setTabText(0, f"&Running tasks ({len(tasks)})")
+        title = f"&Running tasks ({len(tasks)})"
+        if self.tabs.tabText(0) != title:  # a changed tab text lays the tab bar out again
+            self.tabs.setTabText(0, title)
 
     def selected_task_id(self) -> str | None:
         rows = self.tasks_table.selectionModel().selectedRows()
