@@ -9,6 +9,8 @@ the process sandbox, logged in, registered and idle; BOINC runs with `--no_info_
 benchmark checks that none of its sockets reaches past loopback. Both are measured over
 the same window after they settle (CPU time per thread from schedstat, resident memory of
 the process tree); the ratios go to docs/benchmarks.md between the idle-footprint markers.
+
+`--pythonpath DIR` runs the worker from another checkout's `app/` folder (a before/after run).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="measuring window")
     parser.add_argument("--settle", type=float, default=15.0, help="wait after registering")
+    parser.add_argument("--pythonpath", type=Path, help="run the worker from this app/ folder")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     load = load_line()
@@ -58,7 +61,8 @@ def main() -> None:
         worker: subprocess.Popen[bytes] | None = None
         with local_pool(home) as pool:
             try:
-                env = worker_env(home / "worker")
+                extra = {"PYTHONPATH": str(args.pythonpath)} if args.pythonpath else {}
+                env = worker_env(home / "worker", **extra)
                 login(env, pool.address)
                 log = home / "worker.log"
                 with log.open("wb") as out:
@@ -84,7 +88,9 @@ def main() -> None:
         raise SystemExit(f"BOINC reached past loopback ({', '.join(peers)}): not a fair yardstick")
     lines = [
         f"Measured {args.seconds:.0f} s after {args.settle:.0f} s of settling; "
-        f"{load} at the start.",
+        f"{load} at the start"
+        + (f"; worker from {args.pythonpath}" if args.pythonpath else "")
+        + ".",
         "",
         "| process | CPU (share of one core) | resident memory |",
         "|---|---|---|",
