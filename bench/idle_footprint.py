@@ -6,9 +6,11 @@ The pool is the reference pool in its own process on loopback, with its default 
 interval (10 s) and long-poll (30 s). The worker is `hivemind-worker run --headless` with
 the process sandbox, logged in, registered and idle; BOINC runs with `--no_info_fetch`
 (no project list or version fetch, its only traffic when attached to nothing) and the
-benchmark checks that none of its sockets reaches past loopback. Both are measured over
-the same window after they settle (CPU time per thread from schedstat, resident memory of
-the process tree); the ratios go to docs/benchmarks.md between the idle-footprint markers.
+benchmark checks that none of its sockets reaches past loopback. A bare grpc.aio channel to
+the same pool, connected and doing nothing, shows the floor any gRPC worker stands on. All
+are measured over the same window after they settle (CPU time per thread from schedstat,
+resident memory of the process tree); the ratios go to docs/benchmarks.md between the
+idle-footprint markers.
 
 `--pythonpath DIR` runs the worker from another checkout's `app/` folder (a before/after run).
 """
@@ -34,6 +36,18 @@ from _footprint import (
 )
 from _report import write_section
 
+# The floor under any gRPC worker: a grpc.aio channel to the same pool with the worker's
+# channel options (keepalive), connected and doing nothing, in a process of its own.
+BARE_GRPC = """
+import asyncio, sys, grpc
+from hivemind_worker.engine.pool_client import _CHANNEL_OPTIONS
+async def main():
+    channel = grpc.aio.insecure_channel(sys.argv[1], options=_CHANNEL_OPTIONS)
+    await channel.channel_ready()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
 GOAL_CPU_PERCENT = 0.1
 GOAL_RSS_MIB = 50.0
 # Where the rest goes, per thread (schedstat) and per mapping (smaps), when this was written.
@@ -41,7 +55,7 @@ NOTE = (
     "Where an idle worker's time goes (per-thread, 60 s, when this benchmark was written): "
     "gRPC's own threads (timer, EventEngine pool, lifeguard) about 0.06 % of a core; the "
     "engine's loop and its worker threads about 0.05 % (a heartbeat every 10 s, the long-poll "
-    "renewed every 30 s, a when-to-contribute look every 5 s; host metrics only for "
+    "renewed every 30 s, a when-to-contribute look every 10 s; host metrics only for "
     "heartbeats unless a dashboard watches). Memory: the interpreter with asyncio and OpenSSL "
     "about 19 MiB, gRPC's core library 12-15 MiB of resident pages, the engine's and "
     "keyring's modules most of the rest."
@@ -69,6 +83,7 @@ def main() -> None:
         home = Path(tmp)
         boinc = Boinc(home / "boinc") if Boinc.available() else None
         worker: subprocess.Popen[bytes] | None = None
+        bare: subprocess.Popen[bytes] | None = None
         with local_pool(home) as pool:
             try:
                 extra = {"PYTHONPATH": str(args.pythonpath)} if args.pythonpath else {}
@@ -81,7 +96,13 @@ def main() -> None:
                          "--node-pool", pool.address, "--node-id", "idle-bench"],
                         env=env, stdout=out, stderr=subprocess.STDOUT,
                     )  # fmt: skip
-                pids = {"worker": worker.pid}
+                bare = subprocess.Popen(
+                    [sys.executable, "-c", BARE_GRPC, pool.address], stdout=subprocess.PIPE
+                )
+                assert bare.stdout is not None
+                if bare.stdout.readline().strip() != b"ready":
+                    raise RuntimeError("the bare gRPC channel did not connect")
+                pids = {"worker": worker.pid, "grpc": bare.pid}
                 if boinc is not None:
                     pids["boinc"] = boinc.start()
                 wait_for_line(log, "registered node", 120, worker)
@@ -92,6 +113,7 @@ def main() -> None:
                     raise RuntimeError(f"the worker exited; see {log}")
             finally:
                 stop(worker)
+                stop(bare)
                 if boinc is not None:
                     boinc.stop()
     if peers:
@@ -105,6 +127,7 @@ def main() -> None:
         "| process | CPU (share of one core) | resident memory |",
         "|---|---|---|",
         row("headless worker, connected, idle", usage["worker"]),
+        row("bare grpc.aio channel to the same pool (floor)", usage["grpc"]),
     ]
     if "boinc" in usage:
         w, b = usage["worker"], usage["boinc"]
@@ -112,7 +135,10 @@ def main() -> None:
             row("BOINC client, no project (yardstick)", b),
             "",
             f"Ratio worker / BOINC: CPU {w.cpu_percent / max(b.cpu_percent, 1e-9):.2f}x, "
-            f"memory {w.rss_bytes / b.rss_bytes:.2f}x.",
+            f"memory {w.rss_bytes / b.rss_bytes:.2f}x. "
+            f"Bare gRPC channel / BOINC: CPU "
+            f"{usage['grpc'].cpu_percent / max(b.cpu_percent, 1e-9):.2f}x, "
+            f"memory {usage['grpc'].rss_bytes / b.rss_bytes:.2f}x.",
         ]
     else:
         lines += ["", "BOINC is not installed (`apt-get install boinc-client`): no yardstick."]

@@ -114,10 +114,10 @@ async def test_policy_loop_sleeps_while_idle_and_looks_at_once_when_a_task_start
     try:
         await wait_for(lambda: worker.engine.state is EngineState.IDLE, what="idle")
         start = probes.observed
-        await asyncio.sleep(6)
-        # With no task a decision only gates new work: at most every IDLE_INTERVAL (5 s),
+        await asyncio.sleep(8)
+        # With no task a decision only gates new work: at most every IDLE_INTERVAL (10 s),
         # not once a second. (A slow machine makes fewer calls, never more.)
-        assert probes.observed - start <= 3
+        assert probes.observed - start <= 2
     finally:
         await worker.stop()
         await pool.stop()

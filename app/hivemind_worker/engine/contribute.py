@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 POLICY_INTERVAL = 1.0  # while tasks run
 POLICY_SLICES = 4  # cheap input checks between two evaluations (see _input_seen)
-IDLE_INTERVAL = 5.0  # with no task running: a decision only gates taking new work
+IDLE_INTERVAL = 10.0  # with no task running (a decision only gates new work): as heartbeats
 MIN_WAIT = 0.05  # never spin on a deadline that has just passed
 
 
