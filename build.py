@@ -206,8 +206,23 @@ def _test_image(force: bool) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    """Every bench/*.py (or those named: `build.py bench idle_footprint gui_footprint`), each
+    writing its section of docs/benchmarks.md; one that fails does not stop the others."""
     bootstrap()
-    run([venv_python(), "bench/dispatch.py", *args.rest])
+    scripts = sorted(p for p in (ROOT / "bench").glob("*.py") if not p.name.startswith("_"))
+    if args.rest:
+        wanted = {Path(name).stem for name in args.rest}
+        scripts = [p for p in scripts if p.stem in wanted]
+        if missing := wanted - {p.stem for p in scripts}:
+            sys.exit(f"no such benchmark: {', '.join(sorted(missing))}")
+    failed = []
+    for script in scripts:
+        try:
+            run([venv_python(), script.relative_to(ROOT)])
+        except subprocess.CalledProcessError:
+            failed.append(script.name)
+    if failed:
+        sys.exit(f"benchmarks that failed: {', '.join(failed)}")
 
 
 def cmd_screenshots(args: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -138,7 +139,7 @@ class CredentialStore:
         if self._backend is not None:
             return self._backend
         try:
-            backend = keyring.get_keyring()
+            backend = _system_keyring()
         except Exception as exc:
             raise CredentialError(f"Could not open the system keyring: {exc}") from exc
         if not _is_recommended(backend):
@@ -172,6 +173,27 @@ class CredentialStore:
             path,
         )
         return backend
+
+
+def _system_keyring() -> KeyringBackend:
+    """keyring's own choice of backend.
+
+    On Linux without a session bus the Secret Service cannot be reached (jeepney finds the
+    bus only through DBUS_SESSION_BUS_ADDRESS), so keyring's Secret Service backend is loaded
+    without secretstorage then: it reports itself unusable, exactly as it would after trying,
+    and secretstorage with cryptography (about 8 MiB of a headless worker's memory) stays
+    unloaded. With a session bus nothing changes.
+    """
+    if sys.platform != "linux" or os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
+        return keyring.get_keyring()
+    hide = "secretstorage" not in sys.modules
+    if hide:
+        sys.modules["secretstorage"] = None  # type: ignore[assignment]  # import -> ImportError
+    try:
+        return keyring.get_keyring()
+    finally:
+        if hide and sys.modules.get("secretstorage", False) is None:
+            del sys.modules["secretstorage"]
 
 
 def _user(pool_address: str, account: str) -> str:

@@ -45,6 +45,7 @@ def test_dashboard_fills_from_a_real_engine(qtbot, gui_app: tuple[WorkerApp, Loo
         lambda: dash.cpu_chart is not None and len(dash.cpu_chart.lines) >= 2, timeout=10_000
     )
     assert dash.cpu_chart is not None
+    dash.redraws.flush()  # the batched redraw the window makes a moment later
     xs, _ys = dash.cpu_chart.lines["host"].getData()
     assert len(xs) >= 3 and all(-300 <= x <= 0 for x in xs)
     qtbot.waitUntil(
@@ -522,6 +523,7 @@ def test_charts_read_right(qtbot, gui_app: tuple[WorkerApp, LoopPool]) -> None:
         lambda: any(t.usage.cpu_percent > 5 for t in app.model.running.values()), timeout=20_000
     )
     task = next(iter(app.model.running.values()))
+    dash.redraws.flush()  # the batched redraw the window makes a moment later
     _xs, ys = dash.cpu_chart.lines[task.task_id].getData()
     cores = os.cpu_count() or 1
     # Task CPU in % of this computer, like the host line: a one-core burner on n cores.

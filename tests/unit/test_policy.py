@@ -356,3 +356,61 @@ def test_changed_rules_apply_at_the_next_evaluation() -> None:
     assert policy.evaluate(seen, MONDAY_NOON).verdict is Verdict.SUSPEND
     policy.configure(PolicySettings(suspend_fullscreen=False))
     assert policy.evaluate(seen, MONDAY_NOON + timedelta(seconds=1)).verdict is Verdict.RUN
+
+
+# ---------------------------------------------------------------- when to look again
+
+
+def sparse(policy: Policy, clock: Clock, seen: Observation, until: float) -> list[Decision]:
+    """Evaluate only when next_change() says a decision could change (or at `until`), as
+    the engine does with no task running: the decisions must match looking every second."""
+    decisions = []
+    while clock.now.timestamp() < until:
+        decisions.append(policy.evaluate(seen, clock.now))
+        change = policy.next_change()
+        step = until - clock.now.timestamp() if change is None else change - clock.now.timestamp()
+        clock.tick(max(0.001, min(step, until - clock.now.timestamp())))
+    return decisions
+
+
+def test_nothing_pending_needs_no_look_until_something_is_seen() -> None:
+    policy = Policy()
+    policy.evaluate(QUIET, MONDAY_NOON)
+    assert policy.next_change() is None
+
+
+def test_in_use_looks_again_when_the_idle_time_asked_for_is_over() -> None:
+    clock = Clock()
+    policy = Policy(PolicySettings(idle_only_minutes=5))
+    decision = policy.evaluate(replace(QUIET, idle_seconds=60.0), clock.now)
+    assert decision.reason is Reason.IN_USE
+    assert policy.next_change() == clock.now.timestamp() + 240
+    # Nobody touches anything: the next look, at that moment, resumes.
+    later = clock.tick(240)
+    assert policy.evaluate(replace(QUIET, idle_seconds=300.0), later).verdict is Verdict.RUN
+
+
+def test_a_streak_under_way_is_looked_at_when_it_would_flip_and_keeps_its_length() -> None:
+    clock = Clock()
+    policy = Policy(PolicySettings(other_cpu_suspend_seconds=10, other_cpu_resume_seconds=30))
+    busy = replace(QUIET, other_cpu_percent=90.0)
+    start = clock.now.timestamp()
+    policy.evaluate(busy, clock.now)
+    assert policy.next_change() == start + 10
+    # Looking only at the deadlines suspends after the same 10 s as looking every second.
+    decisions = sparse(policy, clock, busy, start + 11)
+    assert decisions[-1].reason is Reason.OTHER_LOAD
+    assert decisions[-1].since == pytest.approx(start + 10)
+    assert policy.next_change() is None  # latched: only a new observation changes it now
+    quiet_from = clock.now.timestamp()
+    policy.evaluate(QUIET, clock.now)
+    assert policy.next_change() == pytest.approx(quiet_from + 30)
+
+
+def test_schedule_edge_and_override_end_are_when_to_look() -> None:
+    policy = Policy(PolicySettings(schedule=Schedule.parse("mon-fri 18:00-08:00")))
+    policy.evaluate(QUIET, MONDAY_NOON)
+    assert policy.next_change() == MONDAY_NOON.replace(hour=18).timestamp()
+    policy.override(MONDAY_NOON.timestamp() + 600)
+    policy.evaluate(QUIET, MONDAY_NOON)
+    assert policy.next_change() == MONDAY_NOON.timestamp() + 600

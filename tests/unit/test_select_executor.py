@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +40,25 @@ def test_disabled_docker_is_not_asked(
     assert isinstance(executor, ProcessExecutor)
     assert "disabled in the settings" in caplog.text
     assert executor.notice == ""  # the person chose this: nothing to tell
+
+
+def test_no_docker_socket_falls_back_without_loading_the_docker_sdk(tmp_path: Path) -> None:
+    # A fresh interpreter: what an idle worker without Docker has loaded.
+    code = (
+        "import sys, pathlib\n"
+        "from hivemind_worker.config import load_settings\n"
+        "from hivemind_worker.engine.executors.choice import select_executor\n"
+        "from hivemind_worker.paths import default_paths\n"
+        "settings = load_settings(default_paths(pathlib.Path(sys.argv[1])), env={})\n"
+        "executor = select_executor(settings, 'node-x')\n"
+        "print(executor.capability, 'docker' in sys.modules, 'requests' in sys.modules)\n"
+        "print(executor.notice)\n"
+    )
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path / 'none.sock'}"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    first, notice = done.stdout.splitlines()[:2]
+    assert first == "process False False"
+    assert notice.startswith(f"Docker is not usable (no Docker engine at {tmp_path / 'none.sock'})")

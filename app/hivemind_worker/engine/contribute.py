@@ -1,4 +1,11 @@
-"""When to contribute, the engine side: probes once a second, the policy's decision acted on.
+"""When to contribute, the engine side: probes looked at, the policy's decision acted on.
+
+While tasks run the probes are read once a second (and input idle time four times a
+second under "only when idle"), so tasks freeze promptly. With no task running a decision
+only gates taking new work, so the loop sleeps until the policy's next change of its own
+(a schedule edge, the end of the idle time asked for, a hysteresis streak) or IDLE_INTERVAL,
+whichever is sooner, and any command or task start wakes it at once. Without probes only
+time can change a decision: it sleeps until then.
 
 A mixin of WorkerEngine, like Session and TaskRuns: it freezes and thaws the running tasks
 (together with a manual pause, which always wins), throttles them to the policy's CPU-time
@@ -34,8 +41,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-POLICY_INTERVAL = 1.0
+POLICY_INTERVAL = 1.0  # while tasks run
 POLICY_SLICES = 4  # cheap input checks between two evaluations (see _input_seen)
+IDLE_INTERVAL = 10.0  # with no task running (a decision only gates new work): as heartbeats
+MIN_WAIT = 0.05  # never spin on a deadline that has just passed
 
 
 class Contribute:
@@ -70,6 +79,8 @@ class Contribute:
 
         def _withdraw_poll(self) -> None: ...
 
+        async def _wait_changed(self, timeout: float | None = None) -> None: ...
+
         def _cancel_running(self) -> None: ...
 
         def _caps(self) -> Resources: ...
@@ -102,6 +113,7 @@ class Contribute:
             # Decided again at once on what the probes saw last (the probes themselves are
             # only ever asked from the policy loop, one call at a time).
             self._apply_decision(self._policy.evaluate(self._last_seen, _now()))
+            self._poke()  # the policy loop's next wake-up moves with the override's end
 
         self._call(override)
 
@@ -151,10 +163,23 @@ class Contribute:
                     await self._evaluate_policy()
             except Exception:
                 log.exception("policy evaluation failed")
-            for _ in range(POLICY_SLICES):
-                await asyncio.sleep(POLICY_INTERVAL / POLICY_SLICES)
-                if await self._input_seen():
-                    break
+            if any(not r.finished for r in self._running.values()):
+                for _ in range(POLICY_SLICES):
+                    await asyncio.sleep(POLICY_INTERVAL / POLICY_SLICES)
+                    if await self._input_seen():
+                        break
+            elif self._want_running:
+                await self._wait_changed(self._idle_wait())
+            else:
+                await self._wait_changed()  # until start (or a setting) pokes
+
+    def _idle_wait(self) -> float | None:
+        """Seconds to the next evaluation with no task running (see the module's docstring)."""
+        change = self._policy.next_change()
+        until_change = None if change is None else max(MIN_WAIT, change - time.time())
+        if isinstance(self._probes, NoProbes):
+            return until_change  # nothing observed can change: only time, or a poke
+        return IDLE_INTERVAL if until_change is None else min(IDLE_INTERVAL, until_change)
 
     async def _input_seen(self) -> bool:
         """Between evaluations, a look at input idle time alone (one X round trip) while

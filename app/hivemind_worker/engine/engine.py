@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -25,7 +24,7 @@ from hivemind_worker.engine.events import (
     TaskProgress,
 )
 from hivemind_worker.engine.executors.base import Executor
-from hivemind_worker.engine.monitor import HostMonitor
+from hivemind_worker.engine.monitor import HostMonitor, HostSample
 from hivemind_worker.engine.pool_client import (
     AuthError,
     NodePoolClient,
@@ -46,7 +45,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_MAX = 60.0
 AUTH_RETRY_SECONDS = 60.0
-METRICS_INTERVAL = 1.0
+METRICS_INTERVAL = 1.0  # while someone watches (watch_metrics); else at heartbeats only
 
 
 class WorkerEngine(Session, TaskRuns, Contribute):
@@ -88,7 +87,12 @@ class WorkerEngine(Session, TaskRuns, Contribute):
         self._shutdown_after_drain = False
         self._client: NodePoolClient | None = None
         self._connected: asyncio.Event | None = None
-        self._changed: asyncio.Event | None = None  # capacity, commands or settings changed
+        # Waiters woken by _poke: capacity, commands, settings or the connection changed.
+        # One future per waiter, so one waiter can never swallow another's wake-up.
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._watching = False  # someone looks at live metrics (the dashboard is open)
+        self._watch_changed: asyncio.Event | None = None
+        self._last_sample: tuple[float, HostSample] | None = None  # (monotonic, sample)
         self._running: dict[str, _Running] = {}
         self._client_factory = client_factory
         self.delivery = Delivery(
@@ -196,6 +200,22 @@ class WorkerEngine(Session, TaskRuns, Contribute):
 
         self._call(begin)
 
+    def watch_metrics(self, on: bool) -> None:
+        """Sample host and task metrics once a second while `on` (a dashboard is open);
+        otherwise only when a heartbeat needs them. An idle worker nobody watches then wakes
+        only for the pool."""
+
+        def watch() -> None:
+            self._watching = on
+            if self._watch_changed is not None:
+                self._watch_changed.set()
+
+        self._call(watch)
+
+    @property
+    def watching_metrics(self) -> bool:
+        return self._watching
+
     def apply_settings(self, settings: Settings) -> None:
         """New caps, limits and kinds of task apply to the next offer at once (the pool is told
         of new kinds by registering again); a new pool address reconnects."""
@@ -205,7 +225,7 @@ class WorkerEngine(Session, TaskRuns, Contribute):
         """The engine's main coroutine; returns after shutdown()."""
         self._loop = asyncio.get_running_loop()
         self._connected = asyncio.Event()
-        self._changed = asyncio.Event()
+        self._watch_changed = asyncio.Event()
         self._want_running = autostart or self._want_running
         if self._executor is None:
             assert self._make_executor is not None
@@ -267,6 +287,9 @@ class WorkerEngine(Session, TaskRuns, Contribute):
             policy.cancel()
             for task in leftovers:
                 task.cancel()
+            # Ended here, not left to asyncio.run: a loop still running after run() returns
+            # would hold up the end of the engine thread.
+            await asyncio.gather(metrics, policy, return_exceptions=True)
             await self._stop_all_tasks()
             await self.delivery.close()
             await self._close_client()
@@ -291,8 +314,10 @@ class WorkerEngine(Session, TaskRuns, Contribute):
             loop.call_soon_threadsafe(fn)
 
     def _poke(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
+        waiters, self._waiters = self._waiters, set()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _do_start(self) -> None:
         self._want_running = True
@@ -432,10 +457,22 @@ class WorkerEngine(Session, TaskRuns, Contribute):
         return delay
 
     async def _wait_changed(self, timeout: float | None = None) -> None:
-        assert self._changed is not None
-        self._changed.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+        """Until the next _poke, or `timeout` seconds. The caller checks its condition first,
+        with no await between the check and this call, so no wake-up falls in between.
+
+        asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+        that arrives as the wait ends, and the engine then never stops (a quit that hangs).
+        """
+        assert self._loop is not None
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.add(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters.discard(waiter)
 
     # ------------------------------------------------------------------ session
 
@@ -455,21 +492,50 @@ class WorkerEngine(Session, TaskRuns, Contribute):
                 return self._client
             if self._shutdown or not self._want_running:
                 return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._connected.wait(), 1.0)
+            await self._wait_changed()  # the session pokes when it connects
 
     async def _close_client(self) -> None:
         client, self._client = self._client, None
+        self._poke()  # the session notices it has to reconnect
         if client is not None:
             await client.close()
 
     # ------------------------------------------------------------------ metrics
 
     async def _metrics_loop(self) -> None:
+        """Once a second while someone watches; asleep otherwise (heartbeats sample then)."""
+        assert self._watch_changed is not None
         while True:
+            if not self._watching:
+                self._watch_changed.clear()
+                await self._watch_changed.wait()
+                continue
             try:
-                host = await asyncio.to_thread(self.monitor.sample)
+                host = await self._sample_host()
                 self._hub.publish(MetricsSample(host, self.executor.usage()))
             except Exception:
                 log.exception("metrics sample failed")
-            await asyncio.sleep(METRICS_INTERVAL)
+            self._watch_changed.clear()
+            try:
+                async with asyncio.timeout(METRICS_INTERVAL):
+                    await self._watch_changed.wait()
+            except TimeoutError:
+                pass
+
+    async def _sample_host(self) -> HostSample:
+        host = await asyncio.to_thread(self.monitor.sample)
+        self._last_sample = (time.monotonic(), host)
+        return host
+
+    async def _heartbeat_sample(self) -> HostSample:
+        """The host sample a heartbeat carries. While someone watches, the last one-second
+        sample serves; otherwise a fresh one, which the dashboard's history gets too (the
+        charts catch up from it when the window is shown again)."""
+        last = self._last_sample
+        fresh = last is not None and time.monotonic() - last[0] < 2 * METRICS_INTERVAL
+        if self._watching and fresh and last is not None:
+            return last[1]
+        host = await self._sample_host()
+        if not self._watching:
+            self._hub.publish(MetricsSample(host, self.executor.usage()))
+        return host

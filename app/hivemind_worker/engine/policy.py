@@ -172,6 +172,12 @@ class _Latch:
             self.pending_since = None
         return self.on
 
+    def deadline(self, on_after: float, off_after: float) -> float | None:
+        """When a streak under way would flip the state, if the condition holds till then."""
+        if self.pending_since is None:
+            return None
+        return self.pending_since + (off_after if self.on else on_after)
+
 
 class Policy:
     """The decision state machine; feed it one observation at a time with the time it was seen."""
@@ -184,6 +190,8 @@ class Policy:
         self._other = _Latch()
         self._override_until: float | None = None
         self._last: Decision | None = None
+        self._next_change: float | None = None  # see next_change()
+        self._edge: tuple[Schedule, float, float | None] | None = None  # _schedule_edge
 
     def configure(self, settings: PolicySettings) -> None:
         """New rules; the hysteresis state carries over, so a change does not thaw by itself."""
@@ -201,16 +209,39 @@ class Policy:
     def last(self) -> Decision | None:
         return self._last
 
+    def next_change(self) -> float | None:
+        """The soonest time (epoch seconds) at which the last decision could change with no
+        new observation: a schedule edge, an override's end, the end of the idle time the
+        person asked for, a hysteresis streak running out. None: only a new observation can
+        change it. The engine sleeps until then (or its own cadence), never polls faster."""
+        return self._next_change
+
+    def _schedule_edge(self, now: datetime) -> float | None:
+        """The schedule's next edge (epoch seconds), computed once per edge: until then
+        allows() keeps its answer, so the edge found earlier is still the next one."""
+        schedule = self.settings.schedule
+        if schedule.always:
+            return None
+        t = now.timestamp()
+        cached = self._edge
+        if cached is not None and cached[0] is schedule and cached[1] <= t < (cached[2] or 0):
+            return cached[2]
+        change = schedule.next_change(now)
+        edge = change.timestamp() if change else None
+        self._edge = (schedule, t, edge)
+        return edge
+
     def evaluate(self, seen: Observation, now: datetime) -> Decision:
         t = now.timestamp()
         s = self.settings
         firing: list[Reason] = []
         resume_at: dict[Reason, float | None] = {}
+        changes: list[float | None] = []
 
         if not s.schedule.allows(now):
             firing.append(Reason.SCHEDULE)
-            change = s.schedule.next_change(now)
-            resume_at[Reason.SCHEDULE] = change.timestamp() if change else None
+            resume_at[Reason.SCHEDULE] = self._schedule_edge(now)
+        changes.append(self._schedule_edge(now))
 
         if s.suspend_on_battery:
             # Past the threshold it fires; it releases a band above it (or when plugged in).
@@ -222,6 +253,7 @@ class Policy:
                 raw = None if seen.battery_percent is None else seen.battery_percent < limit
             if self._battery.update(raw, t, 0.0, SETTLE_SECONDS):
                 firing.append(Reason.ON_BATTERY)
+            changes.append(self._battery.deadline(0.0, SETTLE_SECONDS))
         else:
             self._battery = _Latch()
 
@@ -231,12 +263,14 @@ class Policy:
             raw = None if available is None else available < limit
             if self._memory.update(raw, t, 0.0, SETTLE_SECONDS):
                 firing.append(Reason.MEMORY_LOW)
+            changes.append(self._memory.deadline(0.0, SETTLE_SECONDS))
         else:
             self._memory = _Latch()
 
         if s.suspend_fullscreen:
             if self._fullscreen.update(seen.fullscreen, t, 0.0, SETTLE_SECONDS):
                 firing.append(Reason.FULLSCREEN)
+            changes.append(self._fullscreen.deadline(0.0, SETTLE_SECONDS))
         else:
             self._fullscreen = _Latch()
 
@@ -249,18 +283,25 @@ class Policy:
                 # The minutes of idleness asked for are the hysteresis: resume at once after.
                 firing.append(Reason.IN_USE)
                 resume_at[Reason.IN_USE] = t + needed - seen.idle_seconds
+                changes.append(resume_at[Reason.IN_USE])  # input only pushes it later
 
         if s.other_cpu_percent > 0:
             other = seen.other_cpu_percent
             raw = None if other is None else other > s.other_cpu_percent
             if self._other.update(raw, t, s.other_cpu_suspend_seconds, s.other_cpu_resume_seconds):
                 firing.append(Reason.OTHER_LOAD)
+            changes.append(
+                self._other.deadline(s.other_cpu_suspend_seconds, s.other_cpu_resume_seconds)
+            )
         else:
             self._other = _Latch()
 
         overridden = self._override_until is not None and t < self._override_until
         if self._override_until is not None and not overridden:
             self._override_until = None
+        changes.append(self._override_until)
+        soon = [c for c in changes if c is not None]
+        self._next_change = min(soon) if soon else None
         firing.sort(key=_PRIORITY.index)
         if firing and not overridden:
             reason = firing[0]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hivemind_worker.config import Settings
-from hivemind_worker.engine import runners
+from hivemind_worker.engine import memory, runners
 from hivemind_worker.engine.delivery import Delivery
 from hivemind_worker.engine.events import (
     ErrorRaised,
@@ -175,6 +175,7 @@ class TaskRuns:
         self._running[spec.task_id] = run
         run.task = asyncio.create_task(self._run_task(run), name=f"task-{spec.task_id}")
         self._refresh_state()
+        self._poke()  # the policy looks again at once (a task runs: its cadence quickens)
 
     async def _accept_after(self, earlier: asyncio.Task[None], spec: TaskSpec) -> None:
         await asyncio.wait({earlier})
@@ -257,6 +258,8 @@ class TaskRuns:
                 self._running.pop(spec.task_id, None)
                 self._refresh_state()
                 self._poke()
+                if not self._running:  # idle again: give the task's peak memory back
+                    self._spawn(asyncio.to_thread(memory.trim), "trim memory")
 
     async def _execute(self, spec: TaskSpec, *, adopted: bool = False) -> TaskResult:
         progress = runners.ProgressReader()

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 from hivemind_worker import __version__
 from hivemind_worker.config import Settings
 from hivemind_worker.credentials import CredentialError, CredentialStore
-from hivemind_worker.engine import runners
+from hivemind_worker.engine import memory, runners
 from hivemind_worker.engine.delivery import Delivery
 from hivemind_worker.engine.events import EngineState
 from hivemind_worker.engine.executors.base import Executor
-from hivemind_worker.engine.monitor import HostMonitor
+from hivemind_worker.engine.monitor import HostMonitor, HostSample
 from hivemind_worker.engine.pool_client import (
     AuthError,
     NodePoolClient,
@@ -44,6 +44,9 @@ BUSY_POLL_SECONDS = 2
 # slow to seconds (5 s was too short at load 10 on two cores: the task then stayed with this
 # worker at the pool until its lease ran out); the bound is for a pool that does not answer.
 GIVE_BACK_SECONDS = 20.0
+# A wait for work that a poke ends (a resume, a task ending, new caps) also ends after this
+# long, as a safety net: a condition that changed without a poke costs a minute, not a hang.
+RECHECK_SECONDS = 60.0
 
 
 class Session:
@@ -91,6 +94,10 @@ class Session:
 
         async def _wait_changed(self, timeout: float | None = None) -> None: ...
 
+        def _poke(self) -> None: ...
+
+        async def _heartbeat_sample(self) -> HostSample: ...
+
         def _caps(self) -> Resources: ...
 
         def _in_use(self) -> Resources: ...
@@ -136,6 +143,7 @@ class Session:
             self._attempt = 0
             assert self._connected is not None
             self._connected.set()
+            self._poke()  # deliveries waiting for a connection (_wait_connected)
             self._refresh_state()
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._heartbeat_loop(client), name="heartbeat")
@@ -194,6 +202,8 @@ class Session:
             # Validated like a task's image before anything is fetched.
             images = [i for i in terms.preload_images if image_reference_ok(i)][:32]
             self._spawn(self.executor.preload(images), "preload images")
+        if not self._running:  # start-up's garbage (imports, settings, login) goes back
+            self._spawn(asyncio.to_thread(memory.trim), "trim memory")
         log.info(
             "registered node %s with %s (heartbeat every %.0f s)",
             self.node_id,
@@ -202,14 +212,17 @@ class Session:
         )
 
     async def _watch_stop(self) -> None:
-        """Ends the session when the person stops contributing, or when draining is done."""
+        """Ends the session when the person stops contributing, or when draining is done.
+
+        Woken by pokes only: each condition below changes with one (a command, a task's
+        end, a reconnect asked for by apply_settings)."""
         while True:
             if self._shutdown or not self._want_running:
                 # Stopped tasks report CANCELLED (given back) while we are still connected;
                 # a bounded wait, so an unresponsive pool cannot hold up the stop.
                 deadline = time.monotonic() + GIVE_BACK_SECONDS
                 while self._running and time.monotonic() < deadline:
-                    await self._wait_changed(0.2)
+                    await self._wait_changed(deadline - time.monotonic())
                 break
             if self._draining and not self._running:  # finished and delivered
                 log.info("drained: no task left running")
@@ -220,7 +233,7 @@ class Session:
                 break
             if self._client is None:  # apply_settings asked for a reconnect
                 raise PoolUnavailable("Reconnecting", "settings changed")
-            await self._wait_changed(1.0)
+            await self._wait_changed()
         raise _SessionOver()
 
     async def _heartbeat_loop(self, client: NodePoolClient) -> None:
@@ -248,7 +261,7 @@ class Session:
             if running
             else NodeStatus.IDLE
         )
-        host = await asyncio.to_thread(self.monitor.sample)
+        host = await self._heartbeat_sample()
         reply = await client.heartbeat(self.node_id, status, host, running, self._status_message())
         for task_id in reply.cancel_task_ids:
             if task_id in self._running and not self._running[task_id].finished:
@@ -266,13 +279,13 @@ class Session:
     async def _poll_loop(self, client: NodePoolClient) -> None:
         while True:
             if self._held() or self._draining or not self._want_running:
-                await self._wait_changed(5.0)
+                await self._wait_changed(RECHECK_SECONDS)
                 continue
             active = sum(1 for r in self._running.values() if not r.finished)
             slots = self.settings.max_concurrent_tasks - active
             free = (self._caps() - self._in_use()).clamp_at_zero()
             if slots <= 0 or free.cpus <= 0 or free.memory_bytes <= 0:
-                await self._wait_changed(5.0)
+                await self._wait_changed(RECHECK_SECONDS)
                 continue
             if await self.delivery.is_full():
                 log.warning("the result spool is full; taking no task until results drain")

@@ -135,6 +135,8 @@ class WorkerApp(QObject):
         d.cancelRequested.connect(self.cancel_task)
         d.setupRequested.connect(self.open_setup)
         d.geometryChanged.connect(self._save_geometry)
+        # Live metrics (a sample a second) only while the dashboard shows.
+        d.watchingChanged.connect(self.engine.watch_metrics)
         t.snoozeRequested.connect(self.snooze)
         self.bridge.error.connect(self._on_error)
         self.bridge.sandboxChosen.connect(self._on_sandbox_chosen)

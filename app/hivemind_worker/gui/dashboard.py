@@ -9,8 +9,17 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from PySide6.QtCore import QByteArray, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QCloseEvent, QColor, QFont, QKeySequence, QPalette, QShowEvent
+from PySide6.QtCore import QByteArray, QEvent, Qt, QTimer, Signal
+from PySide6.QtGui import (
+    QAction,
+    QCloseEvent,
+    QColor,
+    QFont,
+    QHideEvent,
+    QKeySequence,
+    QPalette,
+    QShowEvent,
+)
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -37,6 +46,7 @@ from hivemind_worker.engine.events import EngineState
 from hivemind_worker.gui.charts_loader import ChartsLoader
 from hivemind_worker.gui.icons import Look, state_icon
 from hivemind_worker.gui.model import LogEntry, Status, WorkerModel, describe
+from hivemind_worker.gui.redraw import Redraws
 from hivemind_worker.gui.words import human_bytes, human_duration
 from hivemind_worker.tasks import TaskStatus
 
@@ -45,9 +55,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GIB = 1024**3
-# Distinguishable on light and dark backgrounds (Okabe-Ito, colour-blind safe).
-SERIES_COLORS = ("#E69F00", "#56B4E9", "#009E73", "#CC79A7", "#0072B2", "#D55E00")
 LOG_FILTERS = {
     "All events": None,
     "Errors": {"error"},
@@ -89,6 +96,7 @@ class Dashboard(QMainWindow):
     setupRequested = Signal()
     quitRequested = Signal()
     geometryChanged = Signal(QByteArray)
+    watchingChanged = Signal(bool)  # shown (live numbers wanted) or hidden / minimised
 
     def __init__(
         self,
@@ -108,17 +116,27 @@ class Dashboard(QMainWindow):
         self.setWindowIcon(state_icon(Look.CONTRIBUTING))
         self.resize(1040, 760)
         self._build()
+        # Nothing is redrawn while the window is hidden or minimised (see redraw.py).
+        self.redraws = Redraws(
+            {"charts": self._update_charts, "tasks": self._update_tasks,
+             "results": self._update_results, "totals": self._update_totals,
+             "log": self._refill_log},
+            at_once=frozenset({"results", "totals"}), parent=self,
+        )  # fmt: skip
         model.stateChanged.connect(self._update_state)
-        model.metricsChanged.connect(self._update_charts)
-        model.tasksChanged.connect(self._update_tasks)
-        model.metricsChanged.connect(self._update_tasks)
-        model.resultsChanged.connect(self._update_results)
-        model.totalsChanged.connect(self._update_totals)
+        # A sample changes the tasks table's numbers only when tasks run.
+        model.metricsChanged.connect(
+            lambda: self.redraws.mark("charts", *(("tasks",) if model.running else ()))
+        )
+        model.tasksChanged.connect(lambda: self.redraws.mark("tasks"))
+        model.resultsChanged.connect(lambda: self.redraws.mark("results"))
+        model.totalsChanged.connect(lambda: self.redraws.mark("totals"))
         model.logAdded.connect(self._append_log)
-        # Elapsed times tick even when no metrics arrive (engine stopped, paused).
+        # Elapsed times tick even when no metrics arrive (engine stopped, paused); only
+        # while the window shows.
         self._tick = QTimer(self)
-        self._tick.timeout.connect(self._update_tasks)
-        self._tick.start(1000)
+        self._tick.setInterval(1000)
+        self._tick.timeout.connect(self._on_tick)
         self._update_state()
         self._update_totals()
         self._update_results()
@@ -382,56 +400,28 @@ class Dashboard(QMainWindow):
     def _update_charts(self) -> None:
         if self.cpu_chart is None or self.mem_chart is None:  # not built yet: _build_charts
             return
+        from hivemind_worker.gui.charts import draw_history  # loaded with the charts
+
         model = self.model
-        now = time.time()
-        host = list(model.host_history)
         if model.host is not None:
             self.stat_host.value.setText(
                 f"{model.host.cpu_percent:.0f}% CPU · {human_bytes(model.host.memory_used_bytes)}"
             )
-            self.mem_chart.setTitle(
-                f"Memory (of {human_bytes(model.host.memory_total_bytes)})",
-                color=self.palette().color(QPalette.ColorRole.Text).name(),
-            )
+            title = f"Memory (of {human_bytes(model.host.memory_total_bytes)})"
+            if self.mem_chart.title_text != title:  # a new title lays the whole plot out again
+                self.mem_chart.title_text = title
+                self.mem_chart.setTitle(
+                    title, color=self.palette().color(QPalette.ColorRole.Text).name()
+                )
 
-        xs = [t - now for t, _, _ in host]
-        span = -xs[0] if xs else 0
-        self.cpu_chart.set_span(span)
-        self.mem_chart.set_span(span)
         text = self.palette().color(QPalette.ColorRole.Text).name()
-        self.cpu_chart.line("host", "this computer", text).setData(xs, [c for _, c, _ in host])
-        # A task's CPU counts per core (100 % = one core); the host's counts the whole machine.
-        cores = os.cpu_count() or 1
-        self.mem_chart.line("host", "this computer", text).setData(
-            xs, [m / GIB for _, _, m in host]
-        )
-        keep = {"host"}
-        for task in model.running.values():
-            keep.add(task.task_id)
-            if task.task_id not in self._colors:
-                used = set(self._colors.values())
-                free = [c for c in SERIES_COLORS if c not in used] or list(SERIES_COLORS)
-                self._colors[task.task_id] = free[0]
-            color = self._colors[task.task_id]
-            txs = [t - now for t, _, _ in task.history]
-            self.cpu_chart.line(task.task_id, task.name, color).setData(
-                txs, [c / cores for _, c, _ in task.history]
-            )
-            self.mem_chart.line(task.task_id, task.name, color).setData(
-                txs, [m / GIB for _, _, m in task.history]
-            )
-        self.cpu_chart.drop_except(keep)
-        self.mem_chart.drop_except(keep)
-        # From zero, in steps of 1, 2, 4, 8… GiB: a 0.01 GiB band would turn noise into cliffs,
-        # and a top that only moves in doublings does not make the lines jump every second.
-        peak = max((m for _, _, m in host), default=0) / GIB
-        top = 1.0
-        while top < peak * 1.15:
-            top *= 2
-        self.mem_chart.getPlotItem().setYRange(0, top, padding=0)
+        self._colors = draw_history(self.cpu_chart, self.mem_chart, model, self._colors, text)
         self.cpu_legend.setText(self.cpu_chart.legend_html())
         self.mem_legend.setText(self.mem_chart.legend_html())
-        self._colors = {k: v for k, v in self._colors.items() if k in keep}
+
+    def _on_tick(self) -> None:
+        if self.model.running:  # elapsed times
+            self.redraws.mark("tasks")
 
     def _update_tasks(self) -> None:
         model = self.model
@@ -462,7 +452,9 @@ class Dashboard(QMainWindow):
             if task.task_id == selected:
                 table.selectRow(row)
         self._update_cancel_button()
-        self.tabs.setTabText(0, f"&Running tasks ({len(tasks)})")
+        title = f"&Running tasks ({len(tasks)})"
+        if self.tabs.tabText(0) != title:  # a changed tab text lays the tab bar out again
+            self.tabs.setTabText(0, title)
 
     def selected_task_id(self) -> str | None:
         rows = self.tasks_table.selectionModel().selectedRows()
@@ -548,7 +540,9 @@ class Dashboard(QMainWindow):
         return f"{datetime.fromtimestamp(entry.when):%H:%M:%S}  {entry.text}"
 
     def _append_log(self, entry: LogEntry) -> None:
-        if self._matches(entry):
+        if not self.redraws.live:
+            self.redraws.mark("log")  # refilled from the model's log when shown
+        elif self._matches(entry):
             self.log_view.appendPlainText(self._format(entry))
 
     def _refill_log(self) -> None:
@@ -562,6 +556,27 @@ class Dashboard(QMainWindow):
     def showEvent(self, event: QShowEvent) -> None:
         super().showEvent(event)
         self._request_charts()
+        self._check_live()
+
+    def hideEvent(self, event: QHideEvent) -> None:
+        super().hideEvent(event)
+        self._check_live()
+
+    def changeEvent(self, event: QEvent) -> None:
+        super().changeEvent(event)
+        if event.type() == QEvent.Type.WindowStateChange:
+            self._check_live()
+
+    def _check_live(self) -> None:
+        """Live numbers only while someone can see them: the engine samples once a second
+        (watchingChanged) and the parts redraw only then; hidden, they catch up on show."""
+        live = self.isVisible() and not self.isMinimized()
+        if self.redraws.set_live(live):
+            if live:
+                self._tick.start()
+            else:
+                self._tick.stop()
+            self.watchingChanged.emit(live)
 
     def show_and_raise(self) -> None:
         if self.isMinimized():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
 import sys
 
-from PySide6.QtCore import Qt, QTimer
+from PySide6.QtCore import QSocketNotifier, Qt, QTimer
 from PySide6.QtWidgets import QApplication
 
 from hivemind_worker.config import Settings
@@ -105,7 +106,24 @@ def _quit_on_signals(worker_app: WorkerApp) -> None:
         with contextlib.suppress(ValueError, OSError):  # not the main thread, or no such signal
             signal.signal(sig, on_signal)
     # Python runs signal handlers only between bytecodes; while Qt's C++ loop waits, nothing
-    # runs. A cheap timer hands control back to Python a few times a second.
-    timer = QTimer(worker_app)
-    timer.timeout.connect(lambda: None)
-    timer.start(250)
+    # runs. The C-level handler writes the signal's number to a socket Qt watches, and the
+    # notifier's (empty) slot hands control to Python, which then runs on_signal: no timer
+    # waking the app a few times a second for nothing.
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    try:
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    except (ValueError, OSError):  # not the main thread: a timer as before
+        timer = QTimer(worker_app)
+        timer.timeout.connect(lambda: None)
+        timer.start(250)
+        return
+    notifier = QSocketNotifier(reader.fileno(), QSocketNotifier.Type.Read, worker_app)
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):
+            reader.recv(64)
+
+    notifier.activated.connect(drain)
+    worker_app._signal_wakeup = (reader, writer, notifier)  # type: ignore[attr-defined]  # kept alive

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from PySide6.QtCore import QObject, Signal, SignalInstance
+from PySide6.QtCore import QObject, QTimer, Signal, SignalInstance
 from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QMenu, QSystemTrayIcon
 
@@ -13,6 +13,11 @@ from hivemind_worker.engine.events import EngineState, ErrorRaised
 from hivemind_worker.gui.icons import Look, state_icon
 from hivemind_worker.gui.model import Status, WorkerModel, describe
 from hivemind_worker.gui.words import human_bytes
+
+# The tooltip's numbers change with every metric sample; it is rebuilt at most this often,
+# and handed to the tray only when its text changed (each hand-over is a D-Bus signal or an
+# X property write for the tray host).
+TOOLTIP_BATCH_MS = 1000
 
 
 def needs_person(event: ErrorRaised) -> bool:
@@ -76,9 +81,15 @@ class Tray(QObject):
         self.quit_action = self._add("&Quit", self.quitRequested)
         self.icon.setContextMenu(self.menu)
         self.icon.activated.connect(self._on_activated)
+        self._tooltip = ""
+        self.tooltip_sets = 0  # how often the tray host was handed a new tooltip
+        self._tooltip_timer = QTimer(self)
+        self._tooltip_timer.setSingleShot(True)
+        self._tooltip_timer.setInterval(TOOLTIP_BATCH_MS)
+        self._tooltip_timer.timeout.connect(self._update_tooltip)
         model.stateChanged.connect(self.update)
-        model.metricsChanged.connect(self._update_tooltip)
-        model.tasksChanged.connect(self._update_tooltip)
+        model.metricsChanged.connect(self._tooltip_later)
+        model.tasksChanged.connect(self._tooltip_later)
         self.update()
 
     def _add(self, text: str, signal: SignalInstance) -> QAction:
@@ -127,8 +138,17 @@ class Tray(QObject):
         lines.append(f"Task: {model.current_task_text()}")
         return "\n".join(line for line in lines if line)
 
+    def _tooltip_later(self) -> None:
+        if not self._tooltip_timer.isActive():
+            self._tooltip_timer.start()
+
     def _update_tooltip(self) -> None:
-        self.icon.setToolTip(self.tooltip_text())
+        self._tooltip_timer.stop()
+        text = self.tooltip_text()
+        if text != self._tooltip:
+            self._tooltip = text
+            self.tooltip_sets += 1
+            self.icon.setToolTip(text)
 
     def notify(self, title: str, message: str) -> None:
         if self.icon.isVisible() and QSystemTrayIcon.supportsMessages():

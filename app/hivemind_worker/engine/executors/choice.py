@@ -6,6 +6,8 @@ Kept out of the package's __init__ so that importing one executor module never i
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from typing import TYPE_CHECKING
 
 from hivemind_worker.engine.executors.base import Executor
@@ -57,7 +59,27 @@ def environments_for(settings: Settings) -> Environments:
     )
 
 
+DEFAULT_SOCKET = "/var/run/docker.sock"  # where docker-py looks without DOCKER_HOST
+
+
+def missing_socket() -> str:
+    """Why no Docker engine can answer here, when its Unix socket is plainly absent; "" when
+    there is one (or an endpoint this cannot judge: TCP, a Windows pipe).
+
+    Checked before the Docker SDK is imported: on the many machines without Docker, the
+    SDK (with requests and urllib3, about 8 MiB resident) would load only to fail."""
+    if sys.platform == "win32":
+        return ""
+    host = os.environ.get("DOCKER_HOST", "")
+    if host and not host.startswith("unix://"):
+        return ""
+    path = host.removeprefix("unix://") or DEFAULT_SOCKET
+    return "" if os.path.exists(path) else f"no Docker engine at {path}"
+
+
 def _docker_executor(settings: Settings, node_id: str) -> Executor:
+    if why := missing_socket():
+        raise OSError(why)
     from hivemind_worker.engine.executors import docker as dockerx
     from hivemind_worker.engine.executors.images import parse_allowlist
 

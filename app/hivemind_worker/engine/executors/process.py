@@ -514,14 +514,15 @@ class ProcessExecutor(Executor):
 
     async def _drain(self, run: Running, reader: asyncio.Task[None]) -> None:
         """Wait (bounded) for the killed task's pipe to close and its output to be read."""
+        # asyncio.timeout, not wait_for, which on 3.11 can swallow this task's cancellation.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(run.proc.wait(), DRAIN_SECONDS)
+            async with asyncio.timeout(DRAIN_SECONDS):
+                await run.proc.wait()
         _, pending = await asyncio.wait({reader}, timeout=DRAIN_SECONDS)
         if pending:
             # Something outside the task's tree holds the pipe open; stop reading it.
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            await asyncio.wait({reader})  # (awaiting it would swallow our own cancellation)
         elif not reader.cancelled() and reader.exception() is not None:
             log.warning(
                 "reading output of task %s failed: %s", run.task.task_id, reader.exception()

@@ -17,6 +17,10 @@ import psutil
 
 log = logging.getLogger(__name__)
 
+# A share over less time than this is mostly noise (an evaluation woken right after
+# another): the previous answer stands, and the next call measures from the earlier point.
+MIN_SPAN_SECONDS = 0.5
+
 # /proc/PID/task/TID/children needs CONFIG_PROC_CHILDREN, on in the common distributions.
 _PROC_CHILDREN = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
 
@@ -29,6 +33,7 @@ class LoadProbe:
         self.extra_cpu_seconds = extra_cpu_seconds
         self._cpus = psutil.cpu_count() or 1
         self._last: tuple[float, float, float] | None = None  # (when, host busy, ours)
+        self._last_percent: float | None = None
 
     def _host_busy(self) -> float:
         t = psutil.cpu_times()
@@ -79,6 +84,8 @@ class LoadProbe:
     def other_cpu_percent(self) -> float | None:
         """% of the whole machine's CPU used by others since the last call; None the first
         time (there is nothing to compare with yet) or when it cannot be read."""
+        if self._last is not None and time.monotonic() - self._last[0] < MIN_SPAN_SECONDS:
+            return self._last_percent
         try:
             now, busy, ours = time.monotonic(), self._host_busy(), self._ours()
         except Exception as exc:
@@ -91,7 +98,8 @@ class LoadProbe:
         # tree): count no negative share for us then.
         other = (busy - last[1]) - max(0.0, ours - last[2])
         percent = other / ((now - last[0]) * self._cpus) * 100.0
-        return min(100.0, max(0.0, percent))
+        self._last_percent = min(100.0, max(0.0, percent))
+        return self._last_percent
 
     def memory_available_percent(self) -> float | None:
         try:
