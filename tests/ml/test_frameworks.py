@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from helpers.harness import archive_files, queue_client, start_pool, start_worker
-from helpers.runners import ml_task, process_executor
+from helpers.runners import ml_task, process_executor, reachable_dir, remove_environments
 from hivemind_worker.engine.events import TaskProgress
 from hivemind_worker.engine.runners import requirements
 from hivemind_worker.engine.runners.environments import Environments
@@ -39,9 +39,15 @@ MODEL_FILE = {"tensorflow": "results/model.keras", "pytorch": "results/model.pt"
 
 
 @pytest.fixture(scope="module")
-def envs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environments]:
+def envs() -> Iterator[Environments]:
+    # In a folder tasks running as nobody can reach (a root worker's tasks do; pytest's own
+    # temporary folders are 0700), as tests/integration/test_runners.py has it.
     links = os.environ.get("HIVEMIND_RUNNER_FIND_LINKS", "")
-    yield Environments(tmp_path_factory.mktemp("environments"), find_links=[links] if links else [])
+    root = reachable_dir("hivemind-test-ml-")
+    try:
+        yield Environments(root / "environments", find_links=[links] if links else [])
+    finally:
+        remove_environments(root)
 
 
 def table(rows: int, label: object) -> bytes:
