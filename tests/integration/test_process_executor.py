@@ -445,6 +445,34 @@ async def test_cancel_before_run(executor: ProcessExecutor) -> None:
     assert not (executor.workspace("t1") / "results" / "ran").exists()  # type: ignore[operator]
 
 
+@pytest.mark.timeout(60)
+async def test_cancel_while_the_task_is_being_started(
+    executor: ProcessExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop that lands after run() has looked for a cancel but before the process is
+    registered (the sandbox being set up) still ends the task: it was lost, and the task
+    ran on with the pool waiting for it (test_stop_gives_running_tasks_back_at_once)."""
+    task = make_task("import time\ntime.sleep(60)\n")
+    await executor.prepare(task)
+    gate = asyncio.Event()
+    reached = asyncio.Event()
+    set_up = executor.tree_limiter
+
+    async def held_set_up():  # type: ignore[no-untyped-def]
+        reached.set()
+        await gate.wait()  # the window, held open: the cgroup limiter is being set up
+        return await set_up()
+
+    monkeypatch.setattr(executor, "tree_limiter", held_set_up)
+    running = asyncio.create_task(executor.run(task))
+    await asyncio.wait_for(reached.wait(), 10)
+    await executor.cancel("t1")
+    gate.set()
+    result = await asyncio.wait_for(running, 30)
+    assert result.status is TaskStatus.CANCELLED
+    assert executor.usage() == {}
+
+
 # ------------------------------------------------------------------------- limits
 
 

@@ -39,11 +39,9 @@ from hivemind_worker.tasks import Resources, TaskSpec, image_reference_ok
 log = logging.getLogger("hivemind_worker.engine.engine")
 
 BUSY_POLL_SECONDS = 2
-# How long a stop waits, still connected, for its cancelled tasks to end and be given back.
-# Ending a task is local work (kill the tree, close its workspace) that a loaded computer can
-# slow to seconds (5 s was too short at load 10 on two cores: the task then stayed with this
-# worker at the pool until its lease ran out); the bound is for a pool that does not answer.
-GIVE_BACK_SECONDS = 20.0
+# How long a stop waits, still connected, for its cancelled tasks to end and be given back;
+# the bound is for a pool that does not answer.
+GIVE_BACK_SECONDS = 5.0
 # A wait for work that a poke ends (a resume, a task ending, new caps) also ends after this
 # long, as a safety net: a condition that changed without a poke costs a minute, not a hang.
 RECHECK_SECONDS = 60.0

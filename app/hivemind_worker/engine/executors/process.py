@@ -378,6 +378,11 @@ class ProcessExecutor(Executor):
         run.job = job
         # Registered before any await, so a pause() from here on reaches this task.
         self._running[task.task_id] = run
+        if task.task_id in self._cancel_requested:
+            # Cancelled while it was being started (after run() looked, before it was
+            # registered here): cancel() could only note it, so it is carried out now.
+            run.cancelled = True
+            self._signal(run, SIGKILL)
         # A cgroup v2 folder freezes and throttles the whole tree at once; else signals.
         v2 = (
             group.folders[0] if group is not None and group.version == 2 and group.folders else None
