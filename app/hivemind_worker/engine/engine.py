@@ -10,6 +10,7 @@ from pathlib import Path
 
 from hivemind_worker.config import Settings
 from hivemind_worker.credentials import CredentialStore
+from hivemind_worker.engine.aio import wait_at_most
 from hivemind_worker.engine.contribute import Contribute
 from hivemind_worker.engine.delivery import Delivery, backoff_delay
 from hivemind_worker.engine.events import (
@@ -458,19 +459,12 @@ class WorkerEngine(Session, TaskRuns, Contribute):
 
     async def _wait_changed(self, timeout: float | None = None) -> None:
         """Until the next _poke, or `timeout` seconds. The caller checks its condition first,
-        with no await between the check and this call, so no wake-up falls in between.
-
-        asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
-        that arrives as the wait ends, and the engine then never stops (a quit that hangs).
-        """
+        with no await between the check and this call, so no wake-up falls in between."""
         assert self._loop is not None
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._waiters.add(waiter)
         try:
-            async with asyncio.timeout(timeout):
-                await waiter
-        except TimeoutError:
-            pass
+            await wait_at_most(waiter, timeout)
         finally:
             self._waiters.discard(waiter)
 
@@ -516,11 +510,7 @@ class WorkerEngine(Session, TaskRuns, Contribute):
             except Exception:
                 log.exception("metrics sample failed")
             self._watch_changed.clear()
-            try:
-                async with asyncio.timeout(METRICS_INTERVAL):
-                    await self._watch_changed.wait()
-            except TimeoutError:
-                pass
+            await wait_at_most(self._watch_changed.wait(), METRICS_INTERVAL)
 
     async def _sample_host(self) -> HostSample:
         host = await asyncio.to_thread(self.monitor.sample)

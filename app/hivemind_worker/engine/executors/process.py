@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from hivemind_worker.engine.aio import wait_at_most
 from hivemind_worker.engine.executors import cgroups, launcher, sandbox_linux, windows_job
 from hivemind_worker.engine.executors import limits as plimits
 from hivemind_worker.engine.executors.base import (
@@ -519,10 +520,7 @@ class ProcessExecutor(Executor):
 
     async def _drain(self, run: Running, reader: asyncio.Task[None]) -> None:
         """Wait (bounded) for the killed task's pipe to close and its output to be read."""
-        # asyncio.timeout, not wait_for, which on 3.11 can swallow this task's cancellation.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(DRAIN_SECONDS):
-                await run.proc.wait()
+        await wait_at_most(run.proc.wait(), DRAIN_SECONDS)  # see aio.py: no lost cancel
         _, pending = await asyncio.wait({reader}, timeout=DRAIN_SECONDS)
         if pending:
             # Something outside the task's tree holds the pipe open; stop reading it.
