@@ -149,8 +149,8 @@ class Worker:
         sha256: str | None = None,
         total_size: int | None = None,
     ) -> pb.UploadTaskResultResponse:
-        async def messages() -> AsyncIterator[pb.UploadTaskResultRequest]:
-            yield pb.UploadTaskResultRequest(
+        messages = [
+            pb.UploadTaskResultRequest(
                 header=pb.UploadHeader(
                     node_id=self.node_id,
                     task_id=spec.task_id,
@@ -158,11 +158,23 @@ class Worker:
                     total_size=len(data) if total_size is None else total_size,
                     sha256=sha256 or hashlib.sha256(data).hexdigest(),
                 )
-            )
-            for i in range(0, len(data), chunk):
-                yield pb.UploadTaskResultRequest(data=data[i : i + chunk])
-
-        return await self.stub.UploadTaskResult(messages(), metadata=self.md, timeout=GUARD)
+            ),
+            *(
+                pb.UploadTaskResultRequest(data=data[i : i + chunk])
+                for i in range(0, len(data), chunk)
+            ),
+        ]
+        # Written one by one: a pool that refuses midway ends the call while chunks are still
+        # going out, and a request iterator then surfaces gRPC core's INTERNAL for the failed
+        # write instead of the pool's own status, which awaiting the call gives.
+        call = self.stub.UploadTaskResult(metadata=self.md, timeout=GUARD)
+        try:
+            for message in messages:
+                await call.write(message)
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the call has ended; its status follows
+        return await call
 
     async def close(self) -> None:
         await self.channel.close()
