@@ -12,13 +12,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from helpers.harness import sha
+from hivemind_worker.engine.pool_client import NodePoolClient, PoolUnavailable
 from hivemind_worker.pool import server as pool_server
 from hivemind_worker.pool.client import TaskQueueClient
 from hivemind_worker.pool.server import PoolConfig, PoolServer, PoolStartError, RecentCounter
 from hivemind_worker.pool.store import verify_password
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.protocol import nodepool_pb2_grpc as pb_grpc
-from hivemind_worker.tasks import GiB, MiB
+from hivemind_worker.tasks import GiB, MiB, TaskResult, TaskStatus
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -164,16 +166,17 @@ class Worker:
                 for i in range(0, len(data), chunk)
             ),
         ]
-        # Written one by one: a pool that refuses midway ends the call while chunks are still
-        # going out, and a request iterator then surfaces gRPC core's INTERNAL for the failed
-        # write instead of the pool's own status, which awaiting the call gives.
+        # A pool that refuses an upload ends the call; a write still in flight then fails and
+        # gRPC records its own INTERNAL as the call's status in place of the pool's. Tests of a
+        # refusal therefore send nothing after the message that is refused (a refusal at the
+        # header: `data=b""` with the header's size and sha256 given).
         call = self.stub.UploadTaskResult(metadata=self.md, timeout=GUARD)
         try:
             for message in messages:
                 await call.write(message)
             await call.done_writing()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            pass  # the call has ended; its status follows
+            pass  # the call has ended; awaiting it gives the status
         return await call
 
     async def close(self) -> None:
@@ -609,11 +612,13 @@ async def test_upload_checks(pool_client: TaskQueueClient, worker: Worker) -> No
     err = await rpc_error(worker.upload(spec, b"short", total_size=10))
     assert err.code() == grpc.StatusCode.DATA_LOSS
 
+    # Refused at the header: nothing follows it (an accepted header would end in DATA_LOSS).
     big = b"y" * (3 * MiB + 1)
-    err = await rpc_error(worker.upload(spec, big))
+    err = await rpc_error(worker.upload(spec, b"", total_size=len(big), sha256=sha(big)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "max_result_bytes" in err.details()
-    err = await rpc_error(worker.upload(spec, big, total_size=10))
+    # A header that under-states the size: refused at the first chunk, the last one sent.
+    err = await rpc_error(worker.upload(spec, big[:MiB], total_size=10))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     async def data_first() -> AsyncIterator[pb.UploadTaskResultRequest]:
@@ -716,12 +721,14 @@ async def test_upload_bytes_in_flight_are_capped(
     )
     await until(lambda: bool(spool_files(pool)), "the first upload to start")
 
-    err = await rpc_error(w.upload(two, data))
+    # Both refused at the header, so nothing is sent after it (see Worker.upload).
+    err = await rpc_error(w.upload(two, b"", total_size=len(data), sha256=sha(data)))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     details = err.details() or ""
     assert "retry later" in details and str(3 * MiB) in details
     assert pool.stats.refused_uploads_by_lease[two.lease_id] == 1
-    err = await rpc_error(w.upload(two, b"x" * (3 * MiB + 1)))
+    huge = b"x" * (3 * MiB + 1)
+    err = await rpc_error(w.upload(two, b"", total_size=len(huge), sha256=sha(huge)))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert (
         err.details() == f"{3 * MiB + 1} bytes is more than this pool receives at once ({3 * MiB})"
@@ -733,6 +740,59 @@ async def test_upload_bytes_in_flight_are_capped(
     assert pool.stats.refused_uploads_by_lease[one.lease_id] == 0
     assert pool.stats.refused_uploads_by_lease[two.lease_id] == 2
     assert spool_files(pool) == []
+    await client.close()
+    await w.close()
+
+
+# Enough tries to meet the race: the old upload took gRPC's INTERNAL for a refusal within 200.
+ATTEMPTS = 200
+
+
+async def test_a_busy_pool_refusing_the_workers_upload_means_send_it_again(
+    pool_factory: PoolFactory, tmp_path: Path
+) -> None:
+    """The worker's own upload, while the pool has no room: every refusal reads as "try again"
+    (the pool's RESOURCE_EXHAUSTED, or gRPC's INTERNAL when the refusal cut a chunk short),
+    never as a refused result, which would make the worker drop a good one."""
+    pool = await pool_factory(max_upload_bytes_in_flight=3 * MiB)
+    client = TaskQueueClient(pool.address, timeout=GUARD)
+    await client.login(USER, PASSWORD)
+    w = Worker(pool.address)
+    await w.start()
+    for _ in range(2):
+        await client.submit(py_spec())
+    one, two = await w.poll()
+    held = b"a" * (2 * MiB)
+    release = asyncio.Event()
+    first = asyncio.ensure_future(
+        w.stub.UploadTaskResult(
+            upload_messages(w, one, held, MiB, release), metadata=w.md, timeout=GUARD
+        )
+    )
+    await until(lambda: bool(spool_files(pool)), "the first upload to start")
+
+    data = b"r" * (2 * MiB + 17)  # three chunks after the header, racing the refusal
+    archive = tmp_path / "result.tar.gz"
+    archive.write_bytes(data)
+    result = TaskResult(
+        task_id=two.task_id,
+        lease_id=two.lease_id,
+        status=TaskStatus.SUCCEEDED,
+        archive=archive,
+        archive_sha256=sha(data),
+        archive_size=len(data),
+    )
+    worker_client = NodePoolClient(pool.address, token=w.token)
+    for _ in range(ATTEMPTS):
+        with pytest.raises(PoolUnavailable):
+            await worker_client.upload(w.node_id, result)
+    assert pool.stats.refused_uploads_by_lease[two.lease_id] == ATTEMPTS
+    release.set()
+    assert (await asyncio.wait_for(first, GUARD)).size == len(held)
+    await worker_client.upload(w.node_id, result)  # room again: it goes through
+    assert (await w.report(two, data=data)).ack
+    assert await client.download(two.task_id) == data
+    await worker_client.close()
     await client.close()
     await w.close()
 

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -466,16 +466,47 @@ class NodePoolClient:
             sha256=result.archive_sha256,
         )
 
-        async def parts() -> AsyncIterator[pb.UploadTaskResultRequest]:
-            yield pb.UploadTaskResultRequest(header=header)
-            with archive.open("rb") as fh:  # reads go to a thread: never block the loop on disk
-                while chunk := await asyncio.to_thread(fh.read, CHUNK_BYTES):
-                    yield pb.UploadTaskResultRequest(data=chunk)
+        doing = f"upload the result of {header.task_id}"
+        call = self._stub.UploadTaskResult(timeout=UPLOAD_TIMEOUT, metadata=self._metadata())
+        cut_short = await self._call(doing, _send_upload(call, header, archive))
+        try:
+            await self._call(doing, call)
+        except PoolError as exc:
+            if not (cut_short and exc.code is grpc.StatusCode.INTERNAL):
+                raise
+            # gRPC put its own INTERNAL for the failed write in place of the pool's status
+            # (e.g. RESOURCE_EXHAUSTED, "retry later"): the reason is lost, so send it again
+            # rather than take it for a refusal and drop a good result.
+            raise PoolUnavailable(
+                "Upload cut short",
+                f"The pool at {self.address} ended the upload before taking all of it; "
+                "it will be sent again.",
+                exc.code,
+                details=exc.details,
+            ) from None
 
-        await self._call(
-            f"upload the result of {header.task_id}",
-            self._stub.UploadTaskResult(parts(), timeout=UPLOAD_TIMEOUT, metadata=self._metadata()),
-        )
+
+async def _send_upload(
+    call: grpc.aio.StreamUnaryCall[pb.UploadTaskResultRequest, pb.UploadTaskResultResponse],
+    header: pb.UploadHeader,
+    archive: Path,
+) -> bool:
+    """Send an upload's header and chunks one by one; True when the call ended first.
+
+    A pool that refuses an upload (busy, too big, superseded) ends the call while chunks may
+    still be going out. The write in flight then fails, and gRPC records its own INTERNAL as
+    the call's status, or the pool's if that arrived first: the caller awaits the call either
+    way, and this says whether the status may be gRPC's.
+    """
+    try:
+        await call.write(pb.UploadTaskResultRequest(header=header))
+        with archive.open("rb") as fh:  # reads go to a thread: never block the loop on disk
+            while chunk := await asyncio.to_thread(fh.read, CHUNK_BYTES):
+                await call.write(pb.UploadTaskResultRequest(data=chunk))
+        await call.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        return True  # the call has ended; awaiting it gives the status
+    return False
 
 
 def client_for(
