@@ -797,6 +797,51 @@ async def test_a_busy_pool_refusing_the_workers_upload_means_send_it_again(
     await w.close()
 
 
+async def test_an_upload_the_worker_cannot_finish_frees_the_pools_room(
+    pool_factory: PoolFactory, tmp_path: Path
+) -> None:
+    """The worker's result archive goes missing after the header went out: the call ends at
+    once, so the pool's reservation is freed for other uploads (not held until its timeout)."""
+    pool = await pool_factory(max_upload_bytes_in_flight=3 * MiB)
+    client = TaskQueueClient(pool.address, timeout=GUARD)
+    await client.login(USER, PASSWORD)
+    w = Worker(pool.address)
+    await w.start()
+    for _ in range(2):
+        await client.submit(py_spec())
+    one, two = await w.poll()
+    data = b"m" * (2 * MiB)
+
+    def result_of(spec: pb.TaskSpec, archive: Path) -> TaskResult:
+        return TaskResult(
+            task_id=spec.task_id,
+            lease_id=spec.lease_id,
+            status=TaskStatus.SUCCEEDED,
+            archive=archive,
+            archive_sha256=sha(data),
+            archive_size=len(data),
+        )
+
+    worker_client = NodePoolClient(pool.address, token=w.token)
+    with pytest.raises(FileNotFoundError):
+        await worker_client.upload(w.node_id, result_of(one, tmp_path / "gone.tar.gz"))
+    present = tmp_path / "result.tar.gz"
+    present.write_bytes(data)
+
+    async def second_fits() -> bool:
+        try:
+            await worker_client.upload(w.node_id, result_of(two, present))
+        except PoolUnavailable:
+            return False  # the first one's 2 MiB are still reserved
+        return True
+
+    await eventually(second_fits, "the pool to free the unfinished upload's room")
+    assert spool_files(pool) == []
+    await worker_client.close()
+    await client.close()
+    await w.close()
+
+
 async def test_cancelled_upload_leaves_nothing_behind(
     pool: PoolServer, pool_client: TaskQueueClient, worker: Worker
 ) -> None:

@@ -468,7 +468,11 @@ class NodePoolClient:
 
         doing = f"upload the result of {header.task_id}"
         call = self._stub.UploadTaskResult(timeout=UPLOAD_TIMEOUT, metadata=self._metadata())
-        cut_short = await self._call(doing, _send_upload(call, header, archive))
+        try:
+            cut_short = await self._call(doing, _send_upload(call, header, archive))
+        except BaseException:
+            call.cancel()  # an unreadable archive or a stop: the pool frees what it reserved
+            raise
         try:
             await self._call(doing, call)
         except PoolError as exc:
