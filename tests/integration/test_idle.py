@@ -137,6 +137,15 @@ async def test_without_probes_the_policy_wakes_only_for_time_and_commands(tmp_pa
     worker = await start_worker(tmp_path / "node-a", pool.address, probes=probes)
     try:
         await wait_for(lambda: worker.engine.state is EngineState.IDLE, what="idle")
+        # Connecting pokes the engine's loops; the policy may still be making the evaluation
+        # that poke caused (its observation runs on a thread). Settled: a second without one.
+        for _ in range(10):
+            before = calls[0]
+            await asyncio.sleep(1)
+            if calls[0] == before:
+                break
+        else:
+            raise AssertionError(f"the policy never stopped evaluating ({calls[0]} calls)")
         start = calls[0]
         await asyncio.sleep(3)
         assert calls[0] == start  # nothing can change a decision: no evaluation at all
