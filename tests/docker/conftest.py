@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,6 +68,7 @@ def make_executor(
 
     yield factory
     for container in docker_client.containers.list(
-        all=True, filters={"label": f"{dockerx.LABEL_NODE}={node_id}"}
+        all=True, filters={"label": f"{dockerx.LABEL_NODE}={node_id}"}, ignore_removed=True
     ):
-        container.remove(force=True)
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True)

@@ -241,11 +241,13 @@ async def test_a_task_never_sees_the_one_before_it_in_its_warm_slot(
         with pytest.raises(docker.errors.NotFound):
             docker_client.containers.get(used)
     # What is left is one fresh sandbox, waiting; close() removes it.
-    left = docker_client.containers.list(filters={"label": f"{dockerx.LABEL_NODE}={node_id}"})
+    left = docker_client.containers.list(
+        filters={"label": f"{dockerx.LABEL_NODE}={node_id}"}, ignore_removed=True
+    )
     assert [c.labels.get(dockerx.LABEL_SLOT, "") != "" for c in left] == [True]
     await executor.close()
     assert not docker_client.containers.list(
-        all=True, filters={"label": f"{dockerx.LABEL_NODE}={node_id}"}
+        all=True, filters={"label": f"{dockerx.LABEL_NODE}={node_id}"}, ignore_removed=True
     )
 
 

@@ -43,7 +43,9 @@ def make_task(source: str, task_id: str) -> TaskSpec:
 
 
 def labels(client: docker.DockerClient, node: str) -> list[dict[str, str]]:
-    found = client.containers.list(all=True, filters={"label": f"{dockerx.LABEL_NODE}={node}"})
+    found = client.containers.list(
+        all=True, filters={"label": f"{dockerx.LABEL_NODE}={node}"}, ignore_removed=True
+    )
     return [dict(c.labels) for c in found]
 
 

@@ -91,7 +91,9 @@ def sweep(client: docker.DockerClient, work_dir: Path, node_id: str) -> tuple[li
     container is removed with its workspace, and so is a kept spec's workspace when no
     container is adopted for it, and every warm sandbox's workspace.
     """
-    found = client.containers.list(all=True, filters={"label": f"{LABEL_NODE}={node_id}"})
+    found = client.containers.list(
+        all=True, filters={"label": f"{LABEL_NODE}={node_id}"}, ignore_removed=True
+    )
     root = work_dir.resolve()
     specs = work_dir / SPECS_DIR
     slots = _slot_files(specs)
