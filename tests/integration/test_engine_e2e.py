@@ -9,6 +9,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import grpc
 import psutil
 import pytest
 
@@ -310,6 +311,32 @@ async def test_result_too_large_when_packed_fails_the_task_instead_of_hanging(
             info = (await queue.wait_done([task_id], timeout=60))[task_id]
             assert info.status == pb.TASK_STATUS_FAILED
             assert "over the task's limit of 100000 bytes" in info.error
+    finally:
+        await worker.stop()
+        await pool.stop()
+
+
+async def test_a_result_larger_than_the_pool_ever_takes_fails_the_task_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    """The task's own limit (the default 64 MiB) allows it, the pool's receiving cap does not:
+    the worker must not read that as "busy, retry later" and keep the lease for ever."""
+    cap = 256 << 10
+    pool = await start_pool(tmp_path / "pool.db", max_upload_bytes_in_flight=cap)
+    worker = await start_worker(tmp_path / "node-a", pool.address)
+    try:
+        async with queue_client(pool.address) as queue:
+            source = "import os; open('results/noise.bin', 'wb').write(os.urandom(512 << 10))"
+            task_id = await queue.submit(python_task(source))
+            info = (await queue.wait_done([task_id], timeout=60))[task_id]
+            assert info.status == pb.TASK_STATUS_FAILED
+            assert f"more than this pool receives at once ({cap})" in info.error
+            assert info.attempt == 1
+            # Asking for more than the pool can receive is refused at submit, naming the field.
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await queue.submit(python_task("pass", max_result_bytes=cap + 1))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (refused.value.details() or "").startswith("max_result_bytes:")
     finally:
         await worker.stop()
         await pool.stop()

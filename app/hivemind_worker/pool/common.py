@@ -68,6 +68,9 @@ class PoolConfig:
     insecure: bool = False
     # Uploads are spooled to files here (default: `<db file>.spool` next to the database);
     # at most this many bytes (declared sizes) may be in flight over all uploads at once.
+    # It is also the largest result the pool takes: a task asking for a larger
+    # max_result_bytes is refused at submit, and a larger upload with OUT_OF_RANGE (for
+    # good, where a full pool answers RESOURCE_EXHAUSTED, "retry later").
     spool_dir: Path | None = None
     max_upload_bytes_in_flight: int = 2 * GiB
     # Logins: at most this many password checks (16 MiB of scrypt each) at once; after

@@ -44,6 +44,11 @@ class TaskQueueService(pb_grpc.TaskQueueServicer):
         task = TaskSpec.from_proto(request.spec, require_id=False)
         if task.max_attempts > MAX_MAX_ATTEMPTS:
             raise invalid("max_attempts", f"must be at most {MAX_MAX_ATTEMPTS}")
+        cap = core.config.max_upload_bytes_in_flight
+        if request.spec.max_result_bytes > cap:  # asked for; the default is left to the upload
+            raise invalid(
+                "max_result_bytes", f"must be at most {cap}: this pool receives no larger result"
+            )
         task_id = core.store.submit(task, user)
         core.stats.submitted += 1
         log.info("task %s (%s) submitted by %s", task_id, task.kind.value, user)

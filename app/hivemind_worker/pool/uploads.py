@@ -80,8 +80,10 @@ async def receive_upload(
             )
     cap = core.config.max_upload_bytes_in_flight
     if total > cap:
+        # Never "retry later": no amount of waiting makes room for it, and a worker reads
+        # RESOURCE_EXHAUSTED as busy and would send it again for as long as it runs.
         raise Refused(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.OUT_OF_RANGE,
             f"{total} bytes is more than this pool receives at once ({cap})",
         )
     if core.upload_bytes + total > cap:
