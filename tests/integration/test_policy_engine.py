@@ -272,12 +272,12 @@ def ambient_other_cpu(seconds: float = 2.0) -> float:
 
 
 async def test_other_programs_busy_freezes_the_task_and_it_resumes_after(tmp_path: Path) -> None:
-    # The premise is a machine where only the burner below is busy. A shared developer box
-    # whose other users already keep it above the threshold cannot show the resume; CI runs
-    # alone, and there this test always runs.
+    # On a quiet machine the burners below are the busy programs, and stopping them is what
+    # lets the task resume. Where something else already keeps every core busy (a shared
+    # box, the test loop's burned runs) that never happens by itself: there the person
+    # raises the threshold in the settings instead, the other way a person ends the pause.
     ambient = await asyncio.to_thread(ambient_other_cpu)
-    if ambient > 60 and os.environ.get("CI") != "true":
-        pytest.skip(f"other programs already use {ambient:.0f} % of this machine's CPU")
+    busy_anyway = ambient > 60
     pool = await start_pool(tmp_path / "pool.db")
     worker = await start_worker(
         tmp_path / "node-a",
@@ -296,6 +296,8 @@ async def test_other_programs_busy_freezes_the_task_and_it_resumes_after(tmp_pat
                 await wait_for(lambda: suspended_for(worker, Reason.OTHER_LOAD), what="suspend")
                 await wait_for(all_frozen, what="frozen")
                 assert worker.engine.state_message.startswith("other programs are busy")
+            if busy_anyway:
+                worker.engine.apply_settings(replace(worker.engine.settings, other_cpu_percent=0))
             await wait_for(lambda: running_again(worker), timeout=60, what="resume")
             (info,) = (await queue.wait_done([task_id], timeout=60)).values()
             assert (info.status, info.attempt) == (pb.TASK_STATUS_SUCCEEDED, 1)
