@@ -111,7 +111,9 @@ class NodeManagerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadTaskResult(self, request_iterator, context):
-        """Client stream: one header, then data chunks of at most 1 MiB.
+        """Client stream: one header, then data chunks of at most 1 MiB. RESOURCE_EXHAUSTED and
+        ABORTED mean "send it again later"; OUT_OF_RANGE (larger than the pool ever takes) and
+        INVALID_ARGUMENT are final; FAILED_PRECONDITION means the lease is no longer held.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,7 +55,10 @@ class NodeManagerStub:
     ReportTaskResult: _grpc.UnaryUnaryMultiCallable[_nodepool_pb2.ReportTaskResultRequest, _nodepool_pb2.ReportTaskResultResponse]
     """Idempotent per lease: a repeated report of the same lease is acknowledged again."""
     UploadTaskResult: _grpc.StreamUnaryMultiCallable[_nodepool_pb2.UploadTaskResultRequest, _nodepool_pb2.UploadTaskResultResponse]
-    """Client stream: one header, then data chunks of at most 1 MiB."""
+    """Client stream: one header, then data chunks of at most 1 MiB. RESOURCE_EXHAUSTED and
+    ABORTED mean "send it again later"; OUT_OF_RANGE (larger than the pool ever takes) and
+    INVALID_ARGUMENT are final; FAILED_PRECONDITION means the lease is no longer held.
+    """
     Ping: _grpc.UnaryUnaryMultiCallable[_nodepool_pb2.PingRequest, _nodepool_pb2.PingResponse]
 
 @_typing.type_check_only
@@ -71,7 +74,10 @@ class NodeManagerAsyncStub(NodeManagerStub):
     ReportTaskResult: _aio.UnaryUnaryMultiCallable[_nodepool_pb2.ReportTaskResultRequest, _nodepool_pb2.ReportTaskResultResponse]  # type: ignore[assignment]
     """Idempotent per lease: a repeated report of the same lease is acknowledged again."""
     UploadTaskResult: _aio.StreamUnaryMultiCallable[_nodepool_pb2.UploadTaskResultRequest, _nodepool_pb2.UploadTaskResultResponse]  # type: ignore[assignment]
-    """Client stream: one header, then data chunks of at most 1 MiB."""
+    """Client stream: one header, then data chunks of at most 1 MiB. RESOURCE_EXHAUSTED and
+    ABORTED mean "send it again later"; OUT_OF_RANGE (larger than the pool ever takes) and
+    INVALID_ARGUMENT are final; FAILED_PRECONDITION means the lease is no longer held.
+    """
     Ping: _aio.UnaryUnaryMultiCallable[_nodepool_pb2.PingRequest, _nodepool_pb2.PingResponse]  # type: ignore[assignment]
 
 class NodeManagerServicer(metaclass=_abc_1.ABCMeta):
@@ -120,7 +126,10 @@ class NodeManagerServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_nodepool_pb2.UploadTaskResultRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_nodepool_pb2.UploadTaskResultResponse, _abc.Awaitable[_nodepool_pb2.UploadTaskResultResponse]]:
-        """Client stream: one header, then data chunks of at most 1 MiB."""
+        """Client stream: one header, then data chunks of at most 1 MiB. RESOURCE_EXHAUSTED and
+        ABORTED mean "send it again later"; OUT_OF_RANGE (larger than the pool ever takes) and
+        INVALID_ARGUMENT are final; FAILED_PRECONDITION means the lease is no longer held.
+        """
 
     @_abc_1.abstractmethod
     def Ping(
