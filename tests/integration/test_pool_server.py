@@ -701,9 +701,11 @@ async def test_a_new_upload_for_the_lease_supersedes_the_one_in_flight(
     assert spool_files(pool) == []
 
 
-async def test_upload_bytes_in_flight_are_capped(
+async def two_leases_on_a_small_pool(
     pool_factory: PoolFactory,
-) -> None:
+) -> tuple[PoolServer, TaskQueueClient, Worker, pb.TaskSpec, pb.TaskSpec]:
+    """A pool that receives at most 3 MiB of uploads at once, a signed-in submitter, and a
+    worker holding the leases of the two tasks it submitted."""
     pool = await pool_factory(max_upload_bytes_in_flight=3 * MiB)
     client = TaskQueueClient(pool.address, timeout=GUARD)
     await client.login(USER, PASSWORD)
@@ -712,14 +714,42 @@ async def test_upload_bytes_in_flight_are_capped(
     for _ in range(2):
         await client.submit(py_spec())
     one, two = await w.poll()
-    data = b"a" * (2 * MiB)
-    release = asyncio.Event()
-    first = asyncio.ensure_future(
+    return pool, client, w, one, two
+
+
+async def hold_an_upload(
+    pool: PoolServer, w: Worker, spec: pb.TaskSpec, data: bytes, release: asyncio.Event
+) -> asyncio.Future[pb.UploadTaskResultResponse]:
+    """An upload of `data` for `spec` that stops after its first chunk until `release` is
+    set, holding its room in the pool; returned once the pool has started spooling it."""
+    call = asyncio.ensure_future(
         w.stub.UploadTaskResult(
-            upload_messages(w, one, data, MiB, release), metadata=w.md, timeout=GUARD
+            upload_messages(w, spec, data, MiB, release), metadata=w.md, timeout=GUARD
         )
     )
     await until(lambda: bool(spool_files(pool)), "the first upload to start")
+    return call
+
+
+def succeeded(spec: pb.TaskSpec, archive: Path, data: bytes) -> TaskResult:
+    """The worker's result for `spec`: `data`, kept at `archive` (which may be missing)."""
+    return TaskResult(
+        task_id=spec.task_id,
+        lease_id=spec.lease_id,
+        status=TaskStatus.SUCCEEDED,
+        archive=archive,
+        archive_sha256=sha(data),
+        archive_size=len(data),
+    )
+
+
+async def test_upload_bytes_in_flight_are_capped(
+    pool_factory: PoolFactory,
+) -> None:
+    pool, client, w, one, two = await two_leases_on_a_small_pool(pool_factory)
+    data = b"a" * (2 * MiB)
+    release = asyncio.Event()
+    first = await hold_an_upload(pool, w, one, data, release)
 
     # Both refused at the header, so nothing is sent after it (see Worker.upload).
     err = await rpc_error(w.upload(two, b"", total_size=len(data), sha256=sha(data)))
@@ -754,34 +784,15 @@ async def test_a_busy_pool_refusing_the_workers_upload_means_send_it_again(
     """The worker's own upload, while the pool has no room: every refusal reads as "try again"
     (the pool's RESOURCE_EXHAUSTED, or gRPC's INTERNAL when the refusal cut a chunk short),
     never as a refused result, which would make the worker drop a good one."""
-    pool = await pool_factory(max_upload_bytes_in_flight=3 * MiB)
-    client = TaskQueueClient(pool.address, timeout=GUARD)
-    await client.login(USER, PASSWORD)
-    w = Worker(pool.address)
-    await w.start()
-    for _ in range(2):
-        await client.submit(py_spec())
-    one, two = await w.poll()
+    pool, client, w, one, two = await two_leases_on_a_small_pool(pool_factory)
     held = b"a" * (2 * MiB)
     release = asyncio.Event()
-    first = asyncio.ensure_future(
-        w.stub.UploadTaskResult(
-            upload_messages(w, one, held, MiB, release), metadata=w.md, timeout=GUARD
-        )
-    )
-    await until(lambda: bool(spool_files(pool)), "the first upload to start")
+    first = await hold_an_upload(pool, w, one, held, release)
 
     data = b"r" * (2 * MiB + 17)  # three chunks after the header, racing the refusal
     archive = tmp_path / "result.tar.gz"
     archive.write_bytes(data)
-    result = TaskResult(
-        task_id=two.task_id,
-        lease_id=two.lease_id,
-        status=TaskStatus.SUCCEEDED,
-        archive=archive,
-        archive_sha256=sha(data),
-        archive_size=len(data),
-    )
+    result = succeeded(two, archive, data)
     worker_client = NodePoolClient(pool.address, token=w.token)
     for _ in range(ATTEMPTS):
         with pytest.raises(PoolUnavailable):
@@ -802,35 +813,18 @@ async def test_an_upload_the_worker_cannot_finish_frees_the_pools_room(
 ) -> None:
     """The worker's result archive goes missing after the header went out: the call ends at
     once, so the pool's reservation is freed for other uploads (not held until its timeout)."""
-    pool = await pool_factory(max_upload_bytes_in_flight=3 * MiB)
-    client = TaskQueueClient(pool.address, timeout=GUARD)
-    await client.login(USER, PASSWORD)
-    w = Worker(pool.address)
-    await w.start()
-    for _ in range(2):
-        await client.submit(py_spec())
-    one, two = await w.poll()
+    pool, client, w, one, two = await two_leases_on_a_small_pool(pool_factory)
     data = b"m" * (2 * MiB)
-
-    def result_of(spec: pb.TaskSpec, archive: Path) -> TaskResult:
-        return TaskResult(
-            task_id=spec.task_id,
-            lease_id=spec.lease_id,
-            status=TaskStatus.SUCCEEDED,
-            archive=archive,
-            archive_sha256=sha(data),
-            archive_size=len(data),
-        )
 
     worker_client = NodePoolClient(pool.address, token=w.token)
     with pytest.raises(FileNotFoundError):
-        await worker_client.upload(w.node_id, result_of(one, tmp_path / "gone.tar.gz"))
+        await worker_client.upload(w.node_id, succeeded(one, tmp_path / "gone.tar.gz", data))
     present = tmp_path / "result.tar.gz"
     present.write_bytes(data)
 
     async def second_fits() -> bool:
         try:
-            await worker_client.upload(w.node_id, result_of(two, present))
+            await worker_client.upload(w.node_id, succeeded(two, present, data))
         except PoolUnavailable:
             return False  # the first one's 2 MiB are still reserved
         return True
