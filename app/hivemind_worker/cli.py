@@ -22,7 +22,7 @@ from hivemind_worker.config import (
     settings_table,
 )
 from hivemind_worker.credentials import CredentialStore
-from hivemind_worker.demo import DEMO_ACCOUNT, DemoPool, result_summary
+from hivemind_worker.demo import DEMO_ACCOUNT, DemoError, DemoPool, result_summary
 from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.paths import Paths, default_paths
 from hivemind_worker.wiring import login_to_pool, make_engine
@@ -316,6 +316,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, paths: Paths) -> int:
 async def _demo(
     settings: Settings, paths: Paths, credentials: CredentialStore, pool: DemoPool
 ) -> int:
+    import grpc
+
     from hivemind_worker.engine.events import EngineState, StateChanged, TaskFinished, TaskProgress
     from hivemind_worker.pool.client import TaskQueueClient
     from hivemind_worker.tasks import TaskStatus
@@ -349,14 +351,29 @@ async def _demo(
         queue = TaskQueueClient(settings.node_pool_address)
         await queue.login(DEMO_ACCOUNT, pool.password)
         runner = asyncio.create_task(run_headless(engine, settings.drain_timeout))
+        waiting = asyncio.create_task(
+            queue.wait_done(ids, timeout=max(300.0, 60.0 * len(ids)) + pool.extra_wait)
+        )
+        await asyncio.wait({runner, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiting.done():
+            # The worker stopped first: Ctrl-C or SIGTERM (it finished its running tasks).
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+            await runner
+            raise CliError("the demo was stopped before its tasks finished")
         try:
-            infos = await queue.wait_done(
-                ids, timeout=max(300.0, 60.0 * len(ids)) + pool.extra_wait
-            )
+            infos = waiting.result()
         except TimeoutError:
             engine.shutdown()
             await runner
             raise CliError("the demo tasks did not finish in time; see the log above") from None
+        except grpc.aio.AioRpcError as e:
+            engine.shutdown()
+            await runner
+            raise DemoError(
+                f"The local pool stopped answering; see {pool.pool.log}.",
+                details=f"{e.code().name}: {e.details()}",
+            ) from None
         engine.drain_and_shutdown(settings.drain_timeout)
         await runner
 

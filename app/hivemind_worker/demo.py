@@ -13,10 +13,11 @@ import io
 import logging
 import secrets
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hivemind_worker.config import Settings
 from hivemind_worker.credentials import CredentialStore
@@ -70,6 +71,9 @@ class LocalPool:
                  "--heartbeat-interval", str(self.heartbeat_interval),
                  "--lease-timeout", str(self.lease_timeout)],
                 stdout=subprocess.PIPE, stderr=log_file, text=True,
+                # Its own process group: a Ctrl-C in the terminal (or a signal to the demo's
+                # group) reaches the worker, which finishes its tasks; this stops the pool after.
+                **_own_process_group(),
             )  # fmt: skip
         assert self.process.stdout is not None
         deadline = time.monotonic() + timeout
@@ -94,6 +98,12 @@ class LocalPool:
             self.process.kill()
             self.process.wait(10)
         self.process = None
+
+
+def _own_process_group() -> dict[str, Any]:
+    if sys.platform == "win32":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    return {"start_new_session": True}
 
 
 def fresh_demo_db(paths: Paths) -> Path:

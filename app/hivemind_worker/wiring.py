@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from hivemind_worker.engine.probes import DesktopProbes
 
 
+DEMO_CONTRIBUTE_SECONDS = 24 * 3600.0  # longer than any demo waits for its tasks
+
+
 def make_engine(
     settings: Settings,
     paths: Paths,
@@ -29,7 +32,8 @@ def make_engine(
     demo: bool = False,
     choose_executor_at_start: bool = False,
 ) -> WorkerEngine:
-    """The engine with the executor this machine supports (for the demo: one that is ready).
+    """The engine with the executor this machine supports (for the demo: one that is ready, and
+    running now whatever the "when to contribute" rules say).
 
     Choosing the executor pings Docker and tidies what an earlier run left: a few hundred ms.
     With `choose_executor_at_start` the engine does it on its own thread when it starts (the
@@ -55,6 +59,11 @@ def make_engine(
         outbox_dir=paths.outbox_dir,
         probes=desktop_probes(lambda: engine.executor_ready),
     )
+    if demo:
+        # The demo is a person asking for work now: it runs whatever the "when to contribute"
+        # rules would say of this moment (other programs busy, in use, a schedule); a CPU-time
+        # cap still holds, and so does a pause.
+        engine.contribute_anyway(DEMO_CONTRIBUTE_SECONDS)
     return engine
 
 

@@ -1,5 +1,5 @@
 """Desktop test helpers: Xvfb with a real EWMH window manager (openbox), a window to drive, and
-a laptop's battery as a sysfs tree.
+a laptop's battery as a sysfs tree, and other programs keeping the CPU busy.
 
 For the when-to-contribute tests: they move the pointer with xdotool and make a real window
 full screen through the window manager, as a person's desktop would.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -136,3 +137,21 @@ def write_battery(root: Path, *, plugged: bool, percent: int) -> None:
     (battery / "status").write_text("Charging\n" if plugged else "Discharging\n")
     (adapter / "type").write_text("Mains\n")
     (adapter / "online").write_text("1\n" if plugged else "0\n")
+
+
+@contextlib.contextmanager
+def cpu_burners(count: int) -> Iterator[list[int]]:
+    """Processes spinning on the CPU outside this process tree (re-parented to init), like
+    another program the person runs."""
+    spin = "while True: pass"
+    script = " ".join(
+        f"{sys.executable} -c '{spin}' >/dev/null 2>&1 & echo $!;" for _ in range(count)
+    )
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
+    pids = [int(line) for line in out.stdout.split()]
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

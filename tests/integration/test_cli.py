@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.desktop import cpu_burners
 from helpers.harness import PASSWORD, USER, python_task, queue_client, start_pool, worker_subprocess
 from hivemind_worker import __version__
 from hivemind_worker.config import load_settings, save_settings
@@ -140,6 +141,56 @@ def test_demo_completes_every_task(tmp_path: Path) -> None:
     assert "Done: 4 of 4 tasks succeeded." in done.stdout
     assert "17984 primes up to 200000" in done.stdout
     assert "[4/4]" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_demo_runs_now_while_other_programs_keep_every_core_busy(tmp_path: Path) -> None:
+    """The demo is a person asking for work now: the "other programs busy" rule (here as strict
+    as it goes, and other programs spinning on every core) does not hold its tasks back."""
+    strict = {
+        "HIVEMIND_ML_SCIKIT_LEARN": "false",
+        "HIVEMIND_DATA_PROCESSING": "false",
+        "HIVEMIND_OTHER_CPU_PERCENT": "1",
+        "HIVEMIND_OTHER_CPU_SUSPEND_SECONDS": "1",
+    }
+    with cpu_burners(os.cpu_count() or 1):
+        done = cli(tmp_path, "demo", "--headless", "--tasks", "3", env=strict)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Done: 3 of 3 tasks succeeded." in done.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_demo_with_one_line(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal reaches the whole foreground group: the worker finishes what runs
+    and the demo says it was stopped, in one line (its pool is stopped after, not killed by
+    the same Ctrl-C under the worker's feet)."""
+    env = {
+        **os.environ,
+        "HIVEMIND_HOME": str(tmp_path),
+        "DOCKER_ENABLED": "false",
+        "HIVEMIND_ML_SCIKIT_LEARN": "false",
+        "HIVEMIND_DATA_PROCESSING": "false",
+    }
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "hivemind_worker", "demo", "--headless", "--tasks", "200"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,  # a terminal's foreground group of its own
+    )  # fmt: skip
+    try:
+        assert demo.stdout is not None
+        seen = []
+        for line in demo.stdout:  # bounded: the demo ends, and the test's timeout
+            seen.append(line)
+            if line.startswith("[1/200]"):
+                break
+        os.killpg(demo.pid, signal.SIGINT)
+        out, err = demo.communicate(timeout=120)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 1, "".join(seen) + out + err
+    assert "the demo was stopped before its tasks finished" in err
+    assert "Traceback" not in err and "AioRpcError" not in err, err
 
 
 @pytest.mark.slow

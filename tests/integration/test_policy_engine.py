@@ -12,11 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +21,7 @@ import pytest
 
 from helpers.desktop import (
     app_window,
+    cpu_burners,
     missing_tools,
     move_pointer,
     set_fullscreen,
@@ -244,24 +241,6 @@ async def test_frozen_past_the_give_back_limit_runs_elsewhere_exactly_once(
             await desktop.stop()
         await laptop.stop()
         await pool.stop()
-
-
-@contextlib.contextmanager
-def cpu_burners(count: int) -> Iterator[list[int]]:
-    """Processes spinning on the CPU outside this process tree (re-parented to init), like
-    another program the person runs."""
-    spin = "while True: pass"
-    script = " ".join(
-        f"{sys.executable} -c '{spin}' >/dev/null 2>&1 & echo $!;" for _ in range(count)
-    )
-    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
-    pids = [int(line) for line in out.stdout.split()]
-    try:
-        yield pids
-    finally:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 def ambient_other_cpu(seconds: float = 2.0) -> float:

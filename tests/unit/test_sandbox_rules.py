@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,22 @@ def test_tasks_under_a_root_worker_use_an_interpreter_nobody_can_run(tmp_path: P
     assert "python3" in os.path.basename(chosen)
     # The worker's own user runs tasks with the worker's interpreter.
     assert sandbox_linux.task_python(str(python), None) == str(python)
+
+
+def test_a_folder_tasks_cannot_reach_is_named_with_the_parent_that_closes_it() -> None:
+    """Under a root worker tasks run as nobody: the reason names the folder to open, wherever
+    it is (not only under /root)."""
+    top = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's own tmp_path sits in a closed folder
+    top.chmod(0o755)
+    closed = top / "home"
+    env = closed / "share" / "environments" / "data"
+    env.mkdir(parents=True)
+    closed.chmod(0o700)
+    try:
+        why = sandbox_linux.reachable_by_tasks(env)
+        assert f"cannot reach {env} ({closed} is closed to other users)" in why
+        assert "set work_dir to a folder other users can pass through" in why
+        closed.chmod(0o755)
+        assert sandbox_linux.reachable_by_tasks(env) == ""
+    finally:
+        shutil.rmtree(top)

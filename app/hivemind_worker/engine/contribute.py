@@ -110,6 +110,8 @@ class Contribute:
 
         def override() -> None:
             self._policy.override(time.time() + seconds if seconds > 0 else None)
+            if self._decision is None:
+                return  # not deciding yet: the first decision holds the override
             # Decided again at once on what the probes saw last (the probes themselves are
             # only ever asked from the policy loop, one call at a time).
             self._apply_decision(self._policy.evaluate(self._last_seen, _now()))

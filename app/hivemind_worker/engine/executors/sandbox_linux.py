@@ -411,12 +411,11 @@ def open_work_dir_to_tasks(conf: Confinement, work_dir: Path) -> str:
     why that cannot be done ("" when done or not needed)."""
     if not conf.bwrap or conf.run_as is None:
         return ""
-    parents = [p for p in work_dir.resolve().parents if str(p) != "/"]
-    if not all(_searchable_by_others(p) for p in parents):
+    closed = _closed_parent(work_dir)
+    if closed is not None:
         return (
             f"tasks run through bubblewrap as nobody, who cannot reach the work folder "
-            f"{work_dir}: set work_dir to a folder outside /root (e.g. /var/lib/hivemind-worker), "
-            "or run the worker as an ordinary user"
+            f"{work_dir} ({closed} is closed to other users): {_WAY_OUT}"
         )
     mode = work_dir.stat().st_mode
     if not mode & stat.S_IXOTH:
@@ -427,14 +426,25 @@ def open_work_dir_to_tasks(conf: Confinement, work_dir: Path) -> str:
 def reachable_by_tasks(folder: Path) -> str:
     """Why tasks running as nobody (under a root worker) cannot reach `folder`, which their
     view binds read-only (a runner's environment), or "" when they can."""
-    parents = [p for p in folder.resolve().parents if str(p) != "/"]
-    if all(_searchable_by_others(p) for p in parents):
+    closed = _closed_parent(folder)
+    if closed is None:
         return ""
     return (
-        f"tasks run as nobody (the worker runs as root), who cannot reach {folder}: set "
-        "work_dir to a folder outside /root (e.g. /var/lib/hivemind-worker), or run the worker "
-        "as an ordinary user"
+        f"tasks run as nobody (the worker runs as root), who cannot reach {folder} ({closed} "
+        f"is closed to other users): {_WAY_OUT}"
     )
+
+
+_WAY_OUT = (
+    "set work_dir to a folder other users can pass through (e.g. /var/lib/hivemind-worker), "
+    "or run the worker as an ordinary user"
+)
+
+
+def _closed_parent(folder: Path) -> Path | None:
+    """The outermost folder above `folder` that other users cannot pass through, if any."""
+    parents = [p for p in folder.resolve().parents if str(p) != "/"]
+    return next((p for p in reversed(parents) if not _searchable_by_others(p)), None)
 
 
 def passable_by_others(folder: Path) -> None:
