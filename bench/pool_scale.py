@@ -136,6 +136,8 @@ def serve(args: argparse.Namespace) -> None:
         config = PoolConfig(db_path=Path(args.db), listen="127.0.0.1:0")
         if args.heartbeat_interval:
             config.heartbeat_interval = args.heartbeat_interval
+        if args.unpaced:
+            config.max_heartbeats_per_second = 0  # every worker at heartbeat_interval
         pool = PoolServer(config)
         await pool.start()
         await asyncio.to_thread(Path(args.port_file).write_text, str(pool.port))
@@ -277,6 +279,7 @@ class Fleet:
         self.stopping = False
         self.interval = 10.0
         self.max_wait = 30.0
+        self.paces: Counter[float] = Counter()  # heartbeat intervals the pool's replies gave
 
     async def call(self, name: str, fn: Any, request: Any, timeout: float) -> Any:
         start = time.perf_counter()
@@ -321,7 +324,8 @@ class Fleet:
         running: list[str] = []
 
         async def heartbeats() -> None:
-            await asyncio.sleep(random.uniform(0, self.interval))  # workers start spread out
+            interval = self.interval  # the registration's; each reply may change it (pace.py)
+            await asyncio.sleep(random.uniform(0, interval))  # workers start spread out
             while not self.stopping:
                 request = pb.UpdateNodeStatusRequest(
                     node_id=node_id,
@@ -329,8 +333,14 @@ class Fleet:
                     timestamp_unix_ms=int(time.time() * 1000),
                     running=[pb.RunningTask(lease_id=lease) for lease in running],
                 )
-                await self.call("UpdateNodeStatus", stub.UpdateNodeStatus, request, RPC_DEADLINE)
-                await asyncio.sleep(self.interval)
+                reply = await self.call(
+                    "UpdateNodeStatus", stub.UpdateNodeStatus, request, RPC_DEADLINE
+                )
+                if reply is not None and reply.heartbeat_interval_seconds:
+                    interval = float(reply.heartbeat_interval_seconds)
+                if self.measuring:
+                    self.paces[interval] += 1
+                await asyncio.sleep(interval)
 
         beat = asyncio.create_task(heartbeats())
         # The first poll waits a random part of max_wait, so re-polls are spread as in a fleet
@@ -398,6 +408,7 @@ def workers(args: argparse.Namespace) -> None:
                     "details": fleet.details,
                     "handout": fleet.handout,
                     "tasks": fleet.tasks,
+                    "paces": fleet.paces,
                 }
             ),
             flush=True,
@@ -420,8 +431,10 @@ class Rung:
         seconds: float,
         heartbeat: int = 0,
         bare: bool = False,
+        paced: bool = True,
     ) -> None:
         self.home = home
+        self.paced = paced  # False: the pool's pace off, every worker at the configured interval
         self.heartbeat = heartbeat  # 0: the pool's default interval
         self.workers = workers
         self.rate = rate  # None: as fast as the pool accepts; 0: no submits
@@ -460,6 +473,7 @@ class Rung:
             "--stats-file",
             str(stats_file),
             *(["--bare"] if self.bare else []),
+            *([] if self.paced else ["--unpaced"]),
         )
         for _ in range(300):
             if port_file.exists() and port_file.read_text():
@@ -479,7 +493,9 @@ class Rung:
             if line.strip() != "ready":
                 raise RuntimeError(f"a worker process failed to start: {line!r}")
         ramp = time.perf_counter() - ramp
-        await asyncio.sleep(2)  # every poll parked, heartbeats under way
+        # Every poll parked, and every worker has beaten once: those that registered early,
+        # at the interval of a smaller fleet, have heard the pace of this one.
+        await asyncio.sleep(SETTLE_SECONDS)
 
         channel = grpc.aio.insecure_channel(address)
         nm, queue = pb_grpc.NodeManagerStub(channel), pb_grpc.TaskQueueStub(channel)
@@ -588,7 +604,9 @@ class Rung:
         errors: Counter[str] = Counter(submit_errors)
         handout: list[float] = []
         received: list[str] = []
+        paces: Counter[float] = Counter()
         for out in outs:
+            paces.update({float(k): v for k, v in out["paces"].items()})
             for name, values in out["latency"].items():
                 latency[name].extend(values)
             errors.update(out["errors"])
@@ -603,6 +621,9 @@ class Rung:
             "heartbeat": self.heartbeat,
             "rate": self.rate,
             "bare": self.bare,
+            "paced": self.paced,
+            # The heartbeat interval most beats in the window were told to keep.
+            "beat_every_s": paces.most_common(1)[0][0] if paces else None,
             "calls_served": served,
             "cpu_us_per_call": pool_stats.get("cpu_s", 0.0) / max(served, 1) * 1e6,
             "window_s": window,
@@ -667,6 +688,10 @@ def row(r: dict[str, Any]) -> str:
     )
     rate = "max" if r["rate"] is None else f"{r['rate']:g}"
     workers = f"{r['workers']:,}" + (f" (heartbeat {r['heartbeat']} s)" if r["heartbeat"] else "")
+    if not r.get("paced", True):
+        workers += " (pace off)"
+    elif r.get("beat_every_s") and r["beat_every_s"] != 10:
+        workers += f" (beats every {r['beat_every_s']:g} s)"
     return (
         f"| {workers} | {rate} | {lat('UpdateNodeStatus')} | {lat('GetAssignedTasks')} "
         f"| {lat('ReportTaskResult')} | {lat('SubmitTask')} "
@@ -733,10 +758,12 @@ def report(
         f"One reference pool process (SQLite in WAL mode) on loopback, simulated workers in "
         f"{processes} processes ({WORKERS_PER_CHANNEL} per HTTP/2 connection, one login per "
         "process) and the submitter, all on the same 2 cores. Each worker registers, "
-        "heartbeats at the pool's default interval (10 s), keeps one long-poll open (30 s; the "
+        "heartbeats at the interval the pool gives (10 s, stretched past 1,000 workers to keep the "
+        "pool at 100 heartbeats a second: docs/pool.md, the pace; *pace off* rows keep 10 s at "
+        "any size), keeps one long-poll open (30 s; the "
         "first waits a random part of it, so re-polls are spread as in a fleet that joined over "
         "time) and reports each task at once (a row marked *heartbeat 20 s* uses that interval "
-        "instead). "
+        "instead). Each rung measures after the fleet is up and every worker has beaten once. "
         "The pool logs at WARNING: a line per task would measure the logging. "
         f"Each rung submits for {seconds:g} s (open loop), then "
         "waits for the last tasks. Latencies are client side. *Poll* is a GetAssignedTasks "
@@ -756,6 +783,7 @@ def report(
 
 
 PROCESSES = 4
+SETTLE_SECONDS = 12.0  # after the fleet is up: one default heartbeat interval, and 2 s
 SUBMITTERS = int(os.environ.get("POOL_SCALE_SUBMITTERS", "16"))  # concurrent submits, max runs
 
 
@@ -768,12 +796,19 @@ async def orchestrate(args: argparse.Namespace) -> list[dict[str, Any]]:
         plan.append((args.max_workers, None, hb, False))
     if args.also_heartbeat and args.ladder:  # the largest rung again, with a longer interval
         plan.append((max(args.ladder), args.rate, args.also_heartbeat, False))
-    if args.floor:  # heartbeats and polls only: the pool, then the bare grpc.aio server
+    unpaced = []
+    if args.also_unpaced and args.ladder:  # the largest rung again, every worker at 10 s
+        unpaced.append(len(plan))
+        plan.append((max(args.ladder), args.rate, hb, False))
+    if args.floor:  # heartbeats and polls only: the pool, then the bare grpc.aio server, both
+        unpaced.append(len(plan))  # with every worker at the same interval
         plan += [(args.floor, 0, hb, False), (args.floor, 0, hb, True)]
     results = []
-    for workers, rate, heartbeat, bare in plan:
+    for i, (workers, rate, heartbeat, bare) in enumerate(plan):
         with tempfile.TemporaryDirectory(prefix="pool-scale-") as tmp:
-            rung = Rung(Path(tmp), workers, rate, args.seconds, heartbeat, bare)
+            rung = Rung(
+                Path(tmp), workers, rate, args.seconds, heartbeat, bare, paced=i not in unpaced
+            )
             try:
                 result = await asyncio.wait_for(rung.run(args.processes), args.seconds + 300)
             finally:
@@ -793,6 +828,7 @@ def main() -> None:
     s.add_argument("--stats-file", required=True)
     s.add_argument("--heartbeat-interval", type=int, default=0)
     s.add_argument("--bare", action="store_true", help="the floor server instead of the pool")
+    s.add_argument("--unpaced", action="store_true", help="the pool's pace off (pace.py)")
     w = sub.add_parser("workers")
     w.add_argument("--address", required=True)
     w.add_argument("--prefix", required=True)
@@ -814,6 +850,11 @@ def main() -> None:
         type=int,
         default=0,
         help="run the largest rung once more with this heartbeat interval (seconds)",
+    )
+    parser.add_argument(
+        "--also-unpaced",
+        action="store_true",
+        help="run the largest rung once more with the pool's pace off (every worker at 10 s)",
     )
     parser.add_argument(
         "--floor",

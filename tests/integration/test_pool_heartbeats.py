@@ -40,7 +40,7 @@ def test_beats_are_answered_without_writing_and_one_flush_writes_them_all(
     (spec,) = store.lease_tasks("n7", BIG, 1, ["process"], lease_seconds=1)
     store.request_cancel(task_id, "alice")
     expires_before = store.get_task(task_id).lease_expires_ms  # type: ignore[union-attr]
-    liveness = Liveness(store, lease_seconds=600)
+    liveness = Liveness(store, lease_seconds=lambda: 600)
     writes = store.write_transactions
 
     usage = {spec.lease_id: {"cpu_seconds": 4.0}}
@@ -80,7 +80,7 @@ def test_a_renewal_never_shortens_a_lease_nor_touches_a_reported_one(tmp_path: P
     _submit(store)
     _submit(store)
     kept, done = store.lease_tasks("n0", BIG, 2, ["process"], lease_seconds=3600)
-    liveness = Liveness(store, lease_seconds=1)  # would end both leases sooner
+    liveness = Liveness(store, lease_seconds=lambda: 1)  # would end both leases sooner
     assert liveness.beat(Heartbeat("n0", 1, {}, [kept.lease_id, done.lease_id])).lost == []
     store.record_report(
         node_id="n0", task_id=done.task_id, lease_id=done.lease_id, status=TaskStatus.SUCCEEDED
@@ -101,7 +101,7 @@ def test_a_failed_flush_keeps_what_was_noted_for_the_next(tmp_path: Path) -> Non
     _submit(store)
     (spec,) = store.lease_tasks("n0", BIG, 1, ["process"], lease_seconds=1)
     before = store.get_task(spec.task_id).lease_expires_ms  # type: ignore[union-attr]
-    liveness = Liveness(store, lease_seconds=600)
+    liveness = Liveness(store, lease_seconds=lambda: 600)
     liveness.beat(Heartbeat("n0", 1, {}, [spec.lease_id]))
     liveness.beat(Heartbeat("n1", 1, {}))
 

@@ -176,6 +176,9 @@ class HeartbeatReply:
     cancel_task_ids: tuple[str, ...] = ()
     lost_lease_ids: frozenset[str] = frozenset()
     drain: bool = False
+    # The pool's pace from now on; None: unchanged (or a pool that does not say).
+    heartbeat_interval: float | None = None
+    lease_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -401,6 +404,8 @@ class NodePoolClient:
             cancel_task_ids=tuple(reply.cancel_task_ids),
             lost_lease_ids=frozenset(reply.lost_lease_ids),
             drain=reply.drain,
+            heartbeat_interval=float(reply.heartbeat_interval_seconds) or None,
+            lease_timeout=float(reply.lease_timeout_seconds) or None,
         )
 
     async def get_tasks(self, node_id: str, offer: Offer) -> list[TaskSpec | RefusedSpec]:

@@ -45,6 +45,8 @@ GIVE_BACK_SECONDS = 5.0
 # A wait for work that a poke ends (a resume, a task ending, new caps) also ends after this
 # long, as a safety net: a condition that changed without a poke costs a minute, not a hang.
 RECHECK_SECONDS = 60.0
+# The longest heartbeat interval taken from a pool (it slows them as its fleet grows).
+MAX_HEARTBEAT_INTERVAL = 3600.0
 
 
 class Session:
@@ -190,12 +192,9 @@ class Session:
                 max_concurrent_tasks=self.settings.max_concurrent_tasks,
             )
         )
-        if terms.heartbeat_interval:
-            self._heartbeat_interval = terms.heartbeat_interval
+        self._take_pace(terms.heartbeat_interval, terms.lease_timeout)
         if terms.max_wait:
             self._max_wait = terms.max_wait
-        if terms.lease_timeout:
-            self._lease_timeout = terms.lease_timeout
         if terms.preload_images:
             # Validated like a task's image before anything is fetched.
             images = [i for i in terms.preload_images if image_reference_ok(i)][:32]
@@ -273,6 +272,21 @@ class Session:
         if reply.drain and not self._draining:
             log.info("pool asked this node to drain")
             self._do_drain()
+        if reply.heartbeat_interval and reply.heartbeat_interval != self._heartbeat_interval:
+            log.info(
+                "the pool asks for a heartbeat every %.0f s (was %.0f s)",
+                reply.heartbeat_interval,
+                self._heartbeat_interval,
+            )
+        self._take_pace(reply.heartbeat_interval, reply.lease_timeout)
+
+    def _take_pace(self, heartbeat_interval: float | None, lease_timeout: float | None) -> None:
+        """The pool's pace (None: unchanged). A pool slows heartbeats as its fleet grows; at
+        most one an hour, so a pool's mistake cannot stop them."""
+        if heartbeat_interval:
+            self._heartbeat_interval = min(heartbeat_interval, MAX_HEARTBEAT_INTERVAL)
+        if lease_timeout:
+            self._lease_timeout = lease_timeout
 
     async def _poll_loop(self, client: NodePoolClient) -> None:
         while True:

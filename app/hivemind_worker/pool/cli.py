@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a lease lives without a heartbeat (default 60)",
     )
     p.add_argument(
+        "--max-heartbeats-per-second",
+        type=_non_negative_int,
+        default=100,
+        metavar="N",
+        help="past this many workers per second of interval, the heartbeat interval (and the "
+        "lease timeout with it) stretches to keep the rate at N; 0: never (default 100)",
+    )
+    p.add_argument(
         "--max-wait",
         type=_non_negative_int,
         default=30,
@@ -290,6 +298,7 @@ def _serve(args: argparse.Namespace) -> int:
         listen=args.listen,
         heartbeat_interval=args.heartbeat_interval,
         lease_timeout=args.lease_timeout,
+        max_heartbeats_per_second=args.max_heartbeats_per_second,
         max_wait=args.max_wait,
         preload_images=tuple(args.preload_images),
         token_ttl=args.token_ttl,

@@ -57,6 +57,9 @@ class PoolConfig:
     heartbeat_interval: int = 10
     lease_timeout: int = 60
     max_wait: int = 30
+    # The heartbeat interval stretches past heartbeat_interval to keep the pool's heartbeat rate
+    # at or under this many a second (pace.py); the lease timeout stretches with it. 0: never.
+    max_heartbeats_per_second: float = 100.0
     preload_images: tuple[str, ...] = ()  # told to workers at registration
     token_ttl: int = 7 * 86400
     default_max_attempts: int = 3

@@ -12,6 +12,7 @@ import grpc
 from hivemind_worker.pool.common import Context, LoginThrottle, PoolConfig, PoolStats, Refused
 from hivemind_worker.pool.heartbeats import Liveness
 from hivemind_worker.pool.interface import TaskStore
+from hivemind_worker.pool.pace import Pacer
 from hivemind_worker.pool.records import TaskNeed
 from hivemind_worker.pool.waiters import Waiter, WaiterQueue
 from hivemind_worker.protocol import nodepool_pb2 as pb
@@ -48,7 +49,11 @@ class PoolCore:
         self.store = store
         self.stats = stats
         self.waiters = WaiterQueue()
-        self.liveness = Liveness(store, config.lease_timeout)
+        # How often workers beat, by how many there are (pace.py); leases last as long.
+        self.pacer = Pacer(
+            config.heartbeat_interval, config.lease_timeout, config.max_heartbeats_per_second
+        )
+        self.liveness = Liveness(store, lambda: self.pacer.pace.lease_timeout)
         self.login_slots = asyncio.Semaphore(max(config.login_concurrency, 1))
         self.login_throttle = LoginThrottle(config.login_max_failures, config.login_failure_window)
         self.spool = config.spool_path
@@ -108,7 +113,7 @@ class PoolCore:
             poll.free,
             poll.max_tasks,
             poll.capabilities,
-            lease_seconds=self.config.lease_timeout,
+            lease_seconds=self.pacer.pace.lease_timeout,
             max_timeout_seconds=poll.max_timeout_seconds,
             networks=poll.networks,
         )

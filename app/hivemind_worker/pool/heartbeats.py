@@ -21,6 +21,7 @@ latest (docs/pool.md, "What a crash loses").
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hivemind_worker.pool.interface import TaskStore
@@ -47,9 +48,9 @@ class Renewal:
 class Liveness:
     """The nodes' last heartbeats and the leases they renewed, until the next flush."""
 
-    def __init__(self, store: TaskStore, lease_seconds: float) -> None:
+    def __init__(self, store: TaskStore, lease_seconds: Callable[[], float]) -> None:
         self._store = store
-        self._lease_ms = int(lease_seconds * 1000)
+        self._lease_seconds = lease_seconds  # the pace's, at each beat (pace.py)
         self._nodes: dict[str, tuple[Heartbeat, int]] = {}  # node id -> last beat, its time
         self._renewals: dict[str, Renewal] = {}  # lease id -> its renewal
         self._beats = 0  # since the last flush, for the store's lifetime counter
@@ -60,7 +61,7 @@ class Liveness:
         now = now if now is not None else now_ms()
         outcome = self._store.check_heartbeat(heartbeat.node_id, heartbeat.lease_ids)
         self._nodes[heartbeat.node_id] = (heartbeat, now)
-        expires = now + self._lease_ms
+        expires = now + int(self._lease_seconds() * 1000)
         lost = outcome.lost
         for lease_id in heartbeat.lease_ids:
             if lease_id in lost:

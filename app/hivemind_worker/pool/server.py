@@ -36,6 +36,7 @@ from hivemind_worker.pool.common import (
     usage_dict,
 )
 from hivemind_worker.pool.core import PollRequest, PoolCore
+from hivemind_worker.pool.pace import SEEDED_FOR_MS
 from hivemind_worker.pool.queue_service import TaskQueueService
 from hivemind_worker.pool.records import Heartbeat
 from hivemind_worker.pool.store import (
@@ -139,12 +140,14 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
             raise invalid("capabilities", f"at most {MAX_CAPABILITIES} names of 1-32 characters")
         self._core.store.upsert_node(node_id, user, request, caps)
         config = self._core.config
+        self._core.pacer.seen(node_id, now_ms())
+        pace = self._core.pacer.pace
         log.info("node %s registered by %s (capabilities %s)", node_id, user, ",".join(caps))
         return pb.RegisterNodeResponse(
             accepted=True,
             message=f"node {node_id} registered for {user}",
-            heartbeat_interval_seconds=config.heartbeat_interval,
-            lease_timeout_seconds=config.lease_timeout,
+            heartbeat_interval_seconds=pace.heartbeat_interval,
+            lease_timeout_seconds=pace.lease_timeout,
             max_wait_seconds=config.max_wait,
             preload_images=list(config.preload_images),
         )
@@ -165,6 +168,8 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
             if running.HasField("usage"):
                 usage[lease_id] = usage_dict(running.usage)
         metrics = request.metrics
+        now = now_ms()
+        core.pacer.seen(node_id, now)  # before the beat: its renewal lasts the pace's lease
         # Noted in memory and answered now; the reaper writes the noted beats in one
         # transaction before each pass (heartbeats.py says what a crash loses).
         outcome = core.liveness.beat(
@@ -180,12 +185,19 @@ class NodeManagerService(pb_grpc.NodeManagerServicer):
                 lease_ids=lease_ids,
                 usage=usage,
                 status_message=request.status_message[:200],
-            )
+            ),
+            now,
         )
         if outcome.lost:
             log.info("node %s holds leases the pool no longer honours: %s", node_id, outcome.lost)
+        pace = core.pacer.pace
         return pb.UpdateNodeStatusResponse(
-            ack=True, cancel_task_ids=outcome.cancels, drain=False, lost_lease_ids=outcome.lost
+            ack=True,
+            cancel_task_ids=outcome.cancels,
+            drain=False,
+            lost_lease_ids=outcome.lost,
+            heartbeat_interval_seconds=pace.heartbeat_interval,
+            lease_timeout_seconds=pace.lease_timeout,
         )
 
     @rpc
@@ -392,12 +404,17 @@ class PoolServer:
             raise PoolStartError(
                 f"cannot use the spool folder {config.spool_path}: {exc}"
             ) from None
+        core = PoolCore(config, store, self.stats)
+        # The workers alive before a restart keep the interval they were given (pace.py) until
+        # they are back; the pace counts them meanwhile.
+        start = now_ms()
+        core.pacer.seed(store.count_nodes_seen_since(start - SEEDED_FOR_MS), start)
         # Workers could not heartbeat while the pool was down: give each running lease a
         # full timeout from now to reconnect before the reaper may expire it.
-        extended = store.extend_running_leases(now_ms() + config.lease_timeout * 1000)
+        lease_timeout = core.pacer.pace.lease_timeout
+        extended = store.extend_running_leases(start + lease_timeout * 1000)
         if extended:
-            log.info("gave %d running leases %ds to reconnect", extended, config.lease_timeout)
-        core = PoolCore(config, store, self.stats)
+            log.info("gave %d running leases %ds to reconnect", extended, lease_timeout)
         server = grpc.aio.server(options=server_options())
         pb_grpc.add_NodeManagerServicer_to_server(NodeManagerService(core), server)
         pb_grpc.add_TaskQueueServicer_to_server(TaskQueueService(core), server)

@@ -155,6 +155,13 @@ class PoolStore(LeaseStore):
             status_message=str(json.loads(row["metrics"]).get("status_message", "")),
         )
 
+    def count_nodes_seen_since(self, since_ms: int) -> int:
+        """Nodes that registered or beat at `since_ms` or later (once, at start: a scan)."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM nodes WHERE last_seen_ms >= ?", (since_ms,)
+        ).fetchone()
+        return int(row[0])
+
     # -------------------------------------------------------------------- tasks
 
     def submit(self, task: TaskSpec, owner: str, now: int | None = None) -> str:

@@ -974,9 +974,16 @@ class UpdateNodeStatusResponse(_message.Message):
     CANCEL_TASK_IDS_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
     LOST_LEASE_IDS_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    LEASE_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     ack: _builtins.bool
     drain: _builtins.bool
     """finish running tasks, take no new ones"""
+    heartbeat_interval_seconds: _builtins.int
+    """The pace from now on (0: unchanged). A pool slows its workers' heartbeats as their
+    number grows, to keep its heartbeat rate bounded, and lengthens its leases with them.
+    """
+    lease_timeout_seconds: _builtins.int
     @_builtins.property
     def cancel_task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """stop these now and report them CANCELLED"""
@@ -992,10 +999,12 @@ class UpdateNodeStatusResponse(_message.Message):
         cancel_task_ids: _abc.Iterable[_builtins.str] | None = ...,
         drain: _builtins.bool = ...,
         lost_lease_ids: _abc.Iterable[_builtins.str] | None = ...,
+        heartbeat_interval_seconds: _builtins.int = ...,
+        lease_timeout_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "cancel_task_ids", b"cancel_task_ids", "drain", b"drain", "lost_lease_ids", b"lost_lease_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "cancel_task_ids", b"cancel_task_ids", "drain", b"drain", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "lease_timeout_seconds", b"lease_timeout_seconds", "lost_lease_ids", b"lost_lease_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
