@@ -432,8 +432,10 @@ class Rung:
         heartbeat: int = 0,
         bare: bool = False,
         paced: bool = True,
+        batch: int = 1,
     ) -> None:
         self.home = home
+        self.batch = batch  # tasks per submit call in a max run (>1: SubmitTasks)
         self.paced = paced  # False: the pool's pace off, every worker at the configured interval
         self.heartbeat = heartbeat  # 0: the pool's default interval
         self.workers = workers
@@ -509,19 +511,28 @@ class Rung:
 
         async def submit_one() -> None:
             nonlocal submitted
-            spec = pb.TaskSpec(
-                kind=pb.TASK_KIND_PYTHON, source="print('hi')", name=f"bench {time.time():.6f}"
-            )
+            batch = self.batch if self.rate is None else 1
+            specs = [
+                pb.TaskSpec(
+                    kind=pb.TASK_KIND_PYTHON, source="print('hi')", name=f"bench {time.time():.6f}"
+                )
+                for _ in range(batch)
+            ]
             start = time.perf_counter()
             try:
-                await queue.SubmitTask(
-                    pb.SubmitTaskRequest(spec=spec), metadata=metadata, timeout=RPC_DEADLINE
-                )
+                if batch == 1:
+                    await queue.SubmitTask(
+                        pb.SubmitTaskRequest(spec=specs[0]), metadata=metadata, timeout=RPC_DEADLINE
+                    )
+                else:
+                    await queue.SubmitTasks(
+                        pb.SubmitTasksRequest(specs=specs), metadata=metadata, timeout=RPC_DEADLINE
+                    )
             except grpc.aio.AioRpcError as exc:
                 submit_errors[f"SubmitTask {exc.code().name}"] += 1
                 return
             submit_latency.append(time.perf_counter() - start)
-            submitted += 1
+            submitted += batch
 
         ps = psutil.Process(pool.pid)
         os.kill(pool.pid, signal.SIGUSR1)
@@ -551,23 +562,39 @@ class Rung:
                     rss_max = max(rss_max, ps.memory_info().rss)
             await asyncio.gather(*pending)
         else:
+            # Batches would outrun the workers and only grow the queue: the submitters keep
+            # at most BACKLOG tasks queued (read from the pool's database), so the rung
+            # measures what the pool completes, not how much it can store.
+            backlog = {"queued": 0}
+            watcher = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
 
             async def flood() -> None:
                 while time.perf_counter() < end:
+                    if self.batch > 1 and backlog["queued"] >= BACKLOG:
+                        await asyncio.sleep(0.01)
+                        continue
                     await submit_one()
 
             sampler_done = asyncio.Event()
 
             async def sampler() -> None:
                 nonlocal rss_max
+                ticks = 0
                 while not sampler_done.is_set():
-                    rss_max = max(rss_max, ps.memory_info().rss)
-                    await asyncio.sleep(1)
+                    if ticks % 50 == 0:
+                        rss_max = max(rss_max, ps.memory_info().rss)
+                    if self.batch > 1:
+                        backlog["queued"] = watcher.execute(
+                            "SELECT count(*) FROM tasks WHERE status = 'queued'"
+                        ).fetchone()[0]
+                    ticks += 1
+                    await asyncio.sleep(0.02)
 
             sampling = asyncio.create_task(sampler())
             await asyncio.gather(*(flood() for _ in range(SUBMITTERS)))
             sampler_done.set()
             await sampling
+            watcher.close()
         window = time.perf_counter() - t0
         # Let the last tasks finish (bounded), then read the pool's own account.
         reader = None if self.bare else sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
@@ -622,6 +649,7 @@ class Rung:
             "rate": self.rate,
             "bare": self.bare,
             "paced": self.paced,
+            "batch": self.batch if self.rate is None else 1,
             # The heartbeat interval most beats in the window were told to keep.
             "beat_every_s": paces.most_common(1)[0][0] if paces else None,
             "calls_served": served,
@@ -687,6 +715,8 @@ def row(r: dict[str, Any]) -> str:
         )
     )
     rate = "max" if r["rate"] is None else f"{r['rate']:g}"
+    if r.get("batch", 1) > 1:
+        rate += f" ({r['batch']} a call)"
     workers = f"{r['workers']:,}" + (f" (heartbeat {r['heartbeat']} s)" if r["heartbeat"] else "")
     if not r.get("paced", True):
         workers += " (pace off)"
@@ -764,6 +794,9 @@ def report(
         "first waits a random part of it, so re-polls are spread as in a fleet that joined over "
         "time) and reports each task at once (a row marked *heartbeat 20 s* uses that interval "
         "instead). Each rung measures after the fleet is up and every worker has beaten once. "
+        "A *max* rung submits as fast as the pool accepts from 16 concurrent callers, one task "
+        "a call (SubmitTask) or, where it says *N a call*, N tasks a call (SubmitTasks) while "
+        f"fewer than {BACKLOG:,} are queued. "
         "The pool logs at WARNING: a line per task would measure the logging. "
         f"Each rung submits for {seconds:g} s (open loop), then "
         "waits for the last tasks. Latencies are client side. *Poll* is a GetAssignedTasks "
@@ -783,6 +816,7 @@ def report(
 
 
 PROCESSES = 4
+BACKLOG = 1000  # tasks queued at most by a batched max rung
 SETTLE_SECONDS = 12.0  # after the fleet is up: one default heartbeat interval, and 2 s
 SUBMITTERS = int(os.environ.get("POOL_SCALE_SUBMITTERS", "16"))  # concurrent submits, max runs
 
@@ -792,8 +826,12 @@ async def orchestrate(args: argparse.Namespace) -> list[dict[str, Any]]:
     plan: list[tuple[int, float | None, int, bool]] = [
         (n, args.rate, hb, False) for n in args.ladder
     ]
+    batched = []
     if args.max_workers:
         plan.append((args.max_workers, None, hb, False))
+        if args.max_batch > 1:  # the same, submitting many tasks a call (SubmitTasks)
+            batched.append(len(plan))
+            plan.append((args.max_workers, None, hb, False))
     if args.also_heartbeat and args.ladder:  # the largest rung again, with a longer interval
         plan.append((max(args.ladder), args.rate, args.also_heartbeat, False))
     unpaced = []
@@ -807,7 +845,14 @@ async def orchestrate(args: argparse.Namespace) -> list[dict[str, Any]]:
     for i, (workers, rate, heartbeat, bare) in enumerate(plan):
         with tempfile.TemporaryDirectory(prefix="pool-scale-") as tmp:
             rung = Rung(
-                Path(tmp), workers, rate, args.seconds, heartbeat, bare, paced=i not in unpaced
+                Path(tmp),
+                workers,
+                rate,
+                args.seconds,
+                heartbeat,
+                bare,
+                paced=i not in unpaced,
+                batch=args.max_batch if i in batched else 1,
             )
             try:
                 result = await asyncio.wait_for(rung.run(args.processes), args.seconds + 300)
@@ -842,6 +887,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--max-workers", type=int, default=1000, help="0: no max-throughput run")
     parser.add_argument("--processes", type=int, default=PROCESSES)
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=0,
+        help="run the max-throughput rung again submitting this many tasks a call",
+    )
     parser.add_argument(
         "--heartbeat-interval", type=int, default=0, help="seconds; 0: the pool's default"
     )

@@ -8,6 +8,7 @@ import io
 import os
 import queue
 import signal
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -213,6 +214,43 @@ async def test_cli_round_trip(pool_process: tuple[str, Path], tmp_path: Path) ->
 
 
 @pytest.mark.slow
+async def test_a_sweep_of_copies_is_submitted_in_calls_of_a_thousand(
+    pool_process: tuple[str, Path], tmp_path: Path
+) -> None:
+    address, db = pool_process
+    conn = ("--pool", address, "--user", "alice")
+    program = tmp_path / "seed.py"
+    program.write_text("import os\nprint(os.environ['HIVEMIND_COPY'])\n")
+    done = await asyncio.to_thread(
+        run_cli, "submit", "--python", str(program), "--copies", "1201", "--name", "mc", *conn
+    )
+    assert done.returncode == 0, done.stderr
+    ids = done.stdout.split()
+    assert len(ids) == len(set(ids)) == 1201
+    reader = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = reader.execute("SELECT task_id, spec FROM tasks ORDER BY seq").fetchall()
+    finally:
+        reader.close()
+    assert [r[0] for r in rows] == ids  # queued in order, across the two calls
+    specs = [pb.TaskSpec.FromString(r[1]) for r in rows]
+    assert [s.env["HIVEMIND_COPY"] for s in specs] == [str(n) for n in range(1201)]
+    assert specs[7].name == "mc #7"
+
+    named = await asyncio.to_thread(
+        run_cli, "submit", "--python", str(program), "--copies", "2", "--id", "one", *conn
+    )
+    assert named.returncode == 1
+    assert named.stderr == (
+        "error: --id names one task: leave it out with --copies (each copy gets an id)\n"
+    )
+    bad = await asyncio.to_thread(
+        run_cli, "submit", "--python", str(program), "--copies", "3", "--cpus", "-1", *conn
+    )
+    assert bad.returncode == 1 and bad.stderr.startswith("error: specs[0]: resources")
+    assert "\n" not in bad.stderr.rstrip("\n") and bad.stdout == ""  # one line, none queued
+
+
 def test_cli_errors_without_a_pool(tmp_path: Path) -> None:
     down = run_cli("status", "--pool", "127.0.0.1:1", "--user", "alice")
     assert down.returncode == 1

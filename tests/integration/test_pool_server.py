@@ -1107,3 +1107,76 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
+
+
+# --------------------------------------------------------------- many tasks in one call
+
+
+async def test_many_tasks_in_one_call_are_queued_in_order_in_one_transaction(
+    pool: PoolServer, pool_client: TaskQueueClient
+) -> None:
+    writes = pool.store.write_transactions
+    specs = [py_spec(f"sweep {n}") for n in range(50)] + [py_spec(task_id="named-one")]
+    ids = await pool_client.submit_many(specs)
+    assert pool.store.write_transactions - writes == 1
+    assert len(ids) == 51 and len(set(ids)) == 51 and ids[-1] == "named-one"
+    for n in (0, 17, 49):
+        assert (await pool_client.get(ids[n])).spec.name == f"sweep {n}"
+    worker = Worker(pool.address)
+    await worker.start()
+    assert [s.task_id for s in await worker.poll(max_tasks=100)] == ids  # oldest first
+
+
+async def test_a_batch_wakes_a_parked_poll_for_each_task(
+    pool: PoolServer, pool_client: TaskQueueClient
+) -> None:
+    workers = [Worker(pool.address, f"node-{n}") for n in range(3)]
+    for worker in workers:
+        await worker.start()
+    parked = [asyncio.ensure_future(w.poll(max_tasks=1, wait=int(GUARD))) for w in workers]
+    core = pool._core
+    assert core is not None
+    await eventually(_async_true(lambda: len(core.waiters) == 3), "the polls to park")
+    ids = await pool_client.submit_many([py_spec(f"t{n}") for n in range(3)])
+    got = [spec.task_id for poll in await asyncio.gather(*parked) for spec in poll]
+    assert sorted(got) == sorted(ids)  # each woken poll took one, none left waiting
+
+
+async def test_a_bad_spec_in_a_batch_is_named_and_nothing_is_queued(
+    pool: PoolServer, pool_client: TaskQueueClient
+) -> None:
+    specs = [py_spec("fine"), py_spec("fine too"), py_spec("bad", max_attempts=1000)]
+    err = await rpc_error(pool_client.submit_many(specs))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith("specs[2]: max_attempts: must be at most")
+    bad_kind = pb.TaskSpec(kind=pb.TASK_KIND_PYTHON)  # no source
+    err = await rpc_error(pool_client.submit_many([py_spec(), bad_kind]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith("specs[1]: ")
+    err = await rpc_error(pool_client.submit_many([]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details() == "specs: is empty"
+    err = await rpc_error(pool_client.submit_many([py_spec()] * 1001))
+    assert err.details() == "specs: at most 1000 a call, not 1001"
+    assert await pool_client.list() == []
+
+
+async def test_a_batch_with_a_taken_id_is_refused_whole_naming_the_id(
+    pool: PoolServer, pool_client: TaskQueueClient
+) -> None:
+    await pool_client.submit(py_spec(task_id="taken"))
+    err = await rpc_error(
+        pool_client.submit_many([py_spec(task_id="new-1"), py_spec(task_id="taken")])
+    )
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "taken" in err.details()
+    err = await rpc_error(
+        pool_client.submit_many([py_spec(task_id="twice"), py_spec(task_id="twice")])
+    )
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and "twice" in err.details()
+    assert [t.spec.task_id for t in await pool_client.list()] == ["taken"]
+
+
+def _async_true(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def wrapped() -> bool:
+        return check()
+
+    return wrapped

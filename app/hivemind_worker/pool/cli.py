@@ -24,6 +24,7 @@ import grpc
 from hivemind_worker.archives import extract_checked
 from hivemind_worker.errors import ErrorKind, HiveMindError
 from hivemind_worker.pool.client import ResultIntegrityError, TaskQueueClient
+from hivemind_worker.pool.common import MAX_SUBMIT_BATCH
 from hivemind_worker.pool.runner_args import RUNNER_MEMORY_MB, add_runner_options, runner_spec
 from hivemind_worker.protocol import nodepool_pb2 as pb
 from hivemind_worker.tasks import MiB, TaskStatus
@@ -212,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="", help="a label shown to the worker")
     p.add_argument("--id", default="", metavar="TASK_ID", help="choose the task id")
     p.add_argument("--max-attempts", type=_non_negative_int, default=0, metavar="N")
+    p.add_argument(
+        "--copies",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="submit N copies in one go (a sweep), each with HIVEMIND_COPY=0..N-1 in its "
+        "environment; prints one id a line",
+    )
 
     p = sub.add_parser("status", parents=[client], help="one task in detail, or your tasks")
     p.add_argument("task_id", nargs="?", metavar="TASK_ID")
@@ -398,7 +407,10 @@ async def _client_command(args: argparse.Namespace) -> int:
         await client.login(args.user, password)
         if args.command == "submit":
             spec = _build_spec(args)
-            print(await client.submit(spec))
+            if args.copies == 1:
+                print(await client.submit(spec))
+            else:
+                await _submit_copies(client, spec, args.copies)
         elif args.command == "status":
             if args.task_id:
                 _print_task(await client.get(args.task_id))
@@ -431,6 +443,23 @@ def _describe_rpc_error(exc: grpc.RpcError, address: str) -> str:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"the pool at {address} did not answer in time"
     return details or (code.name.lower() if code is not None else "call failed")
+
+
+async def _submit_copies(client: TaskQueueClient, spec: pb.TaskSpec, copies: int) -> None:
+    """`copies` of `spec`, MAX_SUBMIT_BATCH a call (each call all or none); ids printed as each
+    call is accepted, so a refusal part-way leaves a list of what was queued."""
+    if spec.task_id:
+        raise CliError("--id names one task: leave it out with --copies (each copy gets an id)")
+    for first in range(0, copies, MAX_SUBMIT_BATCH):
+        batch = []
+        for n in range(first, min(first + MAX_SUBMIT_BATCH, copies)):
+            copy = pb.TaskSpec()
+            copy.CopyFrom(spec)
+            copy.env["HIVEMIND_COPY"] = str(n)
+            copy.name = f"{spec.name} #{n}" if spec.name else f"#{n}"
+            batch.append(copy)
+        for task_id in await client.submit_many(batch):
+            print(task_id, flush=True)
 
 
 def _build_spec(args: argparse.Namespace) -> pb.TaskSpec:

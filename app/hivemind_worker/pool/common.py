@@ -34,6 +34,7 @@ CHUNK_BYTES = 1 * MiB
 MAX_MAX_ATTEMPTS = 100
 MAX_TASKS_PER_POLL = 100
 MAX_LIST_LIMIT = 1000
+MAX_SUBMIT_BATCH = 1000  # specs in one SubmitTasks call
 MAX_CAPABILITIES = 16
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["NodeManager"].full_name,

@@ -62,6 +62,9 @@ class TaskStore(Protocol):
 
     # tasks and leases
     def submit(self, task: TaskSpec, owner: str, now: int | None = None) -> str: ...
+    def submit_many(
+        self, tasks: Sequence[TaskSpec], owner: str, now: int | None = None
+    ) -> list[str]: ...
     def lease_tasks(
         self,
         node_id: str,

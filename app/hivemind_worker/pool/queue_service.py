@@ -10,6 +10,7 @@ import grpc
 from hivemind_worker.pool.common import (
     MAX_LIST_LIMIT,
     MAX_MAX_ATTEMPTS,
+    MAX_SUBMIT_BATCH,
     Context,
     Refused,
     invalid,
@@ -41,19 +42,49 @@ class TaskQueueService(pb_grpc.TaskQueueServicer):
         user = core.user(context)
         if not request.HasField("spec"):
             raise invalid("spec", "is missing")
-        task = TaskSpec.from_proto(request.spec, require_id=False)
+        task = self._checked(request.spec)
+        task_id = core.store.submit(task, user)
+        self._queued(user, [task], [task_id])
+        return pb.SubmitTaskResponse(task_id=task_id)
+
+    @rpc
+    async def SubmitTasks(
+        self, request: pb.SubmitTasksRequest, context: Context
+    ) -> pb.SubmitTasksResponse:
+        core = self._core
+        user = core.user(context)
+        if not request.specs:
+            raise invalid("specs", "is empty")
+        if len(request.specs) > MAX_SUBMIT_BATCH:
+            raise invalid("specs", f"at most {MAX_SUBMIT_BATCH} a call, not {len(request.specs)}")
+        tasks = []
+        for i, spec in enumerate(request.specs):
+            try:
+                tasks.append(self._checked(spec))
+            except (TaskSpecError, Refused) as exc:
+                raise invalid(f"specs[{i}]", str(exc)) from None
+        task_ids = core.store.submit_many(tasks, user)
+        self._queued(user, tasks, task_ids)
+        return pb.SubmitTasksResponse(task_ids=task_ids)
+
+    def _checked(self, spec: pb.TaskSpec) -> TaskSpec:
+        """A submitted spec, validated; TaskSpecError or Refused naming the field otherwise."""
+        task = TaskSpec.from_proto(spec, require_id=False)
         if task.max_attempts > MAX_MAX_ATTEMPTS:
             raise invalid("max_attempts", f"must be at most {MAX_MAX_ATTEMPTS}")
-        cap = core.config.max_upload_bytes_in_flight
-        if request.spec.max_result_bytes > cap:  # asked for; the default is left to the upload
+        cap = self._core.config.max_upload_bytes_in_flight
+        if spec.max_result_bytes > cap:  # asked for; the default is left to the upload
             raise invalid(
                 "max_result_bytes", f"must be at most {cap}: this pool receives no larger result"
             )
-        task_id = core.store.submit(task, user)
-        core.stats.submitted += 1
-        log.info("task %s (%s) submitted by %s", task_id, task.kind.value, user)
-        core.offer(TaskNeed.of(task, task_id))  # wakes one parked poll that can run it
-        return pb.SubmitTaskResponse(task_id=task_id)
+        return task
+
+    def _queued(self, user: str, tasks: list[TaskSpec], task_ids: list[str]) -> None:
+        core = self._core
+        core.stats.submitted += len(tasks)
+        for task, task_id in zip(tasks, task_ids, strict=True):
+            log.info("task %s (%s) submitted by %s", task_id, task.kind.value, user)
+            core.offer(TaskNeed.of(task, task_id))  # wakes one parked poll that can run it
 
     @rpc
     async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.TaskInfo:

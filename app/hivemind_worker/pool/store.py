@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -166,39 +166,65 @@ class PoolStore(LeaseStore):
 
     def submit(self, task: TaskSpec, owner: str, now: int | None = None) -> str:
         """Queue a validated task; assigns a uuid4 hex id if it has none."""
-        task_id = task.task_id or uuid.uuid4().hex
-        spec = task.to_proto()
-        spec.task_id = task_id
-        spec.lease_id = ""
-        spec.attempt = 0
-        max_attempts = task.max_attempts or self.default_max_attempts
-        spec.max_attempts = max_attempts
-        res = task.resources
+        return self.submit_many([task], owner, now)[0]
+
+    def submit_many(
+        self, tasks: Sequence[TaskSpec], owner: str, now: int | None = None
+    ) -> list[str]:
+        """Queue validated tasks in one transaction, all or none (DuplicateTask names the first
+        id already taken, or given twice); their ids in order, uuid4 hex where none was given."""
+        now = now if now is not None else now_ms()
+        rows = []
+        for task in tasks:
+            task_id = task.task_id or uuid.uuid4().hex
+            spec = task.to_proto()
+            spec.task_id = task_id
+            spec.lease_id = ""
+            spec.attempt = 0
+            max_attempts = task.max_attempts or self.default_max_attempts
+            spec.max_attempts = max_attempts
+            res = task.resources
+            rows.append(
+                (
+                    task_id,
+                    owner,
+                    spec.SerializeToString(),
+                    task.kind.value,
+                    res.cpus,
+                    res.memory_bytes,
+                    res.disk_bytes,
+                    res.gpus,
+                    task.max_result_bytes,
+                    TaskStatus.QUEUED.value,
+                    max_attempts,
+                    now,
+                )
+            )
+        ids = [row[0] for row in rows]
         try:
             with self._tx() as db:
-                db.execute(
+                db.executemany(
                     "INSERT INTO tasks(task_id, owner, spec, kind, cpus, memory_bytes, disk_bytes,"
                     " gpus, max_result_bytes, status, attempt, max_attempts, submitted_ms)"
                     " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)",
-                    (
-                        task_id,
-                        owner,
-                        spec.SerializeToString(),
-                        task.kind.value,
-                        res.cpus,
-                        res.memory_bytes,
-                        res.disk_bytes,
-                        res.gpus,
-                        task.max_result_bytes,
-                        TaskStatus.QUEUED.value,
-                        max_attempts,
-                        now if now is not None else now_ms(),
-                    ),
+                    rows,
                 )
-                self._bump(db, "submitted")
+                self._bump(db, "submitted", len(rows))
         except sqlite3.IntegrityError:
-            raise DuplicateTask(f"task {task_id} already exists") from None
-        return task_id
+            raise DuplicateTask(f"task {self._first_taken(ids)} already exists") from None
+        return ids
+
+    def _first_taken(self, ids: Sequence[str]) -> str:
+        """The first of `ids` given twice or already in the store (after a refused insert)."""
+        seen: set[str] = set()
+        for task_id in ids:
+            if (
+                task_id in seen
+                or self._db.execute("SELECT 1 FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            ):
+                return task_id
+            seen.add(task_id)
+        return ids[0]
 
     def lease_tasks(
         self,

@@ -382,6 +382,11 @@ class TaskQueueStub:
                 request_serializer=hivemind_dot_nodepool_dot_v1_dot_nodepool__pb2.SubmitTaskRequest.SerializeToString,
                 response_deserializer=hivemind_dot_nodepool_dot_v1_dot_nodepool__pb2.SubmitTaskResponse.FromString,
                 _registered_method=True)
+        self.SubmitTasks = channel.unary_unary(
+                '/hivemind.nodepool.v1.TaskQueue/SubmitTasks',
+                request_serializer=hivemind_dot_nodepool_dot_v1_dot_nodepool__pb2.SubmitTasksRequest.SerializeToString,
+                response_deserializer=hivemind_dot_nodepool_dot_v1_dot_nodepool__pb2.SubmitTasksResponse.FromString,
+                _registered_method=True)
         self.GetTask = channel.unary_unary(
                 '/hivemind.nodepool.v1.TaskQueue/GetTask',
                 request_serializer=hivemind_dot_nodepool_dot_v1_dot_nodepool__pb2.GetTaskRequest.SerializeToString,
@@ -411,6 +416,14 @@ class TaskQueueServicer:
 
     def SubmitTask(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitTasks(self, request, context):
+        """Many tasks in one call and one transaction, all or none: a refusal names the spec
+        ("specs[3]: ...") and queues nothing. At most 1,000 specs a call.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -446,6 +459,11 @@ def add_TaskQueueServicer_to_server(servicer, server):
                     servicer.SubmitTask,
                     request_deserializer=hivemind_dot_nodepool_dot_v1_dot_nodepool__pb2.SubmitTaskRequest.FromString,
                     response_serializer=hivemind_dot_nodepool_dot_v1_dot_nodepool__pb2.SubmitTaskResponse.SerializeToString,
+            ),
+            'SubmitTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitTasks,
+                    request_deserializer=hivemind_dot_nodepool_dot_v1_dot_nodepool__pb2.SubmitTasksRequest.FromString,
+                    response_serializer=hivemind_dot_nodepool_dot_v1_dot_nodepool__pb2.SubmitTasksResponse.SerializeToString,
             ),
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
@@ -497,6 +515,33 @@ class TaskQueue:
             '/hivemind.nodepool.v1.TaskQueue/SubmitTask',
             hivemind_dot_nodepool_dot_v1_dot_nodepool__pb2.SubmitTaskRequest.SerializeToString,
             hivemind_dot_nodepool_dot_v1_dot_nodepool__pb2.SubmitTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivemind.nodepool.v1.TaskQueue/SubmitTasks',
+            hivemind_dot_nodepool_dot_v1_dot_nodepool__pb2.SubmitTasksRequest.SerializeToString,
+            hivemind_dot_nodepool_dot_v1_dot_nodepool__pb2.SubmitTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

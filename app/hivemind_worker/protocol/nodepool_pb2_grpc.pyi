@@ -148,6 +148,10 @@ class TaskQueueStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TaskQueueAsyncStub: ...
     SubmitTask: _grpc.UnaryUnaryMultiCallable[_nodepool_pb2.SubmitTaskRequest, _nodepool_pb2.SubmitTaskResponse]
+    SubmitTasks: _grpc.UnaryUnaryMultiCallable[_nodepool_pb2.SubmitTasksRequest, _nodepool_pb2.SubmitTasksResponse]
+    """Many tasks in one call and one transaction, all or none: a refusal names the spec
+    ("specs[3]: ...") and queues nothing. At most 1,000 specs a call.
+    """
     GetTask: _grpc.UnaryUnaryMultiCallable[_nodepool_pb2.GetTaskRequest, _nodepool_pb2.TaskInfo]
     ListTasks: _grpc.UnaryUnaryMultiCallable[_nodepool_pb2.ListTasksRequest, _nodepool_pb2.ListTasksResponse]
     CancelTask: _grpc.UnaryUnaryMultiCallable[_nodepool_pb2.CancelTaskRequest, _nodepool_pb2.CancelTaskResponse]
@@ -159,6 +163,10 @@ class TaskQueueAsyncStub(TaskQueueStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitTask: _aio.UnaryUnaryMultiCallable[_nodepool_pb2.SubmitTaskRequest, _nodepool_pb2.SubmitTaskResponse]  # type: ignore[assignment]
+    SubmitTasks: _aio.UnaryUnaryMultiCallable[_nodepool_pb2.SubmitTasksRequest, _nodepool_pb2.SubmitTasksResponse]  # type: ignore[assignment]
+    """Many tasks in one call and one transaction, all or none: a refusal names the spec
+    ("specs[3]: ...") and queues nothing. At most 1,000 specs a call.
+    """
     GetTask: _aio.UnaryUnaryMultiCallable[_nodepool_pb2.GetTaskRequest, _nodepool_pb2.TaskInfo]  # type: ignore[assignment]
     ListTasks: _aio.UnaryUnaryMultiCallable[_nodepool_pb2.ListTasksRequest, _nodepool_pb2.ListTasksResponse]  # type: ignore[assignment]
     CancelTask: _aio.UnaryUnaryMultiCallable[_nodepool_pb2.CancelTaskRequest, _nodepool_pb2.CancelTaskResponse]  # type: ignore[assignment]
@@ -173,6 +181,16 @@ class TaskQueueServicer(metaclass=_abc_1.ABCMeta):
         request: _nodepool_pb2.SubmitTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_nodepool_pb2.SubmitTaskResponse, _abc.Awaitable[_nodepool_pb2.SubmitTaskResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SubmitTasks(
+        self,
+        request: _nodepool_pb2.SubmitTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nodepool_pb2.SubmitTasksResponse, _abc.Awaitable[_nodepool_pb2.SubmitTasksResponse]]:
+        """Many tasks in one call and one transaction, all or none: a refusal names the spec
+        ("specs[3]: ...") and queues nothing. At most 1,000 specs a call.
+        """
 
     @_abc_1.abstractmethod
     def GetTask(
