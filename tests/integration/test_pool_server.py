@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -1180,3 +1182,33 @@ def _async_true(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
         return check()
 
     return wrapped
+
+
+# ---------------------------------------------------------------- garbage collection
+
+
+async def test_while_serving_the_pool_runs_the_full_collections_at_its_own_pace(
+    pool_factory: PoolFactory,
+) -> None:
+    """CPython's own rule paused a 10,000-worker pool for 0.5 s every few seconds; the pool
+    collects the oldest generation itself, and cyclic garbage there is still freed."""
+    before = gc.get_threshold()
+    pool = await pool_factory(full_collection_every=0.5)
+    assert gc.get_threshold()[:2] == before[:2] and gc.get_threshold()[2] >= 10**9
+
+    class Node:
+        other: object = None
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a cycle: only the collector frees it
+    gone = weakref.ref(a)
+    gc.collect(1)
+    gc.collect(1)  # promoted to the oldest generation, where only a full collection looks
+    del a, b
+    for _ in range(100):  # bounded: the reaper's pass, every 0.2 s, collects every 0.5 s
+        if gone() is None:
+            break
+        await asyncio.sleep(0.05)
+    assert gone() is None and pool.collections.runs >= 1
+    await pool.stop(0)
+    assert gc.get_threshold() == before  # CPython's rule again once no pool serves

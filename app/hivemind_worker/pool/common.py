@@ -61,6 +61,10 @@ class PoolConfig:
     # The heartbeat interval stretches past heartbeat_interval to keep the pool's heartbeat rate
     # at or under this many a second (pace.py); the lease timeout stretches with it. 0: never.
     max_heartbeats_per_second: float = 100.0
+    # Full garbage collections every this many seconds while serving, instead of CPython's
+    # rule, which paused a large pool's loop for 0.5 s every few seconds
+    # (collections_pace.py). 0: CPython's rule.
+    full_collection_every: float = 300.0
     preload_images: tuple[str, ...] = ()  # told to workers at registration
     token_ttl: int = 7 * 86400
     default_max_attempts: int = 3

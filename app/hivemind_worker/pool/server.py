@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hivemind_worker import __version__
 from hivemind_worker.net import is_loopback_host
+from hivemind_worker.pool.collections_pace import FullCollections
 from hivemind_worker.pool.common import (
     MAX_CAPABILITIES,
     MAX_MESSAGE_BYTES,
@@ -340,6 +341,7 @@ class PoolServer:
         self._health: Any = None
         self._core: PoolCore | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self.collections = FullCollections(config.full_collection_every)
         self._port = 0
 
     @property
@@ -434,6 +436,7 @@ class PoolServer:
         self._store, self._server, self._core, self._health = store, server, core, health_servicer
         self._port = port
         self._reaper = asyncio.create_task(self._reap(), name="pool-lease-reaper")
+        self.collections.start()
         log.info(
             "pool serving on %s (%s, db %s)",
             self.address,
@@ -463,6 +466,7 @@ class PoolServer:
             self._store.close()
             self._store = None
         self._core = None
+        self.collections.stop()
 
     async def wait_closed(self) -> None:
         if self._server is not None:
@@ -481,6 +485,7 @@ class PoolServer:
                 out = core.store.expire_leases()
                 # Free discarded result blobs a few MiB per pass, never in one long transaction.
                 core.store.collect_garbage()
+                self.collections.maybe_collect()  # the heap's, at a bounded rate
             except Exception:  # the reaper must outlive one bad pass; the next one retries
                 log.exception("lease reaper pass failed")
                 continue
