@@ -69,10 +69,11 @@ class LocalPool:
                 [*self_command(), "pool", "serve", "--db", str(self.db),
                  "--listen", "127.0.0.1:0",
                  "--heartbeat-interval", str(self.heartbeat_interval),
-                 "--lease-timeout", str(self.lease_timeout)],
-                stdout=subprocess.PIPE, stderr=log_file, text=True,
+                 "--lease-timeout", str(self.lease_timeout), "--stop-with-stdin"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, text=True,
                 # Its own process group: a Ctrl-C in the terminal (or a signal to the demo's
                 # group) reaches the worker, which finishes its tasks; this stops the pool after.
+                # However this process ends, the pipe to the pool's stdin closes and it stops.
                 **_own_process_group(),
             )  # fmt: skip
         assert self.process.stdout is not None

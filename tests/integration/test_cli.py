@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from helpers.desktop import cpu_burners
@@ -191,6 +192,29 @@ def test_ctrl_c_stops_the_demo_with_one_line(tmp_path: Path) -> None:
     assert demo.returncode == 1, "".join(seen) + out + err
     assert "the demo was stopped before its tasks finished" in err
     assert "Traceback" not in err and "AioRpcError" not in err, err
+
+
+@pytest.mark.slow
+def test_a_killed_demo_leaves_no_pool_behind(tmp_path: Path) -> None:
+    """However the demo ends (a closed terminal, a kill), the local pool it started stops."""
+    env = {**os.environ, "HIVEMIND_HOME": str(tmp_path), "DOCKER_ENABLED": "false"}
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "hivemind_worker", "demo", "--headless", "--tasks", "200"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:  # bounded: the demo ends, and the test's timeout
+            if line.startswith("Submitted"):
+                break
+        (pool,) = [p for p in psutil.Process(demo.pid).children() if "serve" in p.cmdline()]
+        demo.kill()
+        demo.wait(30)
+        pool.wait(30)  # psutil.TimeoutExpired if it runs on
+        assert not pool.is_running()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import sqlite3
 import stat
 import sys
 import tarfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -92,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=30,
         metavar="N",
         help="longest long-poll the pool holds, in seconds (default 30)",
+    )
+    p.add_argument(
+        "--stop-with-stdin",
+        action="store_true",
+        help="stop when stdin closes (for a program that starts its own pool)",
     )
     p.add_argument(
         "--preload-image",
@@ -332,6 +338,15 @@ def _serve(args: argparse.Namespace) -> int:
             # Windows has no loop signal handlers; Ctrl+C arrives as KeyboardInterrupt there.
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
+        if args.stop_with_stdin:
+            # The demo's own pool: it ends with the program that started it, however that
+            # one ends (a closed terminal, a kill), when the pipe to its stdin closes.
+            def watch_stdin() -> None:
+                while sys.stdin.buffer.read(4096):
+                    pass
+                loop.call_soon_threadsafe(stop.set)
+
+            threading.Thread(target=watch_stdin, name="stdin-watch", daemon=True).start()
         try:
             await stop.wait()
             logging.getLogger("hivemind_worker.pool").info("stopping")
