@@ -145,16 +145,18 @@ def test_demo_completes_every_task(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_demo_runs_now_while_other_programs_keep_every_core_busy(tmp_path: Path) -> None:
+def test_the_demo_runs_now_while_other_programs_keep_the_cpu_busy(tmp_path: Path) -> None:
     """The demo is a person asking for work now: the "other programs busy" rule (here as strict
-    as it goes, and other programs spinning on every core) does not hold its tasks back."""
+    as it goes, with another program spinning) does not hold its tasks back. One core is left:
+    tasks run at the lowest CPU weight, so with every core spinning they would (rightly) crawl.
+    """
     strict = {
         "HIVEMIND_ML_SCIKIT_LEARN": "false",
         "HIVEMIND_DATA_PROCESSING": "false",
         "HIVEMIND_OTHER_CPU_PERCENT": "1",
         "HIVEMIND_OTHER_CPU_SUSPEND_SECONDS": "1",
     }
-    with cpu_burners(os.cpu_count() or 1):
+    with cpu_burners(max(1, (os.cpu_count() or 1) - 1)):
         done = cli(tmp_path, "demo", "--headless", "--tasks", "3", env=strict)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Done: 3 of 3 tasks succeeded." in done.stdout

@@ -6,6 +6,7 @@ a fleet large enough to stretch the pace (pace.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -47,6 +48,17 @@ class Others:
             timeout=GUARD,
         )
 
+    async def keep_beating(self, node_ids: list[str]) -> None:
+        """Heartbeat for `node_ids` every second until cancelled: they stay live workers."""
+        while True:
+            for node_id in node_ids:
+                await self.stub.UpdateNodeStatus(
+                    pb.UpdateNodeStatusRequest(node_id=node_id, status=pb.NODE_STATUS_IDLE),
+                    metadata=self.metadata,
+                    timeout=GUARD,
+                )
+            await asyncio.sleep(1)
+
 
 @pytest.fixture
 async def others_factory() -> AsyncIterator[list[Others]]:
@@ -64,8 +76,11 @@ async def test_a_growing_fleet_slows_the_workers_beats_and_their_leases_last_as_
     token = await login_token(pool.address)
     others = Others(pool.address, token)
     others_factory.append(others)
-    for n in range(5):
-        await others.register(f"other-{n}")
+    names = [f"other-{n}" for n in range(5)]
+    for name in names:
+        await others.register(name)
+    # Live as long as the test runs, however slow the machine (silent ones are forgotten).
+    beating = asyncio.create_task(others.keep_beating(names))
     # With this worker, six live workers at one beat a second: a beat every 6 s, and leases
     # of 24 s (four beats, as 4 s is to 1 s).
     worker = await start_worker(tmp_path / "node-a", pool.address, token=token)
@@ -93,6 +108,8 @@ async def test_a_growing_fleet_slows_the_workers_beats_and_their_leases_last_as_
             info = (await queue.wait_done([task_id], timeout=GUARD))[task_id]
         assert info.status == pb.TASK_STATUS_SUCCEEDED and info.attempt == 1
     finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
         await worker.stop()
         await pool.stop(0)
 
