@@ -333,9 +333,16 @@ async def test_killed_worker_leaves_a_container_the_next_start_removes(
                 await asyncio.sleep(0.1)
             else:
                 raise AssertionError("the leftover container was not removed at start")
-            log = (home / "stderr.log").read_text()
+            # The sweep is logged before the executor is chosen: wait for the choice's line
+            # too (the container can be gone a moment before it is written).
+            for _ in range(300):
+                log = (home / "stderr.log").read_text()
+                if "docker sandbox" in log:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError(f"the worker did not choose the docker sandbox:\n{log}")
             assert "removed 1 container(s) left by an earlier run" in log
-            assert "docker sandbox" in log
             assert "re-attaching" not in log
             assert not workspace.exists()
     finally:
