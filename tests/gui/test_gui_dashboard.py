@@ -567,3 +567,53 @@ def test_not_signed_in_says_what_to_do_without_a_terminal_and_stop_works(
     assert dash.stop_button.isEnabled()  # the engine retries; Stop makes it give up
     qtbot.mouseClick(dash.stop_button, _left())
     qtbot.waitUntil(lambda: app.model.state is EngineState.STOPPED, timeout=20_000)
+
+
+def test_a_window_closed_while_its_call_is_in_flight_does_not_crash_the_app(
+    qtbot, tmp_path: Path, memory_keyring, caplog
+) -> None:
+    """A call's answer arriving after its window was destroyed crashed the whole app (a
+    signal emitted from the engine thread on a deleted QObject: a segfault in CI). Now the
+    answer is dropped, and a live window still hears its own."""
+    import asyncio
+
+    import shiboken6
+    from PySide6.QtWidgets import QWidget
+
+    from hivemind_worker.gui.engine_thread import Calls
+
+    world: World = make_world(tmp_path / "home")
+    bridge = Bridge()
+    thread = EngineThread(world.engine, bridge, autostart=False)
+    thread.start()
+    release = threading.Event()
+    try:
+
+        async def slow() -> str:
+            await asyncio.to_thread(release.wait, 10)
+            return "late answer"
+
+        window = QWidget()
+        heard: list[object] = []
+        call = Calls(thread, window).run(slow(), heard.append, heard.append)
+        shiboken6.delete(window)  # the window closes; its Qt children go with it
+        release.set()
+        qtbot.waitUntil(call.future.done, timeout=10_000)
+        qtbot.wait(300)  # the queued answer is delivered now (it crashed here before)
+        assert heard == []  # nobody left to tell
+        # Before: the answer was emitted on the deleted Call, which raised in the engine
+        # thread (or, losing the race with the deletion, took the process down).
+        failed = [r for r in caplog.records if r.name == "concurrent.futures"]
+        assert failed == [], [r.getMessage() for r in failed]
+
+        async def quick() -> int:
+            return 42
+
+        alive = QWidget()
+        got: list[object] = []
+        Calls(thread, alive).run(quick(), got.append, got.append)
+        qtbot.waitUntil(lambda: got == [42], timeout=10_000)
+    finally:
+        release.set()
+        world.engine.shutdown()
+        assert thread.wait(30_000)

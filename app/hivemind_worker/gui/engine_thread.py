@@ -12,7 +12,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any
 
-from PySide6.QtCore import QObject, QThread, Signal
+import shiboken6
+from PySide6.QtCore import QObject, QThread, QTimer, Signal
 
 from hivemind_worker.engine.engine import WorkerEngine
 from hivemind_worker.engine.events import (
@@ -219,15 +220,18 @@ class Calls:
 
         def finish(handler: Callable[[Any], None], value: Any) -> None:
             finished.append(True)
-            for call in calls:
-                self._pending.discard(call)
-            handler(value)
+            for call in calls:  # dropped once this slot has returned, not inside its dispatch
+                QTimer.singleShot(0, lambda c=call: self._pending.discard(c))
+            if shiboken6.isValid(self._owner):  # the window may have closed meanwhile
+                handler(value)
 
+        # No Qt parent: a window closed while the call is in flight must not delete the Call
+        # under the engine thread, which emits on it when the answer comes (that crashed the
+        # app: a signal emitted on a deleted QObject). Python keeps it until it answers.
         call = Call(
             self._engine_thread.submit(coro),
             lambda value: finish(on_ok, value),
             lambda message: finish(on_fail, message),
-            self._owner,
         )
         calls.append(call)
         if not finished:  # an answer already in hand needs no keeping
