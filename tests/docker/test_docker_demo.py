@@ -10,7 +10,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from helpers.images import STDLIB_IMAGE, TEST_IMAGE
+from helpers.images import STDLIB_IMAGE, TEST_IMAGE, remove_runner_images
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(240)]
 
@@ -69,9 +69,9 @@ def test_demo_runs_the_ml_and_data_samples_in_docker(
 ) -> None:
     """With a Python image that has the whole standard library, the runner samples run in
     containers too: their environments built, copied into images, the metrics printed."""
-    _remove_runner_images(docker_client)  # a run killed midway leaves them: this one builds
-    done = demo(tmp_path, STDLIB_IMAGE, 1, timeout=840)
+    remove_runner_images(docker_client)  # a run killed midway leaves them: this one builds
     try:
+        done = demo(tmp_path, STDLIB_IMAGE, 1, timeout=840)  # its images go even if it hangs
         assert done.returncode == 0, done.stdout + done.stderr
         assert "Done: 3 of 3 tasks succeeded." in done.stdout
         forest = "random forest on iris (scikit-learn)"
@@ -83,10 +83,4 @@ def test_demo_runs_the_ml_and_data_samples_in_docker(
         )
         assert "sales by region (csv analysis): sales.csv: 2000 rows" in done.stdout
     finally:
-        _remove_runner_images(docker_client)
-
-
-def _remove_runner_images(docker_client: docker.DockerClient) -> None:
-    for image in docker_client.images.list(filters={"label": "hivemind.runner"}):
-        if any(t.startswith("hivemind-runner-") for t in image.tags):
-            docker_client.images.remove(image.id, force=True)
+        remove_runner_images(docker_client)

@@ -13,7 +13,7 @@ import docker.errors
 import pytest
 
 from helpers.harness import archive_files, queue_client, start_pool, start_worker
-from helpers.images import STDLIB_IMAGE, TEST_IMAGE
+from helpers.images import STDLIB_IMAGE, TEST_IMAGE, remove_runner_images
 from helpers.runners import ml_task
 from hivemind_worker.config import Settings
 from hivemind_worker.engine.events import TaskProgress
@@ -41,12 +41,11 @@ def stdlib_image(docker_client: docker.DockerClient) -> Iterator[str]:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(missing, pytrace=False)
         pytest.skip(missing)
-    before = {i.id for i in docker_client.images.list(filters={"label": LABEL_RUNNER})}
+    # Each test here checks the build, so none may find its image made by an earlier run that
+    # stopped midway; and the images it built (hundreds of MB) go after.
+    remove_runner_images(docker_client)
     yield STDLIB_IMAGE
-    # The runner images this test built (hundreds of MB) go; any other stays.
-    for image in docker_client.images.list(filters={"label": LABEL_RUNNER}):
-        if image.id not in before:
-            docker_client.images.remove(image.id, force=True)
+    remove_runner_images(docker_client)
 
 
 def docker_runners(
