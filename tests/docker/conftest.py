@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +10,7 @@ import docker
 import docker.errors
 import pytest
 
+from helpers.containers import remove_container
 from helpers.images import TEST_IMAGE
 from hivemind_worker.engine.executors import docker as dockerx
 
@@ -70,5 +70,4 @@ def make_executor(
     for container in docker_client.containers.list(
         all=True, filters={"label": f"{dockerx.LABEL_NODE}={node_id}"}, ignore_removed=True
     ):
-        with contextlib.suppress(docker.errors.NotFound):
-            container.remove(force=True)
+        remove_container(docker_client, container.id)  # the executor may be removing it

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sqlite3
@@ -14,6 +13,7 @@ from pathlib import Path
 import docker
 import pytest
 
+from helpers.containers import remove_container
 from helpers.harness import (
     archive_files,
     python_task,
@@ -296,8 +296,7 @@ async def tear_down(
             proc.kill()
             proc.wait(10)
     for item in labelled(client, node):
-        with contextlib.suppress(docker.errors.NotFound):
-            client.api.remove_container(item["Id"], force=True)
+        remove_container(client, item["Id"])  # the worker may be removing it itself
     await pool.stop()
 
 

@@ -15,6 +15,7 @@ import docker.errors
 import psutil
 import pytest
 
+from helpers.containers import remove_container
 from helpers.harness import archive_files, wait_for
 from helpers.images import TEST_IMAGE
 from hivemind_worker.config import load_settings
@@ -490,8 +491,7 @@ async def test_leftover_containers_are_removed_at_start(
         assert docker_client.containers.get(theirs).status == "running"
     finally:
         for cid in (ours, theirs):
-            with contextlib.suppress(docker.errors.NotFound):
-                docker_client.containers.get(cid).remove(force=True)
+            remove_container(docker_client, cid)
 
 
 async def test_a_restarted_executor_reattaches_containers_left_running_or_exited(

@@ -7,6 +7,7 @@ import contextlib
 import docker
 import docker.errors
 
+from helpers.containers import remove_container
 from hivemind_worker.engine.executors.runner_images import LABEL_RUNNER
 
 TEST_IMAGE = "hivemind-test-python:bookworm"
@@ -22,8 +23,9 @@ def remove_runner_images(client: docker.DockerClient) -> None:
     for image in client.images.list(filters={"label": LABEL_RUNNER}):
         if not any(tag.startswith("hivemind-runner-") for tag in image.tags):
             continue
-        for container in client.containers.list(all=True, filters={"ancestor": image.id}):
-            with contextlib.suppress(docker.errors.NotFound):
-                container.remove(force=True)
+        for container in client.containers.list(
+            all=True, filters={"ancestor": image.id}, ignore_removed=True
+        ):
+            remove_container(client, container.id)
         with contextlib.suppress(docker.errors.ImageNotFound):
             client.images.remove(image.id, force=True)
