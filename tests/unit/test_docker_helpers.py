@@ -9,9 +9,10 @@ from types import SimpleNamespace
 
 import docker.errors
 import pytest
+import requests
 
 from hivemind_worker.engine.executors import docker as dockerx
-from hivemind_worker.engine.executors import docker_host, follow, images
+from hivemind_worker.engine.executors import docker_host, follow, images, leftovers
 from hivemind_worker.engine.executors.base import ExecutorError
 from hivemind_worker.tasks import MiB, Resources, TaskKind, TaskSpec
 
@@ -216,3 +217,47 @@ def test_network_totals_come_from_the_stats_api(tmp_path: Path) -> None:
     follow.sample_stats(run)  # type: ignore[arg-type]
     assert run.usage.network_rx_bytes == 1024 and run.usage.network_tx_bytes == 206
     assert run.usage.memory_bytes == 64 * MiB and run.usage.cpu_seconds == 2.0
+
+
+def _api_error(status: int, explanation: str) -> docker.errors.APIError:
+    """The error docker-py raises for an HTTP answer of the daemon (a stand-in response: the
+    race that makes the real one cannot be forced here)."""
+    response = requests.Response()
+    response.status_code = status
+    message = f"{status} Client Error"
+    return docker.errors.APIError(message, response=response, explanation=explanation)
+
+
+class StandInContainer:
+    """A container whose removal the daemon answers with `error` (None: removed)."""
+
+    def __init__(self, error: Exception | None) -> None:
+        self.error, self.removed = error, False
+        self.short_id, self.id, self.labels, self.status = "c0ffee", "c0ffee" * 10, {}, "exited"
+        self.attrs: dict[str, object] = {"Mounts": []}
+
+    def remove(self, *, force: bool, v: bool) -> None:
+        assert force and v
+        if self.error is not None:
+            raise self.error
+        self.removed = True
+
+
+def test_a_removal_already_under_way_counts_as_removed_stand_in_daemon_answer(
+    tmp_path: Path,
+) -> None:
+    """A worker killed while removing a container leaves the daemon finishing the job; the next
+    start's sweep meets 409 "removal ... already in progress" and must count it removed, not
+    give up Docker for the process sandbox ("Docker is not usable (409 ...)")."""
+    under_way = _api_error(409, "removal of container c0ffee is already in progress")
+    client = SimpleNamespace(
+        containers=SimpleNamespace(list=lambda **_: [StandInContainer(under_way)])
+    )
+    assert leftovers.sweep(client, tmp_path, "node") == ([], 1)  # type: ignore[arg-type]
+    images.force_remove(StandInContainer(docker.errors.NotFound("gone")))  # type: ignore[arg-type]
+    for other in (
+        _api_error(409, "You cannot remove a running container c0ffee"),
+        _api_error(500, "driver failed to remove root filesystem"),
+    ):
+        with pytest.raises(docker.errors.APIError):
+            images.force_remove(StandInContainer(other))  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ import docker.errors
 from docker.models.containers import Container
 
 from hivemind_worker.engine.executors.base import LogSink, PausableRun, Usage
-from hivemind_worker.engine.executors.images import DOCKER_ERRORS, docker_reason
+from hivemind_worker.engine.executors.images import DOCKER_ERRORS, docker_reason, force_remove
 from hivemind_worker.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -267,8 +267,7 @@ def unpause_container(container: Container) -> None:
 
 
 def remove_container(container: Container) -> None:
-    with contextlib.suppress(docker.errors.NotFound):
-        try:
-            container.remove(force=True, v=True)
-        except DOCKER_ERRORS as exc:
-            log.warning("cannot remove container %s: %s", container.short_id, docker_reason(exc))
+    try:
+        force_remove(container)
+    except DOCKER_ERRORS as exc:
+        log.warning("cannot remove container %s: %s", container.short_id, docker_reason(exc))

@@ -19,6 +19,7 @@ from typing import Protocol
 import docker
 import docker.errors
 import requests.exceptions
+from docker.models.containers import Container
 
 from hivemind_worker.engine.executors.base import ExecutorError
 from hivemind_worker.errors import ErrorKind
@@ -55,6 +56,20 @@ def docker_reason(exc: BaseException) -> str:
     if isinstance(exc, docker.errors.APIError) and exc.explanation:
         return str(exc.explanation)
     return str(exc) or type(exc).__name__
+
+
+def force_remove(container: Container) -> None:
+    """Remove a container by force, and count it removed when it is gone already or Docker is
+    removing it already: a worker killed mid-removal leaves the daemon finishing the job, and
+    the next start's sweep then meets 409 "removal of container ... is already in progress".
+    Any other Docker error is raised."""
+    try:
+        container.remove(force=True, v=True)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as exc:
+        if not (exc.status_code == 409 and "already in progress" in docker_reason(exc)):
+            raise
 
 
 def normalize_image(image: str) -> str:

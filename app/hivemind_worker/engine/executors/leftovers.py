@@ -15,6 +15,7 @@ import docker.errors
 from docker.models.containers import Container
 
 from hivemind_worker.engine.executors.base import ExecutorError
+from hivemind_worker.engine.executors.images import force_remove
 from hivemind_worker.engine.executors.workspace import (
     ARCHIVES_DIR,
     TRASH_DIR,
@@ -112,8 +113,7 @@ def sweep(client: docker.DockerClient, work_dir: Path, node_id: str) -> tuple[li
             continue
         sources = [m.get("Source", "") for m in container.attrs.get("Mounts", [])]
         log.info("removing container %s left by an earlier run", container.short_id)
-        with contextlib.suppress(docker.errors.NotFound):
-            container.remove(force=True, v=True)
+        force_remove(container)  # a removal the earlier run began counts too
         removed += 1
         for source in sources:
             path = Path(source).resolve() if source else None

@@ -37,7 +37,7 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 
-from hivemind_worker.engine.executors.images import DOCKER_ERRORS, docker_reason
+from hivemind_worker.engine.executors.images import DOCKER_ERRORS, docker_reason, force_remove
 from hivemind_worker.engine.executors.workspace import rmtree
 from hivemind_worker.tasks import Resources
 
@@ -275,10 +275,9 @@ class WarmPool:
     def remove(self, slot: Slot) -> None:
         """Blocking: the slot's container and workspace, gone (a taken slot's too)."""
         if slot.container is not None:
-            with contextlib.suppress(docker.errors.NotFound):
-                try:
-                    slot.container.remove(force=True, v=True)
-                except DOCKER_ERRORS as exc:
-                    log.warning("cannot remove the warm sandbox %s: %s", slot.name, exc)
+            try:
+                force_remove(slot.container)
+            except DOCKER_ERRORS as exc:
+                log.warning("cannot remove the warm sandbox %s: %s", slot.name, exc)
         with contextlib.suppress(FileNotFoundError):
             rmtree(slot.workspace)
