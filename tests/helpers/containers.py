@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import docker
 import docker.errors
+
+from hivemind_worker.engine.executors.images import force_remove
 
 GONE_WITHIN = 60.0  # seconds for a removal under way elsewhere to finish (a loaded machine)
 
@@ -15,17 +18,11 @@ def remove_container(client: docker.DockerClient, container_id: str) -> None:
 
     The worker removes its own containers, and a test's clean-up often runs while it does (the
     worker just killed mid-removal, the daemon carrying on): Docker then answers 409 "removal
-    ... is already in progress", which means the container is going; wait (bounded) for that
-    instead of failing the test in its clean-up. Any other refusal is raised.
+    ... is already in progress", which the product counts as removed (force_remove); here the
+    clean-up also waits (bounded) for the container to be gone, so the next test starts clean.
     """
-    try:
-        client.api.remove_container(container_id, force=True, v=True)
-        return
-    except docker.errors.NotFound:
-        return
-    except docker.errors.APIError as exc:
-        if exc.status_code != 409 or "already in progress" not in str(exc):
-            raise
+    with contextlib.suppress(docker.errors.NotFound):
+        force_remove(client.containers.get(container_id))
     deadline = time.monotonic() + GONE_WITHIN
     while time.monotonic() < deadline:
         try:
