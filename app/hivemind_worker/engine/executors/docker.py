@@ -59,6 +59,7 @@ from hivemind_worker.engine.executors.images import (
     DOCKER_ERRORS,
     ImageStore,
     docker_reason,
+    force_remove,
 )
 from hivemind_worker.engine.executors.leftovers import (
     LABEL_LEASE,
@@ -596,7 +597,7 @@ class DockerExecutor(Executor):
                 raise
         # A container of the same name is left from an earlier attempt of this lease.
         with contextlib.suppress(docker.errors.NotFound):
-            self._client.containers.get(config["name"]).remove(force=True, v=True)
+            force_remove(self._client.containers.get(config["name"]))
         return self._client.containers.create(**config)
 
     def _freeze_or_kill(self, run: ContainerRun) -> None:
