@@ -229,18 +229,16 @@ def _api_error(status: int, explanation: str) -> docker.errors.APIError:
 
 
 class StandInContainer:
-    """A container whose removal the daemon answers with `error` (None: removed)."""
+    """A container whose removal the daemon answers with `error`."""
 
-    def __init__(self, error: Exception | None) -> None:
-        self.error, self.removed = error, False
-        self.short_id, self.id, self.labels, self.status = "c0ffee", "c0ffee" * 10, {}, "exited"
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.short_id, self.labels, self.status = "c0ffee", {}, "exited"
         self.attrs: dict[str, object] = {"Mounts": []}
 
     def remove(self, *, force: bool, v: bool) -> None:
         assert force and v
-        if self.error is not None:
-            raise self.error
-        self.removed = True
+        raise self.error
 
 
 def test_a_removal_already_under_way_counts_as_removed_stand_in_daemon_answer(
