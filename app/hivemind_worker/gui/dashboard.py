@@ -212,7 +212,7 @@ class Dashboard(QMainWindow):
         grid.setContentsMargins(0, 0, 0, 0)
         self.chart_grid = grid
         # The charts need pyqtgraph and NumPy (most of the app's start-up time): they are built
-        # once the window is first shown, imported off the GUI thread (_build_charts).
+        # once the window is first shown, NumPy imported off the GUI thread (_build_charts).
         self.cpu_chart: Chart | None = None
         self.mem_chart: Chart | None = None
         self._charts_requested = False
@@ -371,7 +371,7 @@ class Dashboard(QMainWindow):
         self.stat_cpu.value.setText(f"{hours:,.2f}" if hours >= 1 else f"{hours:.3f}")
 
     def _request_charts(self) -> None:
-        """Build the charts once their module is loaded (on a worker thread, see ChartsLoader)."""
+        """Build the charts once their module is loaded (NumPy off the GUI thread: ChartsLoader)."""
         if self._charts_requested:
             return
         self._charts_requested = True
