@@ -186,3 +186,36 @@ def test_the_checker_sees_a_circle_and_a_forbidden_edge(tmp_path: Path) -> None:
     assert "hivemind_worker.pool.server (pool) imports hivemind_worker.engine.engine" in (
         forbidden_edges(fake)
     )
+
+
+QT_BINDINGS = ("PySide6", "shiboken6", "pyqtgraph")
+
+
+def qt_imports(path: Path) -> list[str]:
+    """Every Qt binding a file imports, at any level (functions and annotations too)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if isinstance(node, ast.ImportFrom) and not node.level
+            else []
+        )
+        found += [n for n in names if n.split(".")[0] in QT_BINDINGS]
+    return found
+
+
+def test_only_the_gui_imports_a_qt_binding() -> None:
+    """The engine thread, the pool and the headless worker run this code: PySide is not safe
+    to import beside the GUI thread (a crash CI found: docs/reliability.md), so only `gui`,
+    whose code runs on the GUI thread, may import it."""
+    problems = [
+        f"{name} imports {qt}"
+        for name, path in sources(PACKAGE).items()
+        if not name.startswith(f"{ROOT}.gui")
+        for qt in qt_imports(path)
+    ]
+    assert problems == []
+    # The check itself: the GUI's modules are found importing PySide6.
+    assert qt_imports(PACKAGE / "gui" / "main.py")
