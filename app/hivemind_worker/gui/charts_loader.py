@@ -11,7 +11,7 @@ from PySide6.QtCore import QObject, Signal
 log = logging.getLogger(__name__)
 
 # What the charts need that touches no Qt binding, so any thread may import it: NumPy and
-# the standard modules pyqtgraph imports, about two thirds of the charts' start-up. pyqtgraph
+# the standard modules pyqtgraph imports, about half of the charts' load time. pyqtgraph
 # itself is not: importing it defines Qt classes and reads every attribute of QtCore, QtGui
 # and QtWidgets, which makes PySide build its type objects; doing that beside the GUI thread
 # crashed the app (a segfault in PySide's MetaObjectBuilder while the window took focus).
